@@ -1,0 +1,3 @@
+"""batchplan: a declarative, Terraform-style reconciler for the OpenAI Batch API."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,263 @@
+"""The Files + Batches API client: async httpx, bounded concurrency, careful retries.
+
+Reads, lists and cancels are retried on 429, 408/409, 5xx and connection errors, with
+exponential backoff and jitter, honouring `Retry-After` and `retry-after-ms`, bounded
+in count and in time. A 429 pauses every request of this client, not only its own.
+
+Creates (of batches and uploads) are never blindly retried: once a create may have
+reached the server (a timeout, a dropped connection, a 5xx), it raises AmbiguousWrite
+and the caller looks for the result on the server before trying again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+import random
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+
+from . import __version__
+from .errors import AmbiguousWrite, ApiError, ConfigError, NotFound, TransportError
+
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
+
+
+def check_base_url(base_url: str, allow_insecure: bool = False) -> str:
+    """Refuse plain http to anything but loopback: the API key would travel in clear."""
+    parts = urlsplit(base_url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"OPENAI_BASE_URL={base_url!r} is not an http(s) URL")
+    if parts.scheme == "http" and not allow_insecure and not _is_loopback(parts.hostname):
+        raise ConfigError(
+            f"OPENAI_BASE_URL={base_url!r} uses plain http to a host that is not this machine, so the "
+            "API key would travel in clear; use https, or pass --allow-insecure-http if you really mean it")
+    return base_url.rstrip("/")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """Seconds the server asked us to wait, from retry-after-ms or Retry-After."""
+    ms = response.headers.get("retry-after-ms")
+    if ms:
+        try:
+            return float(ms) / 1000
+        except ValueError:
+            pass
+    value = response.headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        try:
+            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+        except (TypeError, ValueError):
+            return None
+
+
+def _route(path: str) -> str:
+    """`batches/batch_abc/cancel` -> `/batches/{id}/cancel`: one counter per kind of call."""
+    parts = path.split("?")[0].split("/")
+    return "/" + "/".join("{id}" if i == 1 else part for i, part in enumerate(parts))
+
+
+def _api_error(response: httpx.Response, what: str) -> ApiError:
+    try:
+        error = response.json().get("error") or {}
+    except ValueError:
+        error = {}
+    if not isinstance(error, dict):
+        error = {"message": str(error)}
+    message = error.get("message") or response.reason_phrase or "no message"
+    cls = NotFound if response.status_code == 404 else ApiError
+    return cls(response.status_code, message, type=error.get("type"), param=error.get("param"),
+               code=error.get("code"), request=what)
+
+
+class Api:
+    """One client per command run. Use as `async with Api(...) as api:`."""
+
+    def __init__(self, base_url: str, api_key: str, *, parallelism: int = 16, timeout: float = 60.0,
+                 max_retries: int = 5, max_retry_seconds: float = 120.0, backoff: float = 0.5):
+        self.base_url = base_url
+        self.max_retries = max_retries
+        self.max_retry_seconds = max_retry_seconds
+        self.backoff = backoff
+        self.calls: Counter[str] = Counter()  # "POST /batches" -> attempts sent
+        self._slots = asyncio.Semaphore(parallelism)
+        self._paused_until = 0.0
+        self._client = httpx.AsyncClient(
+            base_url=base_url + "/",
+            headers={"Authorization": f"Bearer {api_key}", "User-Agent": f"batchplan/{__version__}"},
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+            limits=httpx.Limits(max_connections=parallelism, max_keepalive_connections=parallelism),
+            trust_env=False,
+        )
+
+    async def __aenter__(self) -> Api:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._client.aclose()
+
+    # -- the one place requests are sent -------------------------------------------------
+
+    def _delay(self, attempt: int, asked: float | None) -> float:
+        if asked is not None:
+            return asked
+        return random.uniform(0, min(8.0, self.backoff * 2 ** attempt))  # full jitter
+
+    async def _pause(self) -> None:
+        while (wait := self._paused_until - time.monotonic()) > 0:
+            await asyncio.sleep(wait)
+
+    async def _request(self, method: str, path: str, *, write: bool = False,
+                       retry_statuses: frozenset[int] = RETRY_STATUSES,
+                       body: Callable[[], dict] | None = None, **kwargs) -> httpx.Response:
+        """Send one request, retrying what is safe to retry; `write` marks a create."""
+        what = f"{method} {_route(path)}"
+        started = time.monotonic()
+        for attempt in range(self.max_retries + 1):
+            await self._pause()
+            asked = None
+            try:
+                async with self._slots:
+                    self.calls[what] += 1
+                    response = await self._client.request(method, path, **(body() if body else {}), **kwargs)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                failure: ApiError | TransportError = TransportError(
+                    f"{what}: cannot reach {self.base_url}: {exc or type(exc).__name__}")
+                failure.__cause__ = exc
+            except httpx.TransportError as exc:
+                reason = f"{what}: no answer from {self.base_url} ({type(exc).__name__}: {exc})"
+                if write:
+                    raise AmbiguousWrite(0, reason + "; it may or may not have been done", request=what) from exc
+                failure = TransportError(reason)
+                failure.__cause__ = exc
+            else:
+                if response.is_success:
+                    return response
+                failure = _api_error(response, what)
+                if response.status_code not in retry_statuses:
+                    raise failure
+                asked = _retry_after(response)
+                if response.status_code == 429:
+                    self._paused_until = max(self._paused_until, time.monotonic() + self._delay(attempt, asked))
+                elif write:
+                    raise AmbiguousWrite(failure.status, failure.message, type=failure.type,
+                                         param=failure.param, request=what) from failure
+            delay = self._delay(attempt, asked)
+            if attempt == self.max_retries or time.monotonic() - started + delay > self.max_retry_seconds:
+                raise failure
+            await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    async def _json(self, method: str, path: str, **kwargs) -> dict:
+        response = await self._request(method, path, **kwargs)
+        try:
+            data = response.json()
+        except ValueError as exc:
+            raise ApiError(response.status_code, "the answer is not JSON", request=f"{method} /{path}") from exc
+        if not isinstance(data, dict):
+            raise ApiError(response.status_code, "the answer is not a JSON object", request=f"{method} /{path}")
+        return data
+
+    # -- batches -------------------------------------------------------------------------
+
+    async def create_batch(self, params: dict) -> dict:
+        return await self._json("POST", "batches", json=params, write=True)
+
+    async def retrieve_batch(self, batch_id: str) -> dict:
+        return await self._json("GET", f"batches/{batch_id}")
+
+    async def cancel_batch(self, batch_id: str) -> dict:
+        return await self._json("POST", f"batches/{batch_id}/cancel", retry_statuses=RETRY_STATUSES - {409})
+
+    async def iter_batches(self, page_size: int = 100) -> AsyncIterator[dict]:
+        """Every batch in the account, newest first, one page request at a time."""
+        after = None
+        while True:
+            params = {"limit": page_size, **({"after": after} if after else {})}
+            page = await self._json("GET", "batches", params=params)
+            for batch in page.get("data") or []:
+                yield batch
+            if not page.get("has_more") or not page.get("data"):
+                return
+            after = page["data"][-1]["id"]
+
+    # -- files ---------------------------------------------------------------------------
+
+    async def list_files(self, purpose: str = "batch") -> list[dict]:
+        files: list[dict] = []
+        after = None
+        while True:
+            params = {"purpose": purpose, "limit": 10_000, **({"after": after} if after else {})}
+            page = await self._json("GET", "files", params=params)
+            files += page.get("data") or []
+            if not page.get("has_more") or not page.get("data"):
+                return files
+            after = page["data"][-1]["id"]
+
+    async def upload_file(self, path: Path, filename: str) -> dict:
+        """Upload streamed from disk (httpx reads the file in chunks as it sends)."""
+        def body() -> dict:
+            return {"files": {"file": (filename, path.open("rb"), "application/jsonl")},
+                    "data": {"purpose": "batch"}}
+        return await self._json("POST", "files", body=body, write=True)
+
+    async def retrieve_file(self, file_id: str) -> dict:
+        return await self._json("GET", f"files/{file_id}")
+
+    async def download_file(self, file_id: str, dest: Path) -> int:
+        """Stream a file's content to `dest` atomically (temp + rename); returns the byte count."""
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")
+        what = f"GET /files/{file_id}/content"
+        try:
+            for attempt in range(self.max_retries + 1):
+                try:
+                    size = await self._stream_once(f"files/{file_id}/content", tmp, what)
+                    os.replace(tmp, dest)
+                    return size
+                except (httpx.TransportError, ApiError) as exc:
+                    retryable = not isinstance(exc, ApiError) or exc.status in RETRY_STATUSES
+                    if not retryable or attempt == self.max_retries:
+                        if isinstance(exc, ApiError):
+                            raise
+                        raise TransportError(f"{what}: download failed: {exc}") from exc
+                    await asyncio.sleep(self._delay(attempt, None))
+        finally:
+            tmp.unlink(missing_ok=True)
+        raise AssertionError("unreachable")
+
+    async def _stream_once(self, path: str, tmp: Path, what: str) -> int:
+        await self._pause()
+        async with self._slots:
+            self.calls["GET /files/{id}/content"] += 1
+            async with self._client.stream("GET", path) as response:
+                if not response.is_success:
+                    await response.aread()
+                    raise _api_error(response, what)
+                size = 0
+                with tmp.open("wb") as fh:
+                    async for chunk in response.aiter_bytes(1 << 16):
+                        fh.write(chunk)
+                        size += len(chunk)
+                return size

@@ -1,0 +1,327 @@
+"""Apply: carry out a plan, idempotently, recording every step in the state.
+
+The order is: upload missing inputs, record the intent of every create (one atomic
+state write), create, then cancel and forget. A create whose answer is lost is never
+sent again blindly: its tags are looked up on the server first, and only a batch that
+is certainly absent is created again. The state is saved as work completes and once
+more at the end, whatever happened, so a re-run converges.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .api import Api
+from .desired import Desired
+from .errors import AmbiguousWrite, ApiError, BatchplanError, Interrupted, PlanError, TransportError
+from .plan import Action, Change, Plan
+from .refresh import CLOCK_MARGIN, _walk
+from .spec import TAG_SPEC
+from .state import BatchRecord, Entry, HistoryItem, Intent, State, StateFile, Upload
+
+UPLOAD_NAME = re.compile(r"batchplan-([0-9a-f]{64})\.jsonl$")
+CREATE_ROUNDS = 3
+SAVE_EVERY = 0.5  # seconds between state saves while creates complete
+
+
+def upload_filename(desired: Desired) -> str:
+    """The uploaded file's name carries its content hash, so an upload is found again by it."""
+    stem = Path(desired.input or "input").stem
+    return f"{stem}.batchplan-{desired.input_sha256}.jsonl"
+
+
+@dataclass
+class ApplyResult:
+    done: dict[str, str] = field(default_factory=dict)      # name -> what was done
+    failed: dict[str, str] = field(default_factory=dict)    # name -> why
+
+
+class Applier:
+    """Walks a plan's changes with one handler per action (see `run`)."""
+
+    def __init__(self, api: Api, state_file: StateFile, state: State, plan: Plan, *, repo_root: Path,
+                 report: Callable[[str, str], None] = lambda name, text: None):
+        self.api = api
+        self.state_file = state_file
+        self.state = state
+        self.plan = plan
+        self.repo_root = repo_root
+        self.report = report
+        self.result = ApplyResult()
+        self.stopping = asyncio.Event()
+        self._last_save = 0.0
+
+    # -- the table of contents -----------------------------------------------------------
+
+    async def run(self) -> ApplyResult:
+        started = int(time.time())
+        try:
+            self._record_refresh()
+            creates = [c for c in self.plan.changes if c.action in (Action.CREATE, Action.REPLACE) and not c.found]
+            file_ids = await self._ensure_uploads(creates)
+            for change in self.plan.changes:
+                if change.found:
+                    self._record_batch(change, change.found)
+            await self._create_all([c for c in creates if c.name not in self.result.failed], file_ids)
+            await self._cancel_all([c for c in self.plan.changes
+                                    if c.action is Action.CANCEL or c.cancels_old and c.name in self.result.done])
+            for change in self.plan.changes:
+                if change.action is Action.FORGET:
+                    self._forget(change)
+            if not self.result.failed and not self.stopping.is_set():
+                self.state.scan_floor = started
+        finally:
+            self._save()
+        if self.stopping.is_set():
+            raise Interrupted(f"interrupted: {len(self.result.done)} change(s) done and saved in the state; "
+                              "run `batchplan apply` again to finish")
+        return self.result
+
+    # -- state bookkeeping ---------------------------------------------------------------
+
+    def _save(self) -> None:
+        self.state_file.save(self.state)
+        self._last_save = time.monotonic()
+
+    def _maybe_save(self) -> None:
+        if time.monotonic() - self._last_save >= SAVE_EVERY:
+            self._save()
+
+    def _record_refresh(self) -> None:
+        for name, record in self.plan.refreshed.items():
+            entry = self.state.entries.get(name)
+            if entry and entry.batch and entry.batch.id == record.id:
+                entry.batch = record
+
+    def _entry_for(self, want: Desired) -> Entry:
+        entry = self.state.entries.get(want.name)
+        if entry is None:
+            entry = Entry(spec_hash=want.spec_hash, fields=want.fields(), prevent_cancel=want.prevent_cancel)
+            self.state.entries[want.name] = entry
+        return entry
+
+    def _record_batch(self, change: Change, batch: dict) -> None:
+        want = change.desired
+        assert want is not None
+        entry = self._entry_for(want)
+        old = entry.batch
+        if old and old.id != batch["id"]:
+            entry.history.append(HistoryItem(batch_id=old.id, spec_hash=entry.spec_hash, status=old.status,
+                                             replaced_at=int(time.time())))
+        fields = want.fields()
+        if not fields["input_file_id"]:
+            fields["input_file_id"] = batch["input_file_id"]
+        entry.spec_hash, entry.fields, entry.prevent_cancel = want.spec_hash, fields, want.prevent_cancel
+        entry.batch, entry.intent = BatchRecord.from_api(batch), None
+        verb = {Action.ADOPT: "adopted", Action.REPLACE: "replaced by"}.get(change.action, "created")
+        self._done(change.name, f"{verb} {batch['id']}")
+
+    def _done(self, name: str, text: str) -> None:
+        self.result.done[name] = text
+        self.report(name, text)
+
+    def _fail(self, name: str, error: BatchplanError) -> None:
+        self.result.failed[name] = str(error)
+        self.report(name, f"failed: {error}")
+
+    # -- uploads -------------------------------------------------------------------------
+
+    async def _ensure_uploads(self, creates: list[Change]) -> dict[str, str]:
+        """sha256 -> uploaded file id, for every local input the creates need."""
+        needed: dict[str, list[Change]] = {}
+        for change in creates:
+            want = change.desired
+            if want and want.input_sha256:
+                needed.setdefault(want.input_sha256, []).append(change)
+        if not needed:
+            return {}
+        on_server = await self._uploaded_files()
+        missing = [sha for sha in needed if sha not in on_server]
+        results = await asyncio.gather(*(self._upload(needed[sha][0].desired) for sha in missing),
+                                       return_exceptions=True)
+        for sha, result in zip(missing, results):
+            if isinstance(result, BaseException):
+                if not isinstance(result, BatchplanError):
+                    raise result
+                for change in needed[sha]:
+                    self._fail(change.name, result)
+            else:
+                on_server[sha] = result
+        for sha, file in on_server.items():
+            if sha in needed:
+                self.state.uploads[sha] = Upload(file_id=file["id"], bytes=file["bytes"])
+        return {sha: file["id"] for sha, file in on_server.items()}
+
+    async def _uploaded_files(self) -> dict[str, dict]:
+        """Files on the server whose name carries a content hash, and whose size matches it."""
+        found: dict[str, dict] = {}
+        for file in await self.api.list_files("batch"):
+            match = UPLOAD_NAME.search(file.get("filename") or "")
+            if match and file.get("status") not in ("error", "deleted"):
+                found.setdefault(match.group(1), file)
+        sizes = {u: up.bytes for u, up in self.state.uploads.items()}
+        return {sha: f for sha, f in found.items() if sizes.get(sha, f["bytes"]) == f["bytes"]}
+
+    async def _upload(self, want: Desired) -> dict:
+        assert want.input and want.input_sha256
+        path = self.repo_root / want.input
+        for _ in range(CREATE_ROUNDS):
+            if self.stopping.is_set():
+                raise Interrupted("not uploaded: apply was interrupted")
+            try:
+                file = await self.api.upload_file(path, upload_filename(want))
+                self.report(want.name, f"uploaded {want.input} as {file['id']}")
+                return file
+            except AmbiguousWrite:
+                again = (await self._uploaded_files()).get(want.input_sha256)
+                if again:
+                    return again
+        raise TransportError(f"uploading {want.input} failed {CREATE_ROUNDS} times with no answer; "
+                             "run apply again")
+
+    # -- creates -------------------------------------------------------------------------
+
+    async def _create_all(self, creates: list[Change], file_ids: dict[str, str]) -> None:
+        for change in creates:  # intent before action: all in one atomic write
+            want = change.desired
+            assert want is not None
+            self._entry_for(want).intent = Intent(spec_hash=want.spec_hash, fields=want.fields(),
+                                                 tags=want.tags(), at=int(time.time()))
+        if not creates:
+            return
+        self._save()
+        pending = creates
+        for _ in range(CREATE_ROUNDS):
+            results = await asyncio.gather(*(self._create(c, file_ids) for c in pending))
+            unsure = [c for c, ok in zip(pending, results) if ok is None]
+            if not unsure:
+                return
+            pending = await self._adopt_lost(unsure)
+            if not pending:
+                return
+        for change in pending:
+            self._fail(change.name, TransportError("create got no answer three times; run apply again "
+                                                   "(the intent is recorded, nothing will be duplicated)"))
+
+    def _create_params(self, want: Desired, file_ids: dict[str, str]) -> dict:
+        params = {
+            "input_file_id": want.input_file_id or file_ids[want.input_sha256 or ""],
+            "endpoint": want.endpoint,
+            "completion_window": want.completion_window,
+            "metadata": {**want.metadata, **want.tags()},
+        }
+        if want.output_expires_after:
+            params["output_expires_after"] = want.output_expires_after
+        return params
+
+    async def _create(self, change: Change, file_ids: dict[str, str]) -> bool | None:
+        """True when settled (created, failed for sure, or not sent); None when the answer was lost."""
+        want = change.desired
+        assert want is not None
+        if self.stopping.is_set():
+            return True  # not sent; the recorded intent makes the next apply look, then create
+        try:
+            batch = await self.api.create_batch(self._create_params(want, file_ids))
+        except AmbiguousWrite:
+            return None
+        except (ApiError, TransportError) as exc:
+            self._fail(change.name, exc)
+            return True
+        self._record_batch(change, batch)
+        self._maybe_save()
+        return True
+
+    async def _adopt_lost(self, unsure: list[Change]) -> list[Change]:
+        """Look for the batches of creates whose answers were lost; return those certainly absent."""
+        floor = min(self.state.entries[c.name].intent.at for c in unsure) - CLOCK_MARGIN  # type: ignore[union-attr]
+        _, tagged = await _walk(self.api, floor)
+        absent = []
+        for change in unsure:
+            want = change.desired
+            assert want is not None
+            skip = {h.batch_id for h in self.state.entries[want.name].history}
+            batch = next((b for b in tagged.get(want.name, [])
+                          if (b.get("metadata") or {}).get(TAG_SPEC) == want.spec_hash and b["id"] not in skip
+                          and not (change.batch and b["id"] == change.batch.id)), None)
+            if batch:
+                self._record_batch(change, batch)
+            else:
+                absent.append(change)
+        self._save()
+        return absent
+
+    # -- cancels and forgets -------------------------------------------------------------
+
+    async def _cancel_all(self, changes: list[Change]) -> None:
+        await asyncio.gather(*(self._cancel(c) for c in changes))
+
+    async def _cancel(self, change: Change) -> None:
+        assert change.batch is not None
+        batch_id = change.batch.id
+        if self.stopping.is_set():
+            return
+        try:
+            batch = await self.api.cancel_batch(batch_id)
+        except ApiError as exc:
+            if exc.status != 409:  # 409: it finished meanwhile; nothing left to cancel
+                self._fail(change.name, exc)
+                return
+            batch = None
+        except TransportError as exc:
+            self._fail(change.name, exc)
+            return
+        status = batch["status"] if batch else "finished"
+        if change.action is Action.CANCEL:
+            self.state.entries.pop(change.name, None)
+            self._done(change.name, f"cancelled {batch_id} ({status})")
+        else:
+            entry = self.state.entries[change.name]
+            entry.history = [h.model_copy(update={"status": status}) if h.batch_id == batch_id else h
+                             for h in entry.history]
+            self.report(change.name, f"cancelled old batch {batch_id} ({status})")
+        self._maybe_save()
+
+    def _forget(self, change: Change) -> None:
+        self.state.entries.pop(change.name, None)
+        self._done(change.name, "forgotten (removed from the state; nothing sent)")
+
+
+async def apply_plan(applier: Applier) -> ApplyResult:
+    """Run an Applier with Ctrl-C / SIGTERM handling.
+
+    The first signal stops new requests, lets those in flight finish, and saves the
+    state; a second one abandons what is in flight (the state is still saved).
+    """
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    hits = 0
+
+    def on_signal() -> None:
+        nonlocal hits
+        hits += 1
+        applier.stopping.set()
+        if hits > 1 and task:
+            task.cancel()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
+    try:
+        return await applier.run()
+    except asyncio.CancelledError:
+        raise Interrupted("interrupted twice: requests in flight were abandoned; the state is saved; "
+                          "run `batchplan apply` again to finish") from None
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+def check_plan_applicable(plan: Plan) -> None:
+    for change in plan.changes:
+        if change.action in (Action.CREATE, Action.REPLACE, Action.ADOPT) and change.desired is None:
+            raise PlanError(f"{change.name}: the plan has no spec for a {change.action.value}")

@@ -1,0 +1,319 @@
+"""The command line. The only module that turns errors into text and exit codes.
+
+Exit codes: 0 success; 1 any error (a message naming the file, field or line, never
+a traceback unless --debug); 2 from `plan --detailed-exitcode` when there are changes;
+130 when interrupted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import BatchplanError, Interrupted, PlanError
+
+_DEBUG = False
+
+
+def _colour() -> bool | None:
+    return False if os.environ.get("NO_COLOR") else None  # None: only when writing to a terminal
+
+
+def colour_on() -> bool:
+    try:
+        return not os.environ.get("NO_COLOR") and sys.stdout.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def echo(text: str = "", err: bool = False, nl: bool = True) -> None:
+    click.echo(text, err=err, nl=nl, color=_colour())
+
+
+def common_options(func):
+    """Options every command takes, after the command name."""
+    @click.option("-C", "--chdir", metavar="DIR", help="Run as if batchplan was started in DIR (the repo root).")
+    @click.option("--specs", metavar="DIR", help="Spec directory [default: specs, or batchplan.yaml].")
+    @click.option("--state", metavar="FILE", help="State file [default: state/batchplan.state.json].")
+    @click.option("--sandbox", is_flag=True, envvar="BATCHPLAN_SANDBOX",
+                  help="Use the embedded emulator: no key, no network, its own state (also BATCHPLAN_SANDBOX=1).")
+    @click.option("--parallelism", type=click.IntRange(1, 64), help="Concurrent requests [default: 16].")
+    @click.option("--allow-insecure-http", is_flag=True, help="Allow an http:// OPENAI_BASE_URL that is not loopback.")
+    @click.option("--debug", is_flag=True, help="Show Python tracebacks for errors.")
+    @functools.wraps(func)
+    def wrapper(*args, chdir, specs, state, sandbox, parallelism, allow_insecure_http, debug, **kwargs):
+        global _DEBUG
+        _DEBUG = _DEBUG or debug
+        from .project import Project
+
+        project = Project.open(chdir=chdir, specs=specs, state=state, sandbox=sandbox, parallelism=parallelism,
+                               lock_timeout=kwargs.pop("lock_timeout", 0.0) or 0.0,
+                               allow_insecure_http=allow_insecure_http)
+        return func(project, *args, **kwargs)
+    return wrapper
+
+
+lock_timeout_option = click.option(
+    "--lock-timeout", type=click.FloatRange(0), default=0.0, metavar="SECONDS",
+    help="Wait up to SECONDS for another batchplan holding the state lock [default: fail at once].")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="batchplan")
+def cli() -> None:
+    """Declarative, Terraform-style reconciler for the OpenAI Batch API.
+
+    Keep batch specs in specs/*.yaml; `plan` shows what would change against the state
+    file and the server; `apply` makes it so, idempotently (never a duplicate batch).
+    """
+
+
+# -- validate / plan / apply ---------------------------------------------------------------
+
+
+@cli.command()
+@common_options
+def validate(project) -> None:
+    """Check every spec and input file, offline: no key, no network."""
+    from .desired import load_desired
+
+    cache = project.hash_cache()
+    desired = load_desired(project.specs_dir, project.root, cache)
+    cache.save()
+    files = {d.input for d in desired if d.input}
+    requests = sum(d.requests or 0 for d in {d.input: d for d in desired if d.input}.values())
+    echo(f"{len(desired)} spec(s) valid; {len(files)} input file(s), {requests} request(s).")
+
+
+def _load_desired(project):
+    from .desired import load_desired
+
+    cache = project.hash_cache()
+    desired = load_desired(project.specs_dir, project.root, cache)
+    cache.save()
+    return desired
+
+
+async def _make_plan(project, api, desired, state, targets, replace, scan_all):
+    from .plan import build_plan
+    from .refresh import refresh
+
+    remote = await refresh(api, desired, state, parallelism=project.parallelism, full_scan=scan_all)
+    return build_plan(desired, state, remote, targets=frozenset(targets), force_replace=frozenset(replace))
+
+
+def plan_options(func):
+    @click.option("--target", multiple=True, metavar="NAME", help="Plan only these spec names (repeatable).")
+    @click.option("--replace", multiple=True, metavar="NAME", help="Make a new batch for NAME even if unchanged.")
+    @click.option("--scan-all", is_flag=True,
+                  help="Look through every batch in the account for ones batchplan made (slow on big accounts).")
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        return func(*args, **kwargs)
+    return wrapper
+
+
+@cli.command()
+@common_options
+@plan_options
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as one JSON document (see README).")
+@click.option("--format", "fmt", type=click.Choice(["text", "json", "markdown"]), default=None,
+              help="Output format [default: text].")
+@click.option("--out", type=click.Path(dir_okay=False), help="Also save the plan to FILE for `apply FILE`.")
+@click.option("--detailed-exitcode", is_flag=True, help="Exit 0 when nothing changes, 2 when something would.")
+def plan(project, target, replace, scan_all, as_json, fmt, out, detailed_exitcode) -> int:
+    """Show what apply would change. Reads the server; writes nothing but the input hash cache."""
+    from .render import render_json, render_markdown, render_text
+
+    desired = _load_desired(project)
+    state = project.state_file.load()
+    project.credentials()
+
+    async def run():
+        async with project.connect() as api:
+            return await _make_plan(project, api, desired, state, target, replace, scan_all)
+
+    the_plan = asyncio.run(run())
+    if out:
+        from .planfile import save_plan
+
+        save_plan(Path(out), the_plan, project)
+    fmt = "json" if as_json else (fmt or "text")
+    renderers = {"json": render_json, "markdown": render_markdown,
+                 "text": functools.partial(render_text, colour=colour_on())}
+    echo(renderers[fmt](the_plan), nl=False)
+    if out:
+        echo(f"Saved the plan to {out}; apply exactly it with `batchplan apply {out}`.", err=True)
+    return 2 if detailed_exitcode and the_plan.has_changes else 0
+
+
+def _stdin_is_terminal() -> bool:
+    try:
+        return sys.stdin is not None and sys.stdin.isatty()
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+def _confirm(auto_approve: bool) -> None:
+    if auto_approve:
+        return
+    if not _stdin_is_terminal():
+        raise PlanError("apply needs confirmation but standard input is not a terminal; nothing was changed. "
+                        "Review the plan, then run `batchplan apply --auto-approve`")
+    answer = click.prompt("Do you want to perform these actions? Only 'yes' will be accepted", default="",
+                          show_default=False)
+    if answer.strip() != "yes":
+        raise PlanError("apply cancelled; nothing was changed")
+
+
+@cli.command()
+@common_options
+@plan_options
+@lock_timeout_option
+@click.argument("planfile", required=False, type=click.Path(dir_okay=False))
+@click.option("--auto-approve", is_flag=True, help="Do not ask for confirmation.")
+def apply(project, target, replace, scan_all, planfile, auto_approve) -> int:
+    """Create, adopt, replace, cancel and forget batches so the server matches the specs.
+
+    With PLANFILE (from `plan --out`), carry out exactly that saved plan, without asking.
+    """
+    from .render import render_text
+    from .state import State, StateLock, command_line
+
+    saved = None
+    if planfile:
+        from .planfile import check_fresh, load_plan
+
+        saved = load_plan(Path(planfile), project)
+    desired = None if saved else _load_desired(project)
+    project.credentials()
+    with StateLock(project.state_path, command_line(), project.lock_timeout):
+        state = project.state_file.load()
+        if saved:
+            check_fresh(Path(planfile), *saved, state, project.root)
+
+        async def run():
+            async with project.connect() as api:
+                the_plan = saved[0] if saved else \
+                    await _make_plan(project, api, desired, state, target, replace, scan_all)
+                echo(render_text(the_plan, colour_on()), nl=False)
+                if not the_plan.has_changes:
+                    _save_refresh(project, state, the_plan)
+                    return 0
+                if not saved:
+                    _confirm(auto_approve)
+                return await _execute(project, api, state or State(), the_plan)
+
+        return asyncio.run(run())
+
+
+def _report(name: str, text: str) -> None:
+    echo(f"  {name}: {text}")
+
+
+def _save_refresh(project, state, the_plan) -> None:
+    """Record newly seen statuses, writing the state only when something changed."""
+    if state is None:
+        return
+    changed = False
+    for name, record in the_plan.refreshed.items():
+        entry = state.entries.get(name)
+        if entry and entry.batch and entry.batch != record:
+            entry.batch, changed = record, True
+    if changed:
+        project.state_file.save(state)
+
+
+async def _execute(project, api, state, the_plan) -> int:
+    from .apply import Applier, apply_plan
+
+    applier = Applier(api, project.state_file, state, the_plan, repo_root=project.root, report=_report)
+    result = await apply_plan(applier)
+    if result.failed:
+        echo(f"Apply finished with errors: {len(result.done)} done, {len(result.failed)} failed "
+             "(the state records what was done; fix the cause and run apply again).", err=True)
+        return 1
+    echo(click.style(f"Apply complete: {len(result.done)} change(s).", bold=True))
+    return 0
+
+
+# -- locks and the sandbox -----------------------------------------------------------------
+
+
+@cli.command("force-unlock")
+@common_options
+@click.argument("lock_id", required=False)
+def force_unlock_cmd(project, lock_id) -> None:
+    """Remove the state lock left by a process that is gone. LOCK_ID is the id the lock error printed."""
+    from .state import force_unlock
+
+    held = force_unlock(project.state_path, lock_id)
+    who = f" (held by pid {held.get('pid')} on {held.get('host')}: {held.get('command')})" if held else ""
+    echo(f"Removed the lock on {project.state_path}{who}.")
+
+
+@cli.group()
+def sandbox() -> None:
+    """The embedded Files + Batches API emulator."""
+
+
+@sandbox.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--port", default=8089, show_default=True, type=int)
+@click.option("--dir", "world", type=click.Path(file_okay=False), help="Keep the world on disk here.")
+@click.option("--step-seconds", type=click.FloatRange(0), default=None,
+              help="Seconds per lifecycle step (validating, in_progress, finalizing) [default: 2/3/1].")
+@click.option("--fail-rate", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Share of requests that fail into the error file.")
+@click.option("--latency", type=click.FloatRange(0), default=0.0, show_default=True,
+              help="Seconds added to every request.")
+@click.option("--no-auth", is_flag=True, help="Accept requests without an API key.")
+@click.option("--debug", is_flag=True, help="Show Python tracebacks for errors.")
+def sandbox_serve(host, port, world, step_seconds, fail_rate, latency, no_auth, debug) -> None:
+    """Serve the emulator over HTTP at http://HOST:PORT/v1 until Ctrl-C."""
+    from .sandbox import Timing, serve
+
+    global _DEBUG
+    _DEBUG = _DEBUG or debug
+    timing = Timing.uniform(step_seconds) if step_seconds is not None else Timing()
+    serve(host=host, port=port, root=Path(world) if world else None, timing=timing, fail_rate=fail_rate,
+          latency=latency, require_auth=not no_auth)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: runs the CLI and maps every outcome to an exit code."""
+    try:
+        code = cli.main(args=argv, prog_name="batchplan", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        code = exc.exit_code
+    except click.exceptions.Abort:
+        echo("Aborted; nothing was changed.", err=True)
+        code = 1
+    except click.ClickException as exc:
+        exc.show()
+        code = 1
+    except Interrupted as exc:
+        echo(f"Error: {exc}", err=True)
+        code = 130
+    except BatchplanError as exc:
+        if _DEBUG:
+            traceback.print_exc()
+        echo(f"Error: {exc}", err=True)
+        code = 1
+    except KeyboardInterrupt:
+        echo("Interrupted.", err=True)
+        code = 130
+    except Exception as exc:  # a bug: say so plainly, traceback only with --debug
+        if _DEBUG:
+            traceback.print_exc()
+        echo(f"Internal error: {type(exc).__name__}: {exc}. Run again with --debug for the traceback, "
+             "and please report it.", err=True)
+        code = 1
+    sys.exit(code if isinstance(code, int) else 0)

@@ -1,0 +1,118 @@
+"""Desired batches: specs resolved against their input files, hashed, ready to plan.
+
+`load_desired` is the one gate every command that reads specs passes through: it
+validates every spec and every input file (streaming, with the hash cache) and
+raises ValidationFailed listing every problem, before any network is touched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import Problem, ValidationFailed
+from .inputs import HashCache, InputReport, scan_input
+from .spec import TAG_NAME, TAG_SPEC, LoadedSpec, load_specs, resolve_input
+
+
+@dataclass(frozen=True)
+class Desired:
+    """One batch as it should exist, with its input resolved to a content hash."""
+
+    name: str
+    file: str                      # spec file, relative to the repo root
+    endpoint: str
+    completion_window: str
+    metadata: dict
+    output_expires_after: dict | None
+    input: str | None              # repo-relative input path, when the spec names a local file
+    input_sha256: str | None
+    input_file_id: str | None      # when the spec names an uploaded file instead
+    requests: int | None
+    prevent_cancel: bool
+    output: str | None
+    errors: str | None
+
+    def fields(self) -> dict:
+        """What a batch was made from: the view that plans diff and state records."""
+        return {
+            "endpoint": self.endpoint,
+            "completion_window": self.completion_window,
+            "metadata": dict(self.metadata),
+            "output_expires_after": self.output_expires_after,
+            "input": self.input,
+            "input_sha256": self.input_sha256,
+            "input_file_id": self.input_file_id,
+        }
+
+    @property
+    def spec_hash(self) -> str:
+        return spec_hash(self.fields())
+
+    def tags(self) -> dict[str, str]:
+        return {TAG_NAME: self.name, TAG_SPEC: self.spec_hash}
+
+
+def spec_hash(fields: dict) -> str:
+    """Identity of a batch's parameters and input content (not of the input's path)."""
+    identity = {k: v for k, v in fields.items() if k != "input"}
+    canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
+def _scan(path: Path, endpoint: str, cache: HashCache) -> InputReport:
+    report = cache.lookup(path, endpoint)
+    if report is None:
+        report = scan_input(path, endpoint)
+        cache.store(path, endpoint, report)
+    return report
+
+
+def _input_problems(file: str, report: InputReport) -> list[Problem]:
+    problems = [Problem(file, p.message, p.line, p.param, p.code) for p in report.problems]
+    if report.more_problems:
+        problems.append(Problem(file, f"... and {report.more_problems} more problems in this file", code="more"))
+    return problems
+
+
+def _resolve(loaded: LoadedSpec, repo_root: Path, cache: HashCache,
+             scanned: dict) -> tuple[Desired | None, list[Problem]]:
+    spec = loaded.spec
+    rel_input = sha = requests = None
+    if spec.input is not None:
+        path, problem = resolve_input(loaded, repo_root)
+        if problem:
+            return None, [problem]
+        rel_input = str(path.relative_to(repo_root.resolve()))
+        key = (rel_input, spec.endpoint)
+        report = scanned.get(key)
+        seen = report is not None  # a file shared by two specs is scanned and reported once
+        if report is None:
+            report = scanned[key] = _scan(path, spec.endpoint, cache)
+        if not report.ok:
+            return None, [] if seen else _input_problems(rel_input, report)
+        sha, requests = report.sha256, report.requests
+    expiry = spec.output_expires_after.model_dump() if spec.output_expires_after else None
+    return Desired(
+        name=spec.name, file=loaded.source.file, endpoint=spec.endpoint,
+        completion_window=spec.completion_window, metadata=dict(sorted(spec.metadata.items())),
+        output_expires_after=expiry, input=rel_input, input_sha256=sha, input_file_id=spec.input_file_id,
+        requests=requests, prevent_cancel=spec.lifecycle.prevent_cancel, output=spec.output, errors=spec.errors,
+    ), []
+
+
+def load_desired(specs_dir: Path, repo_root: Path, cache: HashCache) -> list[Desired]:
+    """Every spec, validated with its input file; raises ValidationFailed listing all problems."""
+    loaded, problems = load_specs(specs_dir, repo_root)
+    scanned: dict = {}
+    desired = []
+    for item in loaded:
+        found, bad = _resolve(item, repo_root, cache, scanned)
+        problems += bad
+        if found:
+            desired.append(found)
+    if problems:
+        raise ValidationFailed(problems)
+    return desired

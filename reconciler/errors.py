@@ -1,0 +1,105 @@
+"""Every error batchplan raises on purpose, in one tree.
+
+    BatchplanError                  anything the user can act on; cli.py prints it, exit 1
+     ├── ConfigError                flags, environment, batchplan.yaml
+     ├── ValidationFailed           one or more Problems in specs or input files
+     ├── StateError                 the state file cannot be read, or is newer than us
+     │    └── LockError             another process holds the state lock
+     ├── PlanError                  a plan that cannot be made or carried out
+     │    └── StalePlanError        a saved plan whose state or inputs moved on
+     ├── ApiError                   the server answered with an error
+     │    ├── NotFound              404 for a batch or file id
+     │    └── AmbiguousWrite        a create whose outcome is unknown (sent, no answer)
+     ├── TransportError             the server could not be reached
+     └── Interrupted                Ctrl-C / SIGTERM stopped an apply
+
+Foreign exceptions (httpx, yaml, pydantic, OSError) are translated where they are
+raised, chained with `from exc`; only cli.py turns these into text and exit codes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class BatchplanError(Exception):
+    """An error whose message is meant for the user."""
+
+
+class ConfigError(BatchplanError):
+    pass
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong in a spec or input file, located as precisely as we can."""
+
+    file: str
+    message: str
+    line: int | None = None
+    field: str | None = None
+    code: str = "invalid"
+
+    def __str__(self) -> str:
+        where = self.file if self.line is None else f"{self.file}:{self.line}"
+        what = f"{self.field}: " if self.field else ""
+        return f"{where}: {what}{self.message}"
+
+
+class ValidationFailed(BatchplanError):
+    """Specs or inputs are wrong; nothing was sent and nothing was written."""
+
+    def __init__(self, problems: list[Problem], notes: list[str] | None = None):
+        self.problems = problems
+        self.notes = notes or []
+        lines = [str(p) for p in problems] + self.notes
+        count = len(problems)
+        head = f"{count} problem{'s' if count != 1 else ''} found; nothing was sent or written"
+        super().__init__("\n".join([head, *lines]))
+
+
+class StateError(BatchplanError):
+    pass
+
+
+class LockError(StateError):
+    pass
+
+
+class PlanError(BatchplanError):
+    pass
+
+
+class StalePlanError(PlanError):
+    pass
+
+
+class ApiError(BatchplanError):
+    """The server answered with an error status."""
+
+    def __init__(self, status: int, message: str, *, type: str | None = None,
+                 param: str | None = None, code: str | None = None, request: str = ""):
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        detail = ", ".join(f"{k}={v}" for k, v in (("type", type), ("param", param), ("code", code)) if v)
+        prefix = f"{request}: " if request else ""
+        super().__init__(f"{prefix}server answered {status}: {message}" + (f" ({detail})" if detail else ""))
+
+
+class NotFound(ApiError):
+    pass
+
+
+class AmbiguousWrite(ApiError):
+    """A write was sent but its answer was lost: the server may or may not have done it."""
+
+
+class TransportError(BatchplanError):
+    pass
+
+
+class Interrupted(BatchplanError):
+    pass

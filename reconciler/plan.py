@@ -1,0 +1,251 @@
+"""Plans: what apply would do to bring the server and the state in line with the specs.
+
+`build_plan` is pure. It reads the desired batches, the state and a `RemoteView` (what
+the server said during refresh) and returns a frozen `Plan`; it writes nothing and
+sends nothing. Apply walks the plan's changes; renderers print them.
+
+The diff is set arithmetic over spec names: desired − state = create or adopt,
+state − desired = cancel or forget, and the intersection is compared by spec hash.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from .desired import Desired
+from .errors import PlanError
+from .spec import TAG_NAME, TAG_SPEC
+from .state import RUNNING, BatchRecord, Entry, State
+
+
+class Action(str, Enum):
+    CREATE = "create"
+    ADOPT = "adopt"
+    NOOP = "noop"
+    REPLACE = "replace"
+    CANCEL = "cancel"
+    FORGET = "forget"
+
+    @property
+    def symbol(self) -> str:
+        return _SYMBOLS[self]
+
+    def is_replace(self) -> bool:
+        return self is Action.REPLACE
+
+
+_SYMBOLS = {Action.CREATE: "+", Action.ADOPT: "=", Action.NOOP: " ", Action.REPLACE: "±",
+            Action.CANCEL: "-", Action.FORGET: "#"}
+ORDER = (Action.CREATE, Action.ADOPT, Action.REPLACE, Action.CANCEL, Action.FORGET, Action.NOOP)
+
+
+@dataclass(frozen=True)
+class FieldChange:
+    path: str
+    before: object
+    after: object
+
+
+@dataclass(frozen=True)
+class Change:
+    """One spec name and what apply does for it.
+
+    before: what exists now, the fields the current batch was made from plus its id and
+        status; None for create and adopt (nothing is recorded yet).
+    after:  what will exist, the desired fields (plus the id of an adopted batch);
+        None for cancel and forget (the name leaves the state).
+    reason: why, for people; apply never reads it.
+    batch:  the existing batch this change is about (to keep, replace, cancel or forget).
+    found:  a batch already on the server that satisfies the desired spec (made by an
+        earlier, interrupted apply, or before the state was lost): apply records it
+        instead of creating one.
+    """
+
+    name: str
+    action: Action
+    reason: str
+    before: dict | None = None
+    after: dict | None = None
+    desired: Desired | None = None
+    batch: BatchRecord | None = None
+    found: dict | None = None
+    diff: tuple[FieldChange, ...] = ()
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def cancels_old(self) -> bool:
+        return self.action is Action.REPLACE and self.batch is not None and self.batch.status in RUNNING
+
+
+@dataclass(frozen=True)
+class RemoteView:
+    """What the server said during refresh.
+
+    batches: current copies of batches known to state, by id (only those refreshed).
+    missing: ids the server answered 404 for.
+    tagged:  spec name -> batches that carry batchplan's tags for it, newest first.
+    """
+
+    batches: dict[str, dict] = field(default_factory=dict)
+    missing: frozenset[str] = frozenset()
+    tagged: dict[str, list[dict]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Plan:
+    changes: tuple[Change, ...]
+    lineage: str | None
+    serial: int
+    refreshed: dict[str, BatchRecord] = field(default_factory=dict)  # name -> record seen now
+
+    def summary(self) -> dict[str, int]:
+        counts = {action.value: 0 for action in ORDER}
+        for change in self.changes:
+            counts[change.action.value] += 1
+        return counts
+
+    @property
+    def has_changes(self) -> bool:
+        return any(c.action is not Action.NOOP for c in self.changes)
+
+
+def build_plan(desired: list[Desired], state: State | None, remote: RemoteView, *,
+               targets: frozenset[str] = frozenset(), force_replace: frozenset[str] = frozenset()) -> Plan:
+    """Decide one action per spec name. Pure: reads its arguments, writes nothing."""
+    state = state or State(serial=0, lineage="")
+    wanted = {d.name: d for d in desired}
+    _ensure_known(targets | force_replace, wanted, state)
+    names = sorted(set(wanted) | set(state.entries))
+    if targets:
+        names = [n for n in names if n in targets]
+    changes = []
+    for name in names:
+        entry = state.entries.get(name)
+        if name in wanted:
+            changes.append(_plan_desired(wanted[name], entry, remote, name in force_replace))
+        else:
+            changes.append(_plan_removed(name, entry, remote))
+    refreshed = {name: BatchRecord.from_api(remote.batches[entry.batch.id])
+                 for name, entry in state.entries.items()
+                 if entry.batch and entry.batch.id in remote.batches}
+    return Plan(tuple(changes), state.lineage or None, state.serial, refreshed)
+
+
+def _ensure_known(names: frozenset[str], wanted: dict, state: State) -> None:
+    unknown = sorted(n for n in names if n not in wanted and n not in state.entries)
+    if unknown:
+        raise PlanError(f"no spec and no state entry named {', '.join(unknown)}; "
+                        "check --target / --replace against `batchplan state list`")
+
+
+def _current(entry: Entry, remote: RemoteView) -> BatchRecord:
+    assert entry.batch is not None
+    fresh = remote.batches.get(entry.batch.id)
+    return BatchRecord.from_api(fresh) if fresh else entry.batch
+
+
+def _describe(fields: dict, record: BatchRecord | None) -> dict:
+    facts = {"batch_id": record.id, "status": record.status} if record else {}
+    return {**fields, **facts}
+
+
+def _find_tagged(name: str, spec_hash: str, remote: RemoteView, skip: set[str]) -> dict | None:
+    """The newest batch on the server made by batchplan for this name and this exact spec."""
+    for batch in remote.tagged.get(name, []):
+        meta = batch.get("metadata") or {}
+        if meta.get(TAG_NAME) == name and meta.get(TAG_SPEC) == spec_hash and batch["id"] not in skip:
+            return batch
+    return None
+
+
+def _plan_desired(want: Desired, entry: Entry | None, remote: RemoteView, forced: bool) -> Change:
+    after = want.fields()
+    if entry is None or entry.batch is None:
+        found = _find_tagged(want.name, want.spec_hash, remote, set())
+        if found:
+            return Change(want.name, Action.ADOPT, f"batch {found['id']} on the server was made for this spec "
+                          "but is not in the state; recording it, creating nothing",
+                          after={**after, "batch_id": found["id"]}, desired=want, found=found)
+        reason = ("an earlier apply was interrupted before its batch was created" if entry and entry.intent
+                  else "no batch for this spec in the state or on the server")
+        return Change(want.name, Action.CREATE, reason, after=after, desired=want)
+    record = _current(entry, remote)
+    before = _describe(entry.fields, record)
+    if record.id in remote.missing:
+        return Change(want.name, Action.CREATE, f"batch {record.id} no longer exists on the server",
+                      before=before, after=after, desired=want)
+    if forced or entry.spec_hash != want.spec_hash:
+        return _plan_replace(want, entry, record, remote, forced)
+    return Change(want.name, Action.NOOP, f"batch {record.id} is {record.status}", before=before,
+                  after=after, desired=want, batch=record, warnings=_drift(want.name, record))
+
+
+def _plan_replace(want: Desired, entry: Entry, record: BatchRecord, remote: RemoteView, forced: bool) -> Change:
+    diff = field_diff(entry.fields, want.fields())
+    reason = "forced by --replace" if forced else "changed: " + ", ".join(d.path for d in diff)
+    if record.status in RUNNING and entry.prevent_cancel:
+        raise PlanError(f"{want.name}: replacing it would cancel batch {record.id}, which is {record.status}, "
+                        f"and its spec sets lifecycle.prevent_cancel; wait until it finishes "
+                        f"(`batchplan wait {want.name}`) or remove prevent_cancel")
+    earlier = {record.id, *(h.batch_id for h in entry.history)}
+    found = None if forced else _find_tagged(want.name, want.spec_hash, remote, earlier)
+    if found:
+        reason += f"; its new batch {found['id']} already exists (an earlier apply was interrupted): adopting it"
+    if record.status in RUNNING:
+        reason += f"; batch {record.id} is {record.status} and will be cancelled"
+    return Change(want.name, Action.REPLACE, reason, before=_describe(entry.fields, record),
+                  after=want.fields(), desired=want, batch=record, found=found, diff=tuple(diff))
+
+
+def _plan_removed(name: str, entry: Entry, remote: RemoteView) -> Change:
+    if entry.batch is None:
+        intent = entry.intent
+        found = intent and _find_tagged(name, intent.spec_hash, remote, set())
+        if not found:
+            return Change(name, Action.FORGET, "spec removed; its interrupted create left no batch",
+                          before=entry.fields)
+        entry = entry.model_copy(update={"batch": BatchRecord.from_api(found)})
+    record = _current(entry, remote)
+    before = _describe(entry.fields, record)
+    if record.id in remote.missing:
+        return Change(name, Action.FORGET, f"spec removed; batch {record.id} no longer exists on the server",
+                      before=before, batch=record)
+    if record.status not in RUNNING:
+        return Change(name, Action.FORGET, f"spec removed; batch {record.id} is {record.status}, "
+                      "so only the state entry goes", before=before, batch=record)
+    if entry.prevent_cancel:
+        raise PlanError(f"{name}: its spec was removed while batch {record.id} is {record.status}, and the spec "
+                        "set lifecycle.prevent_cancel; restore the spec until the batch finishes, or "
+                        f"`batchplan state rm {name}` to stop tracking it without cancelling")
+    return Change(name, Action.CANCEL, f"spec removed; batch {record.id} is {record.status}", before=before,
+                  batch=record)
+
+
+def _drift(name: str, record: BatchRecord) -> tuple[str, ...]:
+    if record.status not in ("failed", "expired", "cancelled"):
+        return ()
+    counts = record.request_counts or {}
+    codes = sorted({e.get("code") or "?" for e in record.errors or []})
+    detail = f" ({', '.join(codes)})" if codes else ""
+    tally = f"; {counts.get('completed', 0)}/{counts.get('total', 0)} requests completed" if counts else ""
+    return (f"batch {record.id} {record.status}{detail}{tally}; "
+            f"run `batchplan plan --replace {name}` to make a new one",)
+
+
+def field_diff(before: dict, after: dict) -> list[FieldChange]:
+    """Field-level differences, as dotted paths, sorted (deepdiff does the comparing)."""
+    from deepdiff import DeepDiff  # imported here: it is slow to import and only replaces need it
+
+    tree = DeepDiff(before, after, view="tree")
+    changes = []
+    for level in (lvl for levels in tree.values() for lvl in levels):
+        path = ".".join(str(p) for p in level.path(output_format="list"))
+        old = None if _absent(level.t1) else level.t1
+        new = None if _absent(level.t2) else level.t2
+        changes.append(FieldChange(path, old, new))
+    return sorted(changes, key=lambda c: c.path)
+
+
+def _absent(value: object) -> bool:
+    return type(value).__name__ == "NotPresent"

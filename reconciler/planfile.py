@@ -1,0 +1,101 @@
+"""Saved plans (`plan --out FILE`, `apply FILE`), as Terraform's plan files.
+
+A saved plan is a versioned JSON document: the tool version, the lineage and serial of
+the state it was made against, every change with what apply needs to carry it out,
+and the content hash of every input it planned to upload. Applying it refuses, as
+stale, a plan whose state moved on or whose inputs changed since: nothing is sent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+from . import __version__
+from .desired import Desired
+from .errors import PlanError, StalePlanError
+from .inputs import hash_file
+from .plan import Action, Change, FieldChange, Plan
+from .state import BatchRecord, State
+
+PLANFILE_VERSION = 1
+
+
+def _change_to_json(change: Change) -> dict:
+    return {
+        "name": change.name, "action": change.action.value, "reason": change.reason,
+        "before": change.before, "after": change.after,
+        "desired": dataclasses.asdict(change.desired) if change.desired else None,
+        "batch": change.batch.model_dump(mode="json") if change.batch else None,
+        "found": change.found, "diff": [dataclasses.asdict(d) for d in change.diff],
+        "warnings": list(change.warnings),
+    }
+
+
+def _change_from_json(data: dict) -> Change:
+    return Change(
+        name=data["name"], action=Action(data["action"]), reason=data["reason"],
+        before=data["before"], after=data["after"],
+        desired=Desired(**data["desired"]) if data["desired"] else None,
+        batch=BatchRecord.model_validate(data["batch"]) if data["batch"] else None,
+        found=data["found"], diff=tuple(FieldChange(**d) for d in data["diff"]),
+        warnings=tuple(data["warnings"]),
+    )
+
+
+def save_plan(path: Path, plan: Plan, project) -> None:
+    inputs = {c.desired.input: c.desired.input_sha256 for c in plan.changes
+              if c.desired and c.desired.input and c.action in (Action.CREATE, Action.REPLACE)}
+    document = {
+        "format_version": PLANFILE_VERSION, "batchplan_version": __version__,
+        "sandbox": project.sandbox, "lineage": plan.lineage, "serial": plan.serial,
+        "inputs": dict(sorted(inputs.items())),
+        "changes": [_change_to_json(c) for c in plan.changes],
+        "refreshed": {n: r.model_dump(mode="json") for n, r in sorted(plan.refreshed.items())},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def load_plan(path: Path, project) -> tuple[Plan, dict]:
+    """The saved plan and its input hashes; PlanError when it is not one we can apply."""
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PlanError(f"{path}: no such plan file; make one with `batchplan plan --out {path}`") from None
+    except (OSError, ValueError) as exc:
+        raise PlanError(f"{path}: not a batchplan plan file ({exc})") from exc
+    if not isinstance(document, dict) or document.get("format_version") != PLANFILE_VERSION:
+        raise PlanError(f"{path}: plan file format {document.get('format_version') if isinstance(document, dict) else '?'}"
+                        f" is not {PLANFILE_VERSION}; make a new plan with this batchplan")
+    if document.get("batchplan_version") != __version__:
+        raise PlanError(f"{path}: made by batchplan {document.get('batchplan_version')}, this is {__version__}; "
+                        "plan again with this version")
+    if bool(document.get("sandbox")) != project.sandbox:
+        where = "the sandbox" if document.get("sandbox") else "the real server"
+        raise PlanError(f"{path}: this plan was made against {where}; apply it the same way")
+    try:
+        plan = Plan(changes=tuple(_change_from_json(c) for c in document["changes"]),
+                    lineage=document["lineage"], serial=document["serial"],
+                    refreshed={n: BatchRecord.model_validate(r) for n, r in document["refreshed"].items()})
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PlanError(f"{path}: damaged plan file ({exc}); plan again") from exc
+    return plan, document["inputs"]
+
+
+def check_fresh(path: Path, plan: Plan, inputs: dict, state: State | None, root: Path) -> None:
+    """Refuse a plan whose state moved on or whose input files changed since it was made."""
+    lineage, serial = (state.lineage, state.serial) if state else (None, 0)
+    if (lineage, serial) != (plan.lineage, plan.serial):
+        raise StalePlanError(f"{path}: stale plan: it was made against state serial {plan.serial} but the state "
+                             f"is now at serial {serial}{'' if lineage == plan.lineage else ' of another lineage'}; "
+                             "nothing was sent. Run `batchplan plan --out` again")
+    for rel, sha in inputs.items():
+        file = root / rel
+        if not file.is_file() or hash_file(file) != sha:
+            raise StalePlanError(f"{path}: stale plan: input {rel} changed since the plan was made; nothing was "
+                                 "sent. Run `batchplan plan --out` again")

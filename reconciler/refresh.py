@@ -1,0 +1,91 @@
+"""Refresh: ask the server about the batches a plan needs, in as few round trips as it can.
+
+Two questions, answered together:
+- the current status of each batch in state that is not finished yet (a finished
+  batch never changes, so it is not asked about);
+- which batches carry batchplan's tags for specs with no recorded batch, or with an
+  interrupted create (the intent in state), so that nothing is created twice.
+
+One page of `GET /batches?limit=100` answers for up to 100 batches, so a list walk
+(newest first, stopping once it is older than the oldest batch still needed) is used
+when it is cheaper than one `GET /batches/{id}` per batch run concurrently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from .api import Api
+from .desired import Desired
+from .errors import NotFound
+from .plan import RemoteView
+from .spec import TAG_NAME
+from .state import State
+
+CLOCK_MARGIN = 600  # seconds: our clock and the server's may differ; list a little further back
+
+
+def _needs_search(desired: list[Desired], state: State | None) -> set[str]:
+    """Names whose batch may exist on the server without being recorded in state."""
+    if state is None:
+        return {d.name for d in desired}
+    names = {n for n, e in state.entries.items() if e.intent is not None}
+    names |= {d.name for d in desired if d.name not in state.entries or state.entries[d.name].batch is None}
+    return names
+
+
+def _scan_floor(state: State | None, stale: list[tuple[str, int]], search: set[str]) -> int | None:
+    """The oldest created_at the list walk must reach; None means the whole account."""
+    if state is None:
+        return None
+    floors = [created for _, created in stale]
+    if search:
+        floors += [e.intent.at for n, e in state.entries.items() if n in search and e.intent]
+        floors.append(state.scan_floor if state.scan_floor is not None else state.created_at)
+    return min(floors) - CLOCK_MARGIN if floors else None
+
+
+async def refresh(api: Api, desired: list[Desired], state: State | None, *, parallelism: int,
+                  full_scan: bool = False) -> RemoteView:
+    """Read what the plan needs from the server. Sends only GET requests."""
+    entries = state.entries if state else {}
+    stale = sorted((e.batch.id, e.batch.created_at) for e in entries.values() if e.batch and not e.batch.terminal)
+    search = _needs_search(desired, state)
+    if not stale and not search and not full_scan:
+        return RemoteView()
+    if search or full_scan or len(stale) > parallelism:
+        floor = None if full_scan else _scan_floor(state, stale, search)
+        batches, tagged = await _walk(api, floor)
+        unseen = [bid for bid, _ in stale if bid not in batches]
+    else:
+        batches, tagged, unseen = {}, {}, [bid for bid, _ in stale]
+    fetched, missing = await _fetch_each(api, unseen)
+    batches.update(fetched)
+    wanted = {bid for bid, _ in stale}
+    return RemoteView(batches={k: v for k, v in batches.items() if k in wanted},
+                      missing=frozenset(missing), tagged=tagged)
+
+
+async def _walk(api: Api, floor: int | None) -> tuple[dict[str, dict], dict[str, list[dict]]]:
+    """List batches newest first down to `floor`; every batch seen, and the tagged ones by name."""
+    batches: dict[str, dict] = {}
+    tagged: dict[str, list[dict]] = {}
+    async for batch in api.iter_batches():
+        if floor is not None and batch.get("created_at", 0) < floor:
+            break
+        batches[batch["id"]] = batch
+        name = (batch.get("metadata") or {}).get(TAG_NAME)
+        if name:
+            tagged.setdefault(name, []).append(batch)
+    return batches, tagged
+
+
+async def _fetch_each(api: Api, batch_ids: list[str]) -> tuple[dict[str, dict], list[str]]:
+    async def one(batch_id: str) -> tuple[str, dict | None]:
+        try:
+            return batch_id, await api.retrieve_batch(batch_id)
+        except NotFound:
+            return batch_id, None
+
+    results = await asyncio.gather(*(one(b) for b in batch_ids))
+    return {k: v for k, v in results if v is not None}, sorted(k for k, v in results if v is None)

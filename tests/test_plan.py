@@ -1,0 +1,192 @@
+"""The pure planner: every action, decided from specs, state and what the server said."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from reconciler.desired import Desired
+from reconciler.errors import PlanError
+from reconciler.plan import Action, RemoteView, build_plan
+from reconciler.render import render_json, render_markdown, render_text
+from reconciler.state import BatchRecord, Entry, Intent, State
+
+
+def want(name: str, team: str = "research", sha: str = "a" * 64, prevent_cancel: bool = False) -> Desired:
+    return Desired(name=name, file="specs/x.yaml", endpoint="/v1/chat/completions", completion_window="24h",
+                   metadata={"team": team}, output_expires_after=None, input="data/x.jsonl", input_sha256=sha,
+                   input_file_id=None, requests=3, prevent_cancel=prevent_cancel, output=None, errors=None)
+
+
+def batch(batch_id: str, status: str = "in_progress", tags: dict | None = None, created_at: int = 1000) -> dict:
+    return {"id": batch_id, "object": "batch", "status": status, "created_at": created_at,
+            "input_file_id": "file-1", "endpoint": "/v1/chat/completions", "completion_window": "24h",
+            "metadata": tags, "request_counts": {"total": 3, "completed": 1, "failed": 0}}
+
+
+def entry_for(d: Desired, batch_id: str, status: str = "in_progress", **kw) -> Entry:
+    return Entry(spec_hash=d.spec_hash, fields=d.fields(),
+                 batch=BatchRecord.from_api(batch(batch_id, status)), **kw)
+
+
+def state_with(**entries: Entry) -> State:
+    return State(lineage="L", serial=3, entries=entries)
+
+
+def actions(plan) -> dict[str, Action]:
+    return {c.name: c.action for c in plan.changes}
+
+
+def test_create_when_nothing_exists():
+    plan = build_plan([want("a"), want("b")], None, RemoteView())
+    assert actions(plan) == {"a": Action.CREATE, "b": Action.CREATE}
+    assert plan.summary()["create"] == 2 and plan.has_changes
+
+
+def test_adopt_a_tagged_batch_with_the_same_spec_hash():
+    d = want("a")
+    remote = RemoteView(tagged={"a": [batch("batch_1", tags=d.tags())]})
+    plan = build_plan([d], None, remote)
+    (change,) = plan.changes
+    assert change.action is Action.ADOPT and change.found["id"] == "batch_1"
+
+
+def test_a_tagged_batch_of_another_spec_hash_is_not_adopted():
+    d = want("a")
+    stale_tags = {**d.tags(), "batchplan_spec": "0" * 32}
+    plan = build_plan([d], None, RemoteView(tagged={"a": [batch("batch_1", tags=stale_tags)]}))
+    assert actions(plan) == {"a": Action.CREATE}
+
+
+def test_noop_when_state_and_spec_agree():
+    d = want("a")
+    plan = build_plan([d], state_with(a=entry_for(d, "batch_1", "completed")), RemoteView())
+    assert actions(plan) == {"a": Action.NOOP} and not plan.has_changes
+
+
+def test_replace_when_metadata_changed_names_the_field():
+    old = want("a", team="research")
+    new = want("a", team="ml")
+    plan = build_plan([new], state_with(a=entry_for(old, "batch_1", "in_progress")), RemoteView())
+    (change,) = plan.changes
+    assert change.action is Action.REPLACE
+    assert [(d.path, d.before, d.after) for d in change.diff] == [("metadata.team", "research", "ml")]
+    assert change.cancels_old
+    assert "will be cancelled" in change.reason
+
+
+def test_replace_when_input_content_changed():
+    old, new = want("a", sha="a" * 64), want("a", sha="b" * 64)
+    plan = build_plan([new], state_with(a=entry_for(old, "batch_1", "completed")), RemoteView())
+    (change,) = plan.changes
+    assert change.action is Action.REPLACE and not change.cancels_old
+    assert [d.path for d in change.diff] == ["input_sha256"]
+
+
+def test_interrupted_replace_adopts_the_new_batch_instead_of_creating_again():
+    old, new = want("a", team="research"), want("a", team="ml")
+    entry = entry_for(old, "batch_1", "completed",
+                      intent=Intent(spec_hash=new.spec_hash, fields=new.fields(), tags=new.tags(), at=900))
+    remote = RemoteView(tagged={"a": [batch("batch_2", tags=new.tags())]})
+    (change,) = build_plan([new], state_with(a=entry), remote).changes
+    assert change.action is Action.REPLACE and change.found["id"] == "batch_2"
+
+
+def test_force_replace_of_an_unchanged_spec():
+    d = want("a")
+    plan = build_plan([d], state_with(a=entry_for(d, "batch_1", "failed")), RemoteView(),
+                      force_replace=frozenset({"a"}))
+    (change,) = plan.changes
+    assert change.action is Action.REPLACE and change.reason.startswith("forced by --replace")
+
+
+def test_removed_spec_cancels_a_running_batch_and_forgets_a_finished_one():
+    a, b = want("a"), want("b")
+    state = state_with(a=entry_for(a, "batch_1", "completed"), b=entry_for(b, "batch_2", "completed"))
+    remote = RemoteView(batches={"batch_2": batch("batch_2", "in_progress")})
+    plan = build_plan([], state, remote)
+    assert actions(plan) == {"a": Action.FORGET, "b": Action.CANCEL}
+
+
+def test_prevent_cancel_turns_a_cancel_into_an_error_that_explains_itself():
+    d = want("a")
+    state = state_with(a=entry_for(d, "batch_1", "in_progress", prevent_cancel=True))
+    with pytest.raises(PlanError, match="prevent_cancel"):
+        build_plan([], state, RemoteView())
+
+
+def test_a_batch_gone_from_the_server_is_created_again():
+    d = want("a")
+    plan = build_plan([d], state_with(a=entry_for(d, "batch_1")), RemoteView(missing=frozenset({"batch_1"})))
+    assert actions(plan) == {"a": Action.CREATE}
+    assert "no longer exists" in plan.changes[0].reason
+
+
+def test_failed_batch_is_drift_not_a_silent_recreate():
+    d = want("a")
+    failed = batch("batch_1", "failed")
+    failed["errors"] = {"object": "list", "data": [{"code": "invalid_json_line", "line": 2, "message": "x"}]}
+    plan = build_plan([d], state_with(a=entry_for(d, "batch_1")), RemoteView(batches={"batch_1": failed}))
+    (change,) = plan.changes
+    assert change.action is Action.NOOP
+    assert "invalid_json_line" in change.warnings[0] and "--replace a" in change.warnings[0]
+
+
+def test_target_limits_the_plan_and_unknown_names_are_an_error():
+    plan = build_plan([want("a"), want("b")], None, RemoteView(), targets=frozenset({"b"}))
+    assert actions(plan) == {"b": Action.CREATE}
+    with pytest.raises(PlanError, match="no spec and no state entry named nope"):
+        build_plan([want("a")], None, RemoteView(), targets=frozenset({"nope"}))
+
+
+def _mixed_plan():
+    keep, edit, gone, done = want("keep"), want("edit", team="ml"), want("gone"), want("done")
+    state = state_with(keep=entry_for(keep, "batch_k", "completed"),
+                       edit=entry_for(want("edit", team="research"), "batch_e", "completed"),
+                       gone=entry_for(gone, "batch_g", "in_progress"),
+                       done=entry_for(done, "batch_d", "completed"))
+    return build_plan([keep, edit, want("new")], state, RemoteView())
+
+
+def test_rendered_text_plan_as_a_whole_string():
+    sha = want("new").input_sha256[:12]
+    assert render_text(_mixed_plan()) == (
+        "batchplan will perform these actions:\n"
+        "\n"
+        "  # done  forget   spec removed; batch batch_d is completed, so only the state entry goes\n"
+        "  ± edit  replace  changed: metadata.team\n"
+        "      ~ metadata.team: \"research\" -> \"ml\"\n"
+        "  - gone  cancel   spec removed; batch batch_g is in_progress\n"
+        "  + new   create   no batch for this spec in the state or on the server\n"
+        "      endpoint: /v1/chat/completions\n"
+        f"      input: data/x.jsonl (sha256 {sha}, 3 requests)\n"
+        "\n"
+        "Plan: 1 to create, 1 to replace, 1 to cancel, 1 to forget, 1 unchanged.\n"
+    )
+
+
+def test_rendered_text_of_an_empty_plan():
+    d = want("a")
+    plan = build_plan([d], state_with(a=entry_for(d, "batch_1", "completed")), RemoteView())
+    assert render_text(plan) == "No changes. 1 batch(es) match their specs.\n"
+
+
+def test_json_plan_is_the_documented_public_shape():
+    document = json.loads(render_json(_mixed_plan()))
+    assert document["format_version"] == "1"
+    assert [a["name"] for a in document["actions"]] == ["done", "edit", "gone", "keep", "new"]
+    assert set(document["actions"][0]) == {"name", "action", "reason", "before", "after"}
+    assert document["summary"] == {"create": 1, "adopt": 0, "replace": 1, "cancel": 1, "forget": 1, "noop": 1}
+    new = document["actions"][-1]
+    assert new["before"] is None and new["after"]["metadata"] == {"team": "research"}
+    gone = document["actions"][2]
+    assert gone["after"] is None and gone["before"]["batch_id"] == "batch_g"
+
+
+def test_markdown_plan_has_a_summary_table_and_a_section_per_change():
+    text = render_markdown(_mixed_plan())
+    assert "| + create | 1 |" in text and "| ± replace | 1 |" in text
+    assert "### `±` edit: replace" in text
+    assert '```diff\n~ metadata.team: "research" -> "ml"\n```' in text
+    assert "keep" not in text  # unchanged batches are counted, not listed
