@@ -114,10 +114,9 @@ class Applier:
         if old and old.id != batch["id"]:
             entry.history.append(HistoryItem(batch_id=old.id, spec_hash=entry.spec_hash, status=old.status,
                                              replaced_at=int(time.time())))
-        fields = want.fields()
-        if not fields["input_file_id"]:
-            fields["input_file_id"] = batch["input_file_id"]
-        entry.spec_hash, entry.fields, entry.prevent_cancel = want.spec_hash, fields, want.prevent_cancel
+        # fields stay exactly the desired ones (the uploaded file id is on the batch record),
+        # so the next plan's diff shows only what the user changed
+        entry.spec_hash, entry.fields, entry.prevent_cancel = want.spec_hash, want.fields(), want.prevent_cancel
         entry.batch, entry.intent = BatchRecord.from_api(batch), None
         verb = {Action.ADOPT: "adopted", Action.REPLACE: "replaced by"}.get(change.action, "created")
         self._done(change.name, f"{verb} {batch['id']}")
