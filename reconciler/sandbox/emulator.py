@@ -1,0 +1,593 @@
+"""The sandbox's world: files and batches, their lifecycle, and where they are kept.
+
+No HTTP here. server.py turns requests into calls on `Emulator`, whose answers are
+plain dicts already in the official wire shape; an `EmulatorError` is an error the
+real API would answer (status, message, param, code).
+
+Batches move on lazily: every call first brings the whole world up to `clock()`,
+replaying each step at the moment it was due. So a world persisted on disk keeps
+"running" while no process serves it, and separate CLI invocations that each start
+a server for a few seconds see one consistent history.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import secrets
+import shutil
+import tempfile
+import threading
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import BinaryIO, Callable, Iterator
+
+import orjson
+from filelock import FileLock
+
+from reconciler.errors import StateError
+from reconciler.inputs import scan_input
+from reconciler.sandbox import responses
+
+ENDPOINTS = ("/v1/responses", "/v1/chat/completions", "/v1/embeddings", "/v1/completions",
+             "/v1/moderations", "/v1/images/generations", "/v1/images/edits", "/v1/videos")
+UPLOAD_PURPOSES = ("assistants", "batch", "fine-tune", "vision", "user_data", "evals")
+COMPLETION_WINDOWS = ("24h",)
+ACTIVE = ("validating", "in_progress", "finalizing")
+BATCH_LIFETIME = 86400
+EXPIRY_SECONDS = (3600, 2592000)
+WORLD_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Seconds each batch step lasts. Floats are fine: tests run with 0.05."""
+
+    validating: float = 2.0
+    in_progress: float = 3.0
+    finalizing: float = 1.0
+    cancelling: float = 1.0
+
+    @classmethod
+    def uniform(cls, seconds: float) -> Timing:
+        return cls(seconds, seconds, seconds, seconds)
+
+
+class EmulatorError(Exception):
+    """An error answer of the API: HTTP status plus the official error envelope."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+
+    def envelope(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = "invalid_value") -> EmulatorError:
+    return EmulatorError(400, message, param=param, code=code)
+
+
+def _wire_time(value: float | None) -> int | None:
+    return None if value is None else int(value)
+
+
+class WorldStore:
+    """Where the world lives: in memory, or in `root` shared by several processes.
+
+    Persisted, the world is `world.json` (rewritten atomically after every change)
+    plus `files/<id>` for contents. `world.lock` serialises processes; each
+    transaction reloads `world.json` first when another process replaced it.
+    """
+
+    def __init__(self, root: Path | None):
+        self.persistent = root is not None
+        self.root = Path(root) if root is not None else Path(tempfile.mkdtemp(prefix="batchplan-sandbox-"))
+        self.files_dir = self.root / "files"
+        self.staging_dir = self.root / "staging"
+        self.files_dir.mkdir(parents=True, exist_ok=True)
+        self.staging_dir.mkdir(parents=True, exist_ok=True)
+        self.world_path = self.root / "world.json"
+        self.data = self._empty()
+        self._thread_lock = threading.RLock()
+        self._process_lock = FileLock(self.root / "world.lock", thread_local=False) if self.persistent else None
+        self._loaded_signature: tuple | None = None
+
+    @staticmethod
+    def _empty() -> dict:
+        return {"version": WORLD_VERSION, "seq": 0, "files": {}, "batches": {}}
+
+    @contextmanager
+    def transaction(self) -> Iterator[dict]:
+        """Exclusive access to the world; saved on exit if anything changed."""
+        with self._thread_lock, (self._process_lock or nullcontext()):
+            if self.persistent:
+                self._reload_if_changed()
+            before = orjson.dumps(self.data) if self.persistent else b""
+            yield self.data
+            if self.persistent and orjson.dumps(self.data) != before:
+                self._save()
+
+    def _signature(self) -> tuple | None:
+        try:
+            st = self.world_path.stat()
+        except FileNotFoundError:
+            return None
+        return st.st_ino, st.st_mtime_ns, st.st_size
+
+    def _reload_if_changed(self) -> None:
+        signature = self._signature()
+        if signature == self._loaded_signature:
+            return
+        data = orjson.loads(self.world_path.read_bytes()) if signature else self._empty()
+        if data.get("version") != WORLD_VERSION:
+            raise StateError(f"{self.world_path} holds a sandbox world of version {data.get('version')}, "
+                             f"this batchplan reads version {WORLD_VERSION}; delete {self.root} to start afresh")
+        self.data, self._loaded_signature = data, signature
+
+    def _save(self) -> None:
+        tmp = self.root / f".world.{os.getpid()}.{threading.get_ident()}.tmp"
+        tmp.write_bytes(orjson.dumps(self.data, option=orjson.OPT_SORT_KEYS | orjson.OPT_INDENT_2))
+        os.replace(tmp, self.world_path)
+        self._loaded_signature = self._signature()
+
+    def next_seq(self) -> int:
+        """A world-wide creation counter: lists sort by it, as timestamps can tie."""
+        self.data["seq"] += 1
+        return self.data["seq"]
+
+    def content_path(self, file_id: str) -> Path:
+        return self.files_dir / file_id
+
+    def close(self) -> None:
+        if not self.persistent:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+class Emulator:
+    """The OpenAI Files + Batches API, minus HTTP. Thread safe; see the module doc for time."""
+
+    def __init__(self, root: Path | None = None, timing: Timing = Timing(), fail_rate: float = 0.0,
+                 clock: Callable[[], float] = time.time):
+        if not 0.0 <= fail_rate <= 1.0:
+            raise ValueError(f"fail_rate must be between 0 and 1, not {fail_rate}")
+        self.store = WorldStore(root)
+        self.timing = timing
+        self.fail_rate = fail_rate
+        self.clock = clock
+
+    @property
+    def staging_dir(self) -> Path:
+        """Where uploads are written while they arrive; same disk as the store, so moving is free."""
+        return self.store.staging_dir
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> Emulator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _world(self) -> Iterator[tuple[dict, float]]:
+        """The world, brought up to now: every batch step that fell due has run."""
+        with self.store.transaction() as world:
+            now = self.clock()
+            for batch in world["batches"].values():
+                self._advance(world, batch, now)
+            yield world, now
+
+    # --- files ---
+
+    def create_file(self, staged: Path, filename: str, purpose: str | None,
+                    expires_after: dict | None = None) -> dict:
+        """Adopt an upload already written to `staged` (moved, never copied)."""
+        try:
+            self._check_upload(purpose, expires_after)
+        except EmulatorError:
+            staged.unlink(missing_ok=True)
+            raise
+        with self._world() as (world, now):
+            expires_at = now + int(expires_after["seconds"]) if expires_after else None
+            return self._file_wire(self._add_file(world, staged, filename, purpose, now, expires_at))
+
+    def upload_bytes(self, content: bytes, filename: str, purpose: str, expires_after: dict | None = None) -> dict:
+        """Create a file from bytes in hand (tests and benches that skip HTTP)."""
+        fd, name = tempfile.mkstemp(dir=self.staging_dir)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(content)
+        return self.create_file(Path(name), filename, purpose, expires_after)
+
+    @staticmethod
+    def _check_upload(purpose: str | None, expires_after: dict | None) -> None:
+        if not purpose:
+            raise bad_request("Missing required parameter: 'purpose'.", "purpose", "missing_required_parameter")
+        if purpose not in UPLOAD_PURPOSES:
+            raise bad_request(f"Invalid value: '{purpose}'. Supported values are: "
+                              + ", ".join(f"'{p}'" for p in UPLOAD_PURPOSES) + ".", "purpose")
+        if expires_after is not None:
+            _check_expires_after(expires_after, "expires_after")
+
+    def _add_file(self, world: dict, staged: Path, filename: str, purpose: str, now: float,
+                  expires_at: float | None) -> dict:
+        file_id = f"file-{secrets.token_hex(12)}"
+        os.replace(staged, self.store.content_path(file_id))
+        record = {"id": file_id, "bytes": self.store.content_path(file_id).stat().st_size, "created_at": now,
+                  "expires_at": expires_at, "filename": filename, "purpose": purpose,
+                  "seq": self.store.next_seq()}
+        world["files"][file_id] = record
+        return record
+
+    def list_files(self, purpose: str | None = None, limit: int = 10000, after: str | None = None,
+                   order: str = "desc") -> dict:
+        _check_limit(limit, 10000)
+        if order not in ("asc", "desc"):
+            raise bad_request(f"Invalid value: '{order}'. Supported values are: 'asc' and 'desc'.", "order")
+        with self._world() as (world, now):
+            self._purge_expired_files(world, now)
+            files = [f for f in world["files"].values() if purpose is None or f["purpose"] == purpose]
+            files.sort(key=lambda f: f["seq"], reverse=order == "desc")
+            return _page(files, after, limit, self._file_wire)
+
+    def get_file(self, file_id: str) -> dict:
+        with self._world() as (world, now):
+            return self._file_wire(self._live_file(world, file_id, now))
+
+    def delete_file(self, file_id: str) -> dict:
+        with self._world() as (world, now):
+            self._live_file(world, file_id, now)
+            self._remove_file(world, file_id)
+            return {"id": file_id, "object": "file", "deleted": True}
+
+    def open_content(self, file_id: str) -> tuple[BinaryIO, int]:
+        """An open handle on a file's bytes, and their size; the caller streams and closes it.
+
+        Opened inside the lock, so a delete that follows cannot cut the stream short.
+        """
+        with self._world() as (world, now):
+            record = self._live_file(world, file_id, now)
+            return self.store.content_path(file_id).open("rb"), record["bytes"]
+
+    def expire_file(self, file_id: str) -> dict:
+        """Make a file's expiry moment now: from here on it answers 404, like an expired file."""
+        with self._world() as (world, now):
+            record = self._live_file(world, file_id, now)
+            record["expires_at"] = now
+            return self._file_wire(record)
+
+    def _live_file(self, world: dict, file_id: str, now: float) -> dict:
+        record = world["files"].get(file_id)
+        if record is not None and record["expires_at"] is not None and record["expires_at"] <= now:
+            self._remove_file(world, file_id)  # expired files are deleted, as the real API does
+            record = None
+        if record is None:
+            raise EmulatorError(404, f"No such File object: {file_id}", param="id")
+        return record
+
+    def _purge_expired_files(self, world: dict, now: float) -> None:
+        for record in list(world["files"].values()):
+            if record["expires_at"] is not None and record["expires_at"] <= now:
+                self._remove_file(world, record["id"])
+
+    def _remove_file(self, world: dict, file_id: str) -> None:
+        del world["files"][file_id]
+        self.store.content_path(file_id).unlink(missing_ok=True)
+
+    @staticmethod
+    def _file_wire(record: dict) -> dict:
+        return {"id": record["id"], "object": "file", "bytes": record["bytes"],
+                "created_at": _wire_time(record["created_at"]), "expires_at": _wire_time(record["expires_at"]),
+                "filename": record["filename"], "purpose": record["purpose"], "status": "processed",
+                "status_details": None}
+
+    # --- batches ---
+
+    def create_batch(self, body: object) -> dict:
+        body = _check_create_batch(body)
+        with self._world() as (world, now):
+            self._check_input_file(world, body["input_file_id"], now)
+            batch_id = f"batch_{secrets.token_hex(16)}"
+            world["batches"][batch_id] = self._new_batch(batch_id, body, now)
+            return self._batch_wire(world["batches"][batch_id], now)
+
+    def _check_input_file(self, world: dict, file_id: str, now: float) -> None:
+        try:
+            record = self._live_file(world, file_id, now)
+        except EmulatorError:
+            raise bad_request(f"Cannot find input file {file_id}: no such File object.", "input_file_id",
+                              None) from None
+        if record["purpose"] != "batch":
+            raise bad_request(f"File {file_id} has purpose '{record['purpose']}'; a batch input file must "
+                              "be uploaded with purpose 'batch'.", "input_file_id", None)
+
+    def _new_batch(self, batch_id: str, body: dict, now: float) -> dict:
+        return {
+            "id": batch_id, "seq": self.store.next_seq(), "endpoint": body["endpoint"],
+            "input_file_id": body["input_file_id"], "completion_window": body["completion_window"],
+            "metadata": body.get("metadata"), "output_expires_after": body.get("output_expires_after"),
+            "timing": asdict(self.timing), "fail_rate": self.fail_rate,
+            "status": "validating", "model": None, "errors": None, "created_at": now,
+            "in_progress_at": None, "finalizing_at": None, "completed_at": None, "failed_at": None,
+            "expired_at": None, "cancelling_at": None, "cancelled_at": None,
+            "total": 0, "planned_failures": 0, "counts": None,
+            "output_file_id": None, "error_file_id": None, "usage": None,
+        }
+
+    def list_batches(self, after: str | None = None, limit: int = 20) -> dict:
+        _check_limit(limit, 100)
+        with self._world() as (world, now):
+            batches = sorted(world["batches"].values(), key=lambda b: b["seq"], reverse=True)
+            return _page(batches, after, limit, lambda b: self._batch_wire(b, now))
+
+    def get_batch(self, batch_id: str) -> dict:
+        with self._world() as (world, now):
+            return self._batch_wire(_find_batch(world, batch_id), now)
+
+    def cancel_batch(self, batch_id: str) -> dict:
+        with self._world() as (world, now):
+            batch = _find_batch(world, batch_id)
+            if batch["status"] in ACTIVE:
+                batch["counts"] = self._counts(batch, now)
+                batch["status"], batch["cancelling_at"] = "cancelling", now
+            elif batch["status"] != "cancelling":  # a repeated cancel is harmless, like the real one
+                raise EmulatorError(409, f"Cannot cancel a batch with status {batch['status']}.")
+            return self._batch_wire(batch, now)
+
+    def expire_batch(self, batch_id: str) -> dict:
+        """Let a running batch hit its completion window now (a sandbox control, not an API call)."""
+        with self._world() as (world, now):
+            batch = _find_batch(world, batch_id)
+            if batch["status"] not in ACTIVE:
+                raise EmulatorError(409, f"Cannot expire a batch with status {batch['status']}.")
+            self._expire(world, batch, now)
+            return self._batch_wire(batch, now)
+
+    # --- the lifecycle: one handler per step, each run at the moment it fell due ---
+
+    def _advance(self, world: dict, batch: dict, now: float) -> None:
+        while True:
+            due, step = self._next_step(batch)
+            if step is None:
+                return
+            if batch["status"] in ACTIVE and batch["created_at"] + BATCH_LIFETIME <= min(due, now):
+                self._expire(world, batch, batch["created_at"] + BATCH_LIFETIME)
+                return
+            if due > now:
+                return
+            step(world, batch, due)
+
+    def _next_step(self, batch: dict) -> tuple[float, Callable[[dict, dict, float], None] | None]:
+        timing = batch["timing"]
+        status = batch["status"]
+        if status == "validating":
+            return batch["created_at"] + timing["validating"], self._validated
+        if status == "in_progress":
+            return batch["in_progress_at"] + timing["in_progress"], self._processed
+        if status == "finalizing":
+            return batch["finalizing_at"] + timing["finalizing"], self._completed
+        if status == "cancelling":
+            return batch["cancelling_at"] + timing["cancelling"], self._cancelled
+        return math.inf, None
+
+    def _validated(self, world: dict, batch: dict, at: float) -> None:
+        input_file = world["files"].get(batch["input_file_id"])
+        if input_file is None:
+            batch["errors"] = _errors([{"code": "invalid_file", "line": None, "param": "input_file_id",
+                                        "message": f"The input file {batch['input_file_id']} was deleted."}])
+            batch["status"], batch["failed_at"] = "failed", at
+            return
+        report = scan_input(self.store.content_path(input_file["id"]), batch["endpoint"])
+        if not report.ok:
+            batch["errors"] = _errors([{"code": p.code, "line": p.line, "message": p.message, "param": p.param}
+                                       for p in report.problems])
+            batch["status"], batch["failed_at"] = "failed", at
+            return
+        batch["model"] = report.models[0] if report.models else None
+        batch["total"] = report.requests
+        batch["planned_failures"] = sum(responses.request_fails(cid, batch["fail_rate"])
+                                        for cid, _ in self._requests(batch)) if batch["fail_rate"] else 0
+        batch["status"], batch["in_progress_at"] = "in_progress", at
+
+    def _processed(self, world: dict, batch: dict, at: float) -> None:
+        batch["status"], batch["finalizing_at"] = "finalizing", at
+
+    def _completed(self, world: dict, batch: dict, at: float) -> None:
+        batch["counts"] = self._counts(batch, at)
+        self._write_results(world, batch, at, expired=False)
+        batch["status"], batch["completed_at"] = "completed", at
+
+    def _cancelled(self, world: dict, batch: dict, at: float) -> None:
+        self._write_results(world, batch, at, expired=False)  # partial results, as the real API keeps
+        batch["status"], batch["cancelled_at"] = "cancelled", at
+
+    def _expire(self, world: dict, batch: dict, at: float) -> None:
+        batch["counts"] = self._counts(batch, at)
+        self._write_results(world, batch, at, expired=True)
+        batch["status"], batch["expired_at"] = "expired", at
+
+    def _counts(self, batch: dict, at: float) -> dict:
+        """request_counts at `at`: frozen once stopped, else growing linearly while in progress."""
+        if batch["counts"] is not None:
+            return dict(batch["counts"])
+        if batch["status"] == "in_progress":
+            done = min(1.0, max(0.0, (at - batch["in_progress_at"]) / (batch["timing"]["in_progress"] or 1)))
+        else:
+            done = 1.0 if batch["status"] == "finalizing" else 0.0
+        failures = batch["planned_failures"]
+        return {"total": batch["total"], "completed": math.floor((batch["total"] - failures) * done),
+                "failed": math.floor(failures * done)}
+
+    def _requests(self, batch: dict) -> Iterator[tuple[str, dict]]:
+        """(custom_id, body) of each line of a batch's (already validated) input file."""
+        with self.store.content_path(batch["input_file_id"]).open("rb") as fh:
+            for raw in fh:
+                request = orjson.loads(raw)
+                yield request["custom_id"], request["body"]
+
+    def _write_results(self, world: dict, batch: dict, at: float, expired: bool) -> None:
+        """Write the output and error files of the requests processed so far, and sum their usage."""
+        if batch["total"] == 0 or batch["input_file_id"] not in world["files"]:
+            return
+        results = _Results(self.staging_dir)
+        try:
+            self._replay(batch, int(at), expired, results)
+        finally:
+            paths = results.close()
+        batch["counts"]["failed"] += results.expired
+        batch["usage"] = results.usage or responses.batch_usage(0, 0)
+        for kind in ("output", "error"):
+            batch[f"{kind}_file_id"] = self._adopt_result(world, batch, paths[kind], kind, results.lines[kind], at)
+
+    def _replay(self, batch: dict, created: int, expired: bool, results: _Results) -> None:
+        """Answer the requests that ran: `counts` says how many successes and failures did.
+
+        The rest never ran: an expired batch reports each of them as `batch_expired`.
+        """
+        left = {"ok": batch["counts"]["completed"], "failed": batch["counts"]["failed"]}
+        for custom_id, body in self._requests(batch):
+            kind = "failed" if responses.request_fails(custom_id, batch["fail_rate"]) else "ok"
+            if left[kind] == 0:
+                if expired:
+                    results.write("error", responses.expired_line(batch["id"], custom_id))
+                    results.expired += 1
+                continue
+            left[kind] -= 1
+            if kind == "ok":
+                results.write("output", *responses.success_line(batch["id"], batch["endpoint"], custom_id,
+                                                                body, created))
+            else:
+                results.write("error", responses.failure_line(batch["id"], custom_id))
+
+    def _adopt_result(self, world: dict, batch: dict, staged: Path, kind: str, lines: int,
+                      at: float) -> str | None:
+        if lines == 0:
+            staged.unlink()
+            return None
+        policy = batch["output_expires_after"]
+        expires_at = at + policy["seconds"] if policy else None
+        record = self._add_file(world, staged, f"{batch['id']}_{kind}.jsonl", "batch_output", at, expires_at)
+        return record["id"]
+
+    def _batch_wire(self, batch: dict, now: float) -> dict:
+        wire = {key: batch[key] for key in ("id", "endpoint", "model", "errors", "input_file_id",
+                                            "completion_window", "status", "output_file_id",
+                                            "error_file_id", "usage", "metadata")}
+        for key in ("created_at", "in_progress_at", "finalizing_at", "completed_at", "failed_at",
+                    "expired_at", "cancelling_at", "cancelled_at"):
+            wire[key] = _wire_time(batch[key])
+        wire["object"] = "batch"
+        wire["expires_at"] = int(batch["created_at"]) + BATCH_LIFETIME
+        wire["request_counts"] = self._counts(batch, now)
+        return dict(sorted(wire.items()))
+
+
+class _Results:
+    """A batch's output and error files while they are written, and the usage they add up to."""
+
+    def __init__(self, staging_dir: Path):
+        self.files = {kind: tempfile.NamedTemporaryFile("wb", dir=staging_dir, delete=False)
+                      for kind in ("output", "error")}
+        self.lines = {"output": 0, "error": 0}
+        self.expired = 0
+        self.usage: dict | None = None
+
+    def write(self, kind: str, line: dict, usage: dict | None = None) -> None:
+        self.files[kind].write(orjson.dumps(line) + b"\n")
+        self.lines[kind] += 1
+        self.usage = responses.add_usage(self.usage, usage)
+
+    def close(self) -> dict[str, Path]:
+        for fh in self.files.values():
+            fh.close()
+        return {kind: Path(fh.name) for kind, fh in self.files.items()}
+
+
+# --- request checks and small helpers ---
+
+def _find_batch(world: dict, batch_id: str) -> dict:
+    batch = world["batches"].get(batch_id)
+    if batch is None:
+        raise EmulatorError(404, f"No batch found with id '{batch_id}'.", param="batch_id")
+    return batch
+
+
+def _errors(data: list[dict]) -> dict:
+    return {"object": "list", "data": data}
+
+
+def _page(items: list[dict], after: str | None, limit: int, render: Callable[[dict], dict]) -> dict:
+    """One page of a newest-first list, cursor-paginated by id.
+
+    An `after` id that is not in the list (deleted since) gives an empty page:
+    the caller learns the cursor is gone instead of getting page one again.
+    """
+    ids = [item["id"] for item in items]
+    start = 0 if after is None else (ids.index(after) + 1 if after in ids else len(ids))
+    page = items[start:start + limit]
+    return {"object": "list", "data": [render(item) for item in page],
+            "first_id": page[0]["id"] if page else None, "last_id": page[-1]["id"] if page else None,
+            "has_more": start + limit < len(items)}
+
+
+def _check_limit(limit: int, maximum: int) -> None:
+    if not 1 <= limit <= maximum:
+        raise bad_request(f"Invalid 'limit': must be between 1 and {maximum}, got {limit}.", "limit")
+
+
+def _check_expires_after(policy: object, param: str) -> None:
+    if not isinstance(policy, dict):
+        raise bad_request(f"Invalid type for '{param}': expected an object.", param, "invalid_type")
+    if policy.get("anchor") != "created_at":
+        raise bad_request(f"Invalid value for '{param}.anchor': only 'created_at' is supported.",
+                          f"{param}.anchor")
+    seconds = policy.get("seconds")
+    low, high = EXPIRY_SECONDS
+    if not isinstance(seconds, int) or isinstance(seconds, bool) or not low <= seconds <= high:
+        raise bad_request(f"Invalid value for '{param}.seconds': must be an integer between {low} and {high}, "
+                          f"got {seconds!r}.", f"{param}.seconds")
+
+
+def _check_create_batch(body: object) -> dict:
+    """The checks the real API makes before it creates a batch; each error names its param."""
+    if not isinstance(body, dict):
+        raise bad_request("The request body must be a JSON object.", None, None)
+    unknown = sorted(set(body) - {"input_file_id", "endpoint", "completion_window", "metadata",
+                                  "output_expires_after"})
+    if unknown:
+        raise bad_request(f"Unrecognized request argument supplied: {unknown[0]}", unknown[0], "unknown_parameter")
+    for key in ("input_file_id", "endpoint", "completion_window"):
+        if key not in body:
+            raise bad_request(f"Missing required parameter: '{key}'.", key, "missing_required_parameter")
+        if not isinstance(body[key], str):
+            raise bad_request(f"Invalid type for '{key}': expected a string.", key, "invalid_type")
+    for key, allowed_values in (("endpoint", ENDPOINTS), ("completion_window", COMPLETION_WINDOWS)):
+        if body[key] not in allowed_values:
+            raise bad_request(f"Invalid value: '{body[key]}'. Supported values are: "
+                              + ", ".join(f"'{v}'" for v in allowed_values) + ".", key)
+    _check_metadata(body.get("metadata"))
+    if body.get("output_expires_after") is not None:
+        _check_expires_after(body["output_expires_after"], "output_expires_after")
+    return body
+
+
+def _check_metadata(metadata: object) -> None:
+    if metadata is None:
+        return
+    if not isinstance(metadata, dict):
+        raise bad_request("Invalid type for 'metadata': expected an object.", "metadata", "invalid_type")
+    if len(metadata) > 16:
+        raise bad_request(f"Invalid 'metadata': at most 16 key-value pairs, got {len(metadata)}.", "metadata")
+    for key, value in metadata.items():
+        if len(key) > 64:
+            raise bad_request(f"Invalid 'metadata': key {key[:20]!r}... is longer than 64 characters.",
+                              "metadata")
+        if not isinstance(value, str):
+            raise bad_request(f"Invalid type for 'metadata.{key}': expected a string.", f"metadata.{key}",
+                              "invalid_type")
+        if len(value) > 512:
+            raise bad_request(f"Invalid 'metadata.{key}': longer than 512 characters.", f"metadata.{key}")
