@@ -114,6 +114,14 @@ class LoggedRequest(NamedTuple):
     status: int | str  # "dropped" when the client got no answer
 
 
+class TimedRequest(NamedTuple):
+    """A logged request with when it arrived and when it was answered (time.monotonic())."""
+
+    arrived: float
+    answered: float
+    request: LoggedRequest
+
+
 class _Body:
     """A request body as a stream: Content-Length bounded, or chunked transfer encoding."""
 
@@ -464,6 +472,8 @@ class EmulatorServer:
         self.owns_emulator = owns_emulator  # stop() also closes the emulator
         self._lock = threading.Lock()
         self._log: list[LoggedRequest] = []
+        self._times: list[tuple[float, float]] = []  # (arrived, answered), one per log entry
+        self._in_flight = 0  # API requests being handled right now
         self._faults: list[_ArmedFault] = []
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -556,6 +566,20 @@ class EmulatorServer:
         with self._lock:
             return list(self._log)
 
+    def timeline(self) -> list[TimedRequest]:
+        """The request log with arrival and answer times, in the order answered."""
+        with self._lock:
+            return [TimedRequest(a, b, r) for (a, b), r in zip(self._times, self._log)]
+
+    def wait_idle(self, timeout: float = 10.0) -> bool:
+        """Wait until no API request is being handled (a stalled one may finish after its client left)."""
+        deadline = time.monotonic() + timeout
+        while self._in_flight:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
     def count(self, method: str | None = None, path_prefix: str | None = None) -> int:
         return sum(1 for entry in self.requests
                    if (method is None or entry.method == method.upper())
@@ -569,11 +593,13 @@ class EmulatorServer:
     def reset_log(self) -> None:
         with self._lock:
             self._log.clear()
+            self._times.clear()
 
     def _record(self, method: str, path: str, status: int | str, started: float) -> None:
         # Recorded before the answer is written, so a client that has its answer sees it logged.
         with self._lock:
             self._log.append(LoggedRequest(method, path, status))
+            self._times.append((started, time.monotonic()))
         if self.log_stream is not None:
             elapsed = (time.monotonic() - started) * 1000
             print(f"{method} {path} {status} {elapsed:.0f}ms", file=self.log_stream, flush=True)
@@ -590,7 +616,13 @@ class EmulatorServer:
             if req.path.startswith("/_sandbox/"):
                 self._answer(handler, req, self._dispatch(CONTROL_ROUTES, req), started, log=False)
             else:
-                self._handle_api(handler, req, started)
+                with self._lock:
+                    self._in_flight += 1
+                try:
+                    self._handle_api(handler, req, started)
+                finally:
+                    with self._lock:
+                        self._in_flight -= 1
         except (ConnectionError, TimeoutError):
             handler.close_connection = True  # the client went away; nobody is left to answer
 
