@@ -6,7 +6,9 @@ in count and in time. A 429 pauses every request of this client, not only its ow
 
 Creates (of batches and uploads) are never blindly retried: once a create may have
 reached the server (a timeout, a dropped connection, a 5xx), it raises AmbiguousWrite
-and the caller looks for the result on the server before trying again.
+and the caller looks for the result on the server before trying again. Once `stopping`
+is set (Ctrl-C, SIGTERM), no new create is sent: one still waiting for a connection
+slot, a pause or a retry raises Interrupted, so the caller knows it was never sent.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from . import __version__
-from .errors import AmbiguousWrite, ApiError, ConfigError, NotFound, TransportError
+from .errors import AmbiguousWrite, ApiError, ConfigError, Interrupted, NotFound, TransportError
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
@@ -97,12 +99,14 @@ class Api:
     def __init__(self, base_url: str, api_key: str, *, parallelism: int = 16, timeout: float = 60.0,
                  max_retries: int = 5, max_retry_seconds: float = 120.0, backoff: float = 0.5):
         self.base_url = base_url
+        self.timeout = timeout
         self.max_retries = max_retries
         self.max_retry_seconds = max_retry_seconds
         self.backoff = backoff
         self.calls: Counter[str] = Counter()  # "POST /batches" -> attempts sent
         self._slots = asyncio.Semaphore(parallelism)
         self._paused_until = 0.0
+        self.stopping = asyncio.Event()  # set: send no new create
         self._client = httpx.AsyncClient(
             base_url=base_url + "/",
             headers={"Authorization": f"Bearer {api_key}", "User-Agent": f"batchplan/{__version__}"},
@@ -135,10 +139,12 @@ class Api:
         what = f"{method} {_route(path)}"
         started = time.monotonic()
         for attempt in range(self.max_retries + 1):
-            await self._pause()
             asked = None
             try:
                 async with self._slots:
+                    await self._pause()  # in the slot: a 429 that came while we queued holds us too
+                    if write and self.stopping.is_set():
+                        raise Interrupted(f"{what}: not sent, apply is stopping")
                     self.calls[what] += 1
                     response = await self._client.request(method, path, **(body() if body else {}), **kwargs)
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
@@ -157,13 +163,13 @@ class Api:
                 failure = _api_error(response, what)
                 if response.status_code not in retry_statuses:
                     raise failure
-                asked = _retry_after(response)
-                if response.status_code == 429:
-                    self._paused_until = max(self._paused_until, time.monotonic() + self._delay(attempt, asked))
-                elif write:
+                if write and response.status_code != 429:  # 429: refused, so certainly not done
                     raise AmbiguousWrite(failure.status, failure.message, type=failure.type,
                                          param=failure.param, request=what) from failure
+                asked = _retry_after(response)
             delay = self._delay(attempt, asked)
+            if isinstance(failure, ApiError) and failure.status == 429:  # everyone waits, not just us
+                self._paused_until = max(self._paused_until, time.monotonic() + delay)
             if attempt == self.max_retries or time.monotonic() - started + delay > self.max_retry_seconds:
                 raise failure
             await asyncio.sleep(delay)
@@ -248,8 +254,8 @@ class Api:
         raise AssertionError("unreachable")
 
     async def _stream_once(self, path: str, tmp: Path, what: str) -> int:
-        await self._pause()
         async with self._slots:
+            await self._pause()
             self.calls["GET /files/{id}/content"] += 1
             async with self._client.stream("GET", path) as response:
                 if not response.is_success:

@@ -1,10 +1,13 @@
 """Apply: carry out a plan, idempotently, recording every step in the state.
 
-The order is: upload missing inputs, record the intent of every create (one atomic
-state write), create, then cancel and forget. A create whose answer is lost is never
-sent again blindly: its tags are looked up on the server first, and only a batch that
-is certainly absent is created again. The state is saved as work completes and once
-more at the end, whatever happened, so a re-run converges.
+The order is: record the intent of every create (one atomic state write), upload
+missing inputs, create, then cancel and forget. A create whose answer is lost is never
+sent again blindly: its tags (an upload: its content hash) are looked up on the server
+first, and again after a settling delay (a request that timed out may still land), and
+only one still absent is sent again. An intent left moments ago by an apply that was
+killed may belong to a create still in flight, so it gets the same settling delay and
+look before anything is sent. The state is saved as work completes and once more at
+the end, whatever happened, so a re-run converges.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from .state import BatchRecord, Entry, HistoryItem, Intent, State, StateFile, Up
 UPLOAD_NAME = re.compile(r"batchplan-([0-9a-f]{64})\.jsonl$")
 CREATE_ROUNDS = 3
 SAVE_EVERY = 0.5  # seconds between state saves while creates complete
+SETTLE_MAX = 10.0  # seconds: the longest we wait for a create sent without an answer to land
 
 
 def upload_filename(desired: Desired) -> str:
@@ -54,7 +58,7 @@ class Applier:
         self.repo_root = repo_root
         self.report = report
         self.result = ApplyResult()
-        self.stopping = asyncio.Event()
+        self.stopping = api.stopping  # set by apply_plan on a signal; the Api then sends no new create
         self._last_save = 0.0
 
     # -- the table of contents -----------------------------------------------------------
@@ -64,6 +68,7 @@ class Applier:
         try:
             self._record_refresh()
             creates = [c for c in self.plan.changes if c.action in (Action.CREATE, Action.REPLACE) and not c.found]
+            creates = await self._record_intents(creates)
             file_ids = await self._ensure_uploads(creates)
             for change in self.plan.changes:
                 if change.found:
@@ -106,7 +111,7 @@ class Applier:
             self.state.entries[want.name] = entry
         return entry
 
-    def _record_batch(self, change: Change, batch: dict) -> None:
+    def _record_batch(self, change: Change, batch: dict, verb: str | None = None) -> None:
         want = change.desired
         assert want is not None
         entry = self._entry_for(want)
@@ -118,7 +123,7 @@ class Applier:
         # so the next plan's diff shows only what the user changed
         entry.spec_hash, entry.fields, entry.prevent_cancel = want.spec_hash, want.fields(), want.prevent_cancel
         entry.batch, entry.intent = BatchRecord.from_api(batch), None
-        verb = {Action.ADOPT: "adopted", Action.REPLACE: "replaced by"}.get(change.action, "created")
+        verb = verb or {Action.ADOPT: "adopted", Action.REPLACE: "replaced by"}.get(change.action, "created")
         self._done(change.name, f"{verb} {batch['id']}")
 
     def _done(self, name: str, text: str) -> None:
@@ -171,39 +176,73 @@ class Applier:
         assert want.input and want.input_sha256
         path = self.repo_root / want.input
         for _ in range(CREATE_ROUNDS):
-            if self.stopping.is_set():
-                raise Interrupted("not uploaded: apply was interrupted")
             try:
                 file = await self.api.upload_file(path, upload_filename(want))
                 self.report(want.name, f"uploaded {want.input} as {file['id']}")
                 return file
             except AmbiguousWrite:
-                again = (await self._uploaded_files()).get(want.input_sha256)
+                again = await self._find_lost_upload(want.input_sha256)
                 if again:
                     return again
         raise TransportError(f"uploading {want.input} failed {CREATE_ROUNDS} times with no answer; "
                              "run apply again")
 
+    async def _find_lost_upload(self, sha: str) -> dict | None:
+        """The file an upload without an answer made, if it landed (looking twice: see _adopt_lost)."""
+        found = (await self._uploaded_files()).get(sha)
+        if found is None and not self.stopping.is_set():
+            await asyncio.sleep(self._settle())
+            found = (await self._uploaded_files()).get(sha)
+        return found
+
     # -- creates -------------------------------------------------------------------------
 
-    async def _create_all(self, creates: list[Change], file_ids: dict[str, str]) -> None:
-        for change in creates:  # intent before action: all in one atomic write
+    def _settle(self) -> float:
+        """Seconds a create sent without an answer may still take to land: the client's timeout, capped."""
+        return min(self.api.timeout, SETTLE_MAX)
+
+    async def _record_intents(self, creates: list[Change]) -> list[Change]:
+        """Intent before action: record every create in one atomic write; return those still to make.
+
+        An intent an earlier apply left less than a settling delay ago may be a create the
+        server is still working on (that apply was killed mid-request): wait until it would
+        have landed and look for it, so it is adopted rather than made twice.
+        """
+        if not creates:
+            return []
+        now = int(time.time())
+        recent = []
+        for change in creates:
             want = change.desired
             assert want is not None
-            self._entry_for(want).intent = Intent(spec_hash=want.spec_hash, fields=want.fields(),
-                                                 tags=want.tags(), at=int(time.time()))
-        if not creates:
-            return
+            entry = self._entry_for(want)
+            earlier = entry.intent if entry.intent and entry.intent.spec_hash == want.spec_hash else None
+            if earlier and now - earlier.at <= self._settle():
+                recent.append(change)
+            # an earlier intent keeps its time: the look for its batch must reach back that far
+            entry.intent = Intent(spec_hash=want.spec_hash, fields=want.fields(), tags=want.tags(),
+                                  at=earlier.at if earlier else now)
         self._save()
+        if not recent:
+            return creates
+        landed_by = max(self.state.entries[c.name].intent.at for c in recent) + 1 + self._settle()  # type: ignore[union-attr]
+        wait = max(0.0, landed_by - time.time())
+        for change in recent:
+            self.report(change.name, f"an apply stopped moments ago may have sent this create; "
+                                     f"looking for it in {wait:.1f}s before creating")
+        await asyncio.sleep(wait)
+        absent = await self._look_for(recent)
+        self._save()
+        return [c for c in creates if c not in recent or c in absent]
+
+    async def _create_all(self, creates: list[Change], file_ids: dict[str, str]) -> None:
         pending = creates
         for _ in range(CREATE_ROUNDS):
-            results = await asyncio.gather(*(self._create(c, file_ids) for c in pending))
-            unsure = [c for c, ok in zip(pending, results) if ok is None]
-            if not unsure:
-                return
-            pending = await self._adopt_lost(unsure)
             if not pending:
                 return
+            results = await asyncio.gather(*(self._create(c, file_ids) for c in pending))
+            unsure = [c for c, ok in zip(pending, results) if ok is None]
+            pending = await self._adopt_lost(unsure) if unsure else []
         for change in pending:
             self._fail(change.name, TransportError("create got no answer three times; run apply again "
                                                    "(the intent is recorded, nothing will be duplicated)"))
@@ -223,10 +262,10 @@ class Applier:
         """True when settled (created, failed for sure, or not sent); None when the answer was lost."""
         want = change.desired
         assert want is not None
-        if self.stopping.is_set():
-            return True  # not sent; the recorded intent makes the next apply look, then create
         try:
             batch = await self.api.create_batch(self._create_params(want, file_ids))
+        except Interrupted:
+            return True  # not sent; the recorded intent makes the next apply look, then create
         except AmbiguousWrite:
             return None
         except (ApiError, TransportError) as exc:
@@ -237,11 +276,28 @@ class Applier:
         return True
 
     async def _adopt_lost(self, unsure: list[Change]) -> list[Change]:
-        """Look for the batches of creates whose answers were lost; return those certainly absent."""
-        floor = min(self.state.entries[c.name].intent.at for c in unsure) - CLOCK_MARGIN  # type: ignore[union-attr]
+        """Look for the batches of creates whose answers were lost; return those certainly absent.
+
+        Dropped connections and 5xx after a commit are found at once. A timed-out create may
+        still be queued on the server, so what is not found is looked for once more after a
+        settling delay before it counts as absent.
+        """
+        absent = await self._look_for(unsure)
+        if absent and not self.stopping.is_set():
+            for change in absent:
+                self.report(change.name, f"create got no answer and is not on the server yet; "
+                                         f"looking again in {self._settle():g}s before sending it again")
+            await asyncio.sleep(self._settle())
+            absent = await self._look_for(absent)
+        self._save()
+        return absent
+
+    async def _look_for(self, changes: list[Change]) -> list[Change]:
+        """Adopt the batch each change's intent may have made; return the changes with none on the server."""
+        floor = min(self.state.entries[c.name].intent.at for c in changes) - CLOCK_MARGIN  # type: ignore[union-attr]
         _, tagged = await _walk(self.api, floor)
         absent = []
-        for change in unsure:
+        for change in changes:
             want = change.desired
             assert want is not None
             skip = {h.batch_id for h in self.state.entries[want.name].history}
@@ -249,10 +305,9 @@ class Applier:
                           if (b.get("metadata") or {}).get(TAG_SPEC) == want.spec_hash and b["id"] not in skip
                           and not (change.batch and b["id"] == change.batch.id)), None)
             if batch:
-                self._record_batch(change, batch)
+                self._record_batch(change, batch, verb="found its lost create on the server:")
             else:
                 absent.append(change)
-        self._save()
         return absent
 
     # -- cancels and forgets -------------------------------------------------------------
