@@ -26,11 +26,18 @@ CLOCK_MARGIN = 600  # seconds: our clock and the server's may differ; list a lit
 
 
 def _needs_search(desired: list[Desired], state: State | None) -> set[str]:
-    """Names whose batch may exist on the server without being recorded in state."""
+    """Names whose batch may exist on the server without being recorded in state.
+
+    That includes a spec whose recorded hash differs: its replacement may already exist
+    (the state was restored from a backup or an older commit), and must not be made twice.
+    """
     if state is None:
         return {d.name for d in desired}
     names = {n for n, e in state.entries.items() if e.intent is not None}
-    names |= {d.name for d in desired if d.name not in state.entries or state.entries[d.name].batch is None}
+    for want in desired:
+        entry = state.entries.get(want.name)
+        if entry is None or entry.batch is None or entry.spec_hash != want.spec_hash:
+            names.add(want.name)
     return names
 
 
