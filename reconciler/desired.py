@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import Problem, ValidationFailed
-from .inputs import HashCache, InputReport, scan_input
+from .inputs import HashCache, InputReport
 from .spec import TAG_NAME, TAG_SPEC, LoadedSpec, load_specs, resolve_input
 
 
@@ -62,18 +62,20 @@ def spec_hash(fields: dict) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
-def _scan(path: Path, endpoint: str, cache: HashCache) -> InputReport:
-    report = cache.lookup(path, endpoint)
-    if report is None:
-        report = scan_input(path, endpoint)
-        cache.store(path, endpoint, report)
-    return report
+def _scan(path: Path, endpoint: str, cache: HashCache, rel: str) -> InputReport | Problem:
+    try:
+        return cache.scan(path, endpoint)
+    except OSError as exc:
+        return Problem(rel, f"cannot read: {exc.strerror or exc}", code="unreadable")
 
 
-def _input_problems(file: str, report: InputReport) -> list[Problem]:
-    problems = [Problem(file, p.message, p.line, p.param, p.code) for p in report.problems]
+def _input_problems(file: str, report: InputReport, used_by: str) -> list[Problem]:
+    """A file's problems; those with no line also say which spec reads the file."""
+    problems = [Problem(file, p.message if p.line else f"{p.message} (input of {used_by})", p.line, p.param,
+                        p.code) for p in report.problems]
     if report.more_problems:
-        problems.append(Problem(file, f"... and {report.more_problems} more problems in this file", code="more"))
+        problems.append(Problem(file, f"... and {report.more_problems} more problem"
+                                f"{'s' if report.more_problems != 1 else ''} in this file", code="more"))
     return problems
 
 
@@ -87,12 +89,15 @@ def _resolve(loaded: LoadedSpec, repo_root: Path, cache: HashCache,
             return None, [problem]
         rel_input = str(path.relative_to(repo_root.resolve()))
         key = (rel_input, spec.endpoint)
-        report = scanned.get(key)
-        seen = report is not None  # a file shared by two specs is scanned and reported once
-        if report is None:
-            report = scanned[key] = _scan(path, spec.endpoint, cache)
+        seen = key in scanned  # a file shared by two specs is scanned and reported once
+        if not seen:
+            scanned[key] = _scan(path, spec.endpoint, cache, rel_input)
+        report = scanned[key]
+        if isinstance(report, Problem):
+            return None, [] if seen else [report]
         if not report.ok:
-            return None, [] if seen else _input_problems(rel_input, report)
+            where = f"{loaded.source.file}:{loaded.source.line(('input',))}"
+            return None, [] if seen else _input_problems(rel_input, report, where)
         sha, requests = report.sha256, report.requests
     expiry = spec.output_expires_after.model_dump() if spec.output_expires_after else None
     return Desired(

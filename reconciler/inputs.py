@@ -13,8 +13,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import orjson
 
@@ -22,7 +25,9 @@ MAX_BYTES = 200 * 1024 * 1024
 MAX_REQUESTS = 50_000
 MAX_EMBEDDING_INPUTS = 50_000
 MAX_REPORTED = 20
+CHUNK = 1 << 20  # bytes read (and hashed) at a time
 REQUIRED_FIELDS = ("custom_id", "method", "url", "body")
+REQUIRED_KEYS = frozenset(REQUIRED_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -59,93 +64,154 @@ class InputReport:
 
 
 class _Scanner:
-    """Checks one request line at a time; keeps only what cross-line checks need."""
+    """Checks one request line at a time; keeps only what cross-line checks need.
+
+    `feed` is the hot path (tens of thousands of lines): it only tests, and hands
+    anything wrong to a helper that words the problem.
+    """
 
     def __init__(self, endpoint: str, report: InputReport, limit: int):
         self.endpoint = endpoint
         self.report = report
         self.limit = limit
+        self.requests = 0
         self.first_line_of: dict[str, int] = {}
         self.model_line: dict[str, int] = {}
+        self.embeddings = endpoint == "/v1/embeddings"
 
-    def problem(self, code: str, message: str, line: int, param: str | None = None) -> None:
+    def problem(self, code: str, message: str, line: int | None, param: str | None = None) -> None:
         self.report.add(LineProblem(code, message, line, param), self.limit)
 
-    def feed(self, raw: bytes, n: int) -> None:
-        self.report.requests += 1
-        if self.report.requests == MAX_REQUESTS + 1:
-            self.problem("too_many_tasks", f"more than {MAX_REQUESTS:,} requests; split the file", n)
+    def feed(self, raw: bytes | bytearray | memoryview, n: int) -> None:
+        self.requests += 1
+        if self.requests == MAX_REQUESTS + 1:
+            self.problem("too_many_tasks",
+                         f"more than {MAX_REQUESTS:,} requests, the Batch API's limit; split the file", n)
         try:
             request = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
-            reason = "empty line" if not raw.strip() else str(exc).split(":")[0]
-            self.problem("invalid_json_line", f"not valid JSON ({reason})", n)
-            return
-        if not isinstance(request, dict):
-            self.problem("invalid_request", "each line must be a JSON object", n)
-            return
-        missing = [f for f in REQUIRED_FIELDS if f not in request]
-        if missing:
-            self.problem("invalid_request", f"missing {', '.join(missing)}", n, missing[0])
-            return
-        self.check_request(request, n)
-
-    def check_request(self, request: dict, n: int) -> None:
+            return self.problem("invalid_json_line", _json_error(raw, exc), n)
+        if type(request) is not dict or not request.keys() >= REQUIRED_KEYS:
+            return self.bad_shape(request, n)
         custom_id, body = request["custom_id"], request["body"]
-        if not isinstance(custom_id, str) or not custom_id:
-            self.problem("invalid_request", "custom_id must be a non-empty string", n, "custom_id")
-        elif custom_id in self.first_line_of:
-            first = self.first_line_of[custom_id]
-            self.problem("duplicate_custom_id",
-                         f"custom_id {custom_id!r} is used on line {first} and line {n}", n, "custom_id")
-        else:
+        if type(custom_id) is str and custom_id and custom_id not in self.first_line_of:
             self.first_line_of[custom_id] = n
-        if request["method"] != "POST":
-            self.problem("invalid_method", f"method must be POST, not {request['method']!r}", n, "method")
-        if request["url"] != self.endpoint:
-            self.problem("url_mismatch",
-                         f"url {request['url']!r} does not match the batch endpoint {self.endpoint!r}", n, "url")
-        if not isinstance(body, dict):
-            self.problem("invalid_request", "body must be a JSON object", n, "body")
-            return
-        self.check_body(body, n)
-
-    def check_body(self, body: dict, n: int) -> None:
+        else:
+            self.bad_custom_id(custom_id, n)
+        if request["method"] != "POST" or request["url"] != self.endpoint:
+            self.bad_route(request["method"], request["url"], n)
+        if type(body) is not dict:
+            return self.problem("invalid_request", f"must be a JSON object, not {_short(body)}", n, "body")
         model = body.get("model")
-        if isinstance(model, str) and model not in self.model_line:
-            self.model_line[model] = n
-            self.report.models.append(model)
-            if len(self.model_line) == 2:
-                first_model, first = self.report.models[0], self.model_line[self.report.models[0]]
-                self.problem("model_mismatch",
-                             f"body.model {model!r} differs from {first_model!r} on line {first}; "
-                             "a batch uses one model", n, "body.model")
-        if self.endpoint == "/v1/embeddings":
-            inputs = body.get("input")
-            self.report.embedding_inputs += len(inputs) if isinstance(inputs, list) else 1
-            if self.report.embedding_inputs > MAX_EMBEDDING_INPUTS and not self._reported_inputs:
-                self._reported_inputs = True
-                self.problem("too_many_inputs",
-                             f"more than {MAX_EMBEDDING_INPUTS:,} embedding inputs in one batch", n, "body.input")
+        if model not in self.model_line and type(model) is str:
+            self.new_model(model, n)
+        if self.embeddings:
+            self.count_inputs(body.get("input"), n)
 
-    _reported_inputs = False
+    def bad_shape(self, request: object, n: int) -> None:
+        if type(request) is not dict:
+            return self.problem("invalid_request", f"the line is a JSON {_json_type(request)}, not an object; "
+                                'each line must be {"custom_id": ..., "method": "POST", "url": ..., "body": {...}}',
+                                n)
+        missing = [f for f in REQUIRED_FIELDS if f not in request]
+        self.problem("invalid_request", f"missing {' and '.join(missing)}; each line needs custom_id, method, "
+                     "url and body", n, missing[0])
+
+    def bad_custom_id(self, custom_id: object, n: int) -> None:
+        if type(custom_id) is not str or not custom_id:
+            return self.problem("invalid_request", f"must be a non-empty string, not {_short(custom_id)}",
+                                n, "custom_id")
+        first = self.first_line_of[custom_id]
+        self.problem("duplicate_custom_id", f"{custom_id!r} is used on line {first} and line {n}; "
+                     "each custom_id must be unique in the file", n, "custom_id")
+
+    def bad_route(self, method: object, url: object, n: int) -> None:
+        if method != "POST":
+            self.problem("invalid_method", f'must be "POST", not {_short(method)}', n, "method")
+        if url != self.endpoint:
+            self.problem("url_mismatch", f"{_short(url)} does not match the spec's endpoint {self.endpoint!r}; "
+                         "every line must use its batch's endpoint", n, "url")
+
+    def new_model(self, model: str, n: int) -> None:
+        self.model_line[model] = n
+        self.report.models.append(model)
+        if len(self.model_line) > 1:
+            first_model = self.report.models[0]
+            self.problem("model_mismatch", f"{model!r} differs from {first_model!r} on line "
+                         f"{self.model_line[first_model]}; a batch uses one model, so split the file",
+                         n, "body.model")
+
+    def count_inputs(self, inputs: object, n: int) -> None:
+        before = self.report.embedding_inputs
+        self.report.embedding_inputs += len(inputs) if type(inputs) is list else 1
+        if before <= MAX_EMBEDDING_INPUTS < self.report.embedding_inputs:
+            self.problem("too_many_inputs", f"more than {MAX_EMBEDDING_INPUTS:,} embedding inputs in the file "
+                         "(each item of an input list counts); split the file", n, "body.input")
 
 
-def scan_input(path: Path, endpoint: str, *, limit: int = MAX_REPORTED) -> InputReport:
-    """Hash and validate one JSONL input file in a single streaming pass."""
+def _json_error(raw: bytes | bytearray | memoryview, exc: orjson.JSONDecodeError) -> str:
+    if not bytes(raw).strip():
+        return "empty line; remove it (every line must be one JSON request)"
+    reason = str(exc).split(":")[0]
+    return f"not valid JSON ({reason} at column {exc.colno}); every line must be one complete JSON object"
+
+
+def _json_type(value: object) -> str:
+    return {list: "array", str: "string", int: "number", float: "number", bool: "boolean"}.get(
+        type(value), "null")
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _lines(fh: BinaryIO, digest: "hashlib._Hash", chunk_size: int) -> Iterator[bytes | bytearray | memoryview]:
+    """Every line of a binary file without its newline, hashing each chunk on the way.
+
+    Reads `chunk_size` bytes at a time and hands out memoryview slices of the chunk, so a line
+    costs no copy; only a line that spans chunks is assembled (in a bytearray).
+    """
+    pending = bytearray()
+    while chunk := fh.read(chunk_size):
+        digest.update(chunk)
+        view = memoryview(chunk)
+        start, end = 0, chunk.find(b"\n")
+        if pending and end != -1:
+            pending += view[:end]
+            yield pending
+            pending = bytearray()
+            start, end = end + 1, chunk.find(b"\n", end + 1)
+        while end != -1:
+            yield view[start:end]
+            start = end + 1
+            end = chunk.find(b"\n", start)
+        pending += view[start:]
+    if pending:
+        yield pending
+
+
+def scan_input(path: Path, endpoint: str, *, limit: int = MAX_REPORTED, chunk_size: int = CHUNK) -> InputReport:
+    """Hash and validate one JSONL input file in a single streaming pass.
+
+    A file over the size limit is refused without being read. OSError is left to the
+    caller, who knows which spec the file belongs to.
+    """
     report = InputReport()
     report.size = path.stat().st_size
     if report.size > MAX_BYTES:
-        report.add(LineProblem("file_too_large", f"{report.size:,} bytes is over the 200 MB limit"), limit)
+        report.add(LineProblem("file_too_large", f"{report.size:,} bytes is over the Batch API's limit of "
+                               f"{MAX_BYTES // 2**20} MB; split the file"), limit)
+        return report
     scanner = _Scanner(endpoint, report, limit)
     digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for n, raw in enumerate(fh, start=1):
-            digest.update(raw)
+    with path.open("rb", buffering=0) as fh:
+        for n, raw in enumerate(_lines(fh, digest, chunk_size), start=1):
             scanner.feed(raw, n)
     report.sha256 = digest.hexdigest()
+    report.requests = scanner.requests
     if report.requests == 0:
-        report.add(LineProblem("empty_file", "the file holds no requests"), limit)
+        report.add(LineProblem("empty_file", "the file holds no requests; add at least one line"), limit)
     return report
 
 
@@ -162,10 +228,13 @@ class HashCache:
     """sha256 and validation results of input files, keyed by path, size, mtime and endpoint.
 
     Kept in `state/cache.json`, apart from the reviewed state: mtimes are per machine.
-    Only clean reports are cached, so a cached entry means "this file was valid".
+    Only clean reports are cached, so a cached entry means "this file was valid". As in
+    git's index, a file modified within RACY_SECONDS of being read is not cached: a
+    second edit in the same mtime tick would otherwise go unseen.
     """
 
-    VERSION = 1
+    VERSION = 2
+    RACY_SECONDS = 2.0
 
     def __init__(self, path: Path | None):
         self.path = path
@@ -176,28 +245,24 @@ class HashCache:
                 data = json.loads(path.read_text())
                 if data.get("version") == self.VERSION:
                     self.entries = data.get("entries", {})
-            except (OSError, ValueError):
+            except (OSError, ValueError, AttributeError):
                 self.entries = {}  # a cache is never precious: start again
 
-    @staticmethod
-    def _key(path: Path, endpoint: str) -> tuple[str, int, int, str]:
-        st = path.stat()
-        return str(path), st.st_size, st.st_mtime_ns, endpoint
-
-    def lookup(self, path: Path, endpoint: str) -> InputReport | None:
-        name, size, mtime, ep = self._key(path, endpoint)
-        hit = self.entries.get(name)
-        if not hit or [hit["size"], hit["mtime_ns"], hit["endpoint"]] != [size, mtime, ep]:
-            return None
-        return InputReport(sha256=hit["sha256"], size=size, requests=hit["requests"], models=hit["models"])
-
-    def store(self, path: Path, endpoint: str, report: InputReport) -> None:
-        if not report.ok:
-            return
-        name, size, mtime, ep = self._key(path, endpoint)
-        self.entries[name] = {"size": size, "mtime_ns": mtime, "endpoint": ep, "sha256": report.sha256,
-                              "requests": report.requests, "models": report.models}
-        self.dirty = True
+    def scan(self, path: Path, endpoint: str) -> InputReport:
+        """The report for one file: from the cache when unchanged, else from `scan_input` (then cached)."""
+        before = _stat_key(path)
+        hit = self.entries.get(str(path))
+        if hit and [hit.get("size"), hit.get("mtime_ns"), hit.get("endpoint")] == [*before, endpoint]:
+            return InputReport(sha256=hit["sha256"], size=before[0], requests=hit["requests"],
+                               models=list(hit["models"]))
+        report = scan_input(path, endpoint)
+        settled = time.time_ns() - before[1] > self.RACY_SECONDS * 1e9
+        if report.ok and settled and _stat_key(path) == before:
+            self.entries[str(path)] = {"size": before[0], "mtime_ns": before[1], "endpoint": endpoint,
+                                       "sha256": report.sha256, "requests": report.requests,
+                                       "models": report.models}
+            self.dirty = True
+        return report
 
     def save(self) -> None:
         """Best effort, atomic: a cache that cannot be written is simply not kept."""
@@ -211,3 +276,8 @@ class HashCache:
             self.dirty = False
         except OSError:
             pass
+
+
+def _stat_key(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns

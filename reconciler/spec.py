@@ -6,13 +6,15 @@ field and, where YAML knows it, the line; all problems are collected, not just t
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, StrictStr, StringConstraints, ValidationError,
+)
 
 from .errors import Problem
 
@@ -25,7 +27,13 @@ TAG_NAME = "batchplan_name"
 TAG_SPEC = "batchplan_spec"
 MAX_METADATA = 16
 USER_METADATA = MAX_METADATA - 2  # two keys are batchplan's tags
+MAX_KEY_LENGTH = 64
+MAX_VALUE_LENGTH = 512
+EXPIRY_SECONDS = (3600, 2_592_000)  # 1 hour to 30 days
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
+MetadataKey = Annotated[StrictStr, StringConstraints(max_length=MAX_KEY_LENGTH)]
+MetadataValue = Annotated[StrictStr, StringConstraints(max_length=MAX_VALUE_LENGTH)]
 
 Endpoint = Literal[
     "/v1/responses", "/v1/chat/completions", "/v1/embeddings", "/v1/completions",
@@ -36,7 +44,7 @@ Endpoint = Literal[
 class OutputExpiry(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     anchor: Literal["created_at"]
-    seconds: int = Field(ge=3600, le=2_592_000)
+    seconds: int = Field(ge=EXPIRY_SECONDS[0], le=EXPIRY_SECONDS[1])
 
 
 class Lifecycle(BaseModel):
@@ -45,7 +53,12 @@ class Lifecycle(BaseModel):
 
 
 class Spec(BaseModel):
-    """One batch as the user wants it. Paths are as written in the YAML."""
+    """One batch as the user wants it. Paths are as written in the YAML.
+
+    Checks that need the whole document (exactly one of input / input_file_id, the
+    metadata key count and reserved keys) are made on the document by `_check_document`,
+    so that each is reported with its own line even when other fields are wrong.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -54,28 +67,11 @@ class Spec(BaseModel):
     input_file_id: str | None = None
     endpoint: Endpoint
     completion_window: Literal["24h"] = "24h"
-    metadata: dict[StrictStr, StrictStr] = Field(default_factory=dict)
+    metadata: dict[MetadataKey, MetadataValue] = Field(default_factory=dict)
     output_expires_after: OutputExpiry | None = None
     output: str | None = None
     errors: str | None = None
     lifecycle: Lifecycle = Field(default_factory=Lifecycle)
-
-    @field_validator("metadata")
-    @classmethod
-    def _metadata_limits(cls, value: dict[str, str]) -> dict[str, str]:
-        reserved = sorted(k for k in value if k.startswith(RESERVED_PREFIX))
-        if reserved:
-            raise ValueError(f"keys starting with {RESERVED_PREFIX!r} are reserved for batchplan: {reserved}")
-        if len(value) > USER_METADATA:
-            raise ValueError(
-                f"{len(value)} keys; the API allows {MAX_METADATA} and batchplan uses 2 "
-                f"({TAG_NAME}, {TAG_SPEC}), so a spec may have at most {USER_METADATA}")
-        for key, val in value.items():
-            if len(key) > 64:
-                raise ValueError(f"key {key[:20]!r}... is {len(key)} characters; the limit is 64")
-            if len(val) > 512:
-                raise ValueError(f"value of {key!r} is {len(val)} characters; the limit is 512")
-        return value
 
 
 FIELDS = tuple(Spec.model_fields)
@@ -104,72 +100,167 @@ class LoadedSpec:
     source: SpecSource
 
 
-def _node_lines(node: yaml.Node, loc: tuple = ()) -> dict[tuple, int]:
-    """Map each field path in a YAML document to its 1-based line."""
+def _node_lines(node: yaml.Node, loc: tuple = (), repeated: list | None = None) -> dict[tuple, int]:
+    """Map each field path in a YAML document to its 1-based line; note keys given twice in `repeated`."""
     lines = {loc: node.start_mark.line + 1}
     if isinstance(node, yaml.MappingNode):
         for key, value in node.value:
             child = (*loc, key.value)
-            lines.update(_node_lines(value, child))
+            if child in lines and repeated is not None:
+                repeated.append((child, lines[child], key.start_mark.line + 1))
+            lines.update(_node_lines(value, child, repeated))
             lines[child] = key.start_mark.line + 1
     elif isinstance(node, yaml.SequenceNode):
         for i, value in enumerate(node.value):
-            lines.update(_node_lines(value, (*loc, i)))
+            lines.update(_node_lines(value, (*loc, i), repeated))
     return lines
 
 
-def _documents(text: str, file: str) -> list[tuple[object, dict[tuple, int]]]:
+@dataclass
+class _Document:
+    data: object
+    lines: dict[tuple, int]
+    repeated: list[tuple[tuple, int, int]]  # (field, first line, repeated line)
+
+
+def _documents(text: str) -> list[_Document]:
     loader = yaml.SafeLoader(text)
     docs = []
     try:
         while loader.check_node():
             node = loader.get_node()
-            docs.append((loader.construct_document(node), _node_lines(node)))
+            repeated: list = []
+            lines = _node_lines(node, repeated=repeated)
+            docs.append(_Document(loader.construct_document(node), lines, repeated))
     finally:
         loader.dispose()
     return docs
+
+
+def _yaml_problem(file: str, exc: yaml.MarkedYAMLError) -> Problem:
+    mark = exc.problem_mark
+    line = mark.line + 1 if mark else None
+    message = f"YAML syntax error: {exc.problem}"
+    if exc.context and exc.context_mark and exc.context_mark.line + 1 != line:
+        message += f" ({exc.context} that starts on line {exc.context_mark.line + 1})"
+    elif exc.context:
+        message += f" ({exc.context})"
+    return Problem(file, message, line, code="yaml")
 
 
 def _pydantic_problems(exc: ValidationError, source: SpecSource) -> list[Problem]:
     problems = []
     for err in exc.errors():
         loc = tuple(err["loc"])
-        if err["type"] == "extra_forbidden":
-            problems.append(source.problem(_unknown_field_message(loc), loc, "unknown_field"))
-        elif err["type"] == "literal_error" and loc == ("endpoint",):
-            problems.append(source.problem(
-                f"{err['input']!r} is not an endpoint the Batch API accepts; use one of: {', '.join(ENDPOINTS)}", loc))
-        elif err["type"] == "string_pattern_mismatch" and loc == ("name",):
-            problems.append(source.problem(
-                "use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit", loc))
+        if loc[:1] == ("metadata",) and len(loc) > 1:
+            problems.append(_metadata_problem(err, loc, source))
         else:
-            message = err["msg"].removeprefix("Value error, ")
-            if err["type"] == "string_type" and loc[:1] == ("metadata",):
-                message += " (quote numbers and booleans in YAML)"
-            problems.append(source.problem(message, loc))
+            problems.append(source.problem(_message(err, loc), loc, "unknown_field"
+                                           if err["type"] == "extra_forbidden" else "invalid"))
     return problems
+
+
+def _message(err: dict, loc: tuple) -> str:
+    """Pydantic's error, said in terms of the spec and what to write instead."""
+    kind, value = err["type"], err.get("input")
+    if kind == "extra_forbidden":
+        return _unknown_field_message(loc)
+    if kind == "missing":
+        return {("endpoint",): f"missing; say which endpoint the requests go to, one of: {', '.join(ENDPOINTS)}",
+                ("output_expires_after", "anchor"): "missing; write anchor: created_at",
+                ("output_expires_after", "seconds"): "missing; give seconds from 3600 (1 hour) to 2592000 (30 days)",
+                }.get(loc, "missing")
+    if loc == ("endpoint",) and kind == "literal_error":
+        guess = difflib.get_close_matches(str(value), ENDPOINTS, n=1, cutoff=0.8)
+        hint = f"did you mean {guess[0]!r}?" if guess else f"use one of: {', '.join(ENDPOINTS)}"
+        return f"{_short(value)} is not an endpoint the Batch API accepts; {hint}"
+    if loc == ("completion_window",) and kind == "literal_error":
+        return f"{_short(value)} is not supported; the Batch API only accepts '24h' (or leave the field out)"
+    if loc == ("output_expires_after", "anchor") and kind == "literal_error":
+        return f"{_short(value)} is not supported; the only anchor the API accepts is 'created_at'"
+    if loc == ("output_expires_after", "seconds") and kind in ("greater_than_equal", "less_than_equal"):
+        low, high = EXPIRY_SECONDS
+        return f"{value} is out of range; use {low} (1 hour) to {high} (30 days)"
+    if loc == ("name",) and kind == "string_pattern_mismatch":
+        return f"{_short(value)}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
+    message = err["msg"].removeprefix("Value error, ")
+    return f"{message}, not {_short(value)}" if kind.endswith("_type") or kind.endswith("_parsing") else message
+
+
+def _metadata_problem(err: dict, loc: tuple, source: SpecSource) -> Problem:
+    key = str(loc[1])
+    if len(loc) > 2:  # ('metadata', key, '[key]'): the key itself is wrong
+        message = (f"key {_short(key)} is {len(key)} characters; the API allows at most {MAX_KEY_LENGTH}"
+                   if err["type"] == "string_too_long" else f"keys must be strings, not {_short(key)}")
+        return dataclasses.replace(source.problem(message, loc[:2], "invalid_metadata"), field="metadata")
+    if err["type"] == "string_too_long":
+        message = f"value is {len(err['input'])} characters; the API allows at most {MAX_VALUE_LENGTH}"
+    else:
+        message = f"values must be strings, not {_short(err['input'])} (quote numbers and booleans in YAML)"
+    return source.problem(message, loc[:2], "invalid_metadata")
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _unknown_field_message(loc: tuple) -> str:
     parent_fields = {(): FIELDS, ("output_expires_after",): ("anchor", "seconds"),
                      ("lifecycle",): ("prevent_cancel",)}.get(loc[:-1], ())
     guess = difflib.get_close_matches(str(loc[-1]), parent_fields, n=1)
-    hint = f"; did you mean {guess[0]!r}?" if guess else ""
-    return f"unknown field{hint}"
+    if guess:
+        return f"unknown field; did you mean {guess[0]!r}?"
+    return f"unknown field; remove it (known fields here: {', '.join(parent_fields)})"
 
 
-def _check_document(data: object, source: SpecSource, index: int) -> tuple[LoadedSpec | None, list[Problem]]:
+def _input_problem(data: dict, source: SpecSource) -> Problem | None:
+    """Exactly one of input / input_file_id, checked on the raw document so it shows with the rest."""
+    given = [f for f in ("input", "input_file_id") if data.get(f) is not None]
+    if len(given) == 1:
+        return None
+    if given:
+        return source.problem("give exactly one of input (a JSONL file in this repo) or input_file_id "
+                              "(a file already uploaded), not both", ("input_file_id",), "input")
+    return source.problem("missing; give input (a JSONL file in this repo) or input_file_id (a file already "
+                          "uploaded)", ("input",), "input")
+
+
+def _metadata_limits(data: dict, source: SpecSource) -> list[Problem]:
+    metadata = data.get("metadata")
+    if not isinstance(metadata, dict):
+        return []
+    problems = [source.problem(f"keys starting with {RESERVED_PREFIX!r} are reserved for batchplan's own tags; "
+                               "rename it", ("metadata", key), "invalid_metadata")
+                for key in metadata if str(key).startswith(RESERVED_PREFIX)]
+    if len(metadata) > USER_METADATA:
+        problems.append(source.problem(
+            f"{len(metadata)} keys is too many: the API allows {MAX_METADATA} and batchplan uses 2 of them "
+            f"({TAG_NAME}, {TAG_SPEC}), so a spec may have at most {USER_METADATA}", ("metadata",),
+            "invalid_metadata"))
+    return problems
+
+
+def _check_document(doc: _Document, source: SpecSource, index: int) -> tuple[LoadedSpec | None, list[Problem]]:
+    data = doc.data
     if not isinstance(data, dict):
-        return None, [Problem(source.file, f"document {index + 1} must be a mapping of fields", source.line())]
+        return None, [Problem(source.file, f"document {index + 1} must be a mapping of fields (name: ..., "
+                              f"endpoint: ...), not a {type(data).__name__}", source.line())]
+    problems = [source.problem(f"given twice (lines {first} and {again}); YAML would keep only the last, so "
+                               "remove one", loc, "duplicate_field") for loc, first, again in doc.repeated]
     if "name" not in data:
-        return None, [source.problem("missing: every spec needs a unique name", ("name",), "missing")]
+        problems.append(source.problem("missing; every spec needs a unique name (letters, digits, '.', '_', '-')",
+                                       ("name",), "missing"))
+    spec = None
     try:
         spec = Spec.model_validate(data)
     except ValidationError as exc:
-        return None, _pydantic_problems(exc, source)
-    if (spec.input is None) == (spec.input_file_id is None):
-        both = "both" if spec.input else "neither"
-        return None, [source.problem(f"give exactly one of input or input_file_id ({both} given)", ("input",))]
+        problems += [p for p in _pydantic_problems(exc, source) if p.field != "name" or "name" in data]
+    if problem := _input_problem(data, source):
+        problems.append(problem)
+    problems += _metadata_limits(data, source)
+    if problems:
+        return None, problems
     return LoadedSpec(spec, source), []
 
 
@@ -177,23 +268,22 @@ def load_spec_file(path: Path, repo_root: Path) -> tuple[list[LoadedSpec], list[
     """Every spec in one YAML file, and every problem found in it."""
     file = _relative(path, repo_root)
     try:
-        text = path.read_text(encoding="utf-8")
-        docs = _documents(text, file)
+        docs = _documents(path.read_text(encoding="utf-8"))
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark
-        line = mark.line + 1 if mark else None
-        return [], [Problem(file, f"YAML syntax error: {exc.problem}", line, code="yaml")]
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        return [], [_yaml_problem(file, exc)]
+    except UnicodeDecodeError as exc:
+        return [], [Problem(file, f"not UTF-8 text (byte {exc.start}); save the file as UTF-8", code="yaml")]
+    except (OSError, yaml.YAMLError) as exc:
         return [], [Problem(file, f"cannot read: {exc}", code="yaml")]
     specs, problems = [], []
-    for index, (data, lines) in enumerate(docs):
-        if data is None:
+    for index, doc in enumerate(docs):
+        if doc.data is None:
             continue  # an empty document, e.g. a trailing '---'
-        loaded, found = _check_document(data, SpecSource(file, path, lines), index)
+        loaded, found = _check_document(doc, SpecSource(file, path, doc.lines), index)
         problems += found
         if loaded:
             specs.append(loaded)
-    return specs, problems
+    return specs, sorted(problems, key=lambda p: p.line or 0)
 
 
 def find_spec_files(specs_dir: Path) -> list[Path]:
@@ -205,7 +295,8 @@ def load_specs(specs_dir: Path, repo_root: Path) -> tuple[list[LoadedSpec], list
     specs: list[LoadedSpec] = []
     problems: list[Problem] = []
     if not specs_dir.is_dir():
-        return [], [Problem(_relative(specs_dir, repo_root), "no such directory; create it or pass --specs DIR")]
+        return [], [Problem(_relative(specs_dir, repo_root), "no such directory; create it, pass --specs DIR, or "
+                            "run batchplan from the repo root (or with -C DIR)")]
     for path in find_spec_files(specs_dir):
         found, bad = load_spec_file(path, repo_root)
         specs += found
@@ -216,7 +307,8 @@ def load_specs(specs_dir: Path, repo_root: Path) -> tuple[list[LoadedSpec], list
         if name in first:
             other = first[name].source
             problems.append(loaded.source.problem(
-                f"duplicate name {name!r}; also used at {other.file}:{other.line(('name',))}", ("name",)))
+                f"duplicate name {name!r}, also used at {other.file}:{other.line(('name',))}; names must be "
+                "unique across all spec files, so rename one", ("name",), "duplicate_name"))
         else:
             first[name] = loaded
     return sorted(first.values(), key=lambda s: s.spec.name), problems
@@ -233,7 +325,10 @@ def resolve_input(loaded: LoadedSpec, repo_root: Path) -> tuple[Path | None, Pro
             f"{raw!r} resolves to {path}, outside the repository {root}; batchplan only uploads files "
             "inside the repository so that a spec cannot send local secrets to the server", ("input",), "outside_repo")
     if not path.is_file():
-        return None, loaded.source.problem(f"{raw!r}: no such file ({_relative(path, root)})", ("input",), "missing_input")
+        what = "is a directory, not a file" if path.is_dir() else "does not exist"
+        return None, loaded.source.problem(
+            f"{raw!r} {what} (looked for {_relative(path, root)}; the path is relative to the spec file)",
+            ("input",), "missing_input")
     return path, None
 
 
