@@ -60,6 +60,8 @@ class Applier:
         self.result = ApplyResult()
         self.stopping = api.stopping  # set by apply_plan on a signal; the Api then sends no new create
         self._last_save = 0.0
+        self._fresh: set[str] = set()  # names whose intent this apply recorded, with none before it
+        self._maybe_sent: set[str] = set()  # names with a create whose answer was lost
 
     # -- the table of contents -----------------------------------------------------------
 
@@ -155,6 +157,7 @@ class Applier:
                     raise result
                 for change in needed[sha]:
                     self._fail(change.name, result)
+                    self._not_sent(change)
             else:
                 on_server[sha] = result
         for sha, file in on_server.items():
@@ -217,6 +220,8 @@ class Applier:
             assert want is not None
             entry = self._entry_for(want)
             earlier = entry.intent if entry.intent and entry.intent.spec_hash == want.spec_hash else None
+            if entry.intent is None:
+                self._fresh.add(want.name)
             if earlier and now - earlier.at <= self._settle():
                 recent.append(change)
             # an earlier intent keeps its time: the look for its batch must reach back that far
@@ -265,15 +270,30 @@ class Applier:
         try:
             batch = await self.api.create_batch(self._create_params(want, file_ids))
         except Interrupted:
-            return True  # not sent; the recorded intent makes the next apply look, then create
+            self._not_sent(change)  # the next apply creates it
+            return True
         except AmbiguousWrite:
+            self._maybe_sent.add(change.name)
             return None
-        except (ApiError, TransportError) as exc:
+        except (ApiError, TransportError) as exc:  # refused, or never reached: certainly not made
             self._fail(change.name, exc)
+            self._not_sent(change)
             return True
         self._record_batch(change, batch)
         self._maybe_save()
         return True
+
+    def _not_sent(self, change: Change) -> None:
+        """A create certainly never made: drop the intent this apply recorded for it, so the
+        next apply need not wait for it to land. An older intent, or an earlier attempt
+        whose answer was lost, keeps it."""
+        entry = self.state.entries.get(change.name)
+        if entry is None or change.name not in self._fresh or change.name in self._maybe_sent:
+            return
+        if entry.batch is None and not entry.history:
+            del self.state.entries[change.name]
+        else:
+            entry.intent = None
 
     async def _adopt_lost(self, unsure: list[Change]) -> list[Change]:
         """Look for the batches of creates whose answers were lost; return those certainly absent.

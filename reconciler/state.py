@@ -152,18 +152,21 @@ class StateFile:
         state.serial += 1
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        backup_tmp = self.backup.with_name(f".{self.backup.name}.{os.getpid()}.tmp")
         try:
             with tmp.open("w", encoding="utf-8") as fh:
                 fh.write(state.to_json())
                 fh.flush()
                 os.fsync(fh.fileno())
-            if self.path.exists():
-                shutil.copy2(self.path, self.backup)
+            if self.path.exists():  # the backup is replaced atomically too: a kill leaves an old one, not half
+                shutil.copy2(self.path, backup_tmp)
+                os.replace(backup_tmp, self.backup)
             os.replace(tmp, self.path)
             _fsync_dir(self.path.parent)
         except OSError as exc:
             state.serial -= 1
             tmp.unlink(missing_ok=True)
+            backup_tmp.unlink(missing_ok=True)
             raise StateError(f"{self.path}: cannot write the state file: {exc}") from exc
 
 

@@ -250,3 +250,243 @@ def test_a_cancel_is_retried_on_5xx(repo, emulator_server_factory):
     assert server.count("POST", "/v1/batches/") == 2
     assert server.emulator.get_batch(batches_by_name(server)["s1"][0])["status"] in ("cancelling", "cancelled")
     assert set(repo.state()["entries"]) == {"s0"}
+
+
+# --- 4. one apply at a time ------------------------------------------------------------------
+
+HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+from reconciler.state import StateLock
+lock = StateLock(Path(sys.argv[1]), "batchplan apply --auto-approve").__enter__()
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+def hold_lock_in_a_process(state_path: Path):
+    import subprocess
+
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(state_path)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_a_second_apply_fails_fast_saying_who_holds_the_lock(repo, emulator_server, api_env):
+    make_repo(repo, 1)
+    holder = hold_lock_in_a_process(repo.state_path)
+    try:
+        started = time.monotonic()
+        result = apply(repo, api_env)
+        took = time.monotonic() - started
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result.code == 1
+    message = result.err
+    assert "locked" in message and f"pid {holder.pid}" in message and os.uname().nodename in message
+    assert "(batchplan apply --auto-approve)" in message and "since 20" in message
+    assert "--lock-timeout" in message and "batchplan force-unlock" in message
+    assert took < 2 and emulator_server.requests == []
+
+
+def test_lock_timeout_waits_for_the_holder_to_finish(repo, emulator_server, api_env):
+    names = make_repo(repo, 1)
+    held = threading.Event()
+
+    def hold() -> None:
+        with StateLock(repo.state_path, "batchplan apply"):
+            held.set()
+            time.sleep(0.5)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait()
+    result = apply(repo, api_env, "--lock-timeout", "10")
+    holder.join()
+    assert result.code == 0, result.err
+    assert_converged(repo, emulator_server, api_env, names)
+
+
+def test_a_lock_left_by_a_killed_process_blocks_nothing_and_force_unlock_clears_it(repo, emulator_server, api_env):
+    names = make_repo(repo, 1)
+    holder = hold_lock_in_a_process(repo.state_path)
+    holder.kill()
+    holder.wait()
+    info = repo.state_path.with_name("batchplan.state.json.lock.info")
+    assert json.loads(info.read_text())["pid"] == holder.pid  # its note is left behind
+
+    wrong = run_cli("force-unlock", "not-the-id", "-C", str(repo.root))
+    assert wrong.code == 1 and "nothing was changed" in wrong.err and info.exists()
+    lock_id = json.loads(info.read_text())["id"]
+    unlocked = run_cli("force-unlock", lock_id, "-C", str(repo.root))
+    assert unlocked.code == 0 and f"pid {holder.pid}" in unlocked.out
+    assert not info.exists()
+
+    holder = hold_lock_in_a_process(repo.state_path)
+    holder.kill()
+    holder.wait()
+    result = apply(repo, api_env)  # a dead holder's lock does not block
+    assert result.code == 0, result.err
+    assert_converged(repo, emulator_server, api_env, names)
+
+
+def test_two_applies_at_once_make_one_batch_per_spec_and_the_loser_says_locked(repo, emulator_server_factory):
+    server = emulator_server_factory(latency=0.1)
+    env = {"OPENAI_BASE_URL": server.url, "OPENAI_API_KEY": KEY, "NO_COLOR": "1"}
+    names = make_repo(repo, 3)
+    procs = [spawn_cli("apply", "--auto-approve", "-C", str(repo.root), env=env) for _ in range(2)]
+    results = [(p.wait(timeout=30), *p.communicate()) for p in procs]
+    codes = sorted(code for code, _, _ in results)
+    assert codes == [0, 1], results
+    loser = next(err for code, _, err in results if code == 1)
+    assert "is locked by pid" in loser and "--lock-timeout" in loser
+    assert_converged(repo, server, env, names)
+
+
+# --- 5. state integrity ---------------------------------------------------------------------
+
+
+def test_a_truncated_state_is_refused_untouched_and_nothing_is_sent(repo, emulator_server, api_env):
+    make_repo(repo, 2)
+    assert apply(repo, api_env).code == 0
+    text = repo.state_path.read_bytes()
+    repo.state_path.write_bytes(text[: len(text) // 2])
+    broken = repo.state_path.read_bytes()
+    emulator_server.reset_log()
+    for command in (["plan"], ["apply", "--auto-approve"], ["plan", "--json"]):
+        result = run_cli(*command, "-C", str(repo.root), env=api_env)
+        assert result.code == 1, command
+        assert str(repo.state_path) in result.err and "not valid JSON" in result.err
+        assert "backup" in result.err and "Traceback" not in result.err
+        assert repo.state_path.read_bytes() == broken
+    assert emulator_server.requests == []
+
+
+def test_a_state_from_a_newer_batchplan_asks_for_an_upgrade(repo, emulator_server, api_env):
+    make_repo(repo, 1)
+    assert apply(repo, api_env).code == 0
+    newer = {**repo.state(), "format_version": FORMAT_VERSION + 1}
+    repo.state_path.write_text(json.dumps(newer))
+    before = repo.state_path.read_bytes()
+    emulator_server.reset_log()
+    result = apply(repo, api_env)
+    assert result.code == 1 and "upgrade batchplan" in result.err and str(repo.state_path) in result.err
+    assert repo.state_path.read_bytes() == before and emulator_server.requests == []
+
+
+def test_the_backup_holds_the_state_before_the_last_save(repo, emulator_server, api_env):
+    make_repo(repo, 1)
+    assert apply(repo, api_env).code == 0
+    repo.spec("s1")
+    assert apply(repo, api_env).code == 0
+    backup = json.loads(repo.state_path.with_name("batchplan.state.json.backup").read_text())
+    assert backup["serial"] == repo.state()["serial"] - 1
+    assert backup["lineage"] == repo.state()["lineage"]
+    assert not list(repo.state_path.parent.glob(".*.tmp"))
+
+
+# --- 6. Ctrl-C and SIGTERM --------------------------------------------------------------------
+
+
+def wait_for(condition, timeout: float = 20.0, proc=None) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        assert proc is None or proc.poll() is None, proc and proc.communicate()
+        time.sleep(0.005)
+
+
+@pytest.mark.parametrize("signals", [[signal.SIGTERM], [signal.SIGINT], [signal.SIGINT, signal.SIGINT]],
+                         ids=["SIGTERM", "SIGINT", "SIGINT-twice"])
+def test_a_signal_during_apply_saves_what_was_done_and_the_next_apply_converges(repo, emulator_server_factory,
+                                                                                  signals):
+    server = emulator_server_factory(latency=0.1)
+    env = {"OPENAI_BASE_URL": server.url, "OPENAI_API_KEY": KEY, "NO_COLOR": "1"}
+    names = make_repo(repo, 6)
+    proc = spawn_cli("apply", "--auto-approve", "--parallelism", "1", "-C", str(repo.root), env=env)
+    wait_for(lambda: server.count("POST", "/v1/batches") >= 1, proc=proc)
+    for sig in signals:
+        proc.send_signal(sig)
+        time.sleep(0.02)
+    out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 130, out + err
+    assert "interrupted" in err and "run `batchplan apply` again" in err and "Traceback" not in err
+    server.wait_idle()
+    recorded = {n: e["batch"]["id"] for n, e in repo.state()["entries"].items() if e["batch"]}
+    on_server = {n: ids[0] for n, ids in batches_by_name(server).items()}
+    assert 1 <= len(on_server) < 6
+    if len(signals) == 1:  # the request in flight was let finish, and recorded
+        assert recorded == on_server
+    else:  # abandoned in flight: not recorded, but its intent is, so the next apply adopts it
+        assert recorded.items() <= on_server.items()
+    result = apply(repo, env)
+    assert result.code == 0, result.out + result.err
+    assert_converged(repo, server, env, names)
+
+
+# --- 8. the key stays secret; 9. never in clear to another host ------------------------------
+
+
+def test_the_api_key_is_in_no_file_and_no_output(repo, emulator_server, api_env, monkeypatch):
+    import reconciler.cli
+
+    monkeypatch.setattr(reconciler.cli, "_DEBUG", False)  # --debug sticks for the process; undo it after
+    make_repo(repo, 3, shared=1)
+    outputs = []
+
+    def run(*args: str, env: dict = api_env):
+        result = run_cli(*args, "-C", str(repo.root), env=env)
+        outputs.append(result.out + result.err)
+        return result
+
+    emulator_server.add_fault(Fault(action="drop_after_commit", method="POST", path_regex=r"^/v1/batches$"))
+    run("apply", "--auto-approve", "--debug")
+    run("plan", "--json", "--debug")
+    repo.spec("s3")
+    run("plan", "--out", str(repo.root / "tfplan"))
+    run("apply", str(repo.root / "tfplan"), "--debug")
+    repo.spec("bad", input_file_id="file-doesnotexist")
+    assert run("apply", "--auto-approve", "--debug").code == 1  # a 400, with its traceback
+    repo.remove_spec("bad")
+    dead = {**api_env, "OPENAI_BASE_URL": "http://127.0.0.1:9/v1"}  # nothing listens on port 9
+    assert run("plan", "--debug", env=dead).code == 1  # a transport error, with its traceback
+    with StateLock(repo.state_path, "batchplan apply"):
+        assert run("apply", "--auto-approve", "--debug").code == 1  # locked
+        assert KEY not in repo.state_path.with_name("batchplan.state.json.lock.info").read_text()
+    proc = spawn_cli("apply", "--auto-approve", "--debug", "--replace", "s0", "-C", str(repo.root), env=api_env)
+    outputs += proc.communicate(timeout=30)
+    repo.state_path.write_text("{")
+    assert run("plan", "--debug").code == 1
+    assert any("Traceback" in text for text in outputs)  # --debug output was really looked at
+
+    for text in outputs:
+        assert KEY not in text
+    files = [p for p in repo.root.rglob("*") if p.is_file()]
+    assert {"batchplan.state.json", "batchplan.state.json.backup", "cache.json", "tfplan"} <= {p.name for p in files}
+    for path in files:
+        assert KEY.encode() not in path.read_bytes(), path
+
+
+def test_plain_http_to_another_host_is_refused_before_anything_is_sent(repo):
+    make_repo(repo, 1)
+    env = {"OPENAI_BASE_URL": "http://example.invalid/v1", "OPENAI_API_KEY": KEY, "NO_COLOR": "1"}
+    for command in (["plan"], ["apply", "--auto-approve"]):
+        started = time.monotonic()
+        result = run_cli(*command, "-C", str(repo.root), env=env)
+        assert result.code == 1
+        assert "plain http" in result.err and "--allow-insecure-http" in result.err and "example.invalid" in result.err
+        assert KEY not in result.out + result.err and "Traceback" not in result.err
+        assert time.monotonic() - started < 1
+    assert not repo.state_path.exists()
+
+
+def test_which_base_urls_may_carry_the_key():
+    for url in ("http://127.0.0.1:8089/v1", "http://localhost:1/v1", "http://[::1]:1/v1", "https://example.invalid/v1"):
+        assert check_base_url(url) == url
+    for url in ("http://example.invalid/v1", "http://10.1.2.3/v1", "http://localhost.example.invalid/v1"):
+        with pytest.raises(ConfigError, match="--allow-insecure-http"):
+            check_base_url(url)
+        assert check_base_url(url, allow_insecure=True) == url
+    with pytest.raises(ConfigError, match="not an http"):
+        check_base_url("ftp://127.0.0.1/v1")
