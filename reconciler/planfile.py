@@ -91,8 +91,10 @@ def check_fresh(path: Path, plan: Plan, inputs: dict, state: State | None, root:
     """Refuse a plan whose state moved on or whose input files changed since it was made."""
     lineage, serial = (state.lineage, state.serial) if state else (None, 0)
     if (lineage, serial) != (plan.lineage, plan.serial):
-        raise StalePlanError(f"{path}: stale plan: it was made against state serial {plan.serial} but the state "
-                             f"is now at serial {serial}{'' if lineage == plan.lineage else ' of another lineage'}; "
+        then = f"state serial {plan.serial}" if plan.lineage else "no state"
+        other = " of another lineage" if plan.lineage and lineage != plan.lineage else ""
+        now = f"at serial {serial}{other}" if state else "gone"
+        raise StalePlanError(f"{path}: stale plan: it was made against {then} but the state is now {now}; "
                              "nothing was sent. Run `batchplan plan --out` again")
     for rel, sha in inputs.items():
         file = root / rel

@@ -80,17 +80,22 @@ def render_json(plan: Plan) -> str:
     return json.dumps(plan_document(plan), indent=2, sort_keys=True) + "\n"
 
 
+def _md_heading(action: Action, name: str) -> str:
+    """`+` name: create; noop has no symbol (its blank would read as nothing)."""
+    symbol = f"`{action.symbol}` " if action.symbol.strip() else ""
+    return f"{symbol}{name}: {action.value}"
+
+
 def render_markdown(plan: Plan) -> str:
     """A pull-request comment: a summary table, then one section per change."""
     counts = plan.summary()
     lines = ["## batchplan plan", "", "| action | count |", "| --- | ---: |"]
-    lines += [f"| {a.symbol.strip() or '='} {a.value} | {counts[a.value]} |" for a in ORDER]
+    lines += [f"| {f'{a.symbol} {a.value}'.strip()} | {counts[a.value]} |" for a in ORDER]
     lines += ["", f"**{summary_line(plan)}**", ""]
     for change in plan.changes:
         if change.action is Action.NOOP and not change.warnings:
             continue
-        lines += [f"### `{change.action.symbol.strip() or '='}` {change.name}: {change.action.value}", "",
-                  change.reason, ""]
+        lines += [f"### {_md_heading(change.action, change.name)}", "", change.reason, ""]
         details = _detail_lines(change) + [f"! {w}" for w in change.warnings]
         if details:
             lines += ["```diff" if change.action is Action.REPLACE else "```", *details, "```", ""]
