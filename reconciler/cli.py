@@ -144,7 +144,7 @@ def plan(project, target, replace, scan_all, as_json, fmt, out, detailed_exitcod
     if out:
         from .planfile import save_plan
 
-        save_plan(Path(out), the_plan, project)
+        save_plan(project.root / out, the_plan, project)  # -C DIR: relative to DIR
     fmt = "json" if as_json else (fmt or "text")
     renderers = {"json": render_json, "markdown": render_markdown,
                  "text": functools.partial(render_text, colour=colour_on())}
@@ -191,13 +191,13 @@ def apply(project, target, replace, scan_all, planfile, auto_approve) -> int:
     if planfile:
         from .planfile import check_fresh, load_plan
 
-        saved = load_plan(Path(planfile), project)
+        saved = load_plan(project.root / planfile, project)  # -C DIR: relative to DIR
     desired = None if saved else _load_desired(project)
     project.credentials()
     with StateLock(project.state_path, command_line(), project.lock_timeout):
         state = project.state_file.load()
         if saved:
-            check_fresh(Path(planfile), *saved, state, project.root)
+            check_fresh(project.root / planfile, *saved, state, project.root)
 
         async def run():
             async with project.connect() as api:
@@ -285,6 +285,302 @@ def sandbox_serve(host, port, world, step_seconds, fail_rate, latency, no_auth, 
     timing = Timing.uniform(step_seconds) if step_seconds is not None else Timing()
     serve(host=host, port=port, root=Path(world) if world else None, timing=timing, fail_rate=fail_rate,
           latency=latency, require_auth=not no_auth)
+
+
+# -- watching and collecting: status, wait, refresh, download, import, state ---------------
+
+
+def _stdout_is_terminal() -> bool:
+    try:
+        return sys.stdout.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _with_api(project, work):
+    """Run `await work(api)` with a client for the project's server (checks credentials first)."""
+    project.credentials()
+
+    async def run():
+        async with project.connect() as api:
+            return await work(api)
+    return asyncio.run(run())
+
+
+def _look(project, entries):
+    """A Snapshot of `entries`: the server is asked only about batches still running."""
+    from .watch import Snapshot, look, running
+
+    return _with_api(project, lambda api: look(api, entries)) if running(entries) else Snapshot.of(entries)
+
+
+def _record(project, snapshot) -> list[str]:
+    """Save newer batch records in the state, under the lock; the names that changed."""
+    from .state import StateLock, command_line
+    from .watch import record
+
+    with StateLock(project.state_path, command_line(), project.lock_timeout):
+        state = project.state_file.load()
+        changed = record(state, snapshot) if state else []
+        if changed:
+            project.state_file.save(state)
+    return changed
+
+
+names_argument = click.argument("names", nargs=-1, metavar="[NAME]...")
+
+
+@cli.command("status")
+@common_options
+@names_argument
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document (format_version 1).")
+def status_cmd(project, names, as_json) -> int:
+    """Every batch in the state (or the NAMEs): status, request counts, age, result file ids.
+
+    Asks the server about batches still running. Read-only: it prints what the server says
+    and writes nothing; `batchplan refresh` records it in the state.
+    """
+    import json
+    import time
+
+    from .watch import rows, select, status_document, status_table
+
+    entries = select(project.state_file.load(), names)
+    table, now = rows(entries, _look(project, entries)), time.time()
+    if as_json:
+        echo(json.dumps(status_document(table, now), indent=2, sort_keys=True))
+    elif not table:
+        echo("No batches in the state yet; `batchplan apply` makes them.")
+    elif _stdout_is_terminal():
+        from rich.console import Console
+
+        Console(no_color=not colour_on()).print(status_table(table, now))
+    else:
+        from rich.console import Console
+
+        console = Console(width=1000, no_color=True)
+        with console.capture() as captured:
+            console.print(status_table(table, now))
+        echo("\n".join(line.rstrip() for line in captured.get().splitlines()))
+    return 0
+
+
+@cli.command("wait")
+@common_options
+@lock_timeout_option
+@names_argument
+@click.option("--timeout", type=click.FloatRange(0), default=None, metavar="SECONDS",
+              help="Give up after SECONDS, exit 1 [default: no limit].")
+@click.option("--interval", type=click.FloatRange(0.01), default=15.0, show_default=True, metavar="SECONDS",
+              help="Seconds between polls.")
+def wait_cmd(project, names, timeout, interval) -> int:
+    """Poll until every batch in the state (or the NAMEs) has finished.
+
+    A live progress display on a terminal, one line per change otherwise. Exit 0 when all
+    completed; 1 when any failed, expired or was cancelled, or the timeout passed. The
+    final statuses are recorded in the state (under the state lock).
+    """
+    from .errors import LockError
+    from .watch import LineDisplay, ProgressDisplay, WaitResult, running, select, wait
+
+    entries = select(project.state_file.load(), names)
+    if not entries:
+        echo("Nothing to wait for: the state has no batches.")
+        return 0
+    if running(entries):
+        display = ProgressDisplay(list(entries)) if _stdout_is_terminal() else LineDisplay(echo)
+        try:
+            result = _with_api(project, lambda api: wait(api, entries, display, interval=interval, timeout=timeout))
+        finally:
+            display.close()
+        try:
+            _record(project, result.snapshot)
+        except LockError as exc:
+            echo(f"Note: the final statuses were not recorded in the state ({exc}); "
+                 "`batchplan refresh` records them later.", err=True)
+    else:
+        result = WaitResult(_look(project, entries), timed_out=False)
+    problems = result.problems(list(entries))
+    if not problems:
+        echo(f"All {len(entries)} batch(es) completed.")
+        return 0
+    head = f"Timed out after {timeout:g}s" if result.timed_out else "Finished"
+    echo(f"{head}: {len(problems)} of {len(entries)} batch(es) did not complete:", err=True)
+    for line in problems:
+        echo(f"  {line}", err=True)
+    return 1
+
+
+@cli.command("refresh")
+@common_options
+@lock_timeout_option
+def refresh_cmd(project) -> None:
+    """Record in the state what the server says now about batches still running.
+
+    Sends only GET requests: nothing changes on the server.
+    """
+    from .state import StateLock, command_line
+    from .watch import look, record, running, select
+
+    with StateLock(project.state_path, command_line(), project.lock_timeout):
+        state = project.state_file.load()
+        entries = select(state, ())
+        if not running(entries):
+            echo("Nothing to refresh: every batch in the state has finished.")
+            return
+        snapshot = _with_api(project, lambda api: look(api, entries))
+        changed = record(state, snapshot)
+        if changed:
+            project.state_file.save(state)
+    for name in changed:
+        echo(f"  {name}: {snapshot.records[name].id} is {snapshot.records[name].status}")
+    for name in sorted(snapshot.missing):
+        echo(f"  {name}: batch {snapshot.records[name].id} no longer exists on the server "
+             "(`batchplan plan` shows what to do)")
+    echo(f"Refreshed the state: {len(changed)} batch(es) changed." if changed else "The state was up to date.")
+
+
+@cli.command("download")
+@common_options
+@names_argument
+def download_cmd(project, names) -> int:
+    """Save each finished batch's output and error files (of the NAMEs, default all).
+
+    To the spec's `output:` / `errors:` paths (relative to the repo root), else to
+    <results>/<name>/output.jsonl and errors.jsonl. Files already downloaded intact are
+    skipped without asking the server; batches still running are skipped with a note.
+    Exit 1 when a file could not be downloaded (e.g. it expired on the server).
+    """
+    from .download import MANIFEST, Manifest, Report, destinations, fetch, pending, targets
+    from .errors import ValidationFailed
+    from .spec import load_specs
+    from .watch import select
+
+    entries = select(project.state_file.load(), names)
+    specs, problems = load_specs(project.specs_dir, project.root)
+    if problems:
+        raise ValidationFailed(problems)
+    dests = destinations(specs, list(entries), project.root, project.results_dir)
+    snapshot = _look(project, entries)
+    wanted, notes = targets({n: snapshot.records.get(n) for n in entries}, dests, project.root)
+    manifest, report = Manifest(project.results_dir / MANIFEST), Report(notes=notes)
+    todo = pending(wanted, manifest, report)
+    try:
+        if todo:
+            _with_api(project, lambda api: fetch(api, todo, manifest, report))
+    finally:
+        manifest.save()
+    for line in report.written + report.skipped + report.notes:
+        echo(f"  {line}")
+    for line in report.failed:
+        echo(f"  {line}", err=True)
+    echo(f"Downloaded {len(report.written)} file(s); {len(report.skipped)} already there"
+         f"{f'; {len(report.failed)} failed' if report.failed else ''}.")
+    return 1 if report.failed else 0
+
+
+@cli.command("import")
+@common_options
+@lock_timeout_option
+@click.argument("name")
+@click.argument("batch_id")
+def import_cmd(project, name, batch_id) -> None:
+    """Record BATCH_ID, made elsewhere, as the batch of the spec NAME. Changes nothing on the server.
+
+    The next plan is a noop for NAME when the batch was made from what the spec says
+    (endpoint, completion window, metadata, input), else a replace that shows the difference.
+    """
+    from .errors import ConfigError, NotFound, StateError
+    from .importer import import_entry
+    from .state import State, StateLock, command_line
+
+    want = next((d for d in _load_desired(project) if d.name == name), None)
+    if want is None:
+        raise ConfigError(f"no spec named {name} under {project.specs_dir}; write its spec first, then import")
+
+    async def fetch(api):
+        try:
+            batch = await api.retrieve_batch(batch_id)
+        except NotFound:
+            raise ConfigError(f"the server has no batch {batch_id}; check the id (`batchplan import NAME "
+                              "BATCH_ID`)") from None
+        try:
+            return batch, (await api.retrieve_file(batch["input_file_id"]) if want.input else None)
+        except NotFound:
+            return batch, None
+
+    batch, input_file = _with_api(project, fetch)
+    imported = import_entry(want, batch, input_file, project.root / want.input if want.input else None)
+    with StateLock(project.state_path, command_line(), project.lock_timeout):
+        state = project.state_file.load() or State()
+        holder = next((n for n, e in state.entries.items() if e.batch and e.batch.id == batch_id), None)
+        if holder:
+            raise StateError(f"batch {batch_id} is already in the state, as {holder}; nothing was changed")
+        if name in state.entries:
+            raise StateError(f"the state already has an entry for {name}; `batchplan state rm {name}` first "
+                             "(it leaves its batch alone on the server), then import")
+        state.entries[name] = imported.entry
+        project.state_file.save(state)
+    echo(f"Imported {batch_id} ({batch['status']}) as {name}.")
+    if imported.differs:
+        echo(f"It differs from the spec in: {', '.join(imported.differs)}; the next plan replaces it "
+             "(`batchplan plan` shows the diff).")
+    else:
+        echo("It matches the spec: the next plan leaves it as it is.")
+    for note in imported.notes:
+        echo(f"Note: {note}.")
+
+
+@cli.group("state")
+def state_group() -> None:
+    """Read or edit the state file by hand; never calls the server."""
+
+
+@state_group.command("list")
+@common_options
+def state_list(project) -> None:
+    """Every name in the state, with its batch id and status as last recorded."""
+    from .watch import select
+
+    entries = select(project.state_file.load(), ())
+    width = max((len(n) for n in entries), default=0)
+    for name, entry in entries.items():
+        batch = f"{entry.batch.id}  {entry.batch.status}" if entry.batch else "-  no batch (an interrupted create)"
+        echo(f"{name.ljust(width)}  {batch}")
+    if not entries:
+        echo("The state has no entries.")
+
+
+@state_group.command("show")
+@common_options
+@click.argument("name")
+def state_show(project, name) -> None:
+    """One entry of the state, as JSON."""
+    import json
+
+    from .watch import select
+
+    (entry,) = select(project.state_file.load(), (name,)).values()
+    echo(json.dumps(entry.model_dump(mode="json"), indent=2, sort_keys=True))
+
+
+@state_group.command("rm")
+@common_options
+@lock_timeout_option
+@click.argument("name")
+def state_rm(project, name) -> None:
+    """Stop tracking NAME: remove its entry from the state. Its batch is left alone on the server."""
+    from .state import StateLock, command_line
+    from .watch import select
+
+    with StateLock(project.state_path, command_line(), project.lock_timeout):
+        state = project.state_file.load()
+        select(state, (name,))
+        entry = state.entries.pop(name)
+        project.state_file.save(state)
+    batch = f"batch {entry.batch.id} ({entry.batch.status}) was not touched on the server" if entry.batch \
+        else "it had no batch"
+    echo(f"Removed {name} from the state; {batch}. The previous state is in {project.state_file.backup.name}.")
 
 
 def main(argv: list[str] | None = None) -> None:

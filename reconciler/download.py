@@ -1,0 +1,194 @@
+"""Download: each finished batch's output and error files, written to disk once.
+
+Where: the spec's `output:` / `errors:` paths (relative to the repo root, and kept
+inside it), else `<results>/<name>/output.jsonl` and `<results>/<name>/errors.jsonl`.
+Each file is streamed to a temp file and renamed into place (api.download_file), and
+recorded in a small manifest (`<results>/.batchplan-downloads.json`: file id, size,
+sha256 per destination), so a second run skips files already on disk intact without
+sending a single request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .api import Api
+from .errors import BatchplanError, ConfigError, NotFound
+from .spec import LoadedSpec
+from .state import BatchRecord
+
+MANIFEST = ".batchplan-downloads.json"
+KINDS = (("output", "output_file_id", "output.jsonl"), ("errors", "error_file_id", "errors.jsonl"))
+
+
+@dataclass(frozen=True)
+class Target:
+    """One file to fetch: a batch's output or error file, and where it goes."""
+
+    name: str
+    kind: str          # "output" or "errors"
+    file_id: str
+    dest: Path
+    rel: str           # dest relative to the repo root, for messages and the manifest
+
+
+@dataclass
+class Report:
+    written: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+
+
+def destinations(specs: list[LoadedSpec], names: list[str], root: Path, results: Path) -> dict[str, dict[str, Path]]:
+    """name -> {"output": path, "errors": path}; spec paths are repo-relative and must stay in the repo."""
+    by_name = {s.spec.name: s for s in specs}
+    out: dict[str, dict[str, Path]] = {}
+    for name in names:
+        loaded = by_name.get(name)
+        out[name] = {}
+        for kind, _, default in KINDS:
+            raw = getattr(loaded.spec, kind) if loaded else None
+            out[name][kind] = _inside(root, raw, loaded, kind) if raw else results / name / default
+    _ensure_distinct(out, root)
+    return out
+
+
+def _inside(root: Path, raw: str, loaded: LoadedSpec, kind: str) -> Path:
+    path = (root / raw).resolve()
+    if not path.is_relative_to(root.resolve()):
+        where = f"{loaded.source.file}:{loaded.source.line((kind,)) or '?'}: {kind}"
+        raise ConfigError(f"{where}: {raw!r} resolves to {path}, outside the repository; download writes only "
+                          "inside the repository (paths are relative to the repo root)")
+    return path
+
+
+def _ensure_distinct(out: dict[str, dict[str, Path]], root: Path) -> None:
+    seen: dict[Path, str] = {}
+    for name, paths in out.items():
+        for kind, path in paths.items():
+            if path in seen:
+                raise ConfigError(f"{name} {kind} and {seen[path]} would both be written to "
+                                  f"{_rel(path, root)}; give them different output:/errors: paths")
+            seen[path] = f"{name} {kind}"
+
+
+def targets(records: dict[str, BatchRecord | None], dests: dict[str, dict[str, Path]],
+            root: Path) -> tuple[list[Target], list[str]]:
+    """The files to fetch for each named batch, and a note for each batch with nothing to fetch."""
+    found, notes = [], []
+    for name, rec in records.items():
+        if rec is None:
+            notes.append(f"{name}: no batch (an interrupted apply); nothing to download")
+            continue
+        if not rec.terminal:
+            notes.append(f"{name}: batch {rec.id} is {rec.status}; skipped (run `batchplan wait {name}` first)")
+            continue
+        for kind, key, _ in KINDS:
+            file_id = getattr(rec, key)
+            if file_id:
+                found.append(Target(name, kind, file_id, dests[name][kind], _rel(dests[name][kind], root)))
+        notes += _missing_files(name, rec)
+    return found, notes
+
+
+def _missing_files(name: str, rec: BatchRecord) -> list[str]:
+    counts = rec.request_counts or {}
+    if not rec.output_file_id and not rec.error_file_id:
+        codes = ", ".join(sorted({e.get("code") or "?" for e in rec.errors or []}))
+        return [f"{name}: batch {rec.id} is {rec.status}{f' ({codes})' if codes else ''} and has no result files"]
+    if not rec.output_file_id:
+        return [f"{name}: batch {rec.id} has no output file: none of its {counts.get('total', 0)} requests "
+                "succeeded; see its errors file"]
+    return []
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return str(path.relative_to(root.resolve()))
+    except ValueError:
+        return str(path)
+
+
+class Manifest:
+    """What was downloaded where: rel path -> {file_id, bytes, sha256, mtime_ns}."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            self.files: dict[str, dict] = data["files"] if isinstance(data.get("files"), dict) else {}
+        except (OSError, ValueError, AttributeError, KeyError):
+            self.files = {}  # a lost or damaged manifest only costs a download again
+
+    def intact(self, target: Target) -> bool:
+        """Whether `target.dest` already holds exactly `target.file_id` as downloaded."""
+        known = self.files.get(target.rel)
+        if not known or known.get("file_id") != target.file_id:
+            return False
+        try:
+            stat = target.dest.stat()
+        except OSError:
+            return False
+        if stat.st_size != known.get("bytes"):
+            return False
+        return stat.st_mtime_ns == known.get("mtime_ns") or _sha256(target.dest) == known.get("sha256")
+
+    def add(self, target: Target, size: int) -> None:
+        self.files[target.rel] = {"file_id": target.file_id, "bytes": size, "sha256": _sha256(target.dest),
+                                  "mtime_ns": target.dest.stat().st_mtime_ns}
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"format_version": 1, "files": self.files}, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, self.path)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def pending(wanted: list[Target], manifest: Manifest, report: Report) -> list[Target]:
+    """The targets not already on disk intact (those are noted in `report` as skipped)."""
+    todo = []
+    for target in wanted:
+        if manifest.intact(target):
+            report.skipped.append(f"{target.name}: {target.rel} already downloaded ({target.file_id})")
+        else:
+            todo.append(target)
+    return todo
+
+
+async def fetch(api: Api, todo: list[Target], manifest: Manifest, report: Report) -> None:
+    """Download each target, concurrently; record each in `report`, and the good ones in `manifest`."""
+    results = await asyncio.gather(*(api.download_file(t.file_id, t.dest) for t in todo), return_exceptions=True)
+    for target, result in zip(todo, results):
+        if isinstance(result, NotFound):
+            report.failed.append(f"{target.name}: the {target.kind} file {target.file_id} is gone from the "
+                                 "server: results expire (30 days, or the spec's output_expires_after); "
+                                 f"nothing was written to {target.rel}")
+        elif isinstance(result, BatchplanError):
+            report.failed.append(f"{target.name}: {target.kind} file {target.file_id}: {result}")
+        elif isinstance(result, BaseException):
+            raise result
+        else:
+            manifest.add(target, result)
+            report.written.append(f"{target.name}: wrote {target.rel} ({_size(result)}, {target.file_id})")
+
+
+def _size(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
