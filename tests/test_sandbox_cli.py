@@ -82,3 +82,21 @@ def test_sandbox_needs_no_key_and_keeps_its_world_apart(repo):
     # a separate invocation sees the same world: nothing left to do
     again = run_cli("plan", "--detailed-exitcode", "-C", str(repo.root), env={**env, "BATCHPLAN_SANDBOX": "1"})
     assert again.code == 0, again.out + again.err
+
+
+def test_the_quickstart_flow_with_no_key(repo):
+    """apply, wait, download in the sandbox: an output line for every request, then nothing to do."""
+    shared = repo.data("shared.jsonl", count=4)
+    repo.spec("alpha", input=shared)
+    repo.spec("beta", input=shared, metadata={"team": "x"})
+    repo.spec("gamma", input=repo.data("gamma.jsonl", count=2, prefix="g"))
+    env = {"OPENAI_API_KEY": None, "NO_COLOR": "1", "BATCHPLAN_SANDBOX_STEP_SECONDS": "0.05"}
+    args = ("--sandbox", "-C", str(repo.root))
+    for command in (("apply", "--auto-approve"), ("wait", "--timeout", "30"), ("download",)):
+        result = run_cli(*command, *args, env=env)
+        assert result.code == 0, f"{command}: {result.out}{result.err}"
+    for name, count in (("alpha", 4), ("beta", 4), ("gamma", 2)):
+        lines = (repo.root / "results" / name / "output.jsonl").read_text().splitlines()
+        assert len(lines) == count
+        assert all(json.loads(line)["response"]["status_code"] == 200 for line in lines)
+    assert run_cli("plan", "--detailed-exitcode", *args, env=env).code == 0
