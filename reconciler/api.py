@@ -17,6 +17,7 @@ import asyncio
 import ipaddress
 import os
 import random
+import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -31,6 +32,21 @@ from .errors import AmbiguousWrite, ApiError, ConfigError, Interrupted, NotFound
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
+
+
+def _import_httpcore_without_trio() -> None:
+    """httpcore imports trio whenever it is installed (0.25 s of start-up); we only run on asyncio."""
+    hide = "trio" not in sys.modules
+    if hide:
+        sys.modules["trio"] = None  # type: ignore[assignment]  # makes `import trio` fail: httpcore skips it
+    try:
+        import httpcore  # noqa: F401
+    finally:
+        if hide:
+            del sys.modules["trio"]
+
+
+_import_httpcore_without_trio()
 
 
 def check_base_url(base_url: str, allow_insecure: bool = False) -> str:

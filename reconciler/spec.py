@@ -32,6 +32,9 @@ MAX_VALUE_LENGTH = 512
 EXPIRY_SECONDS = (3600, 2_592_000)  # 1 hour to 30 days
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 
+# libyaml's loader is about 7x faster than the pure-Python one and just as safe; both give marks.
+SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
 MetadataKey = Annotated[StrictStr, StringConstraints(max_length=MAX_KEY_LENGTH)]
 MetadataValue = Annotated[StrictStr, StringConstraints(max_length=MAX_VALUE_LENGTH)]
 
@@ -124,7 +127,7 @@ class _Document:
 
 
 def _documents(text: str) -> list[_Document]:
-    loader = yaml.SafeLoader(text)
+    loader = SafeLoader(text)
     docs = []
     try:
         while loader.check_node():

@@ -134,7 +134,7 @@ MISTAKES = [
     Mistake("missing input file", lambda r: r.spec("a", input="../data/nope.jsonl"),
             ("specs/a.yaml:2: input: '../data/nope.jsonl' does not exist (looked for data/nope.jsonl",)),
     Mistake("YAML syntax error", lambda r: _yaml(r, "a.yaml", "name: a\nendpoint: [oops\ninput: x\n"),
-            ("specs/a.yaml:3: YAML syntax error: expected ',' or ']'", "flow sequence that starts on line 2")),
+            ("specs/a.yaml:3: YAML syntax error: ", "expected ',' or ']'", "flow sequence that starts on line 2")),
     Mistake("not a mapping", lambda r: _yaml(r, "a.yaml", "- name: a\n"),
             ("specs/a.yaml:1: document 1 must be a mapping of fields",)),
     # -- security ------------------------------------------------------------------------
