@@ -365,14 +365,32 @@ def status_cmd(project, names, as_json) -> int:
     return 0
 
 
+def _wait_and_record(project, entries, interval, timeout):
+    """Poll until `entries` have finished (or time runs out), then record what was seen in the state."""
+    from .errors import LockError
+    from .watch import LineDisplay, ProgressDisplay, wait
+
+    display = ProgressDisplay(list(entries)) if _stdout_is_terminal() else LineDisplay(echo)
+    try:
+        result = _with_api(project, lambda api: wait(api, entries, display, interval=interval, timeout=timeout))
+    finally:
+        display.close()
+    try:
+        _record(project, result.snapshot)
+    except LockError as exc:
+        echo(f"Note: the final statuses were not recorded in the state ({exc}); "
+             "`batchplan refresh` records them later.", err=True)
+    return result
+
+
 @cli.command("wait")
 @common_options
 @lock_timeout_option
 @names_argument
 @click.option("--timeout", type=click.FloatRange(0), default=None, metavar="SECONDS",
               help="Give up after SECONDS, exit 1 [default: no limit].")
-@click.option("--interval", type=click.FloatRange(0.01), default=15.0, show_default=True, metavar="SECONDS",
-              help="Seconds between polls.")
+@click.option("--interval", type=click.FloatRange(0.01), default=None, metavar="SECONDS",
+              help="Seconds between polls [default: 15; 1 with --sandbox].")
 def wait_cmd(project, names, timeout, interval) -> int:
     """Poll until every batch in the state (or the NAMEs) has finished.
 
@@ -380,26 +398,15 @@ def wait_cmd(project, names, timeout, interval) -> int:
     completed; 1 when any failed, expired or was cancelled, or the timeout passed. The
     final statuses are recorded in the state (under the state lock).
     """
-    from .errors import LockError
-    from .watch import LineDisplay, ProgressDisplay, WaitResult, running, select, wait
+    from .watch import WaitResult, running, select
 
     entries = select(project.state_file.load(), names)
     if not entries:
         echo("Nothing to wait for: the state has no batches.")
         return 0
-    if running(entries):
-        display = ProgressDisplay(list(entries)) if _stdout_is_terminal() else LineDisplay(echo)
-        try:
-            result = _with_api(project, lambda api: wait(api, entries, display, interval=interval, timeout=timeout))
-        finally:
-            display.close()
-        try:
-            _record(project, result.snapshot)
-        except LockError as exc:
-            echo(f"Note: the final statuses were not recorded in the state ({exc}); "
-                 "`batchplan refresh` records them later.", err=True)
-    else:
-        result = WaitResult(_look(project, entries), timed_out=False)
+    interval = interval or (1.0 if project.sandbox else 15.0)
+    result = _wait_and_record(project, entries, interval, timeout) if running(entries) else \
+        WaitResult(_look(project, entries), timed_out=False)
     problems = result.problems(list(entries))
     if not problems:
         echo(f"All {len(entries)} batch(es) completed.")
@@ -451,7 +458,7 @@ def download_cmd(project, names) -> int:
     skipped without asking the server; batches still running are skipped with a note.
     Exit 1 when a file could not be downloaded (e.g. it expired on the server).
     """
-    from .download import MANIFEST, Manifest, Report, destinations, fetch, pending, targets
+    from .download import MANIFEST, Manifest, Report, destinations, fetch, leftovers, pending, targets
     from .errors import ValidationFailed
     from .spec import load_specs
     from .watch import select
@@ -462,8 +469,10 @@ def download_cmd(project, names) -> int:
         raise ValidationFailed(problems)
     dests = destinations(specs, list(entries), project.root, project.results_dir)
     snapshot = _look(project, entries)
-    wanted, notes = targets({n: snapshot.records.get(n) for n in entries}, dests, project.root)
-    manifest, report = Manifest(project.results_dir / MANIFEST), Report(notes=notes)
+    records = {n: snapshot.records.get(n) for n in entries}
+    wanted, notes = targets(records, dests, project.root)
+    manifest = Manifest(project.results_dir / MANIFEST)
+    report = Report(notes=notes + leftovers(records, dests, project.root, manifest))
     todo = pending(wanted, manifest, report)
     try:
         if todo:

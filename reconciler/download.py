@@ -158,6 +158,22 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def leftovers(records: dict[str, BatchRecord | None], dests: dict[str, dict[str, Path]], root: Path,
+              manifest: Manifest) -> list[str]:
+    """Notes for files on disk from an earlier batch, where the current batch has no such file."""
+    notes = []
+    for name, rec in records.items():
+        if rec is None or not rec.terminal:
+            continue
+        for kind, key, _ in KINDS:
+            rel = _rel(dests[name][kind], root)
+            earlier = manifest.files.get(rel, {}).get("file_id")
+            if not getattr(rec, key) and earlier and dests[name][kind].exists():
+                notes.append(f"{name}: {rel} is from an earlier batch ({earlier}); batch {rec.id} has no "
+                             f"{kind} file, so it was left as it is")
+    return notes
+
+
 def pending(wanted: list[Target], manifest: Manifest, report: Report) -> list[Target]:
     """The targets not already on disk intact (those are noted in `report` as skipped)."""
     todo = []

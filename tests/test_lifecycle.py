@@ -16,7 +16,7 @@ import pytest
 from rich.console import Console
 
 from reconciler.sandbox import Timing
-from reconciler.state import BatchRecord
+from reconciler.state import BatchRecord, StateLock
 from reconciler.watch import ProgressDisplay, Snapshot
 from tests.helpers import ENDPOINT, request_line, run_cli, write_jsonl
 
@@ -116,6 +116,18 @@ def test_wait_returns_0_once_every_batch_completed_and_not_before(repo, emulator
     assert "a: completed, 3/3 requests completed" in result.out
     recorded = repo.state()["entries"]
     assert {n: recorded[n]["batch"]["status"] for n in ids} == {"a": "completed", "b": "completed"}
+
+
+def test_wait_that_cannot_take_the_state_lock_still_reports_and_says_so(repo, emulator_server, api_env):
+    repo.spec("a")
+    applied(repo, api_env)
+    before = repo.state_path.read_bytes()
+    with StateLock(repo.state_path, "another batchplan"):
+        result = cli(repo, api_env, "wait", "--interval", "0.05", "--timeout", "10")
+    assert result.code == 0 and "All 1 batch(es) completed." in result.out
+    assert "Note: the final statuses were not recorded in the state" in result.err
+    assert "locked by pid" in result.err and "`batchplan refresh` records them later" in result.err
+    assert repo.state_path.read_bytes() == before
 
 
 def test_wait_exits_1_naming_a_batch_that_expired(repo, emulator_server_factory, env_for):
@@ -229,6 +241,14 @@ def test_download_writes_a_line_for_every_request_then_skips(repo, emulator_serv
     third = cli(repo, env, "download", "a")
     assert "Downloaded 1 file(s); 1 already there." in third.out
     assert (repo.root / "results/a/output.jsonl").read_text().splitlines() == out_lines
+
+    server.emulator.fail_rate = 0.0  # the replacement batch has no error file
+    applied(repo, env, "--replace", "a")
+    wait_all(repo, env)
+    after = cli(repo, env, "download")
+    assert "Downloaded 1 file(s); 0 already there." in after.out
+    assert "a: results/a/errors.jsonl is from an earlier batch (file-" in after.out
+    assert len((repo.root / "results/a/output.jsonl").read_text().splitlines()) == 20
 
 
 def test_download_to_the_spec_paths_and_skips_running_batches(repo, emulator_server_factory, env_for):
