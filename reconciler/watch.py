@@ -174,9 +174,6 @@ class WaitResult:
     snapshot: Snapshot
     timed_out: bool
 
-    def finished(self) -> bool:
-        return all(r.terminal for r in self.snapshot.records.values())
-
     def problems(self, names: list[str]) -> list[str]:
         """One sentence per batch that did not complete, for the final message."""
         out = []
@@ -205,7 +202,7 @@ async def wait(api: Api, entries: dict[str, Entry], display: Display, *, interva
                timeout: float | None, clock: Callable[[], float] = time.monotonic) -> WaitResult:
     """Poll until every batch in `entries` is finished (or gone), or `timeout` seconds pass."""
     deadline = None if timeout is None else clock() + timeout
-    current = {n: e for n, e in entries.items()}
+    current = dict(entries)
     while True:
         snapshot = await look(api, current)
         display.show(snapshot)
