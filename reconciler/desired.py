@@ -87,7 +87,7 @@ def _resolve(loaded: LoadedSpec, repo_root: Path, cache: HashCache,
         path, problem = resolve_input(loaded, repo_root)
         if problem:
             return None, [problem]
-        rel_input = str(path.relative_to(repo_root.resolve()))
+        rel_input = str(path.relative_to(repo_root))
         key = (rel_input, spec.endpoint)
         seen = key in scanned  # a file shared by two specs is scanned and reported once
         if not seen:
@@ -110,6 +110,7 @@ def _resolve(loaded: LoadedSpec, repo_root: Path, cache: HashCache,
 
 def load_desired(specs_dir: Path, repo_root: Path, cache: HashCache) -> list[Desired]:
     """Every spec, validated with its input file; raises ValidationFailed listing all problems."""
+    repo_root = repo_root.resolve()
     loaded, problems = load_specs(specs_dir, repo_root)
     scanned: dict = {}
     desired = []

@@ -45,11 +45,12 @@ def _scan_floor(state: State | None, stale: list[tuple[str, int]], search: set[s
     """The oldest created_at the list walk must reach; None means the whole account."""
     if state is None:
         return None
-    floors = [created for _, created in stale]
-    if search:
-        floors += [e.intent.at for n, e in state.entries.items() if n in search and e.intent]
-        floors.append(state.scan_floor if state.scan_floor is not None else state.created_at)
-    return min(floors) - CLOCK_MARGIN if floors else None
+    floors = [created for _, created in stale]  # the server's own clock: no margin needed
+    if search:  # our clock: reach a little further back, in case the two clocks differ
+        ours = [e.intent.at for n, e in state.entries.items() if n in search and e.intent]
+        ours.append(state.scan_floor if state.scan_floor is not None else state.created_at)
+        floors += [at - CLOCK_MARGIN for at in ours]
+    return min(floors) if floors else None
 
 
 async def refresh(api: Api, desired: list[Desired], state: State | None, *, parallelism: int,
@@ -62,7 +63,8 @@ async def refresh(api: Api, desired: list[Desired], state: State | None, *, para
         return RemoteView()
     if search or full_scan or len(stale) > parallelism:
         floor = None if full_scan else _scan_floor(state, stale, search)
-        batches, tagged = await _walk(api, floor)
+        enough = None if search or full_scan else {bid for bid, _ in stale}
+        batches, tagged = await _walk(api, floor, enough)
         unseen = [bid for bid, _ in stale if bid not in batches]
     else:
         batches, tagged, unseen = {}, {}, [bid for bid, _ in stale]
@@ -73,17 +75,24 @@ async def refresh(api: Api, desired: list[Desired], state: State | None, *, para
                       missing=frozenset(missing), tagged=tagged)
 
 
-async def _walk(api: Api, floor: int | None) -> tuple[dict[str, dict], dict[str, list[dict]]]:
-    """List batches newest first down to `floor`; every batch seen, and the tagged ones by name."""
+async def _walk(api: Api, floor: int | None,
+                enough: set[str] | None = None) -> tuple[dict[str, dict], dict[str, list[dict]]]:
+    """List batches newest first down to `floor`, or until every id in `enough` was seen;
+    every batch seen, and the tagged ones by name."""
     batches: dict[str, dict] = {}
     tagged: dict[str, list[dict]] = {}
+    missing = set(enough) if enough is not None else None
     async for batch in api.iter_batches():
         if floor is not None and batch.get("created_at", 0) < floor:
             break
+        if missing is not None:
+            missing.discard(batch["id"])
         batches[batch["id"]] = batch
         name = (batch.get("metadata") or {}).get(TAG_NAME)
         if name:
             tagged.setdefault(name, []).append(batch)
+        if missing is not None and not missing:
+            break
     return batches, tagged
 
 

@@ -295,6 +295,7 @@ def find_spec_files(specs_dir: Path) -> list[Path]:
 
 def load_specs(specs_dir: Path, repo_root: Path) -> tuple[list[LoadedSpec], list[Problem]]:
     """All specs under specs_dir, sorted by name, with duplicate names reported."""
+    repo_root = repo_root.resolve()
     specs: list[LoadedSpec] = []
     problems: list[Problem] = []
     if not specs_dir.is_dir():
@@ -318,11 +319,14 @@ def load_specs(specs_dir: Path, repo_root: Path) -> tuple[list[LoadedSpec], list
 
 
 def resolve_input(loaded: LoadedSpec, repo_root: Path) -> tuple[Path | None, Problem | None]:
-    """The input file's real path, refused when it leaves the repo (symlinks included)."""
+    """The input file's real path, refused when it leaves the repo (symlinks included).
+
+    `repo_root` must be resolved already (the caller resolves it once for all specs).
+    """
     raw = loaded.spec.input
     assert raw is not None
     path = (loaded.source.path.parent / raw).resolve()
-    root = repo_root.resolve()
+    root = repo_root
     if not path.is_relative_to(root):
         return None, loaded.source.problem(
             f"{raw!r} resolves to {path}, outside the repository {root}; batchplan only uploads files "
@@ -336,7 +340,7 @@ def resolve_input(loaded: LoadedSpec, repo_root: Path) -> tuple[Path | None, Pro
 
 
 def _relative(path: Path, root: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(root.resolve()))
-    except ValueError:
-        return str(path)
+    """`path` as shown to users: relative to the (resolved) repo root when it is inside it."""
+    if not path.is_relative_to(root):
+        path = path.resolve()  # only when needed: resolving costs a stat per path component
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
