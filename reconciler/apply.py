@@ -204,6 +204,10 @@ class Applier:
         """Seconds a create sent without an answer may still take to land: the client's timeout, capped."""
         return min(self.api.timeout, SETTLE_MAX)
 
+    def _landed_by(self, intent: Intent) -> float:
+        """When a create sent under this intent has surely landed (`at` is in whole seconds)."""
+        return intent.at + 1 + self._settle()
+
     async def _record_intents(self, creates: list[Change]) -> list[Change]:
         """Intent before action: record every create in one atomic write; return those still to make.
 
@@ -222,7 +226,7 @@ class Applier:
             earlier = entry.intent if entry.intent and entry.intent.spec_hash == want.spec_hash else None
             if entry.intent is None:
                 self._fresh.add(want.name)
-            if earlier and now - earlier.at <= self._settle():
+            if earlier and self._landed_by(earlier) > time.time():
                 recent.append(change)
             # an earlier intent keeps its time: the look for its batch must reach back that far
             entry.intent = Intent(spec_hash=want.spec_hash, fields=want.fields(), tags=want.tags(),
@@ -230,7 +234,7 @@ class Applier:
         self._save()
         if not recent:
             return creates
-        landed_by = max(self.state.entries[c.name].intent.at for c in recent) + 1 + self._settle()  # type: ignore[union-attr]
+        landed_by = max(self._landed_by(self.state.entries[c.name].intent) for c in recent)  # type: ignore[arg-type]
         wait = max(0.0, landed_by - time.time())
         for change in recent:
             self.report(change.name, f"an apply stopped moments ago may have sent this create; "

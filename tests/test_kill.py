@@ -1,0 +1,103 @@
+"""SIGKILL `batchplan apply` at every point of a run; re-running apply must converge.
+
+A clean run first counts the requests a full apply makes (N). Then, each time on a
+fresh server and a fresh repo, apply runs as a separate process and is killed with
+SIGKILL as soon as the server has logged its k-th request (k = 1..N: the next request
+is usually in flight, and lands after its client is dead), while an upload or a create
+is stalled on the server (it lands while the next apply already runs), and at a few
+random times.
+After each kill, apply is re-run until it succeeds; then the server must hold exactly
+one batch per spec and each input uploaded once, the state must name those batches,
+and `plan --detailed-exitcode` must find nothing to do.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import time
+
+from reconciler.sandbox import Fault
+from tests.helpers import Repo, spawn_cli
+from tests.test_reliability import KEY, apply, assert_converged, make_repo, uploads_by_name, wait_for
+
+SETTINGS = "timeout: 0.5\nmax_retries: 2\n"  # a short timeout keeps the settling waits short
+SPECS = 5  # s0 and s1 share one input: 4 uploads, 5 creates
+LATENCY = 0.03
+RANDOM_KILLS = 4
+STALLED = [("/v1/files", 2), ("/v1/batches", 1), ("/v1/batches", 3), ("/v1/batches", 5)]  # (path, nth)
+
+
+def start(tmp_path, make_server, label: str):
+    server = make_server(latency=LATENCY)
+    env = {"OPENAI_BASE_URL": server.url, "OPENAI_API_KEY": KEY, "NO_COLOR": "1"}
+    repo = Repo(tmp_path / label)
+    names = make_repo(repo, SPECS, settings=SETTINGS, shared=1)
+    return repo, server, env, names
+
+
+def spawn_apply(repo: Repo, env: dict, *extra: str):
+    return spawn_cli("apply", "--auto-approve", "-C", str(repo.root), *extra, env=env)
+
+
+def converge(repo: Repo, server, env: dict, names: list[str], settled: bool = True) -> None:
+    if settled:
+        server.wait_idle()
+    for _ in range(3):
+        result = apply(repo, env)
+        if result.code == 0:
+            break
+    assert result.code == 0, result.out + result.err
+    assert_converged(repo, server, env, names)
+    uploads = uploads_by_name(server)
+    assert len(uploads) == SPECS - 1 and set(uploads.values()) == {1}, uploads
+
+
+def kill(proc) -> bool:
+    """SIGKILL it; True when it was still running (a kill point really covered)."""
+    proc.kill()
+    proc.communicate()
+    return proc.returncode == -signal.SIGKILL
+
+
+def test_sigkill_at_every_request_and_at_random_times(tmp_path, emulator_server_factory, record_property):
+    started = time.monotonic()
+    repo, server, env, names = start(tmp_path, emulator_server_factory, "clean")
+    clean = spawn_apply(repo, env, "--parallelism", "1")
+    out, err = clean.communicate(timeout=30)
+    assert clean.returncode == 0, out + err
+    full = len(server.requests)
+    assert full == 1 + 1 + (SPECS - 1) + SPECS  # list batches, list files, uploads, creates
+
+    covered = []
+    for k in range(1, full + 1):
+        repo, server, env, names = start(tmp_path, emulator_server_factory, f"k{k}")
+        proc = spawn_apply(repo, env, "--parallelism", "1")
+        wait_for(lambda: len(server.requests) >= k or proc.poll() is not None)
+        if kill(proc):
+            covered.append(f"after request {k}")
+        converge(repo, server, env, names)
+
+    for path, nth in STALLED:
+        repo, server, env, names = start(tmp_path, emulator_server_factory, f"stalled{path[4:]}{nth}")
+        server.add_fault(Fault(action="stall", method="POST", path_regex=f"^{path}$", nth=nth, seconds=0.3))
+        proc = spawn_apply(repo, env, "--parallelism", "1")
+        wait_for(lambda: server.fault_status()[0]["fired"] or proc.poll() is not None)
+        if kill(proc):
+            covered.append(f"POST {path} #{nth} in flight")
+        converge(repo, server, env, names, settled=False)  # re-run while it is still on its way
+
+    rng = random.Random(4)
+    for i in range(RANDOM_KILLS):
+        repo, server, env, names = start(tmp_path, emulator_server_factory, f"random{i}")
+        proc = spawn_apply(repo, env)  # full parallelism: several requests in flight at once
+        wait_for(lambda: len(server.requests) >= 1 or proc.poll() is not None)
+        time.sleep(rng.uniform(0, LATENCY * 6))
+        if kill(proc):
+            covered.append(f"random {i}")
+        converge(repo, server, env, names)
+
+    record_property("kill_points", len(covered))
+    print(f"\n{len(covered)} kill points covered: {', '.join(covered)}")
+    assert len(covered) >= full - 1 + len(STALLED) + RANDOM_KILLS - 1
+    assert time.monotonic() - started < 60
