@@ -62,6 +62,7 @@ class Applier:
         self._last_save = 0.0
         self._fresh: set[str] = set()  # names whose intent this apply recorded, with none before it
         self._maybe_sent: set[str] = set()  # names with a create whose answer was lost
+        self._held: dict[str, dict] = {}  # replacements recorded once their old batch is cancelled
 
     # -- the table of contents -----------------------------------------------------------
 
@@ -114,19 +115,32 @@ class Applier:
         return entry
 
     def _record_batch(self, change: Change, batch: dict, verb: str | None = None) -> None:
+        """Record a batch made (or found) for a change.
+
+        A replacement whose old batch is still running is held back until that batch is
+        cancelled: a state that named the new batch would plan nothing more, and the old one
+        would run on. Until then the intent stands for it, and the next apply finds it by its
+        tags and cancels again.
+        """
+        verb = verb or {Action.ADOPT: "adopted", Action.REPLACE: "replaced by"}.get(change.action, "created")
+        self._done(change.name, f"{verb} {batch['id']}")
+        if change.cancels_old:
+            self._held[change.name] = batch
+        else:
+            self._write_batch(change, batch)
+
+    def _write_batch(self, change: Change, batch: dict, old_status: str | None = None) -> None:
         want = change.desired
         assert want is not None
         entry = self._entry_for(want)
         old = entry.batch
         if old and old.id != batch["id"]:
-            entry.history.append(HistoryItem(batch_id=old.id, spec_hash=entry.spec_hash, status=old.status,
-                                             replaced_at=int(time.time())))
+            entry.history.append(HistoryItem(batch_id=old.id, spec_hash=entry.spec_hash,
+                                             status=old_status or old.status, replaced_at=int(time.time())))
         # fields stay exactly the desired ones (the uploaded file id is on the batch record),
         # so the next plan's diff shows only what the user changed
         entry.spec_hash, entry.fields, entry.prevent_cancel = want.spec_hash, want.fields(), want.prevent_cancel
         entry.batch, entry.intent = BatchRecord.from_api(batch), None
-        verb = verb or {Action.ADOPT: "adopted", Action.REPLACE: "replaced by"}.get(change.action, "created")
-        self._done(change.name, f"{verb} {batch['id']}")
 
     def _done(self, name: str, text: str) -> None:
         self.result.done[name] = text
@@ -359,9 +373,7 @@ class Applier:
             self.state.entries.pop(change.name, None)
             self._done(change.name, f"cancelled {batch_id} ({status})")
         else:
-            entry = self.state.entries[change.name]
-            entry.history = [h.model_copy(update={"status": status}) if h.batch_id == batch_id else h
-                             for h in entry.history]
+            self._write_batch(change, self._held.pop(change.name), old_status=status)
             self.report(change.name, f"cancelled old batch {batch_id} ({status})")
         self._maybe_save()
 

@@ -18,8 +18,9 @@ import signal
 import time
 
 from reconciler.sandbox import Fault
-from tests.helpers import Repo, spawn_cli
-from tests.test_reliability import KEY, apply, assert_converged, make_repo, uploads_by_name, wait_for
+from tests.helpers import Repo, run_cli, spawn_cli
+from tests.test_reliability import (KEY, apply, assert_converged, batches_by_name, make_repo, state_ids,
+                                    uploads_by_name, wait_for)
 
 SETTINGS = "timeout: 0.5\nmax_retries: 2\n"  # a short timeout keeps the settling waits short
 SPECS = 5  # s0 and s1 share one input: 4 uploads, 5 creates
@@ -101,3 +102,51 @@ def test_sigkill_at_every_request_and_at_random_times(tmp_path, emulator_server_
     print(f"\n{len(covered)} kill points covered: {', '.join(covered)}")
     assert len(covered) >= full - 1 + len(STALLED) + RANDOM_KILLS - 1
     assert time.monotonic() - started < 60
+
+
+def test_sigkill_at_every_request_of_a_replace(tmp_path, emulator_server_factory, record_property):
+    """Replacing running batches: the new batch made once, the old one cancelled, whatever the kill."""
+    from reconciler.sandbox import Timing
+
+    def start_replace(label: str):
+        server = emulator_server_factory(latency=LATENCY, timing=Timing.uniform(60))  # batches stay running
+        env = {"OPENAI_BASE_URL": server.url, "OPENAI_API_KEY": KEY, "NO_COLOR": "1"}
+        repo = Repo(tmp_path / label)
+        names = make_repo(repo, 2, settings=SETTINGS)
+        assert apply(repo, env).code == 0
+        old = {n: ids[0] for n, ids in batches_by_name(server).items()}
+        for name in names:
+            repo.spec(name, metadata={"team": "ml"}, input=f"../data/{name}.jsonl")
+        server.reset_log()
+        return repo, server, env, old
+
+    repo, server, env, old = start_replace("clean")
+    clean = spawn_apply(repo, env, "--parallelism", "1")
+    out, err = clean.communicate(timeout=30)
+    assert clean.returncode == 0, out + err
+    full = len(server.requests)
+    assert [r.method for r in server.requests].count("POST") == 4  # two creates, two cancels
+
+    covered = 0
+    for k in range(1, full + 1):
+        repo, server, env, old = start_replace(f"k{k}")
+        proc = spawn_apply(repo, env, "--parallelism", "1")
+        wait_for(lambda: len(server.requests) >= k or proc.poll() is not None)
+        covered += kill(proc)
+        server.wait_idle()
+        for _ in range(3):
+            result = apply(repo, env)
+            if result.code == 0:
+                break
+        assert result.code == 0, result.out + result.err
+        server.wait_idle()
+        named = batches_by_name(server)
+        new = {n: [b for b in ids if b != old[n]] for n, ids in named.items()}
+        assert {n: len(ids) for n, ids in new.items()} == {n: 1 for n in old}, named
+        assert state_ids(repo) == {n: ids[0] for n, ids in new.items()}
+        assert all(server.emulator.get_batch(b)["status"] in ("cancelling", "cancelled") for b in old.values())
+        assert run_cli("plan", "--detailed-exitcode", "-C", str(repo.root), env=env).code == 0
+
+    record_property("kill_points", covered)
+    print(f"\n{covered} kill points covered in a replace of {len(old)} running batches")
+    assert covered >= full - 1

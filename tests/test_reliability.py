@@ -491,3 +491,31 @@ def test_which_base_urls_may_carry_the_key():
         assert check_base_url(url, allow_insecure=True) == url
     with pytest.raises(ConfigError, match="not an http"):
         check_base_url("ftp://127.0.0.1/v1")
+
+
+# --- a replace stopped between making the new batch and cancelling the old one ---------------
+
+
+def test_a_replace_whose_cancel_failed_cancels_on_the_next_apply(repo, emulator_server_factory):
+    from reconciler.sandbox import Timing
+
+    server = emulator_server_factory(timing=Timing.uniform(30))  # batches stay running
+    env = {"OPENAI_BASE_URL": server.url, "OPENAI_API_KEY": KEY, "NO_COLOR": "1"}
+    make_repo(repo, 1)
+    assert apply(repo, env).code == 0
+    (old,) = batches_by_name(server)["s0"]
+    repo.spec("s0", metadata={"team": "ml"}, input="../data/s0.jsonl")
+    server.add_fault(Fault(action="reject", method="POST", path_regex=r"/cancel$", status=500, times=None))
+    failed = apply(repo, env)
+    assert failed.code == 1 and "server answered 500" in failed.out + failed.err
+    assert server.emulator.get_batch(old)["status"] == "validating"
+
+    server.clear_faults()
+    result = apply(repo, env)
+    assert result.code == 0, result.out + result.err
+    assert server.emulator.get_batch(old)["status"] in ("cancelling", "cancelled")
+    new = [b for b in batches_by_name(server)["s0"] if b != old]
+    assert len(new) == 1 and state_ids(repo) == {"s0": new[0]}
+    assert [h["batch_id"] for h in repo.state()["entries"]["s0"]["history"]] == [old]
+    check = run_cli("plan", "--detailed-exitcode", "-C", str(repo.root), env=env)
+    assert check.code == 0, check.out
