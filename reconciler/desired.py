@@ -7,6 +7,7 @@ raises ValidationFailed listing every problem, before any network is touched.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -47,7 +48,7 @@ class Desired:
             "input_file_id": self.input_file_id,
         }
 
-    @property
+    @functools.cached_property  # asked for several times per spec by plan and apply
     def spec_hash(self) -> str:
         return spec_hash(self.fields())
 
