@@ -208,11 +208,18 @@ class Applier:
         """The file an upload without an answer made, if it landed (looking twice: see _adopt_lost)."""
         found = (await self._uploaded_files()).get(sha)
         if found is None and not self.stopping.is_set():
-            await asyncio.sleep(self._settle())
+            await self._wait(self._settle())
             found = (await self._uploaded_files()).get(sha)
         return found
 
     # -- creates -------------------------------------------------------------------------
+
+    async def _wait(self, seconds: float) -> None:
+        """Sleep, but wake at once when apply is stopping (a second Ctrl-C is not needed)."""
+        try:
+            await asyncio.wait_for(self.stopping.wait(), timeout=seconds)
+        except asyncio.TimeoutError:
+            pass
 
     def _settle(self) -> float:
         """Seconds a create sent without an answer may still take to land: the client's timeout, capped."""
@@ -253,7 +260,7 @@ class Applier:
         for change in recent:
             self.report(change.name, f"an apply stopped moments ago may have sent this create; "
                                      f"looking for it in {wait:.1f}s before creating")
-        await asyncio.sleep(wait)
+        await self._wait(wait)
         absent = await self._look_for(recent)
         self._save()
         return [c for c in creates if c not in recent or c in absent]
@@ -325,7 +332,7 @@ class Applier:
             for change in absent:
                 self.report(change.name, f"create got no answer and is not on the server yet; "
                                          f"looking again in {self._settle():g}s before sending it again")
-            await asyncio.sleep(self._settle())
+            await self._wait(self._settle())
             absent = await self._look_for(absent)
         self._save()
         return absent

@@ -210,7 +210,9 @@ class StateLock:
             raise LockError(self._held_message()) from None
         note = {"id": str(uuid.uuid4()), "pid": os.getpid(), "host": socket.gethostname(),
                 "command": self.command, "since": _now_iso()}
-        self.info_path.write_text(json.dumps(note, sort_keys=True))
+        tmp = self.info_path.with_name(f".{self.info_path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(note, sort_keys=True))
+        os.replace(tmp, self.info_path)  # atomic: a loser reading it never sees half a note
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -236,13 +236,18 @@ def test_retries_are_bounded_and_the_last_error_is_shown(repo, emulator_server, 
     assert time.monotonic() - started < 5
 
 
-def test_a_cancel_is_retried_on_5xx(repo, emulator_server_factory):
+def test_a_read_and_a_cancel_are_retried_on_5xx(repo, emulator_server_factory):
     from reconciler.sandbox import Timing
 
     server = emulator_server_factory(timing=Timing.uniform(30))  # the batch stays running
     env = {"OPENAI_BASE_URL": server.url, "OPENAI_API_KEY": KEY, "NO_COLOR": "1"}
     make_repo(repo, 2)
     assert apply(repo, env).code == 0
+    server.reset_log()
+    server.add_fault(Fault(action="reject", method="GET", path_regex=r"^/v1/batches/batch_", status=502))
+    assert run_cli("plan", "-C", str(repo.root), env=env).code == 0  # refreshes each running batch
+    assert [r.status for r in server.requests].count(502) == 1 and server.count("GET", "/v1/batches/") == 3
+    server.clear_faults()
     repo.remove_spec("s1")
     server.add_fault(Fault(action="reject", method="POST", path_regex=r"/cancel$", status=503))
     result = apply(repo, env)
