@@ -7,7 +7,6 @@ a traceback unless --debug); 2 from `plan --detailed-exitcode` when there are ch
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import os
 import sys
@@ -31,6 +30,13 @@ def colour_on() -> bool:
         return not os.environ.get("NO_COLOR") and sys.stdout.isatty()
     except (AttributeError, ValueError):
         return False
+
+
+def _run(coroutine):
+    """asyncio.run, imported here so that --help and validate do not pay for loading asyncio."""
+    import asyncio
+
+    return asyncio.run(coroutine)
 
 
 def echo(text: str = "", err: bool = False, nl: bool = True) -> None:
@@ -140,7 +146,7 @@ def plan(project, target, replace, scan_all, as_json, fmt, out, detailed_exitcod
         async with project.connect() as api:
             return await _make_plan(project, api, desired, state, target, replace, scan_all)
 
-    the_plan = asyncio.run(run())
+    the_plan = _run(run())
     if out:
         from .planfile import save_plan
 
@@ -211,7 +217,7 @@ def apply(project, target, replace, scan_all, planfile, auto_approve) -> int:
                     _confirm(auto_approve)
                 return await _execute(project, api, state or State(), the_plan)
 
-        return asyncio.run(run())
+        return _run(run())
 
 
 def _report(name: str, text: str) -> None:
@@ -304,7 +310,7 @@ def _with_api(project, work):
     async def run():
         async with project.connect() as api:
             return await work(api)
-    return asyncio.run(run())
+    return _run(run())
 
 
 def _look(project, entries):

@@ -21,10 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import ConfigError
 from .inputs import HashCache
-from .state import StateFile
-
 if TYPE_CHECKING:
     from .api import Api
+    from .state import StateFile
 
 CONFIG_FILE = "batchplan.yaml"
 
@@ -88,6 +87,8 @@ class Project:
 
     @property
     def state_file(self) -> StateFile:
+        from .state import StateFile  # here: `validate` never loads the state models
+
         return StateFile(self.state_path)
 
     @property

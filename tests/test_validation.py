@@ -234,7 +234,9 @@ def test_a_missing_api_key_names_the_variable_and_sends_nothing(command, repo, e
 
 
 def test_validate_needs_no_key_and_no_network(repo):
-    """A separate process whose every socket is refused by an audit hook, with no key set."""
+    """A separate process whose every socket is refused by an audit hook, with no key set.
+
+    It also must not load what only talking to the server needs (start-up time, issue 5)."""
     repo.spec("a")
     repo.spec("b", input=repo.data("b.jsonl", count=5))
     probe = (
@@ -244,10 +246,11 @@ def test_validate_needs_no_key_and_no_network(repo):
         "        raise RuntimeError('validate opened a socket: ' + event)\n"
         "sys.addaudithook(no_network)\n"
         "from reconciler.cli import main\n"
+        "HEAVY = ('httpx', 'deepdiff', 'rich', 'asyncio', 'filelock', 'reconciler.state')\n"
         "try:\n"
         "    main(['validate', '-C', sys.argv[1]])\n"
         "finally:\n"
-        "    print('loaded:', sorted(m for m in ('httpx', 'deepdiff', 'rich') if m in sys.modules))\n"
+        "    print('loaded:', sorted(m for m in HEAVY if m in sys.modules))\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")}
     done = subprocess.run([sys.executable, "-c", probe, str(repo.root)], env={**env, "NO_COLOR": "1"},
