@@ -413,7 +413,9 @@ def test_a_signal_during_apply_saves_what_was_done_and_the_next_apply_converges(
         proc.send_signal(sig)
         time.sleep(0.02)
     out, err = proc.communicate(timeout=20)
-    assert proc.returncode == 130, out + err
+    # a second Ctrl-C that lands after the state was saved may end the process by SIGINT
+    # itself while it exits: a shell shows 130 for that too
+    assert proc.returncode in ((130, -signal.SIGINT) if len(signals) > 1 else (130,)), out + err
     assert "interrupted" in err and "run `batchplan apply` again" in err and "Traceback" not in err
     server.wait_idle()
     recorded = {n: e["batch"]["id"] for n, e in repo.state()["entries"].items() if e["batch"]}
