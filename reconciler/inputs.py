@@ -168,14 +168,17 @@ def _short(value: object) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _lines(fh: BinaryIO, chunk_size: int) -> Iterator[bytes | bytearray | memoryview]:
-    """Every line of a binary file, without its newline.
+def _lines(fh: BinaryIO, chunk_size: int,
+           digest: hashlib._Hash | None) -> Iterator[bytes | bytearray | memoryview]:
+    """Every line of a binary file, without its newline; each chunk read is hashed into `digest`.
 
     Reads `chunk_size` bytes at a time and hands out memoryview slices of the chunk, so a line
     costs no copy; only a line that spans chunks is assembled (in a bytearray).
     """
     pending = bytearray()
     while chunk := fh.read(chunk_size):
+        if digest is not None:
+            digest.update(chunk)
         view = memoryview(chunk)
         start, end = 0, chunk.find(b"\n")
         if pending and end != -1:
@@ -233,7 +236,7 @@ class _BackgroundHash:
 
 
 def scan_input(path: Path, endpoint: str, *, limit: int = MAX_REPORTED, chunk_size: int = CHUNK) -> InputReport:
-    """Hash and validate one JSONL input file, streaming (see _BackgroundHash for the hash).
+    """Hash and validate one JSONL input file, streaming (large files: see _BackgroundHash).
 
     A file over the size limit is refused without being read. OSError is left to the
     caller, who knows which spec the file belongs to.
@@ -245,15 +248,18 @@ def scan_input(path: Path, endpoint: str, *, limit: int = MAX_REPORTED, chunk_si
                                f"{MAX_BYTES // 2**20} MB; split the file"), limit)
         return report
     scanner = _Scanner(endpoint, report, limit)
-    digest = _BackgroundHash(path)
+    # A small file is hashed as it is read: a thread would cost more than it saves.
+    background = _BackgroundHash(path) if report.size > _BackgroundHash.PIECE else None
+    digest = None if background else hashlib.sha256()
     try:
         with path.open("rb", buffering=0) as fh:
-            for n, raw in enumerate(_lines(fh, chunk_size), start=1):
+            for n, raw in enumerate(_lines(fh, chunk_size, digest), start=1):
                 scanner.feed(raw, n)
     except BaseException:
-        digest.cancel()
+        if background:
+            background.cancel()
         raise
-    report.sha256 = digest.hexdigest()
+    report.sha256 = background.hexdigest() if background else digest.hexdigest()
     report.requests = scanner.requests
     if report.requests == 0:
         report.add(LineProblem("empty_file", "the file holds no requests; add at least one line"), limit)

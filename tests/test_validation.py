@@ -383,3 +383,17 @@ def test_lines_that_span_read_chunks_are_parsed_whole(tmp_path_factory, sizes, t
     report = scan_input(path, ENDPOINT, chunk_size=64)  # tiny reads: every line spans chunks
     assert report.ok and report.requests == len(sizes)
     assert report.sha256 == hashlib.sha256(text.encode()).hexdigest()
+
+
+def test_a_file_large_enough_to_be_hashed_in_the_background_gets_the_same_report(tmp_path):
+    from reconciler.inputs import _BackgroundHash
+
+    padding = "x" * 4000
+    count = _BackgroundHash.PIECE // 4000 + 10  # a little over one background read
+    lines = [request_line(f"r{i}", padding=padding) for i in range(count)]
+    lines.append(request_line("r7", padding=padding))
+    path = write_jsonl(tmp_path / "big.jsonl", lines)
+    assert path.stat().st_size > _BackgroundHash.PIECE
+    report = scan_input(path, ENDPOINT)
+    assert report.sha256 == hash_file(path) and report.requests == count + 1
+    assert [(p.code, p.line) for p in report.problems] == [("duplicate_custom_id", count + 1)]
