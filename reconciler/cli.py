@@ -600,6 +600,8 @@ def state_rm(project, name) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: runs the CLI and maps every outcome to an exit code."""
+    global _DEBUG
+    _DEBUG = False  # set by --debug for this run only (tests call main() many times in one process)
     try:
         code = cli.main(args=argv, prog_name="batchplan", standalone_mode=False)
     except click.exceptions.Exit as exc:

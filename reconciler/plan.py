@@ -175,27 +175,55 @@ def _plan_desired(want: Desired, entry: Entry | None, remote: RemoteView, forced
     if record.id in remote.missing:
         return Change(want.name, Action.CREATE, f"batch {record.id} no longer exists on the server",
                       before=before, after=after, desired=want)
-    if forced or entry.spec_hash != want.spec_hash:
-        return _plan_replace(want, entry, record, remote, forced)
+    resumed = _interrupted_replacement(want, entry, record, remote)
+    if forced or entry.spec_hash != want.spec_hash or resumed:
+        return _plan_replace(want, entry, record, remote, forced, resumed)
     return Change(want.name, Action.NOOP, f"batch {record.id} is {record.status}", before=before,
-                  after=after, desired=want, batch=record, warnings=_drift(want.name, record))
+                  after=after, desired=want, batch=record,
+                  warnings=_drift(want.name, record) + _orphan_warning(want, entry, record, remote))
 
 
-def _plan_replace(want: Desired, entry: Entry, record: BatchRecord, remote: RemoteView, forced: bool) -> Change:
+def _earlier(entry: Entry, record: BatchRecord) -> set[str]:
+    return {record.id, *(h.batch_id for h in entry.history)}
+
+
+def _interrupted_replacement(want: Desired, entry: Entry, record: BatchRecord, remote: RemoteView) -> dict | None:
+    """A replacement an interrupted apply made for this very spec (e.g. a forced --replace whose
+    old batch was not cancelled yet): found by the intent it left, it is adopted, never made again."""
+    if not entry.intent or entry.intent.spec_hash != want.spec_hash:
+        return None
+    return _find_tagged(want.name, want.spec_hash, remote, _earlier(entry, record))
+
+
+def _orphan_warning(want: Desired, entry: Entry, record: BatchRecord, remote: RemoteView) -> tuple[str, ...]:
+    """An interrupted apply's batch for an older version of the spec: not tracked, so say so."""
+    intent = entry.intent
+    if not intent or intent.spec_hash == want.spec_hash:
+        return ()
+    orphan = _find_tagged(want.name, intent.spec_hash, remote, _earlier(entry, record))
+    if not orphan:
+        return ()
+    return (f"batch {orphan['id']} ({orphan['status']}) was made for an earlier version of this spec by an "
+            "interrupted apply and is not tracked; cancel it on the server if it is not wanted",)
+
+
+def _plan_replace(want: Desired, entry: Entry, record: BatchRecord, remote: RemoteView, forced: bool,
+                  resumed: dict | None = None) -> Change:
     diff = field_diff(entry.fields, want.fields())
-    reason = "forced by --replace" if forced else "changed: " + ", ".join(d.path for d in diff)
+    reason = "forced by --replace" if forced else \
+        "changed: " + ", ".join(d.path for d in diff) if diff else "an interrupted replace is finished"
     if record.status in RUNNING and entry.prevent_cancel:
         raise PlanError(f"{want.name}: replacing it would cancel batch {record.id}, which is {record.status}, "
                         f"and its spec sets lifecycle.prevent_cancel; wait until it finishes "
                         f"(`batchplan wait {want.name}`) or remove prevent_cancel")
-    earlier = {record.id, *(h.batch_id for h in entry.history)}
-    found = None if forced else _find_tagged(want.name, want.spec_hash, remote, earlier)
+    found = resumed or (None if forced else _find_tagged(want.name, want.spec_hash, remote, _earlier(entry, record)))
     if found:
         reason += f"; its new batch {found['id']} already exists (an earlier apply was interrupted): adopting it"
     if record.status in RUNNING:
         reason += f"; batch {record.id} is {record.status} and will be cancelled"
     return Change(want.name, Action.REPLACE, reason, before=_describe(entry.fields, record),
-                  after=want.fields(), desired=want, batch=record, found=found, diff=tuple(diff))
+                  after=want.fields(), desired=want, batch=record, found=found, diff=tuple(diff),
+                  warnings=_orphan_warning(want, entry, record, remote))
 
 
 def _plan_removed(name: str, entry: Entry, remote: RemoteView) -> Change:

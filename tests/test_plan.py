@@ -93,6 +93,26 @@ def test_interrupted_replace_adopts_the_new_batch_instead_of_creating_again():
     assert change.action is Action.REPLACE and change.found["id"] == "batch_2"
 
 
+def test_an_interrupted_forced_replace_adopts_its_batch_and_cancels_the_old_one():
+    d = want("a")
+    entry = entry_for(d, "batch_1", "in_progress",
+                      intent=Intent(spec_hash=d.spec_hash, fields=d.fields(), tags=d.tags(), at=900))
+    remote = RemoteView(tagged={"a": [batch("batch_2", tags=d.tags()), batch("batch_1", tags=d.tags())]})
+    for forced in (frozenset(), frozenset({"a"})):  # with or without --replace again: never a third batch
+        (change,) = build_plan([d], state_with(a=entry), remote, force_replace=forced).changes
+        assert change.action is Action.REPLACE and change.found["id"] == "batch_2" and change.cancels_old
+
+
+def test_an_untracked_batch_of_an_earlier_spec_version_is_reported():
+    old, new = want("a", team="research"), want("a", team="ml")
+    entry = entry_for(new, "batch_1", "completed",
+                      intent=Intent(spec_hash=old.spec_hash, fields=old.fields(), tags=old.tags(), at=900))
+    remote = RemoteView(tagged={"a": [batch("batch_9", tags=old.tags())]})
+    (change,) = build_plan([new], state_with(a=entry), remote).changes
+    assert change.action is Action.NOOP
+    assert "batch_9 (in_progress) was made for an earlier version" in change.warnings[0]
+
+
 def test_force_replace_of_an_unchanged_spec():
     d = want("a")
     plan = build_plan([d], state_with(a=entry_for(d, "batch_1", "failed")), RemoteView(),

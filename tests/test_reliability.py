@@ -433,10 +433,7 @@ def test_a_signal_during_apply_saves_what_was_done_and_the_next_apply_converges(
 # --- 8. the key stays secret; 9. never in clear to another host ------------------------------
 
 
-def test_the_api_key_is_in_no_file_and_no_output(repo, emulator_server, api_env, monkeypatch):
-    import reconciler.cli
-
-    monkeypatch.setattr(reconciler.cli, "_DEBUG", False)  # --debug sticks for the process; undo it after
+def test_the_api_key_is_in_no_file_and_no_output(repo, emulator_server, api_env):
     make_repo(repo, 3, shared=1)
     outputs = []
 
