@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import httpx
 import pytest
 
@@ -43,3 +48,33 @@ def test_a_no_change_plan_reads_one_list_page_for_its_running_batches(repo, busy
     assert result.code == 0, result.out + result.err
     assert busy_server.requests == [("GET", "/v1/batches", 200)]  # not the 180 batches of the account
 
+
+
+PROBE = """
+import json, sys
+from reconciler.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit:
+    pass
+print(json.dumps(sorted(m for m in {heavy!r} if m in sys.modules)))
+"""
+
+
+def _loaded(args: list[str], cwd, heavy: tuple[str, ...], env: dict | None = None) -> list[str]:
+    """Which of `heavy` a batchplan command imports, run in a fresh process."""
+    done = subprocess.run([sys.executable, "-c", PROBE.format(heavy=heavy), *args], cwd=cwd, timeout=60,
+                          env={**os.environ, "NO_COLOR": "1", **(env or {})}, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_help_starts_without_the_heavy_libraries(tmp_path):
+    assert _loaded(["--help"], tmp_path, ("pydantic", "yaml", "asyncio", "httpx", "rich", "deepdiff")) == []
+
+
+def test_a_plan_loads_only_what_a_plan_uses(repo):
+    """Not deepdiff (only replaces diff fields), nor what httpx and httpcore load when installed:
+    httpx's own command line (rich, pygments) and trio."""
+    offline = {"OPENAI_BASE_URL": "http://127.0.0.1:9/v1", "OPENAI_API_KEY": "sk-test"}  # nothing to ask
+    heavy = ("deepdiff", "rich", "pygments", "trio", "httpx._main", "httpx")
+    assert _loaded(["plan", "-C", str(repo.root)], repo.root, heavy, offline) == ["httpx"]
