@@ -187,6 +187,8 @@ class Applier:
             if match and file.get("status") not in ("error", "deleted"):
                 found.setdefault(match.group(1), file)
         sizes = {u: up.bytes for u, up in self.state.uploads.items()}
+        sizes.update({c.desired.input_sha256: c.desired.input_bytes for c in self.plan.changes
+                      if c.desired and c.desired.input_sha256 and c.desired.input_bytes is not None})
         return {sha: f for sha, f in found.items() if sizes.get(sha, f["bytes"]) == f["bytes"]}
 
     async def _upload(self, want: Desired) -> dict:

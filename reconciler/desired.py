@@ -35,6 +35,7 @@ class Desired:
     prevent_cancel: bool
     output: str | None
     errors: str | None
+    input_bytes: int | None = None  # the local input's size: an upload is reused only when its size matches
 
     def fields(self) -> dict:
         """What a batch was made from: the view that plans diff and state records."""
@@ -83,7 +84,7 @@ def _input_problems(file: str, report: InputReport, used_by: str) -> list[Proble
 def _resolve(loaded: LoadedSpec, repo_root: Path, cache: HashCache,
              scanned: dict) -> tuple[Desired | None, list[Problem]]:
     spec = loaded.spec
-    rel_input = sha = requests = None
+    rel_input = sha = requests = size = None
     if spec.input is not None:
         path, problem = resolve_input(loaded, repo_root)
         if problem:
@@ -99,13 +100,14 @@ def _resolve(loaded: LoadedSpec, repo_root: Path, cache: HashCache,
         if not report.ok:
             where = f"{loaded.source.file}:{loaded.source.line(('input',))}"
             return None, [] if seen else _input_problems(rel_input, report, where)
-        sha, requests = report.sha256, report.requests
+        sha, requests, size = report.sha256, report.requests, report.size
     expiry = spec.output_expires_after.model_dump() if spec.output_expires_after else None
     return Desired(
         name=spec.name, file=loaded.source.file, endpoint=spec.endpoint,
         completion_window=spec.completion_window, metadata=dict(sorted(spec.metadata.items())),
         output_expires_after=expiry, input=rel_input, input_sha256=sha, input_file_id=spec.input_file_id,
         requests=requests, prevent_cancel=spec.lifecycle.prevent_cancel, output=spec.output, errors=spec.errors,
+        input_bytes=size,
     ), []
 
 

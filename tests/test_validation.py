@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -397,3 +398,35 @@ def test_a_file_large_enough_to_be_hashed_in_the_background_gets_the_same_report
     report = scan_input(path, ENDPOINT)
     assert report.sha256 == hash_file(path) and report.requests == count + 1
     assert [(p.code, p.line) for p in report.problems] == [("duplicate_custom_id", count + 1)]
+
+
+def _upload_as_a_crashed_run_would(server, path: Path, content: bytes | None = None) -> str:
+    """Upload `path` under the name apply gives it (its content hash inside), as a run that died
+    before recording the upload would have left it."""
+    name = f"{path.stem}.batchplan-{hash_file(path)}.jsonl"
+    with httpx.Client(base_url=server.url + "/", headers={"Authorization": "Bearer sk-test"}) as client:
+        answer = client.post("files", files={"file": (name, content if content is not None else path.read_bytes())},
+                             data={"purpose": "batch"})
+    return answer.raise_for_status().json()["id"]
+
+
+def test_an_upload_left_by_a_crashed_run_is_found_by_hash_and_reused(repo, emulator_server, api_env):
+    repo.spec("a")
+    file_id = _upload_as_a_crashed_run_would(emulator_server, repo.root / "data" / "a.jsonl")
+    emulator_server.reset_log()
+    _apply(repo, api_env)
+    assert emulator_server.count("POST", "/v1/files") == 0
+    assert emulator_server.count("GET", "/v1/files") == 1  # one listing finds it
+    (upload,) = repo.state()["uploads"].values()
+    assert upload["file_id"] == file_id
+
+
+def test_a_file_with_the_hash_in_its_name_but_another_size_is_not_reused(repo, emulator_server, api_env):
+    repo.spec("a")
+    data = repo.root / "data" / "a.jsonl"
+    _upload_as_a_crashed_run_would(emulator_server, data, content=data.read_bytes()[:-40] + b"\n")
+    emulator_server.reset_log()
+    _apply(repo, api_env)
+    assert emulator_server.count("POST", "/v1/files") == 1
+    (upload,) = repo.state()["uploads"].values()
+    assert upload["bytes"] == data.stat().st_size
