@@ -9,7 +9,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,8 @@ CHECKOUT = Path(__file__).resolve().parent.parent
 if str(CHECKOUT) not in sys.path:
     sys.path.insert(1, str(CHECKOUT))  # the benches import reconciler from this checkout too
 # Children run the batchplan of this checkout, whatever else is installed.
-CHILD_ENV = {"NO_COLOR": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(CHECKOUT), os.environ.get("PYTHONPATH")]))}
+CHILD_ENV = {"NO_COLOR": "1",
+             "PYTHONPATH": os.pathsep.join(filter(None, [str(CHECKOUT), os.environ.get("PYTHONPATH")]))}
 
 
 @dataclass
@@ -127,7 +127,8 @@ def table(headers: list[str], rows: list[list[object]]) -> str:
     """A plain aligned table: text left, numbers right."""
     cells = [headers] + [[_cell(v) for v in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    numeric = [all(isinstance(row[i], (int, float)) or row[i] in ("", "-") for row in rows) for i in range(len(headers))]
+    numeric = [all(isinstance(row[i], (int, float)) or row[i] in ("", "-") for row in rows)
+               for i in range(len(headers))]
 
     def line(row: list[str]) -> str:
         return "  ".join(c.rjust(w) if num else c.ljust(w) for c, w, num in zip(row, widths, numeric)).rstrip()

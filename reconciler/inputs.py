@@ -155,6 +155,10 @@ def _json_error(raw: bytes | bytearray | memoryview, exc: orjson.JSONDecodeError
     if not bytes(raw).strip():
         return "empty line; remove it (every line must be one JSON request)"
     reason = str(exc).split(":")[0]
+    if "byte order mark" in reason:
+        return "the file starts with a byte order mark (BOM); save it as UTF-8 without one"
+    if "UTF-8" in reason:
+        return "not UTF-8 text; save the file as UTF-8"
     return f"not valid JSON ({reason} at column {exc.colno}); every line must be one complete JSON object"
 
 

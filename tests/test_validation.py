@@ -56,6 +56,11 @@ def _spec_with_data(repo: Repo, lines: list, endpoint: str = ENDPOINT) -> None:
     repo.spec("a", input="../data/a.jsonl", endpoint=endpoint)
 
 
+def _spec_with_bytes(repo: Repo, content: bytes) -> None:
+    (repo.root / "data" / "a.jsonl").write_bytes(content)
+    repo.spec("a", input="../data/a.jsonl")
+
+
 @functools.cache
 def _too_many_requests() -> bytes:
     line = '{"custom_id":"r%d","method":"POST","url":"/v1/chat/completions","body":{"model":"m"}}\n'
@@ -149,6 +154,10 @@ MISTAKES = [
     # -- input files ---------------------------------------------------------------------
     Mistake("invalid JSON line", lambda r: _spec_with_data(r, [request_line("a"), '{"custom_id": "b",', ]),
             ("data/a.jsonl:2: not valid JSON",)),
+    Mistake("byte order mark", lambda r: _spec_with_bytes(r, b"\xef\xbb\xbf" + json.dumps(request_line("a")).encode()),
+            ("data/a.jsonl:1: the file starts with a byte order mark (BOM); save it as UTF-8 without one",)),
+    Mistake("not UTF-8", lambda r: _spec_with_bytes(r, '{"custom_id": "caf\u00e9"}'.encode("latin-1")),
+            ("data/a.jsonl:1: not UTF-8 text; save the file as UTF-8",)),
     Mistake("empty line", lambda r: _spec_with_data(r, [request_line("a"), "", request_line("b")]),
             ("data/a.jsonl:2: empty line; remove it",)),
     Mistake("line not an object", lambda r: _spec_with_data(r, [request_line("a"), [1, 2]]),
@@ -157,16 +166,17 @@ MISTAKES = [
             ("data/a.jsonl:1: url: missing url and body; each line needs custom_id, method, url and body",)),
     Mistake("method not POST", lambda r: _spec_with_data(r, [{**request_line("a"), "method": "GET"}]),
             ('data/a.jsonl:1: method: must be "POST", not \'GET\'',)),
-    Mistake("url not the endpoint", lambda r: _spec_with_data(r, [request_line("a"), request_line("b", url="/v1/embeddings")]),
+    Mistake("url not the endpoint",
+            lambda r: _spec_with_data(r, [request_line("a"), request_line("b", url="/v1/embeddings")]),
             ("data/a.jsonl:2: url: '/v1/embeddings' does not match the spec's endpoint '/v1/chat/completions'",)),
-    Mistake("duplicate custom_id", lambda r: _spec_with_data(r, [request_line("x"), request_line("y"), request_line("x")]),
+    Mistake("duplicate custom_id",
+            lambda r: _spec_with_data(r, [request_line("x"), request_line("y"), request_line("x")]),
             ("data/a.jsonl:3: custom_id: 'x' is used on line 1 and line 3",)),
     Mistake("two models", lambda r: _spec_with_data(r, [request_line("a"), request_line("b", model="gpt-4o")]),
             ("data/a.jsonl:2: body.model: 'gpt-4o' differs from 'gpt-4o-mini' on line 1; a batch uses one model",)),
     Mistake("empty file", lambda r: (_data(r, "a.jsonl", []), r.spec("a", input="../data/a.jsonl")),
             ("data/a.jsonl: the file holds no requests", "(input of specs/a.yaml:2)")),
-    Mistake("over 50,000 requests",
-            lambda r: ((r.root / "data" / "a.jsonl").write_bytes(_too_many_requests()), r.spec("a", input="../data/a.jsonl")),
+    Mistake("over 50,000 requests", lambda r: _spec_with_bytes(r, _too_many_requests()),
             ("data/a.jsonl:50001: more than 50,000 requests",)),
     Mistake("over 200 MB", lambda r: (_sparse_file(r, MAX_BYTES + 1), r.spec("a", input="../data/a.jsonl")),
             ("data/a.jsonl: 209,715,201 bytes is over the Batch API's limit of 200 MB",)),
