@@ -81,33 +81,42 @@ def _input_problems(file: str, report: InputReport, used_by: str) -> list[Proble
     return problems
 
 
+def _read_input(loaded: LoadedSpec, repo_root: Path, cache: HashCache,
+                scanned: dict) -> tuple[str | None, InputReport | None, list[Problem]]:
+    """A spec's input file: its repo-relative path and clean report, or the problems found."""
+    path, problem = resolve_input(loaded, repo_root)
+    if problem:
+        return None, None, [problem]
+    rel = str(path.relative_to(repo_root))
+    key = (rel, loaded.spec.endpoint)
+    seen = key in scanned  # a file shared by two specs is scanned and reported once
+    if not seen:
+        scanned[key] = _scan(path, loaded.spec.endpoint, cache, rel)
+    report = scanned[key]
+    if isinstance(report, Problem):
+        return rel, None, [] if seen else [report]
+    if not report.ok:
+        where = f"{loaded.source.file}:{loaded.source.line(('input',))}"
+        return rel, None, [] if seen else _input_problems(rel, report, where)
+    return rel, report, []
+
+
 def _resolve(loaded: LoadedSpec, repo_root: Path, cache: HashCache,
              scanned: dict) -> tuple[Desired | None, list[Problem]]:
     spec = loaded.spec
-    rel_input = sha = requests = size = None
+    rel_input = report = None
     if spec.input is not None:
-        path, problem = resolve_input(loaded, repo_root)
-        if problem:
-            return None, [problem]
-        rel_input = str(path.relative_to(repo_root))
-        key = (rel_input, spec.endpoint)
-        seen = key in scanned  # a file shared by two specs is scanned and reported once
-        if not seen:
-            scanned[key] = _scan(path, spec.endpoint, cache, rel_input)
-        report = scanned[key]
-        if isinstance(report, Problem):
-            return None, [] if seen else [report]
-        if not report.ok:
-            where = f"{loaded.source.file}:{loaded.source.line(('input',))}"
-            return None, [] if seen else _input_problems(rel_input, report, where)
-        sha, requests, size = report.sha256, report.requests, report.size
+        rel_input, report, problems = _read_input(loaded, repo_root, cache, scanned)
+        if report is None:
+            return None, problems
     expiry = spec.output_expires_after.model_dump() if spec.output_expires_after else None
     return Desired(
         name=spec.name, file=loaded.source.file, endpoint=spec.endpoint,
         completion_window=spec.completion_window, metadata=dict(sorted(spec.metadata.items())),
-        output_expires_after=expiry, input=rel_input, input_sha256=sha, input_file_id=spec.input_file_id,
-        requests=requests, prevent_cancel=spec.lifecycle.prevent_cancel, output=spec.output, errors=spec.errors,
-        input_bytes=size,
+        output_expires_after=expiry, input=rel_input, input_sha256=report.sha256 if report else None,
+        input_file_id=spec.input_file_id, requests=report.requests if report else None,
+        prevent_cancel=spec.lifecycle.prevent_cancel, output=spec.output, errors=spec.errors,
+        input_bytes=report.size if report else None,
     ), []
 
 

@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, StrictStr, StringConstraints, ValidationError,
-)
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, StringConstraints, ValidationError
 
 from .errors import Problem
 
@@ -326,15 +325,14 @@ def resolve_input(loaded: LoadedSpec, repo_root: Path) -> tuple[Path | None, Pro
     raw = loaded.spec.input
     assert raw is not None
     path = (loaded.source.path.parent / raw).resolve()
-    root = repo_root
-    if not path.is_relative_to(root):
+    if not path.is_relative_to(repo_root):
         return None, loaded.source.problem(
-            f"{raw!r} resolves to {path}, outside the repository {root}; batchplan only uploads files "
+            f"{raw!r} resolves to {path}, outside the repository {repo_root}; batchplan only uploads files "
             "inside the repository so that a spec cannot send local secrets to the server", ("input",), "outside_repo")
     if not path.is_file():
         what = "is a directory, not a file" if path.is_dir() else "does not exist"
         return None, loaded.source.problem(
-            f"{raw!r} {what} (looked for {_relative(path, root)}; the path is relative to the spec file)",
+            f"{raw!r} {what} (looked for {_relative(path, repo_root)}; the path is relative to the spec file)",
             ("input",), "missing_input")
     return path, None
 
