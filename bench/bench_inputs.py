@@ -13,7 +13,7 @@ A temp repo gets one spec and a generated JSONL input of about --mb MB in --line
   batchplan apply     validate (cold) + streamed upload + create, against a local sandbox
                       server in its own process; its peak RSS comes from wait4
 
-then the same apply for an input of --upload-mb MB. Timings are the best of 5 runs in this
+then the same apply for an input of --upload-mb MB. Timings are the best of 9 runs in this
 process, or of 3 runs of a process (applies run once).
 """
 
@@ -60,7 +60,7 @@ def make_repo(root: Path, megabytes: float, lines: int) -> Path:
     return root
 
 
-def best(func, repeat: int = 5) -> float:
+def best(func, repeat: int = 9) -> float:
     times = []
     for _ in range(repeat):
         started = time.perf_counter()
