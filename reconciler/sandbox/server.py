@@ -16,6 +16,7 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import socket
 import socketserver
 import sys
@@ -748,7 +749,8 @@ def start_sandbox(root: Path, timing: Timing | None = None) -> EmulatorServer:
 
 def serve(host: str = "127.0.0.1", port: int = 8089, root: Path | None = None, timing: Timing | None = None,
           fail_rate: float = 0.0, latency: float = 0.0, require_auth: bool = True) -> None:
-    """Run a sandbox in the foreground until Ctrl-C; one line per request goes to stderr."""
+    """Run a sandbox in the foreground until Ctrl-C or SIGTERM; one line per request goes to stderr."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM too ends cleanly: no temp world left
     emulator = Emulator(root, timing or timing_from_env(), fail_rate)
     server = EmulatorServer(emulator, host, port, latency, require_auth, log_stream=sys.stderr,
                             owns_emulator=True)
