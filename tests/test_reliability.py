@@ -452,7 +452,8 @@ def test_the_api_key_is_in_no_file_and_no_output(repo, emulator_server, api_env)
     assert run("apply", "--auto-approve", "--debug").code == 1  # a 400, with its traceback
     repo.remove_spec("bad")
     dead = {**api_env, "OPENAI_BASE_URL": "http://127.0.0.1:9/v1"}  # nothing listens on port 9
-    assert run("plan", "--debug", env=dead).code == 1  # a transport error, with its traceback
+    # --scan-all: always asks the server (even once every batch has finished): a transport error
+    assert run("plan", "--scan-all", "--debug", env=dead).code == 1
     with StateLock(repo.state_path, "batchplan apply"):
         assert run("apply", "--auto-approve", "--debug").code == 1  # locked
         assert KEY not in repo.state_path.with_name("batchplan.state.json.lock.info").read_text()
