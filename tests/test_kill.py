@@ -41,14 +41,18 @@ def spawn_apply(repo: Repo, env: dict, *extra: str):
     return spawn_cli("apply", "--auto-approve", "-C", str(repo.root), *extra, env=env)
 
 
-def converge(repo: Repo, server, env: dict, names: list[str], settled: bool = True) -> None:
-    if settled:
-        server.wait_idle()
+def apply_until_it_succeeds(repo: Repo, env: dict) -> None:
     for _ in range(3):
         result = apply(repo, env)
         if result.code == 0:
             break
     assert result.code == 0, result.out + result.err
+
+
+def converge(repo: Repo, server, env: dict, names: list[str], settled: bool = True) -> None:
+    if settled:
+        server.wait_idle()
+    apply_until_it_succeeds(repo, env)
     assert_converged(repo, server, env, names)
     uploads = uploads_by_name(server)
     assert len(uploads) == SPECS - 1 and set(uploads.values()) == {1}, uploads
@@ -134,11 +138,7 @@ def test_sigkill_at_every_request_of_a_replace(tmp_path, emulator_server_factory
         wait_for(lambda: len(server.requests) >= k or proc.poll() is not None)
         covered += kill(proc)
         server.wait_idle()
-        for _ in range(3):
-            result = apply(repo, env)
-            if result.code == 0:
-                break
-        assert result.code == 0, result.out + result.err
+        apply_until_it_succeeds(repo, env)
         server.wait_idle()
         named = batches_by_name(server)
         new = {n: [b for b in ids if b != old[n]] for n, ids in named.items()}
