@@ -24,7 +24,7 @@ from .api import Api
 from .desired import Desired
 from .errors import AmbiguousWrite, ApiError, BatchplanError, Interrupted, PlanError, TransportError
 from .plan import Action, Change, Plan
-from .refresh import CLOCK_MARGIN, _walk
+from .refresh import CLOCK_MARGIN, walk_batches
 from .spec import TAG_SPEC
 from .state import BatchRecord, Entry, HistoryItem, Intent, State, StateFile, Upload
 
@@ -69,7 +69,7 @@ class Applier:
     async def run(self) -> ApplyResult:
         started = int(time.time())
         try:
-            self._record_refresh()
+            self.state.record_batches(self.plan.refreshed)
             creates = [c for c in self.plan.changes if c.action in (Action.CREATE, Action.REPLACE) and not c.found]
             creates = await self._record_intents(creates)
             file_ids = await self._ensure_uploads(creates)
@@ -100,12 +100,6 @@ class Applier:
     def _maybe_save(self) -> None:
         if time.monotonic() - self._last_save >= SAVE_EVERY:
             self._save()
-
-    def _record_refresh(self) -> None:
-        for name, record in self.plan.refreshed.items():
-            entry = self.state.entries.get(name)
-            if entry and entry.batch and entry.batch.id == record.id:
-                entry.batch = record
 
     def _entry_for(self, want: Desired) -> Entry:
         entry = self.state.entries.get(want.name)
@@ -342,7 +336,7 @@ class Applier:
     async def _look_for(self, changes: list[Change]) -> list[Change]:
         """Adopt the batch each change's intent may have made; return the changes with none on the server."""
         floor = min(self.state.entries[c.name].intent.at for c in changes) - CLOCK_MARGIN  # type: ignore[union-attr]
-        _, tagged = await _walk(self.api, floor)
+        _, tagged = await walk_batches(self.api, floor)
         absent = []
         for change in changes:
             want = change.desired

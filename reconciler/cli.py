@@ -26,8 +26,12 @@ def _colour() -> bool | None:
 
 
 def colour_on() -> bool:
+    return not os.environ.get("NO_COLOR") and _stdout_is_terminal()
+
+
+def _stdout_is_terminal() -> bool:
     try:
-        return not os.environ.get("NO_COLOR") and sys.stdout.isatty()
+        return sys.stdout.isatty()
     except (AttributeError, ValueError):
         return False
 
@@ -48,6 +52,16 @@ def _run(coroutine):
 
     asyncio.run(main())
     return result[0]
+
+
+def _with_api(project, work):
+    """Run `await work(api)` with a client for the project's server (checks credentials first)."""
+    project.credentials()
+
+    async def run():
+        async with project.connect() as api:
+            return await work(api)
+    return _run(run())
 
 
 def echo(text: str = "", err: bool = False, nl: bool = True) -> None:
@@ -151,13 +165,7 @@ def plan(project, target, replace, scan_all, as_json, fmt, out, detailed_exitcod
 
     desired = _load_desired(project)
     state = project.state_file.load()
-    project.credentials()
-
-    async def run():
-        async with project.connect() as api:
-            return await _make_plan(project, api, desired, state, target, replace, scan_all)
-
-    the_plan = _run(run())
+    the_plan = _with_api(project, lambda api: _make_plan(project, api, desired, state, target, replace, scan_all))
     if out:
         from .planfile import save_plan
 
@@ -204,31 +212,31 @@ def apply(project, target, replace, scan_all, planfile, auto_approve) -> int:
     from .render import render_text
     from .state import State, StateLock, command_line
 
-    saved = None
+    saved = plan_path = None
     if planfile:
         from .planfile import check_fresh, load_plan
 
-        saved = load_plan(project.root / planfile, project)  # -C DIR: relative to DIR
+        plan_path = project.root / planfile  # -C DIR: relative to DIR
+        saved = load_plan(plan_path, project)
     desired = None if saved else _load_desired(project)
-    project.credentials()
+    project.credentials()  # before taking the lock: a missing key is said at once
     with StateLock(project.state_path, command_line(), project.lock_timeout):
         state = project.state_file.load()
         if saved:
-            check_fresh(project.root / planfile, *saved, state, project.root)
+            check_fresh(plan_path, *saved, state, project.root)
 
-        async def run():
-            async with project.connect() as api:
-                the_plan = saved[0] if saved else \
-                    await _make_plan(project, api, desired, state, target, replace, scan_all)
-                echo(render_text(the_plan, colour_on()), nl=False)
-                if not the_plan.has_changes:
-                    _save_refresh(project, state, the_plan)
-                    return 0
-                if not saved:
-                    _confirm(auto_approve)
-                return await _execute(project, api, state or State(), the_plan)
+        async def work(api):
+            the_plan = saved[0] if saved else \
+                await _make_plan(project, api, desired, state, target, replace, scan_all)
+            echo(render_text(the_plan, colour_on()), nl=False)
+            if not the_plan.has_changes:
+                _save_refresh(project, state, the_plan)
+                return 0
+            if not saved:
+                _confirm(auto_approve)
+            return await _execute(project, api, state or State(), the_plan)
 
-        return _run(run())
+        return _with_api(project, work)
 
 
 def _report(name: str, text: str) -> None:
@@ -237,14 +245,7 @@ def _report(name: str, text: str) -> None:
 
 def _save_refresh(project, state, the_plan) -> None:
     """Record newly seen statuses, writing the state only when something changed."""
-    if state is None:
-        return
-    changed = False
-    for name, record in the_plan.refreshed.items():
-        entry = state.entries.get(name)
-        if entry and entry.batch and entry.batch != record:
-            entry.batch, changed = record, True
-    if changed:
+    if state is not None and state.record_batches(the_plan.refreshed):
         project.state_file.save(state)
 
 
@@ -307,23 +308,6 @@ def sandbox_serve(host, port, world, step_seconds, fail_rate, latency, no_auth, 
 # -- watching and collecting: status, wait, refresh, download, import, state ---------------
 
 
-def _stdout_is_terminal() -> bool:
-    try:
-        return sys.stdout.isatty()
-    except (AttributeError, ValueError):
-        return False
-
-
-def _with_api(project, work):
-    """Run `await work(api)` with a client for the project's server (checks credentials first)."""
-    project.credentials()
-
-    async def run():
-        async with project.connect() as api:
-            return await work(api)
-    return _run(run())
-
-
 def _look(project, entries):
     """A Snapshot of `entries`: the server is asked only about batches still running."""
     from .watch import Snapshot, look, running
@@ -334,11 +318,10 @@ def _look(project, entries):
 def _record(project, snapshot) -> list[str]:
     """Save newer batch records in the state, under the lock; the names that changed."""
     from .state import StateLock, command_line
-    from .watch import record
 
     with StateLock(project.state_path, command_line(), project.lock_timeout):
         state = project.state_file.load()
-        changed = record(state, snapshot) if state else []
+        changed = state.record_batches(snapshot.records) if state else []
         if changed:
             project.state_file.save(state)
     return changed
@@ -444,7 +427,7 @@ def refresh_cmd(project) -> None:
     Sends only GET requests: nothing changes on the server.
     """
     from .state import StateLock, command_line
-    from .watch import look, record, running, select
+    from .watch import look, running, select
 
     with StateLock(project.state_path, command_line(), project.lock_timeout):
         state = project.state_file.load()
@@ -453,7 +436,7 @@ def refresh_cmd(project) -> None:
             echo("Nothing to refresh: every batch in the state has finished.")
             return
         snapshot = _with_api(project, lambda api: look(api, entries))
-        changed = record(state, snapshot)
+        changed = state.record_batches(snapshot.records)
         if changed:
             project.state_file.save(state)
     for name in changed:

@@ -64,18 +64,18 @@ async def refresh(api: Api, desired: list[Desired], state: State | None, *, para
     if search or full_scan or len(stale) > parallelism:
         floor = None if full_scan else _scan_floor(state, stale, search)
         enough = None if search or full_scan else {bid for bid, _ in stale}
-        batches, tagged = await _walk(api, floor, enough)
+        batches, tagged = await walk_batches(api, floor, enough)
         unseen = [bid for bid, _ in stale if bid not in batches]
     else:
         batches, tagged, unseen = {}, {}, [bid for bid, _ in stale]
-    fetched, missing = await _fetch_each(api, unseen)
+    fetched, missing = await fetch_batches(api, unseen)
     batches.update(fetched)
     wanted = {bid for bid, _ in stale}
     return RemoteView(batches={k: v for k, v in batches.items() if k in wanted},
                       missing=frozenset(missing), tagged=tagged)
 
 
-async def _walk(api: Api, floor: int | None,
+async def walk_batches(api: Api, floor: int | None,
                 enough: set[str] | None = None) -> tuple[dict[str, dict], dict[str, list[dict]]]:
     """List batches newest first down to `floor`, or until every id in `enough` was seen;
     every batch seen, and the tagged ones by name."""
@@ -96,7 +96,7 @@ async def _walk(api: Api, floor: int | None,
     return batches, tagged
 
 
-async def _fetch_each(api: Api, batch_ids: list[str]) -> tuple[dict[str, dict], list[str]]:
+async def fetch_batches(api: Api, batch_ids: list[str]) -> tuple[dict[str, dict], list[str]]:
     async def one(batch_id: str) -> tuple[str, dict | None]:
         try:
             return batch_id, await api.retrieve_batch(batch_id)

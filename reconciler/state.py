@@ -109,6 +109,16 @@ class State(BaseModel):
     uploads: dict[str, Upload] = Field(default_factory=dict)
     entries: dict[str, Entry] = Field(default_factory=dict)
 
+    def record_batches(self, records: dict[str, BatchRecord]) -> list[str]:
+        """Copy newer records of the batches the entries name (same id only); the names that changed."""
+        changed = []
+        for name, fresh in records.items():
+            entry = self.entries.get(name)
+            if entry and entry.batch and entry.batch.id == fresh.id and entry.batch != fresh:
+                entry.batch = fresh
+                changed.append(name)
+        return changed
+
     def to_json(self) -> str:
         # orjson: sorted and indented as json.dumps did (non-ASCII as UTF-8, not \u escapes), ~5x faster
         text = orjson.dumps(self.model_dump(mode="json"), option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)

@@ -3,7 +3,7 @@ waiting until they are all finished (`wait`).
 
 Everything here reads the server with `GET /batches/{id}` only, and only for batches
 the state does not already know to be finished (a finished batch never changes).
-Nothing here writes the state: `record` returns an updated copy for cli.py to save
+Nothing here writes the state: cli.py records a Snapshot with `State.record_batches` and saves
 under the state lock.
 """
 
@@ -17,7 +17,7 @@ from typing import Protocol
 
 from .api import Api
 from .errors import ConfigError
-from .refresh import _fetch_each
+from .refresh import fetch_batches
 from .state import BatchRecord, Entry, State
 
 STATUS_FORMAT_VERSION = "1"
@@ -60,21 +60,10 @@ def running(entries: dict[str, Entry]) -> bool:
 async def look(api: Api, entries: dict[str, Entry]) -> Snapshot:
     """Refresh every running batch among `entries`; finished ones are taken from the state."""
     active = {e.batch.id: n for n, e in entries.items() if e.batch and not e.batch.terminal}
-    fetched, gone = await _fetch_each(api, sorted(active))
+    fetched, gone = await fetch_batches(api, sorted(active))
     records = Snapshot.of(entries).records
     records.update({active[bid]: BatchRecord.from_api(batch) for bid, batch in fetched.items()})
     return Snapshot(records, frozenset(active[bid] for bid in gone))
-
-
-def record(state: State, snapshot: Snapshot) -> list[str]:
-    """Copy newer batch records into `state` (same batch id only); the names that changed."""
-    changed = []
-    for name, fresh in snapshot.records.items():
-        entry = state.entries.get(name)
-        if entry and entry.batch and entry.batch.id == fresh.id and entry.batch != fresh:
-            entry.batch = fresh
-            changed.append(name)
-    return changed
 
 
 # -- status ----------------------------------------------------------------------------
