@@ -60,7 +60,8 @@ def zizmor(*paths: Path) -> subprocess.CompletedProcess:
 
 def run(argv: list) -> subprocess.CompletedProcess:
     # No GitHub token reaches zizmor: offline it must stay, even on a developer's machine.
-    env = {k: v for k, v in os.environ.items() if k not in {"GH_TOKEN", "GITHUB_TOKEN", "ZIZMOR_GITHUB_TOKEN"}}
+    tokens = {"GH_TOKEN", "GITHUB_TOKEN", "ZIZMOR_GITHUB_TOKEN"}
+    env = {key: value for key, value in os.environ.items() if key not in tokens}
     return subprocess.run([str(arg) for arg in argv], capture_output=True, text=True, env=env, timeout=120)
 
 
@@ -99,7 +100,8 @@ def test_every_pip_install_installs_this_project_from_a_fixed_source(workflow):
         options = [word for word in words if word.startswith("-")]
         requirements = [Requirement(word) for word in words if not word.startswith("-")]
         assert set(options) <= HARMLESS_PIP_OPTIONS, words
-        assert [canonicalize_name(req.name) for req in requirements] == [canonicalize_name(distribution_name())], words
+        own = canonicalize_name(distribution_name())
+        assert [canonicalize_name(req.name) for req in requirements] == [own], words
         assert OWN_SOURCE.fullmatch(requirements[0].url or ""), words
 
 
