@@ -767,10 +767,13 @@ def start_sandbox(root: Path, timing: Timing | None = None) -> EmulatorServer:
 
 
 def serve(host: str = "127.0.0.1", port: int = 8089, root: Path | None = None, timing: Timing | None = None,
-          fail_rate: float = 0.0, latency: float = 0.0, require_auth: bool = True) -> None:
-    """Run a sandbox in the foreground until Ctrl-C or SIGTERM; one line per request goes to stderr."""
+          fail_rate: float = 0.0, latency: float = 0.0, require_auth: bool = True,
+          models: frozenset[str] | None = None) -> None:
+    """Run a sandbox in the foreground until Ctrl-C or SIGTERM; one line per request goes to stderr.
+
+    `models` (see models.py) defaults to the list `BATCHPLAN_SANDBOX_MODELS` names, else the built-in one."""
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM too ends cleanly: no temp world left
-    emulator = Emulator(root, timing or timing_from_env(), fail_rate, models=models_from_env())
+    emulator = Emulator(root, timing or timing_from_env(), fail_rate, models=models or models_from_env())
     server = EmulatorServer(emulator, host, port, latency, require_auth, log_stream=sys.stderr,
                             owns_emulator=True)
     where = f"world in {root}" if root is not None else "world in memory"
