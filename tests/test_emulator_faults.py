@@ -27,9 +27,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def chat_jsonl(n: int) -> bytes:
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}  # a body the API accepts
     return b"".join(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
-                                "body": {"model": "gpt-4o-mini", "messages": []}}).encode() + b"\n"
-                    for i in range(n))
+                                "body": body}).encode() + b"\n" for i in range(n))
 
 
 @pytest.fixture

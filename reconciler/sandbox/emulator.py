@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import secrets
 import shutil
 import tempfile
@@ -22,14 +23,16 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO, Callable, Iterable, Iterator
 
 import orjson
 from filelock import FileLock
 
 from reconciler.errors import StateError
-from reconciler.inputs import scan_input
-from reconciler.sandbox import responses
+from reconciler.inputs import MAX_REQUESTS, scan_input
+from reconciler.sandbox import files, line_errors, responses
+from reconciler.sandbox.line_errors import RequestError
+from reconciler.sandbox.outcomes import FAIL_RATE_ANSWER, BatchFaults, RequestFault, plan_failures
 
 ENDPOINTS = ("/v1/responses", "/v1/chat/completions", "/v1/embeddings", "/v1/completions",
              "/v1/moderations", "/v1/images/generations", "/v1/images/edits", "/v1/videos")
@@ -39,6 +42,7 @@ ACTIVE = ("validating", "in_progress", "finalizing")
 BATCH_LIFETIME = 86400
 EXPIRY_SECONDS = (3600, 2592000)
 WORLD_VERSION = 1
+SHUFFLE_BLOCK = 1000  # output lines are shuffled within blocks this long: out of order, in bounded memory
 
 
 @dataclass(frozen=True)
@@ -148,16 +152,30 @@ class WorldStore:
 
 
 class Emulator:
-    """The OpenAI Files + Batches API, minus HTTP. Thread safe; see the module doc for time."""
+    """The OpenAI Files + Batches API, minus HTTP. Thread safe; see the module doc for time.
+
+    Knobs, all keyword-only: `models` the model ids it serves (default: every id the
+    request schemas list; see models.py); `request_faults` and `expire_after` what goes
+    wrong inside new batches (see outcomes.BatchFaults; `batch_faults` can be replaced
+    while it runs); `max_requests` per batch (50,000) and `max_upload_bytes` per batch
+    input file (200 MB), lower to show the limits with small files; `seed` the order of
+    result lines (never the input order, as the real API promises none).
+    """
 
     def __init__(self, root: Path | None = None, timing: Timing = Timing(), fail_rate: float = 0.0,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, *, models: Iterable[str] | None = None,
+                 request_faults: Iterable[RequestFault] = (), expire_after: float | None = None,
+                 max_requests: int = MAX_REQUESTS, max_upload_bytes: int = files.MAX_BATCH_UPLOAD_BYTES,
+                 seed: int = 0):
         if not 0.0 <= fail_rate <= 1.0:
             raise ValueError(f"fail_rate must be between 0 and 1, not {fail_rate}")
         self.store = WorldStore(root)
         self.timing = timing
         self.fail_rate = fail_rate
         self.clock = clock
+        self.models = None if models is None else frozenset(models)
+        self.batch_faults = BatchFaults(requests=tuple(request_faults), expire_after=expire_after)
+        self.max_requests, self.max_upload_bytes, self.seed = max_requests, max_upload_bytes, seed
 
     @property
     def staging_dir(self) -> Path:
@@ -189,11 +207,14 @@ class Emulator:
         """Adopt an upload already written to `staged` (moved, never copied)."""
         try:
             self._check_upload(purpose, expires_after)
+            refusal = files.upload_refusal(purpose, filename, staged.stat().st_size, self.max_upload_bytes)
+            if refusal is not None:
+                raise bad_request(refusal, None, None)
         except EmulatorError:
             staged.unlink(missing_ok=True)
             raise
         with self._world() as (world, now):
-            expires_at = now + int(expires_after["seconds"]) if expires_after else None
+            expires_at = now + int(expires_after["seconds"]) if expires_after else files.default_expiry(purpose, now)
             return self._file_wire(self._add_file(world, staged, filename, purpose, now, expires_at))
 
     def upload_bytes(self, content: bytes, filename: str, purpose: str, expires_after: dict | None = None) -> dict:
@@ -310,7 +331,8 @@ class Emulator:
             "id": batch_id, "seq": self.store.next_seq(), "endpoint": body["endpoint"],
             "input_file_id": body["input_file_id"], "completion_window": body["completion_window"],
             "metadata": body.get("metadata"), "output_expires_after": body.get("output_expires_after"),
-            "timing": asdict(self.timing), "fail_rate": self.fail_rate,
+            "timing": asdict(self.timing), "fail_rate": self.fail_rate, "seed": self.seed,
+            "faults": self.batch_faults.model_dump(mode="json"),
             "status": "validating", "model": None, "errors": None, "created_at": now,
             "in_progress_at": None, "finalizing_at": None, "completed_at": None, "failed_at": None,
             "expired_at": None, "cancelling_at": None, "cancelled_at": None,
@@ -367,6 +389,9 @@ class Emulator:
         if status == "validating":
             return batch["created_at"] + timing["validating"], self._validated
         if status == "in_progress":
+            expire_after = batch.get("faults", {}).get("expire_after")
+            if expire_after is not None:  # a sandbox fault: the window closes part way through
+                return batch["in_progress_at"] + expire_after * timing["in_progress"], self._expire
             return batch["in_progress_at"] + timing["in_progress"], self._processed
         if status == "finalizing":
             return batch["finalizing_at"] + timing["finalizing"], self._completed
@@ -382,15 +407,20 @@ class Emulator:
             batch["status"], batch["failed_at"] = "failed", at
             return
         report = scan_input(self.store.content_path(input_file["id"]), batch["endpoint"])
-        if not report.ok:
-            batch["errors"] = _errors([{"code": p.code, "line": p.line, "message": p.message, "param": p.param}
-                                       for p in report.problems])
+        # The request limit is this emulator's (max_requests), not scan_input's fixed one.
+        errors = line_errors.api_worded([p for p in report.problems if p.code != "too_many_tasks"])
+        if report.requests > self.max_requests:
+            errors.insert(0, line_errors.too_many_tasks(self.max_requests))
+        if errors:
+            batch["errors"] = _errors(errors)
             batch["status"], batch["failed_at"] = "failed", at
             return
         batch["model"] = report.models[0] if report.models else None
         batch["total"] = report.requests
-        batch["planned_failures"] = sum(responses.request_fails(cid, batch["fail_rate"])
-                                        for cid, _ in self._requests(batch)) if batch["fail_rate"] else 0
+        faults = BatchFaults.model_validate(batch.get("faults", {}))
+        batch["failures"] = plan_failures(batch["endpoint"], self._requests(batch), models=self.models,
+                                          faults=faults.requests, fail_rate=batch["fail_rate"])
+        batch["planned_failures"] = len(batch["failures"])
         batch["status"], batch["in_progress_at"] = "in_progress", at
 
     def _processed(self, world: dict, batch: dict, at: float) -> None:
@@ -433,7 +463,7 @@ class Emulator:
         """Write the output and error files of the requests processed so far, and sum their usage."""
         if batch["total"] == 0 or batch["input_file_id"] not in world["files"]:
             return
-        results = _Results(self.staging_dir)
+        results = _Results(self.staging_dir, batch.get("seed", 0))
         try:
             self._replay(batch, int(at), expired, results)
         finally:
@@ -450,7 +480,8 @@ class Emulator:
         """
         left = {"ok": batch["counts"]["completed"], "failed": batch["counts"]["failed"]}
         for custom_id, body in self._requests(batch):
-            kind = "failed" if responses.request_fails(custom_id, batch["fail_rate"]) else "ok"
+            failure = _failure_of(batch, custom_id)
+            kind = "failed" if failure else "ok"
             if left[kind] == 0:
                 if expired:
                     results.write("error", responses.expired_line(batch["id"], custom_id))
@@ -461,7 +492,8 @@ class Emulator:
                 results.write("output", *responses.success_line(batch["id"], batch["endpoint"], custom_id,
                                                                 body, created))
             else:
-                results.write("error", responses.failure_line(batch["id"], custom_id))
+                results.write("error", responses.failure_line(batch["id"], custom_id, failure.status,
+                                                              failure.error_object()))
 
     def _adopt_result(self, world: dict, batch: dict, staged: Path, kind: str, lines: int,
                       at: float) -> str | None:
@@ -487,27 +519,50 @@ class Emulator:
 
 
 class _Results:
-    """A batch's output and error files while they are written, and the usage they add up to."""
+    """A batch's output and error files while they are written, and the usage they add up to.
 
-    def __init__(self, staging_dir: Path):
+    Lines are not written in input order: the real API promises no order, and a client
+    that matches results to requests by position must fail here, not in production.
+    Each block of SHUFFLE_BLOCK lines is shuffled (seeded, so reproducible) and written.
+    """
+
+    def __init__(self, staging_dir: Path, seed: int):
         self.files = {kind: tempfile.NamedTemporaryFile("wb", dir=staging_dir, delete=False)
                       for kind in ("output", "error")}
+        self.pending: dict[str, list[bytes]] = {"output": [], "error": []}
+        self.rng = random.Random(seed)
         self.lines = {"output": 0, "error": 0}
         self.expired = 0
         self.usage: dict | None = None
 
     def write(self, kind: str, line: dict, usage: dict | None = None) -> None:
-        self.files[kind].write(orjson.dumps(line) + b"\n")
+        self.pending[kind].append(orjson.dumps(line) + b"\n")
+        if len(self.pending[kind]) >= SHUFFLE_BLOCK:
+            self._flush(kind)
         self.lines[kind] += 1
         self.usage = responses.add_usage(self.usage, usage)
 
+    def _flush(self, kind: str) -> None:
+        self.rng.shuffle(self.pending[kind])
+        self.files[kind].writelines(self.pending[kind])
+        self.pending[kind] = []
+
     def close(self) -> dict[str, Path]:
-        for fh in self.files.values():
+        for kind, fh in self.files.items():
+            self._flush(kind)
             fh.close()
         return {kind: Path(fh.name) for kind, fh in self.files.items()}
 
 
 # --- request checks and small helpers ---
+
+def _failure_of(batch: dict, custom_id: str) -> RequestError | None:
+    """How this request of the batch fails, or None; decided in the validating step."""
+    failures = batch.get("failures")
+    if failures is None:  # a batch validated by an older sandbox: only fail_rate existed
+        return FAIL_RATE_ANSWER if responses.request_fails(custom_id, batch["fail_rate"]) else None
+    record = failures.get(custom_id)
+    return None if record is None else RequestError.from_record(record)
 
 def _find_batch(world: dict, batch_id: str) -> dict:
     batch = world["batches"].get(batch_id)

@@ -217,13 +217,11 @@ def success_line(batch_id: str, endpoint: str, custom_id: str, body: dict, creat
     return line, usage
 
 
-def failure_line(batch_id: str, custom_id: str) -> dict:
-    """One line of a batch error file: the request ran and the endpoint answered 400."""
+def failure_line(batch_id: str, custom_id: str, status: int, error: dict) -> dict:
+    """One line of a batch error file: the request ran and the endpoint answered `status` with `error`."""
     rng = random.Random(_seed(batch_id, custom_id))
-    error = {"message": "The emulator failed this request on purpose (fail_rate).",
-             "type": "invalid_request_error", "param": None, "code": None}
     return {"id": f"batch_req_{_hex(rng, 32)}", "custom_id": custom_id,
-            "response": {"status_code": 400, "request_id": _hex(rng, 32), "body": {"error": error}},
+            "response": {"status_code": status, "request_id": _hex(rng, 32), "body": {"error": error}},
             "error": None}
 
 

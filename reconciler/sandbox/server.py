@@ -37,6 +37,9 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from reconciler.errors import ConfigError
 from reconciler.sandbox.emulator import Emulator, EmulatorError, Timing, bad_request
+from reconciler.sandbox.files import content_disposition
+from reconciler.sandbox.models import models_from_env
+from reconciler.sandbox.outcomes import BatchFaults
 
 CHUNK = 1 << 20
 STEP_SECONDS_ENV = "BATCHPLAN_SANDBOX_STEP_SECONDS"
@@ -253,8 +256,10 @@ def files_delete(app: EmulatorServer, req: Request) -> Reply:
 
 
 def files_content(app: EmulatorServer, req: Request) -> Reply:
+    disposition = content_disposition(app.emulator.get_file(req.params["id"])["filename"])
     stream, size = app.emulator.open_content(req.params["id"])
-    return Reply(200, content_type="application/octet-stream", stream=stream, stream_size=size)
+    return Reply(200, content_type="application/octet-stream", headers={"Content-Disposition": disposition},
+                 stream=stream, stream_size=size)
 
 
 def batches_create(app: EmulatorServer, req: Request) -> Reply:
@@ -296,6 +301,18 @@ def control_get_faults(app: EmulatorServer, req: Request) -> Reply:
     return json_reply({"data": app.fault_status()})
 
 
+def control_set_batch_faults(app: EmulatorServer, req: Request) -> Reply:
+    try:
+        app.emulator.batch_faults = BatchFaults.model_validate(req.json())
+    except ValidationError as exc:
+        raise bad_request(f"Invalid batch faults: {exc}", "batch_faults") from None
+    return control_get_batch_faults(app, req)
+
+
+def control_get_batch_faults(app: EmulatorServer, req: Request) -> Reply:
+    return json_reply(app.emulator.batch_faults.model_dump(mode="json"))
+
+
 def control_requests(app: EmulatorServer, req: Request) -> Reply:
     return json_reply({"data": [entry._asdict() for entry in app.requests]})
 
@@ -329,6 +346,8 @@ CONTROL_ROUTES = _routes([
     ("POST", f"/_sandbox/files/{ID}/expire", control_expire_file),
     ("POST", "/_sandbox/faults", control_set_faults),
     ("GET", "/_sandbox/faults", control_get_faults),
+    ("POST", "/_sandbox/batch-faults", control_set_batch_faults),
+    ("GET", "/_sandbox/batch-faults", control_get_batch_faults),
     ("GET", "/_sandbox/requests", control_requests),
     ("POST", "/_sandbox/reset-log", control_reset_log),
 ])
@@ -743,15 +762,18 @@ def timing_from_env() -> Timing:
 
 def start_sandbox(root: Path, timing: Timing | None = None) -> EmulatorServer:
     """A started sandbox on 127.0.0.1 (free port) whose world persists under `root`; stop() it."""
-    emulator = Emulator(root, timing or timing_from_env())
+    emulator = Emulator(root, timing or timing_from_env(), models=models_from_env())
     return EmulatorServer(emulator, port=0, require_auth=False, owns_emulator=True).start()
 
 
 def serve(host: str = "127.0.0.1", port: int = 8089, root: Path | None = None, timing: Timing | None = None,
-          fail_rate: float = 0.0, latency: float = 0.0, require_auth: bool = True) -> None:
-    """Run a sandbox in the foreground until Ctrl-C or SIGTERM; one line per request goes to stderr."""
+          fail_rate: float = 0.0, latency: float = 0.0, require_auth: bool = True,
+          models: frozenset[str] | None = None) -> None:
+    """Run a sandbox in the foreground until Ctrl-C or SIGTERM; one line per request goes to stderr.
+
+    `models` (see models.py) defaults to the list `BATCHPLAN_SANDBOX_MODELS` names, else the built-in one."""
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM too ends cleanly: no temp world left
-    emulator = Emulator(root, timing or timing_from_env(), fail_rate)
+    emulator = Emulator(root, timing or timing_from_env(), fail_rate, models=models or models_from_env())
     server = EmulatorServer(emulator, host, port, latency, require_auth, log_stream=sys.stderr,
                             owns_emulator=True)
     where = f"world in {root}" if root is not None else "world in memory"
