@@ -25,14 +25,14 @@ caller passes a default. Embeddings produce no output tokens.
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 import orjson
 import toktok
 from pydantic import BaseModel, ConfigDict
+
+from .inputs import CacheFile, hash_file
 
 TOKENS_PER_MESSAGE = 3
 TOKENS_PER_NAME = 1
@@ -361,7 +361,7 @@ def count_file(path: Path, endpoint: str, default_max_output: int | None = None)
     return _file_tokens(sha256, endpoint, list(tallies.values()), default_max_output)
 
 
-class TokenCache:
+class TokenCache(CacheFile):
     """Token counts of input files by content hash and endpoint, in `state/tokens.json`.
 
     A sibling of the input hash cache (`state/cache.json`), per machine and git-ignored.
@@ -373,46 +373,29 @@ class TokenCache:
     VERSION = 1
 
     def __init__(self, path: Path | None):
-        self.path = path
-        self.entries: dict[str, list] = {}
-        self.dirty = False
+        super().__init__(path)
         self.counted = 0
-        if path is not None and path.exists():
-            try:
-                data = json.loads(path.read_text())
-                if data.get("version") == self.VERSION and isinstance(data.get("entries"), dict):
-                    self.entries = data["entries"]
-            except (OSError, ValueError, AttributeError):
-                self.entries = {}  # a cache is never precious: start again
 
     def count(self, path: Path, endpoint: str, sha256: str | None = None,
               default_max_output: int | None = None) -> FileTokens:
-        """The tokens of one file: from the cache when its `sha256` is known there, else counted."""
-        if sha256 is not None:
-            tallies = self._cached(f"{sha256} {endpoint}")
-            if tallies is not None:
-                return _file_tokens(sha256, endpoint, tallies, default_max_output)
-        self.counted += 1
-        sha256, counted = _count_tallies(path, endpoint)
-        self.entries[f"{sha256} {endpoint}"] = [t.to_json() for t in counted.values()]
-        self.dirty = True
-        return _file_tokens(sha256, endpoint, list(counted.values()), default_max_output)
+        """The tokens of one file: from the cache when its content is known there, else counted.
+
+        `sha256` is the file's hash when the caller has it (plan does); else it is computed,
+        which costs a small part of a count. What is counted is cached under the hash of what
+        was read, which the result carries.
+        """
+        sha256 = sha256 or hash_file(path)
+        tallies = self._cached(f"{sha256} {endpoint}")
+        if tallies is None:
+            self.counted += 1
+            sha256, counted = _count_tallies(path, endpoint)
+            tallies = list(counted.values())
+            self.entries[f"{sha256} {endpoint}"] = [t.to_json() for t in tallies]
+            self.dirty = True
+        return _file_tokens(sha256, endpoint, tallies, default_max_output)
 
     def _cached(self, key: str) -> list[_Tally] | None:
         try:
             return [_Tally.from_json(entry) for entry in self.entries[key]]
         except (KeyError, TypeError, ValueError, AttributeError):
             return None
-
-    def save(self) -> None:
-        """Best effort, atomic: a cache that cannot be written is simply not kept."""
-        if self.path is None or not self.dirty:
-            return
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"version": self.VERSION, "entries": self.entries}, sort_keys=True))
-            os.replace(tmp, self.path)
-            self.dirty = False
-        except OSError:
-            pass

@@ -270,9 +270,11 @@ def test_a_second_count_is_served_by_the_cache(tmp_path):
 def test_the_cache_is_keyed_by_what_was_read(tmp_path):
     path = write_jsonl(tmp_path / "in.jsonl", EMBEDDINGS, {"model": "text-embedding-3-small", "input": [1, 2]})
     cache = TokenCache(tmp_path / "tokens.json")
-    tokens = cache.count(path, EMBEDDINGS)  # no hash given: counted, and cached under the hash it read
+    tokens = cache.count(path, EMBEDDINGS)  # no hash given: hashed, counted and cached under that hash
     assert tokens.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
-    assert cache.count(path, EMBEDDINGS, sha256=tokens.sha256).input_tokens == 2 and cache.counted == 1
+    assert cache.count(path, EMBEDDINGS).input_tokens == 2 and cache.counted == 1
+    stale = cache.count(path, EMBEDDINGS, sha256="0" * 64)  # a caller's hash from before an edit
+    assert stale.sha256 == tokens.sha256 and cache.counted == 2  # counted, and says what it read
 
 
 @pytest.mark.parametrize("damage", [
