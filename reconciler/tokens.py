@@ -272,10 +272,10 @@ def _add_item(item: object, tally: _Tally) -> None:
         return
     if kind == "message":
         _add_message(item, tally)
-    elif kind.endswith("_call") or kind.endswith("_call_output"):
-        _add_tool_call(item, tally)
-    else:  # item_reference, reasoning, ...: text we cannot see or do not know how it is billed
+    elif kind in ("item_reference", "reasoning"):  # text we cannot see, or billed its own way
         tally.uncounted.add("stored or reasoning items")
+    else:  # function_call, function_call_output, web_search_call, mcp_list_tools, ...
+        _add_tool_call(item, tally)
 
 
 def _read_responses(body: dict, tally: _Tally) -> int | None:

@@ -156,6 +156,11 @@ def test_responses_string_input_instructions_and_message_lists(reference, tmp_pa
                                             "assistant", "Une image.") + 3)
     assert items.uncounted == ("images", "stored or reasoning items")
 
+    calls = count(tmp_path, RESPONSES, {"model": "gpt-5", "tools": [{"type": "function", "name": "add"}], "input": [
+        {"type": "function_call", "call_id": "c1", "name": "add", "arguments": "{\"a\": 2}"},
+        {"type": "function_call_output", "call_id": "c1", "output": "4"}]})
+    assert (calls.input_tokens, calls.uncounted) == (o200k("add", "{\"a\": 2}", "4") + 3, ("tools",))
+
 
 def test_embeddings_strings_and_token_arrays(reference, tmp_path):
     cl100k = lambda *texts: n(reference, "cl100k_base", *texts)  # noqa: E731
@@ -179,11 +184,14 @@ def test_completions_prompts_and_their_default_bound(reference, tmp_path):
 
 def test_an_unknown_model_is_counted_with_o200k_and_says_so(reference, tmp_path):
     tokens = count_file(write_jsonl(tmp_path / "u.jsonl", CHAT,
-                                    {"model": "acme-llm-7", "messages": [{"role": "user", "content": "Hello there"}]}),
+                                    {"model": "acme-llm-7", "messages": [{"role": "user", "content": "Hello there"}]},
+                                    {"model": "gpt-4o", "messages": [{"role": "user", "content": [
+                                        {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}]}),
                         CHAT)
     assert tokens.unknown_models == ["acme-llm-7"]
     assert tokens.models[0].input_tokens == 3 + n(reference, "o200k_base", "user", "Hello there") + 3
-    assert tokens.notes() == ["model 'acme-llm-7' is not known to batchplan: counted with o200k_base"]
+    assert tokens.notes() == ["model 'acme-llm-7' is not known to batchplan: counted with o200k_base",
+                              "gpt-4o: images not counted; input tokens are a lower bound"]
 
 
 def test_several_models_in_one_file_are_counted_per_model(tmp_path):
