@@ -279,7 +279,42 @@ def hash_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-class HashCache:
+class CacheFile:
+    """A per-machine cache kept as one JSON file, `{"version": VERSION, "entries": {...}}`.
+
+    Never precious: a file that is missing, damaged or of another VERSION is started
+    again, and one that cannot be written is simply not kept.
+    """
+
+    VERSION = 0
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.entries: dict = {}
+        self.dirty = False
+        if path is not None and path.exists():
+            try:
+                data = json.loads(path.read_text())
+                if data.get("version") == self.VERSION and isinstance(data.get("entries"), dict):
+                    self.entries = data["entries"]
+            except (OSError, ValueError, AttributeError):
+                self.entries = {}
+
+    def save(self) -> None:
+        """Best effort, atomic."""
+        if self.path is None or not self.dirty:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"version": self.VERSION, "entries": self.entries}, sort_keys=True))
+            os.replace(tmp, self.path)
+            self.dirty = False
+        except OSError:
+            pass
+
+
+class HashCache(CacheFile):
     """sha256 and validation results of input files, keyed by path, size, mtime and endpoint.
 
     Kept in `state/cache.json`, apart from the reviewed state: mtimes are per machine.
@@ -290,18 +325,6 @@ class HashCache:
 
     VERSION = 2
     RACY_SECONDS = 2.0
-
-    def __init__(self, path: Path | None):
-        self.path = path
-        self.entries: dict[str, dict] = {}
-        self.dirty = False
-        if path is not None and path.exists():
-            try:
-                data = json.loads(path.read_text())
-                if data.get("version") == self.VERSION:
-                    self.entries = data.get("entries", {})
-            except (OSError, ValueError, AttributeError):
-                self.entries = {}  # a cache is never precious: start again
 
     def scan(self, path: Path, endpoint: str) -> InputReport:
         """The report for one file: from the cache when unchanged, else from `scan_input` (then cached)."""
@@ -318,19 +341,6 @@ class HashCache:
                                        "models": report.models}
             self.dirty = True
         return report
-
-    def save(self) -> None:
-        """Best effort, atomic: a cache that cannot be written is simply not kept."""
-        if self.path is None or not self.dirty:
-            return
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"version": self.VERSION, "entries": self.entries}, sort_keys=True))
-            os.replace(tmp, self.path)
-            self.dirty = False
-        except OSError:
-            pass
 
 
 def _stat_key(path: Path) -> tuple[int, int]:
