@@ -53,6 +53,10 @@ def test_schema_is_created_on_first_use_with_a_version_row_and_no_state_loads_as
     assert query(pg_url, "SELECT version FROM batchplan.schema_version") == [(postgres.SCHEMA_VERSION,)]
     tables = query(pg_url, "SELECT tablename FROM pg_tables WHERE schemaname = 'batchplan' ORDER BY 1")
     assert tables == [("backup",), ("history",), ("lock",), ("schema_version",), ("state",)]
+    compression = query(pg_url, "SELECT c.relname, a.attcompression FROM pg_attribute a JOIN pg_class c ON "
+                                "c.oid = a.attrelid WHERE c.relnamespace = 'batchplan'::regnamespace AND "
+                                "a.attname = 'document' ORDER BY 1")
+    assert compression == [("backup", "l"), ("history", "l"), ("state", "l")]  # lz4: this server has it
 
 
 def test_two_first_uses_at_once_create_the_schema_once(pg_store, pg_url):
