@@ -86,8 +86,9 @@ def test_a_schema_from_a_newer_batchplan_is_refused(pg_store, pg_url):
     store = pg_store()
     with pytest.raises(StateError) as caught:
         store.load()
-    assert str(caught.value) == (f"{store.location}: the database holds batchplan schema version 99, this "
-                                 f"batchplan knows up to {postgres.SCHEMA_VERSION}; upgrade batchplan to use this state")
+    assert str(caught.value) == (
+        f"{store.location}: the database holds batchplan schema version 99, this batchplan knows up to "
+        f"{postgres.SCHEMA_VERSION}; upgrade batchplan to use this state")
 
 
 def test_save_then_load_round_trips_the_state_with_lineage_and_serial(pg_store, pg_url):
