@@ -319,6 +319,8 @@ def test_a_missing_database_is_one_line_and_no_message_shows_the_password(pg_url
 @pytest.mark.parametrize(("url", "workspace", "message"), [
     ("mysql://bob:s3cret@db/x", "default", "mysql://bob:***@db/x: not a PostgreSQL URL; write "
      "postgresql://USER@HOST:PORT/DATABASE and give the password in PGPASSWORD or ~/.pgpass"),
+    ("host=db password=s3cret", "default", "the state location: not a PostgreSQL URL; write "
+     "postgresql://USER@HOST:PORT/DATABASE and give the password in PGPASSWORD or ~/.pgpass"),
     ("postgresql://bob@db/x", "", "workspace '': use 1 to 64 letters, digits, '.', '_' or '-', starting "
      "with a letter or digit"),
     ("postgresql://bob@db/x", "prod env", "workspace 'prod env': use 1 to 64 letters, digits, '.', '_' or '-', "

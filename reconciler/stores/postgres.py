@@ -151,12 +151,13 @@ class PostgresStore(StateStore):
 
     def __init__(self, url: str, workspace: str = "default"):
         if not url.startswith(("postgresql://", "postgres://")):
-            raise StateError(f"{masked_url(url)}: not a PostgreSQL URL; write postgresql://USER@HOST:PORT/DATABASE "
+            shown = masked_url(url) if "://" in url else "the state location"  # `key=value` text may hold a password
+            raise StateError(f"{shown}: not a PostgreSQL URL; write postgresql://USER@HOST:PORT/DATABASE "
                              "and give the password in PGPASSWORD or ~/.pgpass")
         if not _WORKSPACE.fullmatch(workspace):
             raise StateError(f"workspace {workspace!r}: use 1 to 64 letters, digits, '.', '_' or '-', "
                              "starting with a letter or digit")
-        self.url = url
+        self._url = url  # private: it may hold the password; show `location`
         self.workspace = workspace
         self.location = f"{masked_url(url)} (workspace {workspace})"
         self._secret = _password(url)
@@ -187,10 +188,10 @@ class PostgresStore(StateStore):
     def _connect(self) -> psycopg.Connection:
         psycopg = _psycopg()
         try:
-            given = psycopg.conninfo.conninfo_to_dict(self.url)
+            given = psycopg.conninfo.conninfo_to_dict(self._url)
             defaults = {"connect_timeout": CONNECT_TIMEOUT_SECONDS, "application_name": "batchplan"}
             extra = {key: value for key, value in defaults.items() if key not in given}
-            conn = psycopg.connect(self.url, autocommit=True, **extra)
+            conn = psycopg.connect(self._url, autocommit=True, **extra)
         except psycopg.Error as exc:
             raise StateError(self._message(
                 f"cannot connect to the state database: {_one_line(exc)}; check the URL, that the server is "
