@@ -9,6 +9,7 @@ import pytest
 from reconciler.sandbox import Emulator, EmulatorServer, Timing
 
 FAST = Timing.uniform(0.05)
+pytest_plugins = ["tests.conftest_pg"]  # pg_server_url, pg_url, pg_store: a real PostgreSQL
 
 
 @pytest.fixture

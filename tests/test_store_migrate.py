@@ -1,0 +1,64 @@
+"""`migrate(source, target, force)` between real stores: PostgreSQL workspaces here (the file
+store joins these tests once stores/file.py lands)."""
+
+from __future__ import annotations
+
+import pytest
+
+from reconciler.errors import LockError, StateError
+from reconciler.state import Entry, State
+from reconciler.stores.base import LockInfo
+from reconciler.stores.migrate import migrate
+
+
+def stored_state(store, entries: int, serial: int) -> State:
+    state = State(serial=serial)
+    for n in range(entries):
+        state.entries[f"spec-{n}"] = Entry(spec_hash=f"h{n}", fields={"n": n})
+    store.save(state, None)
+    return state
+
+
+def test_migrate_copies_the_state_with_its_lineage_and_serial_and_unlocks_both(pg_store):
+    source, target = pg_store("dev"), pg_store("prod")
+    original = stored_state(source, entries=3, serial=7)
+    assert migrate(source, target) == original
+    copied = pg_store("prod").load()
+    assert copied == original and (copied.lineage, copied.serial) == (original.lineage, 7)
+    assert source.load() == original
+    assert source.holder() is None and target.holder() is None
+
+
+def test_migrate_refuses_a_target_that_holds_a_state_unless_forced(pg_store):
+    source, target = pg_store("dev"), pg_store("prod")
+    original = stored_state(source, entries=3, serial=7)
+    there = stored_state(target, entries=1, serial=2)
+    with pytest.raises(StateError) as caught:
+        migrate(source, target)
+    assert str(caught.value) == (
+        f"{target.location}: already holds a state (lineage {there.lineage}, serial 2); nothing was copied. "
+        "Force the migration to replace it (its version is kept as the target's backup)")
+    assert target.load() == there and target.holder() is None and source.holder() is None
+
+    migrate(source, target, force=True)
+    assert target.load() == original
+    assert target.load_backup() == there
+
+
+def test_migrate_of_an_empty_source_or_onto_itself_is_refused(pg_store):
+    source, target = pg_store("dev"), pg_store("prod")
+    with pytest.raises(StateError, match=r"\(workspace dev\): holds no state; nothing to migrate$"):
+        migrate(source, target)
+    with pytest.raises(StateError, match=r"the source and the target of the migration are the same store$"):
+        migrate(source, pg_store("dev"))
+    assert target.load() is None
+
+
+def test_migrate_waits_for_no_one_and_writes_nothing_while_the_target_is_locked(pg_store):
+    source, target, busy = pg_store("dev"), pg_store("prod"), pg_store("prod")
+    stored_state(source, entries=1, serial=1)
+    busy.lock(LockInfo.new("batchplan apply"), 0)
+    with pytest.raises(LockError, match=r"the state is locked by .*batchplan apply"):
+        migrate(source, target)
+    assert target.load() is None
+    assert source.holder() is None  # the source's lock was given back
