@@ -36,7 +36,6 @@ MAX_EMBEDDING_INPUTS = 50_000
 MAX_REPORTED = 20
 CHUNK = 1 << 20  # bytes read (and hashed) at a time
 REQUIRED_FIELDS = ("custom_id", "method", "url", "body")
-REQUIRED_KEYS = frozenset(REQUIRED_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -84,7 +83,6 @@ class _Scanner:
         self.endpoint = endpoint
         self.report = report
         self.limit = limit
-        self.requests = 0
         self.first_line_of: dict[str, int] = {}  # per shard when split: a shard is one batch
         self.model_line: dict[str, int] = {}
         self.embeddings = endpoint == "/v1/embeddings"
@@ -98,8 +96,7 @@ class _Scanner:
 
     def feed(self, raw: bytes | bytearray | memoryview, n: int, start: int = 0, stop: int = 0) -> None:
         """Check line `n`, which holds bytes [start, stop) of the file (its newline included)."""
-        self.requests += 1
-        if self.requests == self.too_many_requests_at:
+        if n == self.too_many_requests_at:
             self.problem("too_many_tasks",
                          f"more than {MAX_REQUESTS:,} requests, the Batch API's limit; split the file", n)
         try:
@@ -107,17 +104,17 @@ class _Scanner:
         except orjson.JSONDecodeError as exc:
             return self.bad_json(raw, exc, n, start, stop)
         inputs = _embedding_inputs(request) if self.embeddings else 0
-        if self.splitter is not None:
-            self.place(inputs, n, start, stop)
-        if type(request) is not dict or not request.keys() >= REQUIRED_KEYS:
+        if self.splitter is not None and self.splitter.place(start, stop, inputs, n):
+            self.first_line_of = {}  # a new shard, a new batch: its custom_ids start afresh
+        try:  # a list or a string raises TypeError here
+            custom_id, method, url, body = request["custom_id"], request["method"], request["url"], request["body"]
+        except (KeyError, TypeError):
             return self.bad_shape(request, n)
-        custom_id, body = request["custom_id"], request["body"]
-        if type(custom_id) is str and custom_id and custom_id not in self.first_line_of:
-            self.first_line_of[custom_id] = n
-        else:
+        # setdefault hands back `n` itself only when custom_id is new
+        if type(custom_id) is not str or not custom_id or self.first_line_of.setdefault(custom_id, n) is not n:
             self.bad_custom_id(custom_id, n)
-        if request["method"] != "POST" or request["url"] != self.endpoint:
-            self.bad_route(request["method"], request["url"], n)
+        if method != "POST" or url != self.endpoint:
+            self.bad_route(method, url, n)
         if type(body) is not dict:
             return self.problem("invalid_request", f"must be a JSON object, not {_short(body)}", n, "body")
         model = body.get("model")
@@ -126,15 +123,11 @@ class _Scanner:
         if self.embeddings:
             self.count_inputs(inputs, n)
 
-    def place(self, inputs: int, n: int, start: int, stop: int) -> None:
-        """Give the line to the splitter; a new shard starts a new set of custom_ids."""
-        if self.splitter.place(start, stop, inputs, n):
-            self.first_line_of = {}
-
     def bad_json(self, raw: bytes | bytearray | memoryview, exc: orjson.JSONDecodeError, n: int,
                  start: int, stop: int) -> None:
         if self.splitter is not None:
-            self.place(0, n, start, stop)
+            if self.splitter.place(start, stop, 0, n):
+                self.first_line_of = {}
             if stop - start > self.splitter.max_bytes:
                 return  # only a prefix was kept (see _lines); the splitter names the line
         self.problem("invalid_json_line", _json_error(raw, exc), n)
@@ -309,6 +302,7 @@ def scan_input(path: Path, endpoint: str, *, limit: int = MAX_REPORTED, chunk_si
     max_line = MAX_BYTES if splitter is None else splitter.begin(path, scanner.problem)
     try:
         with path.open("rb", buffering=0) as fh:
+            n = 0
             for n, (raw, start, stop) in enumerate(_lines(fh, chunk_size, digest, max_line), start=1):
                 scanner.feed(raw, n, start, stop)
     except BaseException:
@@ -318,7 +312,7 @@ def scan_input(path: Path, endpoint: str, *, limit: int = MAX_REPORTED, chunk_si
             splitter.cancel()
         raise
     report.sha256 = background.hexdigest() if background else digest.hexdigest()
-    report.requests = scanner.requests
+    report.requests = n
     if splitter:
         report.shards = splitter.finish(report.sha256)
     if report.requests == 0:
