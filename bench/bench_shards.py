@@ -109,6 +109,40 @@ def check_order(path: Path, requests: int) -> None:
         raise SystemExit(f"{path}: results are not in input order")
 
 
+def measure_split(path: Path, repeat: int) -> tuple[list[list], dict]:
+    """Rows for the plain read, the split and one shard's verified read; and what the split said."""
+    mb = path.stat().st_size / MB
+    plain, plain_run = child(PLAIN_READ, str(path), repeat=repeat)
+    split, split_run = child(SPLIT, str(path), ENDPOINT, repeat=repeat)
+    _, phrase, shards_json = split_run.out.split("\n", 2)
+    shards = json.loads(shards_json)
+    one, one_run = child(ONE_SHARD, str(path), json.dumps(shards[0]), repeat=repeat)
+    one_mb = shards[0]["end"] / MB
+    rows = [["plain sha256 read", plain, mb / plain, 1.0, plain_run.seconds, plain_run.max_rss_mb],
+            ["split_input: validate + hash + split", split, mb / split, split / plain, split_run.seconds,
+             split_run.max_rss_mb],
+            [f"one shard ({one_mb:.0f} MB), verified while read", one, one_mb / one,
+             one / (plain * one_mb / mb), one_run.seconds, one_run.max_rss_mb]]
+    return rows, {"phrase": phrase, "shards": shards, "ratio": split / plain, "rss": split_run.max_rss_mb}
+
+
+def measure_merges(root: Path, path: Path, shards: list[dict], requests: int) -> tuple[list[list], dict]:
+    """Rows for both merges of every shard's (shuffled) results; and their peak RSS."""
+    (root / "shards.json").write_text(json.dumps(shards))
+    results = write_results(root, shards)
+    results_mb = sum(r.stat().st_size for r in results) / MB
+    rows, rss = [], {}
+    for what in ("input-order", "shard-order"):
+        dest = root / f"merged-{what}.jsonl"
+        seconds, merged = child(MERGE, what, str(path), str(root / "shards.json"), str(dest), *map(str, results))
+        if what == "input-order":
+            check_order(dest, requests)
+        rss[what] = merged.max_rss_mb
+        rows.append([f"merge {len(results)} shards' results ({results_mb:.0f} MB), {what}", seconds,
+                     results_mb / seconds, "-", merged.seconds, merged.max_rss_mb])
+    return rows, rss
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=1_000_000, help="requests in the input [1000000]")
@@ -120,41 +154,20 @@ def main() -> int:
     try:
         path = root / "big.jsonl"
         generate(path, args.mb, args.requests)
-        mb = path.stat().st_size / MB
-        print(f"batchplan shards bench: {mb:,.0f} MB, {args.requests:,} requests, {os.cpu_count()} CPUs\n", flush=True)
-        plain, plain_run = child(PLAIN_READ, str(path), repeat=args.repeat)
-        split, split_run = child(SPLIT, str(path), ENDPOINT, repeat=args.repeat)
-        _, phrase, shards_json = split_run.out.split("\n", 2)
-        shards = json.loads(shards_json)
-        (root / "shards.json").write_text(shards_json)
-        one, one_run = child(ONE_SHARD, str(path), json.dumps(shards[0]), repeat=args.repeat)
-        one_mb = shards[0]["end"] / MB
-        rows = [["plain sha256 read", plain, mb / plain, 1.0, plain_run.seconds, plain_run.max_rss_mb],
-                ["split_input: validate + hash + split", split, mb / split, split / plain, split_run.seconds,
-                 split_run.max_rss_mb],
-                [f"one shard ({one_mb:.0f} MB), verified while read", one, one_mb / one,
-                 one / (plain * one_mb / mb), one_run.seconds, one_run.max_rss_mb]]
-        results = write_results(root, shards)
-        results_mb = sum(r.stat().st_size for r in results) / MB
-        merges = {}
-        for what in ("input-order", "shard-order"):
-            dest = root / f"merged-{what}.jsonl"
-            seconds, merged = child(MERGE, what, str(path), str(root / "shards.json"), str(dest), *map(str, results))
-            if what == "input-order":
-                check_order(dest, args.requests)
-            merges[what] = merged
-            rows.append([f"merge {len(results)} shards' results ({results_mb:.0f} MB), {what}", seconds,
-                         results_mb / seconds, "-", merged.seconds, merged.max_rss_mb])
+        print(f"batchplan shards bench: {path.stat().st_size / MB:,.0f} MB, {args.requests:,} requests, "
+              f"{os.cpu_count()} CPUs\n", flush=True)
+        rows, split = measure_split(path, args.repeat)
+        merge_rows, merge_rss = measure_merges(root, path, split["shards"], args.requests)
     finally:
         cleanup(root)
 
-    print(table(["", "work s", "MB/s", "x plain read", "process s", "peak RSS MB"], rows))
-    print(f"\nSplit: {phrase}")
+    print(table(["", "work s", "MB/s", "x plain read", "process s", "peak RSS MB"], rows + merge_rows))
+    print(f"\nSplit: {split['phrase']}")
     print("\nTargets:")
-    print(f"  split within 3x of the plain read: {split / plain:.2f}x  {verdict(split <= 3 * plain)}")
-    print(f"  split peak RSS <= 150 MB: {split_run.max_rss_mb:.0f} MB  {verdict(split_run.max_rss_mb <= 150)}")
-    for what, merged in merges.items():
-        print(f"  merge ({what}) peak RSS <= 100 MB: {merged.max_rss_mb:.0f} MB  {verdict(merged.max_rss_mb <= 100)}")
+    print(f"  split within 3x of the plain read: {split['ratio']:.2f}x  {verdict(split['ratio'] <= 3)}")
+    print(f"  split peak RSS <= 150 MB: {split['rss']:.0f} MB  {verdict(split['rss'] <= 150)}")
+    for what, rss in merge_rss.items():
+        print(f"  merge ({what}) peak RSS <= 100 MB: {rss:.0f} MB  {verdict(rss <= 100)}")
     return 0
 
 

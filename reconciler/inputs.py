@@ -302,7 +302,7 @@ def scan_input(path: Path, endpoint: str, *, limit: int = MAX_REPORTED, chunk_si
     max_line = MAX_BYTES if splitter is None else splitter.begin(path, scanner.problem)
     try:
         with path.open("rb", buffering=0) as fh:
-            n = 0
+            n = stop = 0
             for n, (raw, start, stop) in enumerate(_lines(fh, chunk_size, digest, max_line), start=1):
                 scanner.feed(raw, n, start, stop)
     except BaseException:
@@ -314,7 +314,7 @@ def scan_input(path: Path, endpoint: str, *, limit: int = MAX_REPORTED, chunk_si
     report.sha256 = background.hexdigest() if background else digest.hexdigest()
     report.requests = n
     if splitter:
-        report.shards = splitter.finish(report.sha256)
+        report.shards = splitter.finish(report.sha256, n, stop)
     if report.requests == 0:
         report.add(LineProblem("empty_file", "the file holds no requests; add at least one line"), limit)
     return report

@@ -373,3 +373,17 @@ def test_a_merge_that_fails_leaves_nothing_behind(tmp_path):
     with pytest.raises(FileNotFoundError):
         merge_jsonl([tmp_path / "a", tmp_path / "missing"], tmp_path / "out" / "merged.jsonl")
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_merge_finds_custom_ids_wherever_the_line_puts_them(tmp_path):
+    ids = ['a"quoted', "é", "plain"]
+    lines = [{"body": {"custom_id": "nested", "model": "m", "messages": []}, "method": "POST", "url": ENDPOINT,
+              "custom_id": custom_id} for custom_id in ids]
+    path = write_jsonl(tmp_path / "in.jsonl", lines)
+    shards = split_input(path, ENDPOINT).shards
+    results = tmp_path / "out.jsonl"
+    answers = {c: json.dumps({"id": f"batch_req_{i}", "custom_id": c, "response": None}).encode() + b"\n"
+               for i, c in enumerate(ids)}
+    results.write_bytes(answers["plain"] + answers["é"] + answers['a"quoted'])
+    merge_in_input_order(path, shards, [results], tmp_path / "merged.jsonl")
+    assert (tmp_path / "merged.jsonl").read_bytes() == b"".join(answers[c] for c in ids)
