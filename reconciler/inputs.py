@@ -7,6 +7,10 @@ whole file in memory.
 
 The sandbox emulator reuses `scan_input` to decide whether a batch fails its
 `validating` step, so the problem codes are the API's own error codes.
+
+Given a `Splitter` (reconciler/shards.py), the same pass also cuts a file over the
+API's limits into shards: the scanner hands it each line's byte range and embedding
+input count, and the file-level limits become the splitter's business.
 """
 
 from __future__ import annotations
@@ -19,9 +23,12 @@ import time
 from dataclasses import dataclass, field
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import orjson
+
+if TYPE_CHECKING:
+    from .shards import Shard, Splitter
 
 MAX_BYTES = 200 * 1024 * 1024
 MAX_REQUESTS = 50_000
@@ -29,7 +36,6 @@ MAX_EMBEDDING_INPUTS = 50_000
 MAX_REPORTED = 20
 CHUNK = 1 << 20  # bytes read (and hashed) at a time
 REQUIRED_FIELDS = ("custom_id", "method", "url", "body")
-REQUIRED_KEYS = frozenset(REQUIRED_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,7 @@ class InputReport:
     embedding_inputs: int = 0
     problems: list[LineProblem] = field(default_factory=list)
     more_problems: int = 0
+    shards: list[Shard] = field(default_factory=list)  # filled only when scanned with a Splitter
 
     @property
     def ok(self) -> bool:
@@ -72,43 +79,58 @@ class _Scanner:
     anything wrong to a helper that words the problem.
     """
 
-    def __init__(self, endpoint: str, report: InputReport, limit: int):
+    def __init__(self, endpoint: str, report: InputReport, limit: int, splitter: Splitter | None = None):
         self.endpoint = endpoint
         self.report = report
         self.limit = limit
-        self.requests = 0
-        self.first_line_of: dict[str, int] = {}
+        self.first_line_of: dict[str, int] = {}  # per shard when split: a shard is one batch
         self.model_line: dict[str, int] = {}
         self.embeddings = endpoint == "/v1/embeddings"
+        self.splitter = splitter
+        # A split file has no file-level limits: 0 and -1 are never reached.
+        self.too_many_requests_at = MAX_REQUESTS + 1 if splitter is None else 0
+        self.max_inputs = MAX_EMBEDDING_INPUTS if splitter is None else -1
 
     def problem(self, code: str, message: str, line: int | None, param: str | None = None) -> None:
         self.report.add(LineProblem(code, message, line, param), self.limit)
 
-    def feed(self, raw: bytes | bytearray | memoryview, n: int) -> None:
-        self.requests += 1
-        if self.requests == MAX_REQUESTS + 1:
+    def feed(self, raw: bytes | bytearray | memoryview, n: int, start: int = 0, stop: int = 0) -> None:
+        """Check line `n`, which holds bytes [start, stop) of the file (its newline included)."""
+        if n == self.too_many_requests_at:
             self.problem("too_many_tasks",
                          f"more than {MAX_REQUESTS:,} requests, the Batch API's limit; split the file", n)
         try:
             request = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
-            return self.problem("invalid_json_line", _json_error(raw, exc), n)
-        if type(request) is not dict or not request.keys() >= REQUIRED_KEYS:
+            return self.bad_json(raw, exc, n, start, stop)
+        inputs = _embedding_inputs(request) if self.embeddings else 0
+        if self.splitter is not None and self.splitter.place(start, stop, inputs, n):
+            self.first_line_of = {}  # a new shard, a new batch: its custom_ids start afresh
+        try:  # a list or a string raises TypeError here
+            custom_id, method, url, body = request["custom_id"], request["method"], request["url"], request["body"]
+        except (KeyError, TypeError):
             return self.bad_shape(request, n)
-        custom_id, body = request["custom_id"], request["body"]
-        if type(custom_id) is str and custom_id and custom_id not in self.first_line_of:
-            self.first_line_of[custom_id] = n
-        else:
+        # setdefault hands back `n` itself only when custom_id is new
+        if type(custom_id) is not str or not custom_id or self.first_line_of.setdefault(custom_id, n) is not n:
             self.bad_custom_id(custom_id, n)
-        if request["method"] != "POST" or request["url"] != self.endpoint:
-            self.bad_route(request["method"], request["url"], n)
+        if method != "POST" or url != self.endpoint:
+            self.bad_route(method, url, n)
         if type(body) is not dict:
             return self.problem("invalid_request", f"must be a JSON object, not {_short(body)}", n, "body")
         model = body.get("model")
         if model not in self.model_line and type(model) is str:
             self.new_model(model, n)
         if self.embeddings:
-            self.count_inputs(body.get("input"), n)
+            self.count_inputs(inputs, n)
+
+    def bad_json(self, raw: bytes | bytearray | memoryview, exc: orjson.JSONDecodeError, n: int,
+                 start: int, stop: int) -> None:
+        if self.splitter is not None:
+            if self.splitter.place(start, stop, 0, n):
+                self.first_line_of = {}
+            if stop - start > self.splitter.max_bytes:
+                return  # only a prefix was kept (see _lines); the splitter names the line
+        self.problem("invalid_json_line", _json_error(raw, exc), n)
 
     def bad_shape(self, request: object, n: int) -> None:
         if type(request) is not dict:
@@ -124,8 +146,9 @@ class _Scanner:
             return self.problem("invalid_request", f"must be a non-empty string, not {_short(custom_id)}",
                                 n, "custom_id")
         first = self.first_line_of[custom_id]
+        scope = "the file" if self.splitter is None else "its shard (each shard is one batch)"
         self.problem("duplicate_custom_id", f"{custom_id!r} is used on line {first} and line {n}; "
-                     "each custom_id must be unique in the file", n, "custom_id")
+                     f"each custom_id must be unique in {scope}", n, "custom_id")
 
     def bad_route(self, method: object, url: object, n: int) -> None:
         if method != "POST":
@@ -143,12 +166,21 @@ class _Scanner:
                          f"{self.model_line[first_model]}; a batch uses one model, so split the file",
                          n, "body.model")
 
-    def count_inputs(self, inputs: object, n: int) -> None:
+    def count_inputs(self, inputs: int, n: int) -> None:
         before = self.report.embedding_inputs
-        self.report.embedding_inputs += len(inputs) if type(inputs) is list else 1
-        if before <= MAX_EMBEDDING_INPUTS < self.report.embedding_inputs:
+        self.report.embedding_inputs += inputs
+        if before <= self.max_inputs < self.report.embedding_inputs:
             self.problem("too_many_inputs", f"more than {MAX_EMBEDDING_INPUTS:,} embedding inputs in the file "
                          "(each item of an input list counts); split the file", n, "body.input")
+
+
+def _embedding_inputs(request: object) -> int:
+    """How many embedding inputs a request line holds: each item of an `input` list counts."""
+    body = request.get("body") if type(request) is dict else None
+    if type(body) is not dict:
+        return 0
+    inputs = body.get("input")
+    return len(inputs) if type(inputs) is list else 1
 
 
 def _json_error(raw: bytes | bytearray | memoryview, exc: orjson.JSONDecodeError) -> str:
@@ -172,31 +204,41 @@ def _short(value: object) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _lines(fh: BinaryIO, chunk_size: int,
-           digest: hashlib._Hash | None) -> Iterator[bytes | bytearray | memoryview]:
-    """Every line of a binary file, without its newline; each chunk read is hashed into `digest`.
+Line = tuple[bytes | bytearray | memoryview, int, int]
+
+
+def _lines(fh: BinaryIO, chunk_size: int, digest: hashlib._Hash | None,
+           max_line: int = MAX_BYTES) -> Iterator[Line]:
+    """Every line of a binary file as (text without its newline, start, stop): it holds bytes
+    [start, stop) of the file, newline included. Each chunk read is hashed into `digest`.
 
     Reads `chunk_size` bytes at a time and hands out memoryview slices of the chunk, so a line
-    costs no copy; only a line that spans chunks is assembled (in a bytearray).
+    costs no copy; only a line that spans chunks is assembled (in a bytearray), and of a line
+    over `max_line` bytes only a prefix is kept: it cannot be sent, so it is never parsed.
     """
-    pending = bytearray()
+    pending, pending_start, offset = bytearray(), 0, 0
     while chunk := fh.read(chunk_size):
         if digest is not None:
             digest.update(chunk)
         view = memoryview(chunk)
         start, end = 0, chunk.find(b"\n")
         if pending and end != -1:
-            pending += view[:end]
-            yield pending
+            if len(pending) <= max_line:
+                pending += view[:end]
+            yield pending, pending_start, offset + end + 1
             pending = bytearray()
             start, end = end + 1, chunk.find(b"\n", end + 1)
         while end != -1:
-            yield view[start:end]
+            yield view[start:end], offset + start, offset + end + 1
             start = end + 1
             end = chunk.find(b"\n", start)
-        pending += view[start:]
+        if not pending:
+            pending_start = offset + start
+        if len(pending) <= max_line:
+            pending += view[start:]
+        offset += len(chunk)
     if pending:
-        yield pending
+        yield pending, pending_start, offset
 
 
 class _BackgroundHash:
@@ -239,32 +281,40 @@ class _BackgroundHash:
         self.thread.join()
 
 
-def scan_input(path: Path, endpoint: str, *, limit: int = MAX_REPORTED, chunk_size: int = CHUNK) -> InputReport:
+def scan_input(path: Path, endpoint: str, *, limit: int = MAX_REPORTED, chunk_size: int = CHUNK,
+               splitter: Splitter | None = None) -> InputReport:
     """Hash and validate one JSONL input file, streaming (large files: see _BackgroundHash).
 
-    A file over the size limit is refused without being read. OSError is left to the
-    caller, who knows which spec the file belongs to.
+    Without a splitter, a file over the size limit is refused without being read; with
+    one, every file is read and cut into `report.shards`. OSError is left to the caller,
+    who knows which spec the file belongs to.
     """
     report = InputReport()
     report.size = path.stat().st_size
-    if report.size > MAX_BYTES:
+    if report.size > MAX_BYTES and splitter is None:
         report.add(LineProblem("file_too_large", f"{report.size:,} bytes is over the Batch API's limit of "
                                f"{MAX_BYTES // 2**20} MB; split the file"), limit)
         return report
-    scanner = _Scanner(endpoint, report, limit)
+    scanner = _Scanner(endpoint, report, limit, splitter)
     # A small file is hashed as it is read: a thread would cost more than it saves.
     background = _BackgroundHash(path) if report.size > _BackgroundHash.PIECE else None
     digest = None if background else hashlib.sha256()
+    max_line = MAX_BYTES if splitter is None else splitter.begin(path, scanner.problem)
     try:
         with path.open("rb", buffering=0) as fh:
-            for n, raw in enumerate(_lines(fh, chunk_size, digest), start=1):
-                scanner.feed(raw, n)
+            n = stop = 0
+            for n, (raw, start, stop) in enumerate(_lines(fh, chunk_size, digest, max_line), start=1):
+                scanner.feed(raw, n, start, stop)
     except BaseException:
         if background:
             background.cancel()
+        if splitter:
+            splitter.cancel()
         raise
     report.sha256 = background.hexdigest() if background else digest.hexdigest()
-    report.requests = scanner.requests
+    report.requests = n
+    if splitter:
+        report.shards = splitter.finish(report.sha256, n, stop)
     if report.requests == 0:
         report.add(LineProblem("empty_file", "the file holds no requests; add at least one line"), limit)
     return report

@@ -1,0 +1,497 @@
+"""Shards: one input file cut into consecutive runs of lines, each small enough for one batch.
+
+A file over any of the Batch API's limits (50,000 requests, 200 MB, and for
+`/v1/embeddings` 50,000 embedding inputs) is split; a spec's optional `shard:` block
+(`ShardLimits`) asks for smaller shards. The cut is greedy and in file order: a shard
+ends just before the first line that would break a limit. So boundaries depend only
+on the lines before them: the same file always gives the same shards, and lines
+appended to a file change only its last shard and add new ones.
+
+    split_input          one streaming pass (inputs.scan_input with a Splitter) that
+                         validates, hashes the file, and finds each shard with its sha256
+    describe_split       "120,001 requests: 3 shards of <=50,000", for `validate`
+    open_range/open_shard  a shard's bytes as a file httpx can upload, verified as streamed
+    merge_jsonl          result files concatenated in shard order, atomically
+    merge_in_input_order results put back in the order of the input lines that asked for them
+
+Nothing here holds a whole file: memory is bounded by one shard's custom_ids at most.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+import queue
+import re
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field
+
+from .errors import Problem, StalePlanError, ValidationFailed
+from .inputs import (CHUNK, MAX_BYTES, MAX_EMBEDDING_INPUTS, MAX_REQUESTS, MAX_REPORTED, InputReport,
+                     LineProblem, _lines, scan_input)
+
+MB = 2**20
+# Why a shard was cut where it was: the limit its next line would have broken.
+BY_REQUESTS, BY_BYTES, BY_INPUTS = "requests", "bytes", "embedding inputs"
+
+
+class ShardLimits(BaseModel):
+    """A spec's `shard:` block: smaller shards than the API's limits (each at most that limit)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_requests: int = Field(MAX_REQUESTS, ge=1, le=MAX_REQUESTS)
+    max_bytes: int = Field(MAX_BYTES, ge=1, le=MAX_BYTES)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Lines first_line..last_line (1-based) of an input file: its bytes [start, end).
+
+    `sha256` is the hash of exactly those bytes, so a shard is content-addressed like any
+    input. `cut_by` is the limit that ended it (BY_*), None for the last shard.
+    """
+
+    index: int
+    start: int
+    end: int
+    first_line: int
+    last_line: int
+    requests: int
+    embedding_inputs: int
+    sha256: str
+    cut_by: str | None = None
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class _Span:
+    """A shard whose boundaries are known but whose sha256 may not be yet."""
+
+    start: int
+    end: int
+    first_line: int
+    requests: int
+    embedding_inputs: int
+    cut_by: str | None
+
+
+class Splitter:
+    """Finds shard boundaries while inputs.scan_input walks a file's lines (see the module doc).
+
+    Life cycle: `begin` (scan_input calls it), `place` for every line, then `finish`
+    (or `cancel`). `place` is the hot path: a line that fits, as almost all do, costs
+    three comparisons against precomputed marks; shards are contiguous, so a shard's
+    size is just how far its last line ends past its start.
+    """
+
+    def __init__(self, limits: ShardLimits | None = None):
+        limits = limits or ShardLimits()
+        self.max_requests = limits.max_requests
+        self.max_bytes = limits.max_bytes
+        self.max_inputs = MAX_EMBEDDING_INPUTS
+        self.spans: list[_Span] = []
+        self.start, self.first_line, self.inputs = 0, 1, 0  # the open shard
+        self.publish_at = float("inf")  # where to tell the hasher next how far the scan has come
+        self._set_marks()
+        self.hashes: _ShardHashes | None = None
+        self.problem: Callable[..., None] = lambda *args: None
+
+    def begin(self, path: Path, problem: Callable[..., None]) -> int:
+        """Start hashing shards of `path`; returns the longest line worth keeping (see inputs._lines)."""
+        self.hashes = _ShardHashes(path)
+        self.problem = problem
+        return self.max_bytes
+
+    def place(self, start: int, stop: int, inputs: int, line: int) -> bool:
+        """Put line `line` (bytes [start, stop), `inputs` embedding inputs) in a shard; True if a new one."""
+        if stop <= self.stop_mark and line < self.line_mark and not inputs:
+            return False
+        return self._place(start, stop, inputs, line)
+
+    def _place(self, start: int, stop: int, inputs: int, line: int) -> bool:
+        requests = line - self.first_line
+        cut = requests and (requests == self.max_requests or stop - self.start > self.max_bytes
+                            or self.inputs + inputs > self.max_inputs)
+        if cut:
+            self._cut(start, stop, line, requests)
+        self.inputs += inputs
+        if stop - start > self.max_bytes or inputs > self.max_inputs:
+            self._oversized(stop - start, inputs, line)
+        if start >= self.publish_at:
+            self.hashes.upto(start)
+            self.publish_at = start + _ShardHashes.PUBLISH_EVERY
+        self._set_marks()
+        return bool(cut)
+
+    def _set_marks(self) -> None:
+        """The first line number, and the end offset, that `place` must look at closely."""
+        self.line_mark = self.first_line + self.max_requests
+        self.stop_mark = min(self.start + self.max_bytes, self.publish_at)
+
+    def _cut(self, start: int, stop: int, line: int, requests: int) -> None:
+        if requests == self.max_requests:
+            reason = BY_REQUESTS
+        else:
+            reason = BY_BYTES if stop - self.start > self.max_bytes else BY_INPUTS
+        self.spans.append(_Span(self.start, start, self.first_line, requests, self.inputs, reason))
+        self.start, self.first_line, self.inputs = start, line, 0
+        self.hashes.cut(start)
+        self.publish_at = start + _ShardHashes.PUBLISH_EVERY
+
+    def _oversized(self, size: int, inputs: int, line: int) -> None:
+        """A line no shard can hold: it gets a shard of its own, and a problem naming it."""
+        if inputs > self.max_inputs:
+            return self.problem("too_many_inputs", f"the line holds {inputs:,} embedding inputs; a batch holds at "
+                                f"most {self.max_inputs:,}: split its input list", line, "body.input")
+        if self.max_bytes == MAX_BYTES:
+            return self.problem("line_too_large", f"the line is {size:,} bytes; no batch can hold a line over "
+                                f"{_size_text(MAX_BYTES)} (the Batch API's file limit): shorten it", line)
+        self.problem("line_too_large", f"the line is {size:,} bytes, more than the spec's shard.max_bytes "
+                     f"({self.max_bytes:,}); raise shard.max_bytes (at most {_size_text(MAX_BYTES)}) "
+                     "or shorten the line", line)
+
+    def finish(self, file_sha256: str, lines: int, end: int) -> list[Shard]:
+        """The shards of a file of `lines` lines and `end` bytes, with their hashes.
+
+        A file that is one shard has the file's own hash.
+        """
+        if not lines:
+            self.cancel()
+            return []
+        spans = [*self.spans, _Span(self.start, end, self.first_line, lines + 1 - self.first_line, self.inputs, None)]
+        if len(spans) == 1:
+            self.cancel()
+            digests = [file_sha256]
+        else:
+            digests = self.hashes.finish(spans[-1].end)
+        return [Shard(index=i, start=s.start, end=s.end, first_line=s.first_line,
+                      last_line=s.first_line + s.requests - 1, requests=s.requests,
+                      embedding_inputs=s.embedding_inputs, sha256=digest, cut_by=s.cut_by)
+                for i, (s, digest) in enumerate(zip(spans, digests))]
+
+    def cancel(self) -> None:
+        if self.hashes is not None:
+            self.hashes.cancel()
+
+
+class _ShardHashes:
+    """The sha256 of each shard, computed by a second thread as the scan finds boundaries.
+
+    The thread reads the file itself (the page cache serves it), never past the start of
+    the line the scan last placed, so the scan loop only posts offsets: one per cut and
+    one per PUBLISH_EVERY bytes. Nothing is hashed until a first cut: a file that is one
+    shard needs no hash but the file's own (inputs._BackgroundHash computes that one).
+    """
+
+    PUBLISH_EVERY = 8 * MB
+    PIECE = 1 * MB
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.orders: queue.SimpleQueue[tuple[str, int]] = queue.SimpleQueue()
+        self.digests: list[str] = []
+        self.error: OSError | None = None
+        self.thread = threading.Thread(target=self._run, name="shard-sha256", daemon=True)
+        self.thread.start()
+
+    def upto(self, offset: int) -> None:
+        self.orders.put(("upto", offset))
+
+    def cut(self, offset: int) -> None:
+        self.orders.put(("cut", offset))
+
+    def finish(self, end: int) -> list[str]:
+        self.orders.put(("end", end))
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.digests
+
+    def cancel(self) -> None:
+        self.orders.put(("stop", 0))
+        self.thread.join()
+
+    def _run(self) -> None:
+        try:
+            with self.path.open("rb", buffering=0) as fh:
+                self._follow(fh)
+        except OSError as exc:
+            self.error = exc
+
+    def _follow(self, fh: BinaryIO) -> None:
+        digest, hashed = hashlib.sha256(), 0
+        buffer = memoryview(bytearray(self.PIECE))
+        while True:
+            order, offset = self.orders.get()
+            if order == "stop":
+                return
+            fh.seek(hashed)
+            while hashed < offset:
+                n = fh.readinto(buffer[:min(self.PIECE, offset - hashed)])
+                if not n:
+                    raise OSError(f"{self.path} got shorter while it was read")
+                digest.update(buffer[:n])
+                hashed += n
+            if order in ("cut", "end"):
+                self.digests.append(digest.hexdigest())
+                digest = hashlib.sha256()
+            if order == "end":
+                return
+
+
+def split_input(path: Path, endpoint: str, limits: ShardLimits | None = None, *,
+                file: str | None = None) -> InputReport:
+    """Validate, hash and split one input file in one streaming pass: `report.shards`.
+
+    Raises ValidationFailed naming `file` (default: the path) and each bad line.
+    """
+    report = scan_input(path, endpoint, splitter=Splitter(limits))
+    if not report.ok:
+        more = [f"... and {report.more_problems} more"] if report.more_problems else []
+        raise ValidationFailed([Problem(file or str(path), p.message, p.line, p.param, p.code)
+                                for p in report.problems], more)
+    return report
+
+
+def describe_split(shards: list[Shard], limits: ShardLimits | None = None) -> str:
+    """Why a file makes the shards it makes, e.g. "120,001 requests: 3 shards of <=50,000"."""
+    limits = limits or ShardLimits()
+    requests = sum(s.requests for s in shards)
+    if len(shards) <= 1:
+        return f"{requests:,} request{'s' if requests != 1 else ''}: {len(shards)} shard{'s' if not shards else ''}"
+    totals = {BY_REQUESTS: f"{requests:,} requests",
+              BY_BYTES: _size_text(shards[-1].end - shards[0].start),
+              BY_INPUTS: f"{sum(s.embedding_inputs for s in shards):,} embedding inputs"}
+    bounds = {BY_REQUESTS: (f"{limits.max_requests:,}", " requests"),
+              BY_BYTES: (_size_text(limits.max_bytes), ""),
+              BY_INPUTS: (f"{MAX_EMBEDDING_INPUTS:,}", " embedding inputs")}
+    reasons = [r for r in (BY_REQUESTS, BY_BYTES, BY_INPUTS) if any(s.cut_by == r for s in shards)]
+    if len(reasons) == 1:
+        of = f"<={bounds[reasons[0]][0]}"
+    else:
+        of = " or ".join(f"<={bounds[r][0]}{bounds[r][1]}" for r in reasons)
+    return f"{', '.join(totals[r] for r in reasons)}: {len(shards)} shards of {of}"
+
+
+def _size_text(size: int) -> str:
+    if size < MB:
+        return f"{size:,} bytes"
+    return f"{size / MB:,.1f}".removesuffix(".0") + " MB"
+
+
+# -- reading one shard's bytes -----------------------------------------------------------
+
+class ShardReader(io.RawIOBase):
+    """Bytes [start, end) of a file as a read-only binary file of their own: position 0 is
+    `start`, the end of file is `end`. httpx streams it as a multipart file part.
+
+    httpx sizes a file part with os.fstat(fileno()) when it can, which would give the whole
+    file's size and a Content-Length the body never reaches. So fileno() is refused
+    (io.UnsupportedOperation, an OSError), and httpx falls back to seek(0, SEEK_END): the
+    range's size. With `sha256`, the bytes are hashed as they are read, and the read that
+    reaches the end raises StalePlanError if they changed since they were scanned, before
+    returning them: an upload of changed bytes never completes.
+    """
+
+    def __init__(self, path: Path, start: int, end: int, sha256: str | None = None):
+        if not 0 <= start <= end:
+            raise ValueError(f"not a byte range: [{start}, {end})")
+        self._file = open(path, "rb", buffering=0)  # noqa: SIM115 (closed by close())
+        super().__init__()
+        self.path, self.start, self.end, self.sha256 = Path(path), start, end, sha256
+        self._pos = 0
+        self._restart_hash()
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        raise io.UnsupportedOperation("a byte range has no file descriptor of its own (see ShardReader)")
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self.size}[whence]
+        if base + offset < 0:
+            raise ValueError(f"negative seek position {base + offset}")
+        self._pos = base + offset
+        if self._pos == 0:
+            self._restart_hash()  # a retried upload reads it all again
+        return self._pos
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:
+        want = min(len(buffer), self.size - self._pos)
+        if want <= 0:
+            return 0
+        self._file.seek(self.start + self._pos)
+        view = memoryview(buffer).cast("B")[:want]
+        n = self._file.readinto(view)
+        if not n:
+            raise StalePlanError(f"{self.path} ends at byte {self.start + self._pos:,}, before the end of its shard "
+                                 f"at byte {self.end:,}: it changed since it was scanned; run the plan again")
+        if self._pos == self._hashed:
+            self._digest.update(view[:n])
+            self._hashed += n
+            if self._hashed == self.size and self.sha256:
+                self._verify()
+        self._pos += n
+        return n
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+    def _restart_hash(self) -> None:
+        self._digest, self._hashed = hashlib.sha256(), 0
+
+    def _verify(self) -> None:
+        got = self._digest.hexdigest()
+        if got != self.sha256:
+            raise StalePlanError(f"{self.path}: bytes {self.start:,}..{self.end:,} changed since they were scanned "
+                                 f"(sha256 {got[:12]}, expected {self.sha256[:12]}); run the plan again")
+
+
+def open_range(path: Path, start: int, end: int) -> ShardReader:
+    """Bytes [start, end) of `path` as a file of their own (see ShardReader)."""
+    return ShardReader(path, start, end)
+
+
+def open_shard(path: Path, shard: Shard) -> ShardReader:
+    """A shard's bytes, checked against its sha256 as they stream (StalePlanError if changed)."""
+    return ShardReader(path, shard.start, shard.end, shard.sha256)
+
+
+# -- merging results ---------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _atomic_writer(dest: Path) -> Iterator[BinaryIO]:
+    """A file that appears at `dest` complete or not at all (temp file, fsync, rename)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")
+    try:
+        with tmp.open("wb") as out:
+            yield out
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_line(out: BinaryIO, data: bytes) -> None:
+    out.write(data)
+    if data and not data.endswith(b"\n"):
+        out.write(b"\n")  # a file's last line may lack its newline
+
+
+def merge_jsonl(parts: list[Path], dest: Path) -> int:
+    """Concatenate JSONL files in the given (shard) order into `dest`, atomically; returns its size."""
+    with _atomic_writer(dest) as out:
+        for part in parts:
+            with part.open("rb") as fh:
+                last = b""
+                while chunk := fh.read(CHUNK):
+                    out.write(chunk)
+                    last = chunk[-1:]
+                if last not in (b"", b"\n"):
+                    out.write(b"\n")  # a part's last line may lack its newline: never join two lines
+        return out.tell()
+
+
+def merge_in_input_order(input_path: Path, shards: list[Shard], result_files: list[Path | None],
+                         dest: Path) -> int:
+    """Every shard's results, in the order of the input lines that asked for them; returns the lines written.
+
+    The API writes a batch's results in any order. Per shard, the custom_id of each result
+    line is mapped to that line's byte range (memory: one small entry per request of one
+    shard), then the shard's input lines are walked and each one's result is copied by
+    seeking. A request with no result in the file (it failed, so it is in the error file)
+    is skipped; a result whose custom_id no input line of its shard has (there should be
+    none) follows that shard's ordered results, in file order, so nothing is dropped.
+    `result_files[i]` belongs to `shards[i]`; None when that shard has no such file.
+    """
+    if len(result_files) != len(shards):
+        raise ValueError(f"{len(shards)} shards but {len(result_files)} result files")
+    written = 0
+    with _atomic_writer(dest) as out:
+        for shard, results in zip(shards, result_files):
+            if results is not None:
+                written += _merge_shard(input_path, shard, results, out)
+    return written
+
+
+def _merge_shard(input_path: Path, shard: Shard, results: Path, out: BinaryIO) -> int:
+    where, strays = _index_results(results)
+    written = 0
+    with results.open("rb", buffering=0) as fh:
+        with open_range(input_path, shard.start, shard.end) as requests:
+            for raw, _, _ in _lines(requests, CHUNK, None):
+                place = where.pop(_custom_id(raw), None)
+                if place is not None:
+                    _write_line(out, _read_at(fh, *place))
+                    written += 1
+        for place in sorted([*where.values(), *strays]):
+            _write_line(out, _read_at(fh, *place))
+            written += 1
+    return written
+
+
+def _index_results(results: Path) -> tuple[dict[str, tuple[int, int]], list[tuple[int, int]]]:
+    """custom_id -> byte range of its line; and the lines with no usable or a repeated custom_id."""
+    where: dict[str, tuple[int, int]] = {}
+    strays: list[tuple[int, int]] = []
+    with results.open("rb", buffering=0) as fh:
+        for raw, start, stop in _lines(fh, CHUNK, None):
+            custom_id = _custom_id(raw)
+            if custom_id is None or custom_id in where:
+                strays.append((start, stop))
+            else:
+                where[custom_id] = (start, stop)
+    return where, strays
+
+
+# The custom_id of a line that starts with it (as request lines usually do), or with the
+# API's "id" then it (as result lines do), without parsing the rest: a merge reads every
+# input line again, and most of a line is its body.
+_LEADING_CUSTOM_ID = re.compile(rb'\{\s*(?:"id"\s*:\s*"[^"\\]*"\s*,\s*)?"custom_id"\s*:\s*"([^"\\]*)"')
+
+
+def _custom_id(raw: bytes | bytearray | memoryview) -> str | None:
+    if found := _LEADING_CUSTOM_ID.match(raw):
+        try:
+            return found.group(1).decode()
+        except UnicodeDecodeError:
+            return None
+    try:
+        line = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    custom_id = line.get("custom_id") if type(line) is dict else None
+    return custom_id if type(custom_id) is str else None
+
+
+def _read_at(fh: BinaryIO, start: int, stop: int) -> bytes:
+    if hasattr(os, "pread"):
+        return os.pread(fh.fileno(), stop - start, start)  # one system call, not two
+    fh.seek(start)
+    return fh.read(stop - start)
