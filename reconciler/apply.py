@@ -26,7 +26,8 @@ from .errors import AmbiguousWrite, ApiError, BatchplanError, Interrupted, PlanE
 from .plan import Action, Change, Plan
 from .refresh import CLOCK_MARGIN, walk_batches
 from .spec import TAG_SPEC
-from .state import BatchRecord, Entry, HistoryItem, Intent, State, StateFile, Upload
+from .state import BatchRecord, Entry, HistoryItem, Intent, Upload
+from .stores.base import Transaction
 
 UPLOAD_NAME = re.compile(r"batchplan-([0-9a-f]{64})\.jsonl$")
 CREATE_ROUNDS = 3
@@ -49,11 +50,11 @@ class ApplyResult:
 class Applier:
     """Walks a plan's changes with one handler per action (see `run`)."""
 
-    def __init__(self, api: Api, state_file: StateFile, state: State, plan: Plan, *, repo_root: Path,
+    def __init__(self, api: Api, txn: Transaction, plan: Plan, *, repo_root: Path,
                  report: Callable[[str, str], None] = lambda name, text: None):
         self.api = api
-        self.state_file = state_file
-        self.state = state
+        self.txn = txn
+        self.state = txn.state
         self.plan = plan
         self.repo_root = repo_root
         self.report = report
@@ -94,7 +95,7 @@ class Applier:
     # -- state bookkeeping ---------------------------------------------------------------
 
     def _save(self) -> None:
-        self.state_file.save(self.state)
+        self.txn.save()  # written only when something changed since the last save
         self._last_save = time.monotonic()
 
     def _maybe_save(self) -> None:

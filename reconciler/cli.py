@@ -164,7 +164,7 @@ def plan(project, target, replace, scan_all, as_json, fmt, out, detailed_exitcod
     from .render import render_json, render_markdown, render_text
 
     desired = _load_desired(project)
-    state = project.state_file.load()
+    state = project.store().load()
     the_plan = _with_api(project, lambda api: _make_plan(project, api, desired, state, target, replace, scan_all))
     if out:
         from .planfile import save_plan
@@ -210,7 +210,7 @@ def apply(project, target, replace, scan_all, planfile, auto_approve) -> int:
     With PLANFILE (from `plan --out`), carry out exactly that saved plan, without asking.
     """
     from .render import render_text
-    from .state import State, StateLock, command_line
+    from .state import command_line
 
     saved = plan_path = None
     if planfile:
@@ -220,8 +220,8 @@ def apply(project, target, replace, scan_all, planfile, auto_approve) -> int:
         saved = load_plan(plan_path, project)
     desired = None if saved else _load_desired(project)
     project.credentials()  # before taking the lock: a missing key is said at once
-    with StateLock(project.state_path, command_line(), project.lock_timeout):
-        state = project.state_file.load()
+    with project.store().transaction(command_line(), project.lock_timeout) as txn:
+        state = txn.state if txn.existed else None
         if saved:
             check_fresh(plan_path, *saved, state, project.root)
 
@@ -230,11 +230,11 @@ def apply(project, target, replace, scan_all, planfile, auto_approve) -> int:
                 await _make_plan(project, api, desired, state, target, replace, scan_all)
             echo(render_text(the_plan, colour_on()), nl=False)
             if not the_plan.has_changes:
-                _save_refresh(project, state, the_plan)
+                txn.state.record_batches(the_plan.refreshed)  # newly seen statuses; saved if any changed
                 return 0
             if not saved:
                 _confirm(auto_approve)
-            return await _execute(project, api, state or State(), the_plan)
+            return await _execute(project, api, txn, the_plan)
 
         return _with_api(project, work)
 
@@ -243,16 +243,10 @@ def _report(name: str, text: str) -> None:
     echo(f"  {name}: {text}")
 
 
-def _save_refresh(project, state, the_plan) -> None:
-    """Record newly seen statuses, writing the state only when something changed."""
-    if state is not None and state.record_batches(the_plan.refreshed):
-        project.state_file.save(state)
-
-
-async def _execute(project, api, state, the_plan) -> int:
+async def _execute(project, api, txn, the_plan) -> int:
     from .apply import Applier, apply_plan
 
-    applier = Applier(api, project.state_file, state, the_plan, repo_root=project.root, report=_report)
+    applier = Applier(api, txn, the_plan, repo_root=project.root, report=_report)
     result = await apply_plan(applier)
     if result.failed:
         echo(f"Apply finished with errors: {len(result.done)} done, {len(result.failed)} failed "
@@ -270,10 +264,8 @@ async def _execute(project, api, state, the_plan) -> int:
 @click.argument("lock_id", required=False)
 def force_unlock_cmd(project, lock_id) -> None:
     """Remove the state lock left by a process that is gone. LOCK_ID is the id the lock error printed."""
-    from .state import force_unlock
-
-    held = force_unlock(project.state_path, lock_id)
-    who = f" (held by pid {held.get('pid')} on {held.get('host')}: {held.get('command')})" if held else ""
+    held = project.store().force_unlock(lock_id)
+    who = f" (held by {held.describe()})" if held else ""
     echo(f"Removed the lock on {project.state_path}{who}.")
 
 
@@ -317,14 +309,10 @@ def _look(project, entries):
 
 def _record(project, snapshot) -> list[str]:
     """Save newer batch records in the state, under the lock; the names that changed."""
-    from .state import StateLock, command_line
+    from .state import command_line
 
-    with StateLock(project.state_path, command_line(), project.lock_timeout):
-        state = project.state_file.load()
-        changed = state.record_batches(snapshot.records) if state else []
-        if changed:
-            project.state_file.save(state)
-    return changed
+    with project.store().transaction(command_line(), project.lock_timeout) as txn:
+        return txn.state.record_batches(snapshot.records)
 
 
 names_argument = click.argument("names", nargs=-1, metavar="[NAME]...")
@@ -345,7 +333,7 @@ def status_cmd(project, names, as_json) -> int:
 
     from .watch import rows, select, status_document, status_table
 
-    entries = select(project.state_file.load(), names)
+    entries = select(project.store().load(), names)
     table, now = rows(entries, _look(project, entries)), time.time()
     if as_json:
         echo(json.dumps(status_document(table, now), indent=2, sort_keys=True))
@@ -400,7 +388,7 @@ def wait_cmd(project, names, timeout, interval) -> int:
     """
     from .watch import WaitResult, running, select
 
-    entries = select(project.state_file.load(), names)
+    entries = select(project.store().load(), names)
     if not entries:
         echo("Nothing to wait for: the state has no batches.")
         return 0
@@ -426,19 +414,16 @@ def refresh_cmd(project) -> None:
 
     Sends only GET requests: nothing changes on the server.
     """
-    from .state import StateLock, command_line
+    from .state import command_line
     from .watch import look, running, select
 
-    with StateLock(project.state_path, command_line(), project.lock_timeout):
-        state = project.state_file.load()
-        entries = select(state, ())
+    with project.store().transaction(command_line(), project.lock_timeout) as txn:
+        entries = select(txn.state, ())
         if not running(entries):
             echo("Nothing to refresh: every batch in the state has finished.")
             return
         snapshot = _with_api(project, lambda api: look(api, entries))
-        changed = state.record_batches(snapshot.records)
-        if changed:
-            project.state_file.save(state)
+        changed = txn.state.record_batches(snapshot.records)
     for name in changed:
         echo(f"  {name}: {snapshot.records[name].id} is {snapshot.records[name].status}")
     for name in sorted(snapshot.missing):
@@ -463,7 +448,7 @@ def download_cmd(project, names) -> int:
     from .spec import load_specs
     from .watch import select
 
-    entries = select(project.state_file.load(), names)
+    entries = select(project.store().load(), names)
     specs, problems = load_specs(project.specs_dir, project.root)
     if problems:
         raise ValidationFailed(problems)
@@ -501,7 +486,7 @@ def import_cmd(project, name, batch_id) -> None:
     """
     from .errors import ConfigError, NotFound, StateError
     from .importer import import_entry
-    from .state import State, StateLock, command_line
+    from .state import command_line
 
     want = next((d for d in _load_desired(project) if d.name == name), None)
     if want is None:
@@ -520,8 +505,8 @@ def import_cmd(project, name, batch_id) -> None:
 
     batch, input_file = _with_api(project, fetch)
     imported = import_entry(want, batch, input_file, project.root / want.input if want.input else None)
-    with StateLock(project.state_path, command_line(), project.lock_timeout):
-        state = project.state_file.load() or State()
+    with project.store().transaction(command_line(), project.lock_timeout) as txn:
+        state = txn.state
         holder = next((n for n, e in state.entries.items() if e.batch and e.batch.id == batch_id), None)
         if holder:
             raise StateError(f"batch {batch_id} is already in the state, as {holder}; nothing was changed")
@@ -529,7 +514,6 @@ def import_cmd(project, name, batch_id) -> None:
             raise StateError(f"the state already has an entry for {name}; `batchplan state rm {name}` first "
                              "(it leaves its batch alone on the server), then import")
         state.entries[name] = imported.entry
-        project.state_file.save(state)
     echo(f"Imported {batch_id} ({batch['status']}) as {name}.")
     if imported.differs:
         echo(f"It differs from the spec in: {', '.join(imported.differs)}; the next plan replaces it "
@@ -551,7 +535,7 @@ def state_list(project) -> None:
     """Every name in the state, with its batch id and status as last recorded."""
     from .watch import select
 
-    entries = select(project.state_file.load(), ())
+    entries = select(project.store().load(), ())
     width = max((len(n) for n in entries), default=0)
     for name, entry in entries.items():
         batch = f"{entry.batch.id}  {entry.batch.status}" if entry.batch else "-  no batch (an interrupted create)"
@@ -569,7 +553,7 @@ def state_show(project, name) -> None:
 
     from .watch import select
 
-    (entry,) = select(project.state_file.load(), (name,)).values()
+    (entry,) = select(project.store().load(), (name,)).values()
     echo(json.dumps(entry.model_dump(mode="json"), indent=2, sort_keys=True))
 
 
@@ -579,17 +563,16 @@ def state_show(project, name) -> None:
 @click.argument("name")
 def state_rm(project, name) -> None:
     """Stop tracking NAME: remove its entry from the state. Its batch is left alone on the server."""
-    from .state import StateLock, command_line
+    from .state import command_line
     from .watch import select
 
-    with StateLock(project.state_path, command_line(), project.lock_timeout):
-        state = project.state_file.load()
-        select(state, (name,))
-        entry = state.entries.pop(name)
-        project.state_file.save(state)
+    store = project.store()
+    with store.transaction(command_line(), project.lock_timeout) as txn:
+        select(txn.state, (name,))
+        entry = txn.state.entries.pop(name)
     batch = f"batch {entry.batch.id} ({entry.batch.status}) was not touched on the server" if entry.batch \
         else "it had no batch"
-    echo(f"Removed {name} from the state; {batch}. The previous state is in {project.state_file.backup.name}.")
+    echo(f"Removed {name} from the state; {batch}. The previous state is in {store.backup_location}.")
 
 
 def main(argv: list[str] | None = None) -> None:

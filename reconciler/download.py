@@ -13,12 +13,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .api import Api
 from .errors import BatchplanError, ConfigError, NotFound
+from .fsutil import atomic_write
 from .spec import LoadedSpec
 from .state import BatchRecord
 
@@ -144,10 +144,7 @@ class Manifest:
                                   "mtime_ns": target.dest.stat().st_mtime_ns}
 
     def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"format_version": 1, "files": self.files}, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, self.path)
+        atomic_write(self.path, json.dumps({"format_version": 1, "files": self.files}, indent=2, sort_keys=True) + "\n")
 
 
 def _sha256(path: Path) -> str:

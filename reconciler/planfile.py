@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 from . import __version__
 from .desired import Desired
 from .errors import PlanError, StalePlanError
+from .fsutil import atomic_write
 from .inputs import hash_file
 from .plan import Action, Change, FieldChange, Plan
 from .state import BatchRecord, State
@@ -55,10 +55,10 @@ def save_plan(path: Path, plan: Plan, project) -> None:
         "changes": [_change_to_json(c) for c in plan.changes],
         "refreshed": {n: r.model_dump(mode="json") for n, r in sorted(plan.refreshed.items())},
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    try:
+        atomic_write(path, json.dumps(document, indent=2, sort_keys=True) + "\n")
+    except OSError as exc:
+        raise PlanError(f"{path}: cannot write the plan file: {exc}") from exc
 
 
 def load_plan(path: Path, project) -> tuple[Plan, dict]:
