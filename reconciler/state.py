@@ -7,7 +7,6 @@ see stores/base.py and stores/file.py.
 
 from __future__ import annotations
 
-import sys
 import time
 import uuid
 
@@ -113,7 +112,3 @@ class State(BaseModel):
         # orjson: sorted and indented as json.dumps did (non-ASCII as UTF-8, not \u escapes), ~5x faster
         text = orjson.dumps(self.model_dump(mode="json"), option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
         return text.decode() + "\n"
-
-
-def command_line() -> str:
-    return " ".join(["batchplan", *sys.argv[1:]])[:200]
