@@ -20,7 +20,7 @@ from .api import Api
 from .errors import BatchplanError, ConfigError, NotFound
 from .fsutil import atomic_write
 from .spec import LoadedSpec
-from .state import BatchRecord
+from .batch import BatchRecord
 
 MANIFEST = ".batchplan-downloads.json"
 KINDS = (("output", "output_file_id", "output.jsonl"), ("errors", "error_file_id", "errors.jsonl"))
@@ -100,7 +100,7 @@ def targets(records: dict[str, BatchRecord | None], dests: dict[str, dict[str, P
 def _missing_files(name: str, rec: BatchRecord) -> list[str]:
     counts = rec.request_counts or {}
     if not rec.output_file_id and not rec.error_file_id:
-        codes = ", ".join(sorted({e.get("code") or "?" for e in rec.errors or []}))
+        codes = rec.error_codes()
         return [f"{name}: batch {rec.id} is {rec.status}{f' ({codes})' if codes else ''} and has no result files"]
     if not rec.output_file_id:
         return [f"{name}: batch {rec.id} has no output file: none of its {counts.get('total', 0)} requests "

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .apply import UPLOAD_NAME
+from .batch import BatchRecord
 from .desired import Desired, spec_hash
 from .spec import RESERVED_PREFIX
-from .state import BatchRecord, Entry
+from .state import Entry
 
 
 @dataclass(frozen=True)
@@ -39,13 +40,14 @@ def import_entry(want: Desired, batch: dict, input_file: dict | None, local_inpu
     actual = {"endpoint": batch.get("endpoint"), "completion_window": batch.get("completion_window"),
               "metadata": {k: v for k, v in sorted((batch.get("metadata") or {}).items())
                            if not k.startswith(RESERVED_PREFIX)}}
-    fields = want.fields()
-    differs = [key for key, value in actual.items() if fields[key] != value]
-    fields.update({key: actual[key] for key in differs})
+    wanted = want.fields()
+    differs = [key for key, value in actual.items() if getattr(wanted, key) != value]
+    made_from = {key: actual[key] for key in differs}
     same_input, notes = _same_input(want, batch["input_file_id"], input_file, local_input)
     if not same_input:
         differs.append("input")
-        fields.update(input=None, input_sha256=None, input_file_id=batch["input_file_id"])
+        made_from.update(input=None, input_sha256=None, input_file_id=batch["input_file_id"])
+    fields = wanted.model_copy(update=made_from)
     if want.output_expires_after:
         notes.append("the API does not return output_expires_after; recorded the spec's value unchecked")
     entry = Entry(spec_hash=want.spec_hash if not differs else spec_hash(fields), fields=fields,

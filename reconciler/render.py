@@ -75,12 +75,29 @@ def render_text(plan: Plan, colour: bool = False) -> str:
     return "\n".join([*body, style(summary_line(plan), bold=True)]) + "\n"
 
 
+def _before(change: Change) -> dict | None:
+    """What exists now: the fields the batch was made from, its id and status."""
+    if change.before is None:
+        return None
+    facts = {"batch_id": change.batch.id, "status": change.batch.status} if change.batch else {}
+    return {**change.before.model_dump(mode="json"), **facts}
+
+
+def _after(change: Change) -> dict | None:
+    """What will exist: the desired fields, and for adopt the adopted batch's id."""
+    if change.after is None:
+        return None
+    adopted = {"batch_id": change.found["id"]} if change.action is Action.ADOPT and change.found else {}
+    return {**change.after.model_dump(mode="json"), **adopted}
+
+
 def plan_document(plan: Plan) -> dict:
     """The public JSON plan (format_version 1): documented in the README; keep it stable."""
     return {
         "format_version": JSON_FORMAT_VERSION,
         "actions": [{"name": c.name, "action": c.action.value, "reason": c.reason,
-                     "before": c.before, "after": c.after} for c in plan.changes],
+                     "reason_code": c.reason_code.value, "before": _before(c), "after": _after(c)}
+                    for c in plan.changes],
         "summary": plan.summary(),
     }
 

@@ -13,38 +13,11 @@ import uuid
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
+from .batch import BatchFields, BatchRecord, BatchStatus
+
+__all__ = ["FORMAT_VERSION", "BatchFields", "BatchRecord", "BatchStatus", "Entry", "HistoryItem", "Intent", "State", "Upload"]
+
 FORMAT_VERSION = 1
-TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
-RUNNING = frozenset({"validating", "in_progress", "finalizing"})
-
-
-class BatchRecord(BaseModel):
-    """What we last knew of a batch on the server (refreshed by plan, apply, refresh)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    id: str
-    status: str
-    created_at: int
-    input_file_id: str
-    request_counts: dict[str, int] | None = None
-    output_file_id: str | None = None
-    error_file_id: str | None = None
-    errors: list[dict] | None = None
-
-    @classmethod
-    def from_api(cls, batch: dict) -> BatchRecord:
-        errors = (batch.get("errors") or {}).get("data") or None
-        return cls(
-            id=batch["id"], status=batch["status"], created_at=batch["created_at"],
-            input_file_id=batch["input_file_id"], request_counts=batch.get("request_counts"),
-            output_file_id=batch.get("output_file_id"), error_file_id=batch.get("error_file_id"),
-            errors=errors,
-        )
-
-    @property
-    def terminal(self) -> bool:
-        return self.status in TERMINAL
 
 
 class Intent(BaseModel):
@@ -53,7 +26,7 @@ class Intent(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     spec_hash: str
-    fields: dict
+    fields: BatchFields
     tags: dict[str, str]
     at: int
 
@@ -73,7 +46,7 @@ class Entry(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     spec_hash: str
-    fields: dict
+    fields: BatchFields
     batch: BatchRecord | None = None
     intent: Intent | None = None
     history: list[HistoryItem] = Field(default_factory=list)

@@ -18,10 +18,10 @@ from typing import Protocol
 from .api import Api
 from .errors import ConfigError
 from .refresh import fetch_batches
-from .state import BatchRecord, Entry, State
+from .batch import BatchRecord, BatchStatus
+from .state import Entry, State
 
 STATUS_FORMAT_VERSION = "1"
-FAILED = frozenset({"failed", "expired", "cancelled"})
 
 
 def select(state: State | None, names: tuple[str, ...]) -> dict[str, Entry]:
@@ -95,15 +95,11 @@ def rows(entries: dict[str, Entry], snapshot: Snapshot) -> list[Row]:
             continue
         counts = rec.request_counts or {}
         status = "missing" if name in snapshot.missing else rec.status
-        note = "the server has no such batch (404)" if name in snapshot.missing else _error_codes(rec)
+        note = "the server has no such batch (404)" if name in snapshot.missing else rec.error_codes()
         out.append(Row(name, rec.id, status, counts.get("completed", 0), counts.get("failed", 0),
                        counts.get("total", 0), rec.created_at, rec.output_file_id if rec.terminal else None,
                        rec.error_file_id if rec.terminal else None, note))
     return out
-
-
-def _error_codes(rec: BatchRecord) -> str:
-    return ", ".join(sorted({e.get("code") or "?" for e in rec.errors or []}))
 
 
 def age(seconds: float) -> str:
@@ -140,7 +136,8 @@ def status_table(table: list[Row], now: float):
         grid.add_column(column, justify="right" if column in ("completed", "failed", "total", "age") else "left",
                         no_wrap=column != "note")
     for r in table:
-        style = "green" if r.status == "completed" else "red" if r.status in FAILED | {"missing"} else None
+        style = "green" if r.status == "completed" else "red" if r.status == "missing" or BatchStatus(r.status).failed \
+            else None
         cells = [r.name, r.batch_id or "-", r.status, str(r.completed), str(r.failed), str(r.total),
                  "-" if r.created_at is None else age(now - r.created_at), r.output_file_id or "-",
                  r.error_file_id or "-"]
@@ -172,19 +169,13 @@ class WaitResult:
                 out.append(f"{name}: no batch in the state (an interrupted apply); run `batchplan apply`")
             elif name in self.snapshot.missing:
                 out.append(f"{name}: batch {rec.id} no longer exists on the server")
-            elif rec.status in FAILED:
-                codes = _error_codes(rec)
+            elif rec.failed:
+                codes = rec.error_codes()
                 out.append(f"{name}: batch {rec.id} {rec.status}{f' ({codes})' if codes else ''}, "
-                           f"{_counts(rec)}")
+                           f"{rec.counts_phrase()}")
             elif not rec.terminal:
-                out.append(f"{name}: batch {rec.id} still {rec.status} ({_counts(rec)}) when the timeout passed")
+                out.append(f"{name}: batch {rec.id} still {rec.status} ({rec.counts_phrase()}) when the timeout passed")
         return out
-
-
-def _counts(rec: BatchRecord) -> str:
-    c = rec.request_counts or {}
-    failed = f", {c.get('failed', 0)} failed" if c.get("failed") else ""
-    return f"{c.get('completed', 0)}/{c.get('total', 0)} requests completed{failed}"
 
 
 async def wait(api: Api, entries: dict[str, Entry], display: Display, *, interval: float,
@@ -222,7 +213,7 @@ class LineDisplay:
             if self.seen.get(name) != key:
                 self.seen[name] = key
                 status = "missing (404)" if name in snapshot.missing else rec.status
-                self.echo(f"{name}: {status}, {_counts(rec)}")
+                self.echo(f"{name}: {status}, {rec.counts_phrase()}")
                 moved = True
         if moved:
             self.last = self.clock()
