@@ -13,7 +13,6 @@ the end, whatever happened, so a re-run converges.
 from __future__ import annotations
 
 import asyncio
-import re
 import signal
 import time
 from collections.abc import Callable
@@ -24,21 +23,13 @@ from .api import Api
 from .desired import Desired
 from .errors import AmbiguousWrite, ApiError, BatchplanError, Interrupted, PlanError, TransportError
 from .plan import Action, Change, Plan
-from .refresh import CLOCK_MARGIN, walk_batches
-from .spec import TAG_SPEC
+from .remote import find_tagged, tagged_since, upload_filename, uploaded_files
 from .state import BatchRecord, Entry, HistoryItem, Intent, Upload
 from .stores.base import Transaction
 
-UPLOAD_NAME = re.compile(r"batchplan-([0-9a-f]{64})\.jsonl$")
 CREATE_ROUNDS = 3
 SAVE_EVERY = 0.5  # seconds between state saves while creates complete
 SETTLE_MAX = 10.0  # seconds: the longest we wait for a create sent without an answer to land
-
-
-def upload_filename(desired: Desired) -> str:
-    """The uploaded file's name carries its content hash, so an upload is found again by it."""
-    stem = Path(desired.input or "input").stem
-    return f"{stem}.batchplan-{desired.input_sha256}.jsonl"
 
 
 @dataclass
@@ -176,15 +167,10 @@ class Applier:
 
     async def _uploaded_files(self) -> dict[str, dict]:
         """Files on the server whose name carries a content hash, and whose size matches it."""
-        found: dict[str, dict] = {}
-        for file in await self.api.list_files("batch"):
-            match = UPLOAD_NAME.search(file.get("filename") or "")
-            if match and file.get("status") not in ("error", "deleted"):
-                found.setdefault(match.group(1), file)
         sizes = {u: up.bytes for u, up in self.state.uploads.items()}
         sizes.update({c.desired.input_sha256: c.desired.input_bytes for c in self.plan.changes
                       if c.desired and c.desired.input_sha256 and c.desired.input_bytes is not None})
-        return {sha: f for sha, f in found.items() if sizes.get(sha, f["bytes"]) == f["bytes"]}
+        return await uploaded_files(self.api, sizes)
 
     async def _upload(self, want: Desired) -> dict:
         assert want.input and want.input_sha256
@@ -336,16 +322,16 @@ class Applier:
 
     async def _look_for(self, changes: list[Change]) -> list[Change]:
         """Adopt the batch each change's intent may have made; return the changes with none on the server."""
-        floor = min(self.state.entries[c.name].intent.at for c in changes) - CLOCK_MARGIN  # type: ignore[union-attr]
-        _, tagged = await walk_batches(self.api, floor)
+        since = min(self.state.entries[c.name].intent.at for c in changes)  # type: ignore[union-attr]
+        tagged = await tagged_since(self.api, since)
         absent = []
         for change in changes:
             want = change.desired
             assert want is not None
             skip = {h.batch_id for h in self.state.entries[want.name].history}
-            batch = next((b for b in tagged.get(want.name, [])
-                          if (b.get("metadata") or {}).get(TAG_SPEC) == want.spec_hash and b["id"] not in skip
-                          and not (change.batch and b["id"] == change.batch.id)), None)
+            if change.batch:  # the batch this change replaces (or that is gone) is not its lost create
+                skip.add(change.batch.id)
+            batch = find_tagged(tagged, want.name, want.spec_hash, skip)
             if batch:
                 self._record_batch(change, batch, verb="found its lost create on the server:")
             else:

@@ -17,9 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .apply import UPLOAD_NAME
 from .batch import BatchRecord
 from .desired import Desired, spec_hash
+from .remote import uploaded_sha256
 from .spec import RESERVED_PREFIX
 from .state import Entry
 
@@ -62,9 +62,9 @@ def _same_input(want: Desired, file_id: str, input_file: dict | None,
     if input_file is None:
         return True, [f"its input file {file_id} is gone from the server, so its content cannot be compared "
                       f"with {want.input}; recorded the spec's current input hash"]
-    named = UPLOAD_NAME.search(input_file.get("filename") or "")
+    named = uploaded_sha256(input_file)
     if named:
-        return named.group(1) == want.input_sha256, []
+        return named == want.input_sha256, []
     if local_input is not None and input_file.get("bytes") != local_input.stat().st_size:
         return False, []
     return True, [f"the server cannot return the content of a batch input file, so {file_id} was only checked "

@@ -30,7 +30,8 @@ if TYPE_CHECKING:
     from .project import Project
     from .state import Entry, State
     from .stores.base import LockInfo
-    from .watch import Display, Row, Snapshot, WaitResult
+    from .remote import Snapshot
+    from .watch import Display, Row, WaitResult
 
 
 def _command() -> str:
@@ -56,9 +57,11 @@ def _entries(state: State | None, names: tuple[str, ...]) -> dict[str, Entry]:
 
 def _snapshot(session: Session, entries: dict[str, Entry]) -> Snapshot:
     """What the server says now about `entries`; it is asked only about batches still running."""
-    from .watch import Snapshot, look, running
+    from .remote import Snapshot, any_unfinished, take_snapshot
 
-    return session.run(lambda api: look(api, entries)) if running(entries) else Snapshot.of(entries)
+    if not any_unfinished(entries):
+        return Snapshot.of(entries)
+    return session.run(lambda api: take_snapshot(api, entries, session.project.parallelism))
 
 
 # -- validate, plan, apply -------------------------------------------------------------
@@ -90,9 +93,9 @@ class PlanRequest:
 async def _make_plan(project: Project, api, desired: list[Desired], state: State | None,
                      request: PlanRequest) -> Plan:
     from .plan import build_plan
-    from .refresh import refresh
+    from .remote import read_remote
 
-    remote = await refresh(api, desired, state, parallelism=project.parallelism, full_scan=request.scan_all)
+    remote = await read_remote(api, desired, state, parallelism=project.parallelism, full_scan=request.scan_all)
     return build_plan(desired, state, remote, targets=request.targets, force_replace=request.replace)
 
 
@@ -179,18 +182,20 @@ class Waited:
 def wait(project: Project, names: tuple[str, ...], *, interval: float | None, timeout: float | None,
          display: Callable[[list[str]], Display]) -> Waited:
     """Poll until the batches have finished (or `timeout`), then record what was seen, under the lock."""
-    from .watch import WaitResult, running, wait as poll
+    from .remote import any_unfinished
+    from .watch import WaitResult, wait as poll
 
     entries = _entries(project.store().load(), names)
     if not entries:
         return Waited([], None)
     interval = interval or (1.0 if project.sandbox else 15.0)
     with Session(project) as session:
-        if not running(entries):
+        if not any_unfinished(entries):
             return Waited(list(entries), WaitResult(_snapshot(session, entries), timed_out=False))
         shown = display(list(entries))
         try:
-            result = session.run(lambda api: poll(api, entries, shown, interval=interval, timeout=timeout))
+            result = session.run(lambda api: poll(api, entries, shown, interval=interval, timeout=timeout,
+                                                  parallelism=project.parallelism))
         finally:
             shown.close()
     try:
@@ -209,11 +214,11 @@ class Refreshed:
 
 def refresh(project: Project) -> Refreshed:
     """Record in the state what the server says now about batches still running."""
-    from .watch import running
+    from .remote import any_unfinished
 
     with Session(project) as session, project.store().transaction(_command(), project.lock_timeout) as txn:
         entries = _entries(txn.state, ())
-        if not running(entries):
+        if not any_unfinished(entries):
             return Refreshed([], None)
         snapshot = _snapshot(session, entries)
         return Refreshed(txn.state.record_batches(snapshot.records), snapshot)

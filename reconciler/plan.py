@@ -1,7 +1,7 @@
 """Plans: what apply would do to bring the server and the state in line with the specs.
 
 `build_plan` is pure. It reads the desired batches, the state and a `RemoteView` (what
-the server said during refresh) and returns a frozen `Plan`; it writes nothing and
+the server said: remote.py) and returns a frozen `Plan`; it writes nothing and
 sends nothing. Apply walks the plan's changes; renderers print them.
 
 The diff is set arithmetic over spec names: desired − state = create or adopt,
@@ -16,7 +16,7 @@ from enum import Enum
 from .batch import BatchFields, BatchRecord
 from .desired import Desired
 from .errors import PlanError
-from .spec import TAG_NAME, TAG_SPEC
+from .remote import RemoteView, find_tagged
 from .state import Entry, State
 
 
@@ -102,20 +102,6 @@ class Change:
 
 
 @dataclass(frozen=True)
-class RemoteView:
-    """What the server said during refresh.
-
-    batches: current copies of batches known to state, by id (only those refreshed).
-    missing: ids the server answered 404 for.
-    tagged:  spec name -> batches that carry batchplan's tags for it, newest first.
-    """
-
-    batches: dict[str, dict] = field(default_factory=dict)
-    missing: frozenset[str] = frozenset()
-    tagged: dict[str, list[dict]] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
 class Plan:
     changes: tuple[Change, ...]
     lineage: str | None
@@ -168,19 +154,10 @@ def _current(entry: Entry, remote: RemoteView) -> BatchRecord:
     return BatchRecord.from_api(fresh) if fresh else entry.batch
 
 
-def _find_tagged(name: str, spec_hash: str, remote: RemoteView, skip: set[str]) -> dict | None:
-    """The newest batch on the server made by batchplan for this name and this exact spec."""
-    for batch in remote.tagged.get(name, []):
-        meta = batch.get("metadata") or {}
-        if meta.get(TAG_NAME) == name and meta.get(TAG_SPEC) == spec_hash and batch["id"] not in skip:
-            return batch
-    return None
-
-
 def _plan_desired(want: Desired, entry: Entry | None, remote: RemoteView, forced: bool) -> Change:
     after = want.fields()
     if entry is None or entry.batch is None:
-        found = _find_tagged(want.name, want.spec_hash, remote, set())
+        found = find_tagged(remote.tagged, want.name, want.spec_hash)
         if found:
             return Change(want.name, Action.ADOPT, f"batch {found['id']} on the server was made for this spec "
                           "but is not in the state; recording it, creating nothing", ReasonCode.FOUND_UNTRACKED,
@@ -211,7 +188,7 @@ def _interrupted_replacement(want: Desired, entry: Entry, record: BatchRecord, r
     old batch was not cancelled yet): found by the intent it left, it is adopted, never made again."""
     if not entry.intent or entry.intent.spec_hash != want.spec_hash:
         return None
-    return _find_tagged(want.name, want.spec_hash, remote, _earlier(entry, record))
+    return find_tagged(remote.tagged, want.name, want.spec_hash, _earlier(entry, record))
 
 
 def _orphan_warning(want: Desired, entry: Entry, record: BatchRecord, remote: RemoteView) -> tuple[str, ...]:
@@ -219,7 +196,7 @@ def _orphan_warning(want: Desired, entry: Entry, record: BatchRecord, remote: Re
     intent = entry.intent
     if not intent or intent.spec_hash == want.spec_hash:
         return ()
-    orphan = _find_tagged(want.name, intent.spec_hash, remote, _earlier(entry, record))
+    orphan = find_tagged(remote.tagged, want.name, intent.spec_hash, _earlier(entry, record))
     if not orphan:
         return ()
     return (f"batch {orphan['id']} ({orphan['status']}) was made for an earlier version of this spec by an "
@@ -234,7 +211,8 @@ def _plan_replace(want: Desired, entry: Entry, record: BatchRecord, remote: Remo
         raise PlanError(f"{want.name}: replacing it would cancel batch {record.id}, which is {record.status}, "
                         f"and its spec sets lifecycle.prevent_cancel; wait until it finishes "
                         f"(`batchplan wait {want.name}`) or remove prevent_cancel")
-    found = resumed or (None if forced else _find_tagged(want.name, want.spec_hash, remote, _earlier(entry, record)))
+    found = resumed or (None if forced else
+                        find_tagged(remote.tagged, want.name, want.spec_hash, _earlier(entry, record)))
     if found:
         reason += f"; its new batch {found['id']} already exists (an earlier apply was interrupted): adopting it"
     if record.running:
@@ -258,7 +236,7 @@ def _replace_reason(diff: list[FieldChange], forced: bool, resumed: dict | None)
 def _plan_removed(name: str, entry: Entry, remote: RemoteView) -> Change:
     if entry.batch is None:
         intent = entry.intent
-        found = intent and _find_tagged(name, intent.spec_hash, remote, set())
+        found = intent and find_tagged(remote.tagged, name, intent.spec_hash)
         if not found:
             return Change(name, Action.FORGET, "spec removed; its interrupted create left no batch",
                           ReasonCode.INTERRUPTED_CREATE, before=entry.fields)

@@ -1,10 +1,9 @@
-"""Watching batches: what each batch in the state is doing now (`status`, `refresh`), and
-waiting until they are all finished (`wait`).
+"""Watching batches: what each batch in the state is doing now (`status`), and waiting until
+they are all finished (`wait`).
 
-Everything here reads the server with `GET /batches/{id}` only, and only for batches
-the state does not already know to be finished (a finished batch never changes).
-Nothing here writes the state: cli.py records a Snapshot with `State.record_batches` and saves
-under the state lock.
+The server is asked (remote.take_snapshot) only about batches the state does not already
+know to be finished (a finished batch never changes). Nothing here writes the state:
+operations.py records a Snapshot with `State.record_batches` under the state lock.
 """
 
 from __future__ import annotations
@@ -12,13 +11,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from .api import Api
+from .batch import BatchStatus
 from .errors import ConfigError
-from .refresh import fetch_batches
-from .batch import BatchRecord, BatchStatus
+from .remote import Snapshot, take_snapshot
 from .state import Entry, State
 
 STATUS_FORMAT_VERSION = "1"
@@ -33,37 +32,6 @@ def select(state: State | None, names: tuple[str, ...]) -> dict[str, Entry]:
         raise ConfigError(f"no batch named {', '.join(unknown)} in the state (known: {known}); "
                           "`batchplan state list` shows them")
     return {name: entries[name] for name in sorted(set(names) or entries)}
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """What the server said about some batches at one moment.
-
-    records: name -> the batch now (refreshed if it was running, else as the state has it).
-    missing: names whose batch the server answered 404 for.
-    """
-
-    records: dict[str, BatchRecord] = field(default_factory=dict)
-    missing: frozenset[str] = frozenset()
-
-    @classmethod
-    def of(cls, entries: dict[str, Entry]) -> Snapshot:
-        """What the state alone says (no server)."""
-        return cls({n: e.batch for n, e in entries.items() if e.batch})
-
-
-def running(entries: dict[str, Entry]) -> bool:
-    """Whether any of `entries` has a batch the state does not know to be finished."""
-    return any(e.batch and not e.batch.terminal for e in entries.values())
-
-
-async def look(api: Api, entries: dict[str, Entry]) -> Snapshot:
-    """Refresh every running batch among `entries`; finished ones are taken from the state."""
-    active = {e.batch.id: n for n, e in entries.items() if e.batch and not e.batch.terminal}
-    fetched, gone = await fetch_batches(api, sorted(active))
-    records = Snapshot.of(entries).records
-    records.update({active[bid]: BatchRecord.from_api(batch) for bid, batch in fetched.items()})
-    return Snapshot(records, frozenset(active[bid] for bid in gone))
 
 
 # -- status ----------------------------------------------------------------------------
@@ -179,12 +147,12 @@ class WaitResult:
 
 
 async def wait(api: Api, entries: dict[str, Entry], display: Display, *, interval: float,
-               timeout: float | None, clock: Callable[[], float] = time.monotonic) -> WaitResult:
+               timeout: float | None, parallelism: int, clock: Callable[[], float] = time.monotonic) -> WaitResult:
     """Poll until every batch in `entries` is finished (or gone), or `timeout` seconds pass."""
     deadline = None if timeout is None else clock() + timeout
     current = dict(entries)
     while True:
-        snapshot = await look(api, current)
+        snapshot = await take_snapshot(api, current, parallelism)
         display.show(snapshot)
         if all(r.terminal or n in snapshot.missing for n, r in snapshot.records.items()):
             return WaitResult(snapshot, timed_out=False)
