@@ -22,7 +22,7 @@ from .errors import ConfigError, LockError, NotFound, StateError, ValidationFail
 from .session import Session
 
 if TYPE_CHECKING:
-    from .apply import ApplyResult
+    from .ledger import ApplyResult
     from .desired import Desired
     from .download import Report
     from .importer import Imported

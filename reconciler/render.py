@@ -17,7 +17,7 @@ import click
 from .plan import ORDER, Action, Change, FieldChange, Plan
 
 if TYPE_CHECKING:
-    from .apply import ApplyResult
+    from .ledger import ApplyResult
     from .download import Report
     from .operations import ImportedBatch, Refreshed, Removed, StatusReport, Waited
     from .state import Entry
