@@ -78,7 +78,7 @@ def _ensure_distinct(out: dict[str, dict[str, Path]], root: Path) -> None:
             seen[path] = f"{name} {kind}"
 
 
-def targets(records: dict[str, BatchRecord | None], dests: dict[str, dict[str, Path]],
+def files_to_download(records: dict[str, BatchRecord | None], dests: dict[str, dict[str, Path]],
             root: Path) -> tuple[list[Target], list[str]]:
     """The files to fetch for each named batch, and a note for each batch with nothing to fetch."""
     found, notes = [], []
@@ -155,7 +155,7 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def leftovers(records: dict[str, BatchRecord | None], dests: dict[str, dict[str, Path]], root: Path,
+def notes_on_earlier_files(records: dict[str, BatchRecord | None], dests: dict[str, dict[str, Path]], root: Path,
               manifest: Manifest) -> list[str]:
     """Notes for files on disk from an earlier batch, where the current batch has no such file."""
     notes = []
@@ -171,7 +171,7 @@ def leftovers(records: dict[str, BatchRecord | None], dests: dict[str, dict[str,
     return notes
 
 
-def pending(wanted: list[Target], manifest: Manifest, report: Report) -> list[Target]:
+def not_yet_downloaded(wanted: list[Target], manifest: Manifest, report: Report) -> list[Target]:
     """The targets not already on disk intact (those are noted in `report` as skipped)."""
     todo = []
     for target in wanted:
@@ -182,7 +182,7 @@ def pending(wanted: list[Target], manifest: Manifest, report: Report) -> list[Ta
     return todo
 
 
-async def fetch(api: Api, todo: list[Target], manifest: Manifest, report: Report) -> None:
+async def download_files(api: Api, todo: list[Target], manifest: Manifest, report: Report) -> None:
     """Download each target, concurrently; record each in `report`, and the good ones in `manifest`."""
     results = await asyncio.gather(*(api.download_file(t.file_id, t.dest) for t in todo), return_exceptions=True)
     for target, result in zip(todo, results):

@@ -31,7 +31,8 @@ if TYPE_CHECKING:
     from .state import Entry, State
     from .stores.base import LockInfo
     from .remote import Snapshot
-    from .watch import Display, Row, WaitResult
+    from .status import StatusRow
+    from .watch import Display, WaitResult
 
 
 def _command() -> str:
@@ -50,9 +51,9 @@ def _load_desired(project: Project) -> list[Desired]:
 
 
 def _entries(state: State | None, names: tuple[str, ...]) -> dict[str, Entry]:
-    from .watch import select
+    from .state import select_entries
 
-    return select(state, names)
+    return select_entries(state, names)
 
 
 def _snapshot(session: Session, entries: dict[str, Entry]) -> Snapshot:
@@ -158,18 +159,18 @@ def force_unlock(project: Project, lock_id: str | None) -> tuple[str, LockInfo |
 
 @dataclass(frozen=True)
 class StatusReport:
-    rows: list[Row]
+    rows: list[StatusRow]
     now: float
 
 
 def status(project: Project, names: tuple[str, ...]) -> StatusReport:
     """Every batch in the state (or the names) as the server says now. Writes nothing."""
-    from .watch import rows
+    from .status import status_rows
 
     entries = _entries(project.store().load(), names)
     with Session(project) as session:
         snapshot = _snapshot(session, entries)
-    return StatusReport(rows(entries, snapshot), time.time())
+    return StatusReport(status_rows(entries, snapshot), time.time())
 
 
 @dataclass(frozen=True)
@@ -183,7 +184,7 @@ def wait(project: Project, names: tuple[str, ...], *, interval: float | None, ti
          display: Callable[[list[str]], Display]) -> Waited:
     """Poll until the batches have finished (or `timeout`), then record what was seen, under the lock."""
     from .remote import any_unfinished
-    from .watch import WaitResult, wait as poll
+    from .watch import WaitResult, wait_until_finished
 
     entries = _entries(project.store().load(), names)
     if not entries:
@@ -194,8 +195,8 @@ def wait(project: Project, names: tuple[str, ...], *, interval: float | None, ti
             return Waited(list(entries), WaitResult(_snapshot(session, entries), timed_out=False))
         shown = display(list(entries))
         try:
-            result = session.run(lambda api: poll(api, entries, shown, interval=interval, timeout=timeout,
-                                                  parallelism=project.parallelism))
+            result = session.run(lambda api: wait_until_finished(
+                api, entries, shown, interval=interval, timeout=timeout, parallelism=project.parallelism))
         finally:
             shown.close()
     try:
@@ -226,7 +227,8 @@ def refresh(project: Project) -> Refreshed:
 
 def download(project: Project, names: tuple[str, ...]) -> Report:
     """Write each finished batch's result files, skipping those already on disk intact."""
-    from .download import MANIFEST, Manifest, Report, destinations, fetch, leftovers, pending, targets
+    from .download import (MANIFEST, Manifest, Report, destinations, download_files, files_to_download,
+                           not_yet_downloaded, notes_on_earlier_files)
     from .spec import load_specs
 
     entries = _entries(project.store().load(), names)
@@ -238,12 +240,12 @@ def download(project: Project, names: tuple[str, ...]) -> Report:
     with Session(project) as session:
         snapshot = _snapshot(session, entries)
         records = {n: snapshot.records.get(n) for n in entries}
-        wanted, notes = targets(records, dests, project.root)
-        report = Report(notes=notes + leftovers(records, dests, project.root, manifest))
-        todo = pending(wanted, manifest, report)
+        wanted, notes = files_to_download(records, dests, project.root)
+        report = Report(notes=notes + notes_on_earlier_files(records, dests, project.root, manifest))
+        todo = not_yet_downloaded(wanted, manifest, report)
         try:
             if todo:
-                session.run(lambda api: fetch(api, todo, manifest, report))
+                session.run(lambda api: download_files(api, todo, manifest, report))
         finally:
             manifest.save()
     return report

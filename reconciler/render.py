@@ -159,7 +159,7 @@ def render_apply_result(result: ApplyResult) -> Output:
 
 def render_status(report: StatusReport, *, as_json: bool, terminal: bool, colour: bool) -> str:
     """`status`: one JSON document, or a table (as wide as the terminal; unbounded when piped)."""
-    from .watch import status_document, status_table
+    from .status import status_document, status_table
 
     if as_json:
         return json.dumps(status_document(report.rows, report.now), indent=2, sort_keys=True) + "\n"

@@ -14,6 +14,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
 from .batch import BatchFields, BatchRecord, BatchStatus
+from .errors import ConfigError
 
 __all__ = ["FORMAT_VERSION", "BatchFields", "BatchRecord", "BatchStatus", "Entry", "HistoryItem", "Intent", "State", "Upload"]
 
@@ -85,3 +86,14 @@ class State(BaseModel):
         # orjson: sorted and indented as json.dumps did (non-ASCII as UTF-8, not \u escapes), ~5x faster
         text = orjson.dumps(self.model_dump(mode="json"), option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
         return text.decode() + "\n"
+
+
+def select_entries(state: State | None, names: tuple[str, ...]) -> dict[str, Entry]:
+    """The state entries named (all of them when none are), sorted by name."""
+    entries = state.entries if state else {}
+    unknown = sorted(set(names) - set(entries))
+    if unknown:
+        known = ", ".join(sorted(entries)) or "none"
+        raise ConfigError(f"no batch named {', '.join(unknown)} in the state (known: {known}); "
+                          "`batchplan state list` shows them")
+    return {name: entries[name] for name in sorted(set(names) or entries)}

@@ -1,9 +1,8 @@
-"""Watching batches: what each batch in the state is doing now (`status`), and waiting until
-they are all finished (`wait`).
+"""Watching batches until they have finished (`batchplan wait`), and the displays that show it.
 
-The server is asked (remote.take_snapshot) only about batches the state does not already
-know to be finished (a finished batch never changes). Nothing here writes the state:
-operations.py records a Snapshot with `State.record_batches` under the state lock.
+Each poll asks the server (remote.take_snapshot) only about batches the state does not
+already know to be finished (a finished batch never changes). Nothing here writes the
+state: operations.py records the last Snapshot with `State.record_batches` under the lock.
 """
 
 from __future__ import annotations
@@ -15,105 +14,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from .api import Api
-from .batch import BatchStatus
-from .errors import ConfigError
 from .remote import Snapshot, take_snapshot
-from .state import Entry, State
-
-STATUS_FORMAT_VERSION = "1"
-
-
-def select(state: State | None, names: tuple[str, ...]) -> dict[str, Entry]:
-    """The state entries named (all of them when none are), sorted by name."""
-    entries = state.entries if state else {}
-    unknown = sorted(set(names) - set(entries))
-    if unknown:
-        known = ", ".join(sorted(entries)) or "none"
-        raise ConfigError(f"no batch named {', '.join(unknown)} in the state (known: {known}); "
-                          "`batchplan state list` shows them")
-    return {name: entries[name] for name in sorted(set(names) or entries)}
-
-
-# -- status ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Row:
-    """One line of `batchplan status`."""
-
-    name: str
-    batch_id: str | None
-    status: str
-    completed: int
-    failed: int
-    total: int
-    created_at: int | None
-    output_file_id: str | None
-    error_file_id: str | None
-    note: str = ""
-
-
-def rows(entries: dict[str, Entry], snapshot: Snapshot) -> list[Row]:
-    out = []
-    for name, entry in entries.items():
-        rec = snapshot.records.get(name)
-        if rec is None:
-            out.append(Row(name, None, "none", 0, 0, 0, None, None, None,
-                           "no batch: an apply was interrupted before creating it; run `batchplan apply`"))
-            continue
-        counts = rec.request_counts or {}
-        status = "missing" if name in snapshot.missing else rec.status
-        note = "the server has no such batch (404)" if name in snapshot.missing else rec.error_codes()
-        out.append(Row(name, rec.id, status, counts.get("completed", 0), counts.get("failed", 0),
-                       counts.get("total", 0), rec.created_at, rec.output_file_id if rec.terminal else None,
-                       rec.error_file_id if rec.terminal else None, note))
-    return out
-
-
-def age(seconds: float) -> str:
-    """3s, 4m 05s, 2h 07m, 3d 04h."""
-    s = max(0, int(seconds))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m {s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h {s % 3600 // 60:02d}m"
-    return f"{s // 86400}d {s % 86400 // 3600:02d}h"
-
-
-def status_document(table: list[Row], now: float) -> dict:
-    """The `status --json` document (format_version 1); keep it stable."""
-    return {"format_version": STATUS_FORMAT_VERSION, "batches": [
-        {"name": r.name, "batch_id": r.batch_id, "status": r.status,
-         "request_counts": {"completed": r.completed, "failed": r.failed, "total": r.total},
-         "created_at": r.created_at, "age_seconds": None if r.created_at is None else int(now - r.created_at),
-         "output_file_id": r.output_file_id, "error_file_id": r.error_file_id, "note": r.note or None}
-        for r in table]}
-
-
-def status_table(table: list[Row], now: float):
-    """A rich Table of the rows (rich is imported here: only status needs it)."""
-    from rich import box
-    from rich.table import Table
-
-    columns = ["name", "batch", "status", "completed", "failed", "total", "age", "output", "errors"]
-    notes = any(r.note for r in table)
-    grid = Table(box=box.SIMPLE, show_edge=False, pad_edge=False)
-    for column in columns + ["note"] * notes:
-        grid.add_column(column, justify="right" if column in ("completed", "failed", "total", "age") else "left",
-                        no_wrap=column != "note")
-    for r in table:
-        style = "green" if r.status == "completed" else "red" if r.status == "missing" or BatchStatus(r.status).failed \
-            else None
-        cells = [r.name, r.batch_id or "-", r.status, str(r.completed), str(r.failed), str(r.total),
-                 "-" if r.created_at is None else age(now - r.created_at), r.output_file_id or "-",
-                 r.error_file_id or "-"]
-        grid.add_row(*cells, *[r.note] * notes, style=style)
-    return grid
-
-
-# -- wait ------------------------------------------------------------------------------
+from .state import Entry
 
 
 class Display(Protocol):
@@ -146,7 +48,7 @@ class WaitResult:
         return out
 
 
-async def wait(api: Api, entries: dict[str, Entry], display: Display, *, interval: float,
+async def wait_until_finished(api: Api, entries: dict[str, Entry], display: Display, *, interval: float,
                timeout: float | None, parallelism: int, clock: Callable[[], float] = time.monotonic) -> WaitResult:
     """Poll until every batch in `entries` is finished (or gone), or `timeout` seconds pass."""
     deadline = None if timeout is None else clock() + timeout

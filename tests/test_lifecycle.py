@@ -18,7 +18,8 @@ from rich.console import Console
 from reconciler.sandbox import Timing
 from reconciler.state import BatchRecord
 from reconciler.stores.file import FileStore
-from reconciler.watch import ProgressDisplay, Snapshot
+from reconciler.remote import Snapshot
+from reconciler.watch import ProgressDisplay
 from tests.helpers import ENDPOINT, request_line, run_cli, write_jsonl
 
 STEP = Timing(validating=0.3, in_progress=0.2, finalizing=0.1, cancelling=0.05)
