@@ -59,9 +59,10 @@ class Applier:
             for change in self.plan.changes:
                 if change.found:
                     self.ledger.record_batch(change, change.found)
-            await self._create_all([c for c in creates if c.name not in self.ledger.result.failed], file_ids)
+            result = self.ledger.result
+            await self._create_all([c for c in creates if c.name not in result.failed], file_ids)
             await self._cancel_all([c for c in self.plan.changes
-                                    if c.action is Action.CANCEL or c.cancels_old and c.name in self.ledger.result.done])
+                                    if c.action is Action.CANCEL or c.cancels_old and c.name in result.done])
             for change in self.plan.changes:
                 if change.action is Action.FORGET:
                     self.ledger.remove(change.name, "forgotten (removed from the state; nothing sent)")

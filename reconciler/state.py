@@ -16,7 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from .batch import BatchFields, BatchRecord, BatchStatus
 from .errors import ConfigError
 
-__all__ = ["FORMAT_VERSION", "BatchFields", "BatchRecord", "BatchStatus", "Entry", "HistoryItem", "Intent", "State", "Upload"]
+__all__ = ["FORMAT_VERSION", "BatchFields", "BatchRecord", "BatchStatus", "Entry", "HistoryItem", "Intent", "State",
+           "Upload", "select_entries"]
 
 FORMAT_VERSION = 1
 
