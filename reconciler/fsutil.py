@@ -2,7 +2,7 @@
 
 Every file batchplan writes whole (the state and its backup, the input hash cache, a
 saved plan, the download manifest, a downloaded result) goes through here. The temp
-file sits next to the target (`.<name>.<pid>.tmp`, so a rename never crosses file
+file sits next to the target (`.<name>.<pid>.<thread>.tmp`, so a rename never crosses file
 systems) and is removed when the write fails; a process killed mid-write leaves the
 old file intact and, at worst, a stray temp file.
 """
@@ -10,6 +10,7 @@ old file intact and, at worst, a stray temp file.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,8 +18,8 @@ from typing import BinaryIO
 
 
 def temp_path(path: Path) -> Path:
-    """Where a write to `path` goes before it is renamed into place."""
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """Where a write to `path` goes before it is renamed into place (one per process and thread)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
 
 
 @contextmanager
