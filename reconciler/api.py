@@ -250,6 +250,9 @@ class Api:
     async def retrieve_file(self, file_id: str) -> dict:
         return await self._json("GET", f"files/{file_id}")
 
+    async def delete_file(self, file_id: str) -> dict:
+        return await self._json("DELETE", f"files/{file_id}")
+
     async def download_file(self, file_id: str, dest: Path) -> int:
         """Stream a file's content to `dest` atomically (temp + rename); returns the byte count."""
         dest.parent.mkdir(parents=True, exist_ok=True)

@@ -1,13 +1,12 @@
-"""The command line. The only module that turns errors into text and exit codes.
+"""The command line: parses arguments, asks for approval, renders results. The work is in operations.py.
 
-Exit codes: 0 success; 1 any error (a message naming the file, field or line, never
-a traceback unless --debug); 2 from `plan --detailed-exitcode` when there are changes;
-130 when interrupted.
+The only module that turns errors into text and exit codes. Exit codes: 0 success; 1 any
+error (a message naming the file, field or line, never a traceback unless --debug); 2
+from `plan --detailed-exitcode` when there are changes; 130 when interrupted.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
 import traceback
@@ -15,85 +14,38 @@ from pathlib import Path
 
 import click
 
-from . import __version__
+from . import __version__, operations  # operations loads nothing heavy until a command runs
 from .errors import BatchplanError, Interrupted, PlanError
-
-_DEBUG = False
-
-
-def _colour() -> bool | None:
-    return False if os.environ.get("NO_COLOR") else None  # None: only when writing to a terminal
+from .options import Invocation, common_options, debug_option, lock_timeout_option, names_argument, plan_options
 
 
-def colour_on() -> bool:
-    return not os.environ.get("NO_COLOR") and _stdout_is_terminal()
+def _render():
+    from . import render  # here: --help does not load the models a plan is made of
+
+    return render
 
 
-def _stdout_is_terminal() -> bool:
+def _is_terminal(stream) -> bool:
     try:
-        return sys.stdout.isatty()
-    except (AttributeError, ValueError):
+        return stream is not None and stream.isatty()
+    except (AttributeError, OSError, ValueError):
         return False
 
 
-def _run(coroutine):
-    """asyncio.run, imported here so that --help and validate do not pay for loading asyncio.
-
-    The result leaves through a list, not as the main task's result: Python 3.11's asyncio.run
-    formats the repr of its main task, result included, when it restores the Ctrl-C handler,
-    and the repr of a 1,000-spec plan takes 0.1 s.
-    """
-    import asyncio
-
-    result = []
-
-    async def main() -> None:
-        result.append(await coroutine)
-
-    asyncio.run(main())
-    return result[0]
-
-
-def _with_api(project, work):
-    """Run `await work(api)` with a client for the project's server (checks credentials first)."""
-    project.credentials()
-
-    async def run():
-        async with project.connect() as api:
-            return await work(api)
-    return _run(run())
+def colour_on() -> bool:
+    return not os.environ.get("NO_COLOR") and _is_terminal(sys.stdout)
 
 
 def echo(text: str = "", err: bool = False, nl: bool = True) -> None:
-    click.echo(text, err=err, nl=nl, color=_colour())
+    colour = False if os.environ.get("NO_COLOR") else None  # None: only when writing to a terminal
+    click.echo(text, err=err, nl=nl, color=colour)
 
 
-def common_options(func):
-    """Options every command takes, after the command name."""
-    @click.option("-C", "--chdir", metavar="DIR", help="Run as if batchplan was started in DIR (the repo root).")
-    @click.option("--specs", metavar="DIR", help="Spec directory [default: specs, or batchplan.yaml].")
-    @click.option("--state", metavar="FILE", help="State file [default: state/batchplan.state.json].")
-    @click.option("--sandbox", is_flag=True, envvar="BATCHPLAN_SANDBOX",
-                  help="Use the embedded emulator: no key, no network, its own state (also BATCHPLAN_SANDBOX=1).")
-    @click.option("--parallelism", type=click.IntRange(1, 64), help="Concurrent requests [default: 16].")
-    @click.option("--allow-insecure-http", is_flag=True, help="Allow an http:// OPENAI_BASE_URL that is not loopback.")
-    @click.option("--debug", is_flag=True, help="Show Python tracebacks for errors.")
-    @functools.wraps(func)
-    def wrapper(*args, chdir, specs, state, sandbox, parallelism, allow_insecure_http, debug, **kwargs):
-        global _DEBUG
-        _DEBUG = _DEBUG or debug
-        from .project import Project
-
-        project = Project.open(chdir=chdir, specs=specs, state=state, sandbox=sandbox, parallelism=parallelism,
-                               lock_timeout=kwargs.pop("lock_timeout", 0.0) or 0.0,
-                               allow_insecure_http=allow_insecure_http)
-        return func(project, *args, **kwargs)
-    return wrapper
-
-
-lock_timeout_option = click.option(
-    "--lock-timeout", type=click.FloatRange(0), default=0.0, metavar="SECONDS",
-    help="Wait up to SECONDS for another batchplan holding the state lock [default: fail at once].")
+def emit(output) -> None:
+    """Print a render.Output (its standard output part, then its standard error part) or a str."""
+    for text, err in ((output, False),) if isinstance(output, str) else ((output.out, False), (output.err, True)):
+        if text:
+            echo(text, err=err, nl=False)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -113,42 +65,8 @@ def cli() -> None:
 @common_options
 def validate(project) -> None:
     """Check every spec and input file, offline: no key, no network."""
-    from .desired import load_desired
-
-    cache = project.hash_cache()
-    desired = load_desired(project.specs_dir, project.root, cache)
-    cache.save()
-    files = {d.input for d in desired if d.input}
-    requests = sum(d.requests or 0 for d in {d.input: d for d in desired if d.input}.values())
-    echo(f"{len(desired)} spec(s) valid; {len(files)} input file(s), {requests} request(s).")
-
-
-def _load_desired(project):
-    from .desired import load_desired
-
-    cache = project.hash_cache()
-    desired = load_desired(project.specs_dir, project.root, cache)
-    cache.save()
-    return desired
-
-
-async def _make_plan(project, api, desired, state, targets, replace, scan_all):
-    from .plan import build_plan
-    from .refresh import refresh
-
-    remote = await refresh(api, desired, state, parallelism=project.parallelism, full_scan=scan_all)
-    return build_plan(desired, state, remote, targets=frozenset(targets), force_replace=frozenset(replace))
-
-
-def plan_options(func):
-    @click.option("--target", multiple=True, metavar="NAME", help="Plan only these spec names (repeatable).")
-    @click.option("--replace", multiple=True, metavar="NAME", help="Make a new batch for NAME even if unchanged.")
-    @click.option("--scan-all", is_flag=True,
-                  help="Look through every batch in the account for ones batchplan made (slow on big accounts).")
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        return func(*args, **kwargs)
-    return wrapper
+    checked = operations.validate(project)
+    echo(f"{checked.specs} spec(s) valid; {checked.files} input file(s), {checked.requests} request(s).")
 
 
 @cli.command()
@@ -159,37 +77,19 @@ def plan_options(func):
               help="Output format [default: text].")
 @click.option("--out", type=click.Path(dir_okay=False), help="Also save the plan to FILE for `apply FILE`.")
 @click.option("--detailed-exitcode", is_flag=True, help="Exit 0 when nothing changes, 2 when something would.")
-def plan(project, target, replace, scan_all, as_json, fmt, out, detailed_exitcode) -> int:
+def plan(project, request, as_json, fmt, out, detailed_exitcode) -> int:
     """Show what apply would change. Reads the server; writes nothing but the input hash cache."""
-    from .render import render_json, render_markdown, render_text
-
-    desired = _load_desired(project)
-    state = project.state_file.load()
-    the_plan = _with_api(project, lambda api: _make_plan(project, api, desired, state, target, replace, scan_all))
-    if out:
-        from .planfile import save_plan
-
-        save_plan(project.root / out, the_plan, project)  # -C DIR: relative to DIR
-    fmt = "json" if as_json else (fmt or "text")
-    renderers = {"json": render_json, "markdown": render_markdown,
-                 "text": functools.partial(render_text, colour=colour_on())}
-    echo(renderers[fmt](the_plan), nl=False)
+    the_plan = operations.plan(project, request, project.root / out if out else None)  # -C DIR: relative to DIR
+    emit(_render().render_plan(the_plan, "json" if as_json else (fmt or "text"), colour=colour_on()))
     if out:
         echo(f"Saved the plan to {out}; apply exactly it with `batchplan apply {out}`.", err=True)
     return 2 if detailed_exitcode and the_plan.has_changes else 0
 
 
-def _stdin_is_terminal() -> bool:
-    try:
-        return sys.stdin is not None and sys.stdin.isatty()
-    except (AttributeError, OSError, ValueError):
-        return False
-
-
 def _confirm(auto_approve: bool) -> None:
     if auto_approve:
         return
-    if not _stdin_is_terminal():
+    if not _is_terminal(sys.stdin):
         raise PlanError("apply needs confirmation but standard input is not a terminal; nothing was changed. "
                         "Review the plan, then run `batchplan apply --auto-approve`")
     answer = click.prompt("Do you want to perform these actions? Only 'yes' will be accepted", default="",
@@ -204,62 +104,22 @@ def _confirm(auto_approve: bool) -> None:
 @lock_timeout_option
 @click.argument("planfile", required=False, type=click.Path(dir_okay=False))
 @click.option("--auto-approve", is_flag=True, help="Do not ask for confirmation.")
-def apply(project, target, replace, scan_all, planfile, auto_approve) -> int:
+def apply(project, request, planfile, auto_approve) -> int:
     """Create, adopt, replace, cancel and forget batches so the server matches the specs.
 
     With PLANFILE (from `plan --out`), carry out exactly that saved plan, without asking.
     """
-    from .render import render_text
-    from .state import State, StateLock, command_line
+    def review(the_plan) -> None:
+        emit(_render().render_text(the_plan, colour_on()))
+        if the_plan.has_changes and not planfile:
+            _confirm(auto_approve)
 
-    saved = plan_path = None
-    if planfile:
-        from .planfile import check_fresh, load_plan
-
-        plan_path = project.root / planfile  # -C DIR: relative to DIR
-        saved = load_plan(plan_path, project)
-    desired = None if saved else _load_desired(project)
-    project.credentials()  # before taking the lock: a missing key is said at once
-    with StateLock(project.state_path, command_line(), project.lock_timeout):
-        state = project.state_file.load()
-        if saved:
-            check_fresh(plan_path, *saved, state, project.root)
-
-        async def work(api):
-            the_plan = saved[0] if saved else \
-                await _make_plan(project, api, desired, state, target, replace, scan_all)
-            echo(render_text(the_plan, colour_on()), nl=False)
-            if not the_plan.has_changes:
-                _save_refresh(project, state, the_plan)
-                return 0
-            if not saved:
-                _confirm(auto_approve)
-            return await _execute(project, api, state or State(), the_plan)
-
-        return _with_api(project, work)
-
-
-def _report(name: str, text: str) -> None:
-    echo(f"  {name}: {text}")
-
-
-def _save_refresh(project, state, the_plan) -> None:
-    """Record newly seen statuses, writing the state only when something changed."""
-    if state is not None and state.record_batches(the_plan.refreshed):
-        project.state_file.save(state)
-
-
-async def _execute(project, api, state, the_plan) -> int:
-    from .apply import Applier, apply_plan
-
-    applier = Applier(api, project.state_file, state, the_plan, repo_root=project.root, report=_report)
-    result = await apply_plan(applier)
-    if result.failed:
-        echo(f"Apply finished with errors: {len(result.done)} done, {len(result.failed)} failed "
-             "(the state records what was done; fix the cause and run apply again).", err=True)
-        return 1
-    echo(click.style(f"Apply complete: {len(result.done)} change(s).", bold=True))
-    return 0
+    applied = operations.apply(project, request, planfile=project.root / planfile if planfile else None,
+                               review=review, report=lambda name, text: echo(f"  {name}: {text}"))
+    if applied.result is None:
+        return 0
+    emit(_render().render_apply_result(applied.result))
+    return 1 if applied.result.failed else 0
 
 
 # -- locks and the sandbox -----------------------------------------------------------------
@@ -270,11 +130,8 @@ async def _execute(project, api, state, the_plan) -> int:
 @click.argument("lock_id", required=False)
 def force_unlock_cmd(project, lock_id) -> None:
     """Remove the state lock left by a process that is gone. LOCK_ID is the id the lock error printed."""
-    from .state import force_unlock
-
-    held = force_unlock(project.state_path, lock_id)
-    who = f" (held by pid {held.get('pid')} on {held.get('host')}: {held.get('command')})" if held else ""
-    echo(f"Removed the lock on {project.state_path}{who}.")
+    location, held = operations.force_unlock(project, lock_id)
+    echo(f"Removed the lock on {location}{f' (held by {held.describe()})' if held else ''}.")
 
 
 @cli.group()
@@ -293,41 +150,17 @@ def sandbox() -> None:
 @click.option("--latency", type=click.FloatRange(0), default=0.0, show_default=True,
               help="Seconds added to every request.")
 @click.option("--no-auth", is_flag=True, help="Accept requests without an API key.")
-@click.option("--debug", is_flag=True, help="Show Python tracebacks for errors.")
-def sandbox_serve(host, port, world, step_seconds, fail_rate, latency, no_auth, debug) -> None:
+@debug_option
+def sandbox_serve(host, port, world, step_seconds, fail_rate, latency, no_auth) -> None:
     """Serve the emulator over HTTP at http://HOST:PORT/v1 until Ctrl-C."""
     from .sandbox import Timing, serve
 
-    global _DEBUG
-    _DEBUG = _DEBUG or debug
     timing = Timing.uniform(step_seconds) if step_seconds is not None else Timing()
     serve(host=host, port=port, root=Path(world) if world else None, timing=timing, fail_rate=fail_rate,
           latency=latency, require_auth=not no_auth)
 
 
 # -- watching and collecting: status, wait, refresh, download, import, state ---------------
-
-
-def _look(project, entries):
-    """A Snapshot of `entries`: the server is asked only about batches still running."""
-    from .watch import Snapshot, look, running
-
-    return _with_api(project, lambda api: look(api, entries)) if running(entries) else Snapshot.of(entries)
-
-
-def _record(project, snapshot) -> list[str]:
-    """Save newer batch records in the state, under the lock; the names that changed."""
-    from .state import StateLock, command_line
-
-    with StateLock(project.state_path, command_line(), project.lock_timeout):
-        state = project.state_file.load()
-        changed = state.record_batches(snapshot.records) if state else []
-        if changed:
-            project.state_file.save(state)
-    return changed
-
-
-names_argument = click.argument("names", nargs=-1, metavar="[NAME]...")
 
 
 @cli.command("status")
@@ -340,47 +173,16 @@ def status_cmd(project, names, as_json) -> int:
     Asks the server about batches still running. Read-only: it prints what the server says
     and writes nothing; `batchplan refresh` records it in the state.
     """
-    import json
-    import time
-
-    from .watch import rows, select, status_document, status_table
-
-    entries = select(project.state_file.load(), names)
-    table, now = rows(entries, _look(project, entries)), time.time()
-    if as_json:
-        echo(json.dumps(status_document(table, now), indent=2, sort_keys=True))
-    elif not table:
-        echo("No batches in the state yet; `batchplan apply` makes them.")
-    elif _stdout_is_terminal():
-        from rich.console import Console
-
-        Console(no_color=not colour_on()).print(status_table(table, now))
-    else:
-        from rich.console import Console
-
-        console = Console(width=1000, no_color=True)
-        with console.capture() as captured:
-            console.print(status_table(table, now))
-        echo("\n".join(line.rstrip() for line in captured.get().splitlines()))
+    report = operations.status(project, names)
+    emit(_render().render_status(report, as_json=as_json, terminal=_is_terminal(sys.stdout), colour=colour_on()))
     return 0
 
 
-def _wait_and_record(project, entries, interval, timeout):
-    """Poll until `entries` have finished (or time runs out), then record what was seen in the state."""
-    from .errors import LockError
-    from .watch import LineDisplay, ProgressDisplay, wait
+def _display(names: list[str]):
+    """A live progress display on a terminal, one line per change otherwise."""
+    from .watch import LineDisplay, ProgressDisplay
 
-    display = ProgressDisplay(list(entries)) if _stdout_is_terminal() else LineDisplay(echo)
-    try:
-        result = _with_api(project, lambda api: wait(api, entries, display, interval=interval, timeout=timeout))
-    finally:
-        display.close()
-    try:
-        _record(project, result.snapshot)
-    except LockError as exc:
-        echo(f"Note: the final statuses were not recorded in the state ({exc}); "
-             "`batchplan refresh` records them later.", err=True)
-    return result
+    return ProgressDisplay(names) if _is_terminal(sys.stdout) else LineDisplay(echo)
 
 
 @cli.command("wait")
@@ -398,24 +200,9 @@ def wait_cmd(project, names, timeout, interval) -> int:
     completed; 1 when any failed, expired or was cancelled, or the timeout passed. The
     final statuses are recorded in the state (under the state lock).
     """
-    from .watch import WaitResult, running, select
-
-    entries = select(project.state_file.load(), names)
-    if not entries:
-        echo("Nothing to wait for: the state has no batches.")
-        return 0
-    interval = interval or (1.0 if project.sandbox else 15.0)
-    result = _wait_and_record(project, entries, interval, timeout) if running(entries) else \
-        WaitResult(_look(project, entries), timed_out=False)
-    problems = result.problems(list(entries))
-    if not problems:
-        echo(f"All {len(entries)} batch(es) completed.")
-        return 0
-    head = f"Timed out after {timeout:g}s" if result.timed_out else "Finished"
-    echo(f"{head}: {len(problems)} of {len(entries)} batch(es) did not complete:", err=True)
-    for line in problems:
-        echo(f"  {line}", err=True)
-    return 1
+    waited = operations.wait(project, names, interval=interval, timeout=timeout, display=_display)
+    emit(_render().render_wait(waited, timeout))
+    return 1 if waited.result and waited.result.problems(waited.names) else 0
 
 
 @cli.command("refresh")
@@ -426,25 +213,7 @@ def refresh_cmd(project) -> None:
 
     Sends only GET requests: nothing changes on the server.
     """
-    from .state import StateLock, command_line
-    from .watch import look, running, select
-
-    with StateLock(project.state_path, command_line(), project.lock_timeout):
-        state = project.state_file.load()
-        entries = select(state, ())
-        if not running(entries):
-            echo("Nothing to refresh: every batch in the state has finished.")
-            return
-        snapshot = _with_api(project, lambda api: look(api, entries))
-        changed = state.record_batches(snapshot.records)
-        if changed:
-            project.state_file.save(state)
-    for name in changed:
-        echo(f"  {name}: {snapshot.records[name].id} is {snapshot.records[name].status}")
-    for name in sorted(snapshot.missing):
-        echo(f"  {name}: batch {snapshot.records[name].id} no longer exists on the server "
-             "(`batchplan plan` shows what to do)")
-    echo(f"Refreshed the state: {len(changed)} batch(es) changed." if changed else "The state was up to date.")
+    emit(_render().render_refresh(operations.refresh(project)))
 
 
 @cli.command("download")
@@ -458,33 +227,8 @@ def download_cmd(project, names) -> int:
     skipped without asking the server; batches still running are skipped with a note.
     Exit 1 when a file could not be downloaded (e.g. it expired on the server).
     """
-    from .download import MANIFEST, Manifest, Report, destinations, fetch, leftovers, pending, targets
-    from .errors import ValidationFailed
-    from .spec import load_specs
-    from .watch import select
-
-    entries = select(project.state_file.load(), names)
-    specs, problems = load_specs(project.specs_dir, project.root)
-    if problems:
-        raise ValidationFailed(problems)
-    dests = destinations(specs, list(entries), project.root, project.results_dir)
-    snapshot = _look(project, entries)
-    records = {n: snapshot.records.get(n) for n in entries}
-    wanted, notes = targets(records, dests, project.root)
-    manifest = Manifest(project.results_dir / MANIFEST)
-    report = Report(notes=notes + leftovers(records, dests, project.root, manifest))
-    todo = pending(wanted, manifest, report)
-    try:
-        if todo:
-            _with_api(project, lambda api: fetch(api, todo, manifest, report))
-    finally:
-        manifest.save()
-    for line in report.written + report.skipped + report.notes:
-        echo(f"  {line}")
-    for line in report.failed:
-        echo(f"  {line}", err=True)
-    echo(f"Downloaded {len(report.written)} file(s); {len(report.skipped)} already there"
-         f"{f'; {len(report.failed)} failed' if report.failed else ''}.")
+    report = operations.download(project, names)
+    emit(_render().render_download(report))
     return 1 if report.failed else 0
 
 
@@ -499,45 +243,7 @@ def import_cmd(project, name, batch_id) -> None:
     The next plan is a noop for NAME when the batch was made from what the spec says
     (endpoint, completion window, metadata, input), else a replace that shows the difference.
     """
-    from .errors import ConfigError, NotFound, StateError
-    from .importer import import_entry
-    from .state import State, StateLock, command_line
-
-    want = next((d for d in _load_desired(project) if d.name == name), None)
-    if want is None:
-        raise ConfigError(f"no spec named {name} under {project.specs_dir}; write its spec first, then import")
-
-    async def fetch(api):
-        try:
-            batch = await api.retrieve_batch(batch_id)
-        except NotFound:
-            raise ConfigError(f"the server has no batch {batch_id}; check the id (`batchplan import NAME "
-                              "BATCH_ID`)") from None
-        try:
-            return batch, (await api.retrieve_file(batch["input_file_id"]) if want.input else None)
-        except NotFound:
-            return batch, None
-
-    batch, input_file = _with_api(project, fetch)
-    imported = import_entry(want, batch, input_file, project.root / want.input if want.input else None)
-    with StateLock(project.state_path, command_line(), project.lock_timeout):
-        state = project.state_file.load() or State()
-        holder = next((n for n, e in state.entries.items() if e.batch and e.batch.id == batch_id), None)
-        if holder:
-            raise StateError(f"batch {batch_id} is already in the state, as {holder}; nothing was changed")
-        if name in state.entries:
-            raise StateError(f"the state already has an entry for {name}; `batchplan state rm {name}` first "
-                             "(it leaves its batch alone on the server), then import")
-        state.entries[name] = imported.entry
-        project.state_file.save(state)
-    echo(f"Imported {batch_id} ({batch['status']}) as {name}.")
-    if imported.differs:
-        echo(f"It differs from the spec in: {', '.join(imported.differs)}; the next plan replaces it "
-             "(`batchplan plan` shows the diff).")
-    else:
-        echo("It matches the spec: the next plan leaves it as it is.")
-    for note in imported.notes:
-        echo(f"Note: {note}.")
+    emit(_render().render_import(operations.import_batch(project, name, batch_id), name))
 
 
 @cli.group("state")
@@ -549,15 +255,7 @@ def state_group() -> None:
 @common_options
 def state_list(project) -> None:
     """Every name in the state, with its batch id and status as last recorded."""
-    from .watch import select
-
-    entries = select(project.state_file.load(), ())
-    width = max((len(n) for n in entries), default=0)
-    for name, entry in entries.items():
-        batch = f"{entry.batch.id}  {entry.batch.status}" if entry.batch else "-  no batch (an interrupted create)"
-        echo(f"{name.ljust(width)}  {batch}")
-    if not entries:
-        echo("The state has no entries.")
+    emit(_render().render_entries(operations.state_entries(project)))
 
 
 @state_group.command("show")
@@ -567,9 +265,7 @@ def state_show(project, name) -> None:
     """One entry of the state, as JSON."""
     import json
 
-    from .watch import select
-
-    (entry,) = select(project.state_file.load(), (name,)).values()
+    (entry,) = operations.state_entries(project, (name,)).values()
     echo(json.dumps(entry.model_dump(mode="json"), indent=2, sort_keys=True))
 
 
@@ -579,25 +275,14 @@ def state_show(project, name) -> None:
 @click.argument("name")
 def state_rm(project, name) -> None:
     """Stop tracking NAME: remove its entry from the state. Its batch is left alone on the server."""
-    from .state import StateLock, command_line
-    from .watch import select
-
-    with StateLock(project.state_path, command_line(), project.lock_timeout):
-        state = project.state_file.load()
-        select(state, (name,))
-        entry = state.entries.pop(name)
-        project.state_file.save(state)
-    batch = f"batch {entry.batch.id} ({entry.batch.status}) was not touched on the server" if entry.batch \
-        else "it had no batch"
-    echo(f"Removed {name} from the state; {batch}. The previous state is in {project.state_file.backup.name}.")
+    emit(_render().render_removed(name, operations.remove_entry(project, name)))
 
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: runs the CLI and maps every outcome to an exit code."""
-    global _DEBUG
-    _DEBUG = False  # set by --debug for this run only (tests call main() many times in one process)
+    invocation = Invocation()  # one per run: tests call main() many times in one process
     try:
-        code = cli.main(args=argv, prog_name="batchplan", standalone_mode=False)
+        code = cli.main(args=argv, prog_name="batchplan", standalone_mode=False, obj=invocation)
     except click.exceptions.Exit as exc:
         code = exc.exit_code
     except click.exceptions.Abort:
@@ -606,21 +291,13 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as exc:
         exc.show()
         code = 1
-    except Interrupted as exc:
-        echo(f"Error: {exc}", err=True)
+    except (Interrupted, KeyboardInterrupt) as exc:
+        echo(f"Error: {exc}" if isinstance(exc, Interrupted) else "Interrupted.", err=True)
         code = 130
-    except BatchplanError as exc:
-        if _DEBUG:
+    except Exception as exc:  # BatchplanError: its message; anything else is a bug: say so plainly
+        if invocation.debug:
             traceback.print_exc()
-        echo(f"Error: {exc}", err=True)
-        code = 1
-    except KeyboardInterrupt:
-        echo("Interrupted.", err=True)
-        code = 130
-    except Exception as exc:  # a bug: say so plainly, traceback only with --debug
-        if _DEBUG:
-            traceback.print_exc()
-        echo(f"Internal error: {type(exc).__name__}: {exc}. Run again with --debug for the traceback, "
-             "and please report it.", err=True)
+        echo(f"Error: {exc}" if isinstance(exc, BatchplanError) else f"Internal error: {type(exc).__name__}: "
+             f"{exc}. Run again with --debug for the traceback, and please report it.", err=True)
         code = 1
     sys.exit(code if isinstance(code, int) else 0)

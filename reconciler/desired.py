@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from .batch import BatchFields
 from .errors import Problem, ValidationFailed
 from .inputs import HashCache, InputReport
 from .spec import TAG_NAME, TAG_SPEC, LoadedSpec, load_specs, resolve_input
@@ -37,19 +38,17 @@ class Desired:
     errors: str | None
     input_bytes: int | None = None  # the local input's size: an upload is reused only when its size matches
 
-    def fields(self) -> dict:
-        """What a batch was made from: the view that plans diff and state records."""
-        return {
-            "endpoint": self.endpoint,
-            "completion_window": self.completion_window,
-            "metadata": dict(self.metadata),
-            "output_expires_after": self.output_expires_after,
-            "input": self.input,
-            "input_sha256": self.input_sha256,
-            "input_file_id": self.input_file_id,
-        }
+    def fields(self) -> BatchFields:
+        """What the batch is made from: the view that plans diff and state records."""
+        return self._fields
 
     @functools.cached_property  # asked for several times per spec by plan and apply
+    def _fields(self) -> BatchFields:
+        return BatchFields(endpoint=self.endpoint, completion_window=self.completion_window,
+                           metadata=dict(self.metadata), output_expires_after=self.output_expires_after,
+                           input=self.input, input_sha256=self.input_sha256, input_file_id=self.input_file_id)
+
+    @functools.cached_property
     def spec_hash(self) -> str:
         return spec_hash(self.fields())
 
@@ -57,9 +56,12 @@ class Desired:
         return {TAG_NAME: self.name, TAG_SPEC: self.spec_hash}
 
 
-def spec_hash(fields: dict) -> str:
-    """Identity of a batch's parameters and input content (not of the input's path)."""
-    identity = {k: v for k, v in fields.items() if k != "input"}
+def spec_hash(fields: BatchFields) -> str:
+    """Identity of a batch's parameters and input content (not of the input's path).
+
+    It is sent as a tag with every batch and kept in every state: the dict hashed must stay
+    exactly what it always was (the BatchFields keys, less `input`)."""
+    identity = fields.model_dump(exclude={"input"})
     canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 

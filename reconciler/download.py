@@ -13,14 +13,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .api import Api
 from .errors import BatchplanError, ConfigError, NotFound
+from .fsutil import atomic_write
 from .spec import LoadedSpec
-from .state import BatchRecord
+from .batch import BatchRecord
 
 MANIFEST = ".batchplan-downloads.json"
 KINDS = (("output", "output_file_id", "output.jsonl"), ("errors", "error_file_id", "errors.jsonl"))
@@ -78,7 +78,7 @@ def _ensure_distinct(out: dict[str, dict[str, Path]], root: Path) -> None:
             seen[path] = f"{name} {kind}"
 
 
-def targets(records: dict[str, BatchRecord | None], dests: dict[str, dict[str, Path]],
+def files_to_download(records: dict[str, BatchRecord | None], dests: dict[str, dict[str, Path]],
             root: Path) -> tuple[list[Target], list[str]]:
     """The files to fetch for each named batch, and a note for each batch with nothing to fetch."""
     found, notes = [], []
@@ -100,7 +100,7 @@ def targets(records: dict[str, BatchRecord | None], dests: dict[str, dict[str, P
 def _missing_files(name: str, rec: BatchRecord) -> list[str]:
     counts = rec.request_counts or {}
     if not rec.output_file_id and not rec.error_file_id:
-        codes = ", ".join(sorted({e.get("code") or "?" for e in rec.errors or []}))
+        codes = rec.error_codes()
         return [f"{name}: batch {rec.id} is {rec.status}{f' ({codes})' if codes else ''} and has no result files"]
     if not rec.output_file_id:
         return [f"{name}: batch {rec.id} has no output file: none of its {counts.get('total', 0)} requests "
@@ -144,10 +144,7 @@ class Manifest:
                                   "mtime_ns": target.dest.stat().st_mtime_ns}
 
     def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"format_version": 1, "files": self.files}, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, self.path)
+        atomic_write(self.path, json.dumps({"format_version": 1, "files": self.files}, indent=2, sort_keys=True) + "\n")
 
 
 def _sha256(path: Path) -> str:
@@ -158,7 +155,7 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def leftovers(records: dict[str, BatchRecord | None], dests: dict[str, dict[str, Path]], root: Path,
+def notes_on_earlier_files(records: dict[str, BatchRecord | None], dests: dict[str, dict[str, Path]], root: Path,
               manifest: Manifest) -> list[str]:
     """Notes for files on disk from an earlier batch, where the current batch has no such file."""
     notes = []
@@ -174,7 +171,7 @@ def leftovers(records: dict[str, BatchRecord | None], dests: dict[str, dict[str,
     return notes
 
 
-def pending(wanted: list[Target], manifest: Manifest, report: Report) -> list[Target]:
+def not_yet_downloaded(wanted: list[Target], manifest: Manifest, report: Report) -> list[Target]:
     """The targets not already on disk intact (those are noted in `report` as skipped)."""
     todo = []
     for target in wanted:
@@ -185,7 +182,7 @@ def pending(wanted: list[Target], manifest: Manifest, report: Report) -> list[Ta
     return todo
 
 
-async def fetch(api: Api, todo: list[Target], manifest: Manifest, report: Report) -> None:
+async def download_files(api: Api, todo: list[Target], manifest: Manifest, report: Report) -> None:
     """Download each target, concurrently; record each in `report`, and the good ones in `manifest`."""
     results = await asyncio.gather(*(api.download_file(t.file_id, t.dest) for t in todo), return_exceptions=True)
     for target, result in zip(todo, results):

@@ -3,6 +3,7 @@
     BatchplanError                  anything the user can act on; cli.py prints it, exit 1
      ├── ConfigError                flags, environment, batchplan.yaml
      ├── ValidationFailed           one or more Problems in specs or input files
+     ├── InputError                 an input file changed while apply was uploading it
      ├── StateError                 the state file cannot be read, or is newer than us
      │    └── LockError             another process holds the state lock
      ├── PlanError                  a plan that cannot be made or carried out
@@ -56,6 +57,10 @@ class ValidationFailed(BatchplanError):
         count = len(problems)
         head = f"{count} problem{'s' if count != 1 else ''} found; nothing was sent or written"
         super().__init__("\n".join([head, *lines]))
+
+
+class InputError(BatchplanError):
+    pass
 
 
 class StateError(BatchplanError):

@@ -17,10 +17,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .apply import UPLOAD_NAME
+from .batch import BatchRecord
 from .desired import Desired, spec_hash
+from .remote import uploaded_sha256
 from .spec import RESERVED_PREFIX
-from .state import BatchRecord, Entry
+from .state import Entry
 
 
 @dataclass(frozen=True)
@@ -39,13 +40,14 @@ def import_entry(want: Desired, batch: dict, input_file: dict | None, local_inpu
     actual = {"endpoint": batch.get("endpoint"), "completion_window": batch.get("completion_window"),
               "metadata": {k: v for k, v in sorted((batch.get("metadata") or {}).items())
                            if not k.startswith(RESERVED_PREFIX)}}
-    fields = want.fields()
-    differs = [key for key, value in actual.items() if fields[key] != value]
-    fields.update({key: actual[key] for key in differs})
+    wanted = want.fields()
+    differs = [key for key, value in actual.items() if getattr(wanted, key) != value]
+    made_from = {key: actual[key] for key in differs}
     same_input, notes = _same_input(want, batch["input_file_id"], input_file, local_input)
     if not same_input:
         differs.append("input")
-        fields.update(input=None, input_sha256=None, input_file_id=batch["input_file_id"])
+        made_from.update(input=None, input_sha256=None, input_file_id=batch["input_file_id"])
+    fields = wanted.model_copy(update=made_from)
     if want.output_expires_after:
         notes.append("the API does not return output_expires_after; recorded the spec's value unchecked")
     entry = Entry(spec_hash=want.spec_hash if not differs else spec_hash(fields), fields=fields,
@@ -60,9 +62,9 @@ def _same_input(want: Desired, file_id: str, input_file: dict | None,
     if input_file is None:
         return True, [f"its input file {file_id} is gone from the server, so its content cannot be compared "
                       f"with {want.input}; recorded the spec's current input hash"]
-    named = UPLOAD_NAME.search(input_file.get("filename") or "")
+    named = uploaded_sha256(input_file)
     if named:
-        return named.group(1) == want.input_sha256, []
+        return named == want.input_sha256, []
     if local_input is not None and input_file.get("bytes") != local_input.stat().st_size:
         return False, []
     return True, [f"the server cannot return the content of a batch input file, so {file_id} was only checked "

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -355,10 +354,9 @@ class CacheFile:
         if self.path is None or not self.dirty:
             return
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"version": self.VERSION, "entries": self.entries}, sort_keys=True))
-            os.replace(tmp, self.path)
+            from .fsutil import atomic_write
+
+            atomic_write(self.path, json.dumps({"version": self.VERSION, "entries": self.entries}, sort_keys=True))
             self.dirty = False
         except OSError:
             pass

@@ -1,7 +1,7 @@
 """Plans: what apply would do to bring the server and the state in line with the specs.
 
 `build_plan` is pure. It reads the desired batches, the state and a `RemoteView` (what
-the server said during refresh) and returns a frozen `Plan`; it writes nothing and
+the server said: remote.py) and returns a frozen `Plan`; it writes nothing and
 sends nothing. Apply walks the plan's changes; renderers print them.
 
 The diff is set arithmetic over spec names: desired − state = create or adopt,
@@ -13,10 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
+from .batch import BatchFields, BatchRecord
 from .desired import Desired
 from .errors import PlanError
-from .spec import TAG_NAME, TAG_SPEC
-from .state import RUNNING, BatchRecord, Entry, State
+from .remote import RemoteView, find_tagged
+from .state import Entry, State
 
 
 class Action(str, Enum):
@@ -31,13 +32,33 @@ class Action(str, Enum):
     def symbol(self) -> str:
         return _SYMBOLS[self]
 
-    def is_replace(self) -> bool:
-        return self is Action.REPLACE
-
 
 _SYMBOLS = {Action.CREATE: "+", Action.ADOPT: "=", Action.NOOP: " ", Action.REPLACE: "±",
             Action.CANCEL: "-", Action.FORGET: "#"}
 ORDER = (Action.CREATE, Action.ADOPT, Action.REPLACE, Action.CANCEL, Action.FORGET, Action.NOOP)
+
+
+class ReasonCode(str, Enum):
+    """Why a change is planned, for machines: the JSON plan's `reason_code` (see the README).
+
+    The prose `reason` says the same for people, with the details (which fields, which batch).
+    """
+
+    NO_BATCH = "no_batch"                            # create: nothing in the state or on the server
+    INTERRUPTED_CREATE = "interrupted_create"        # create: an apply stopped before its create;
+    #                                                  forget: ... and the spec is gone too
+    BATCH_MISSING = "batch_missing"                  # create / forget: the server no longer has the batch
+    FOUND_UNTRACKED = "found_untracked"              # adopt: a batch made for this spec, not in the state
+    UP_TO_DATE = "up_to_date"                        # noop
+    INPUT_CHANGED = "input_changed"                  # replace: only the input's content or file changed
+    PARAMETERS_CHANGED = "parameters_changed"        # replace: only endpoint, window, metadata or expiry
+    SPEC_CHANGED = "spec_changed"                    # replace: both, or the spec's identity otherwise
+    FORCED = "forced"                                # replace: --replace
+    INTERRUPTED_REPLACE = "interrupted_replace"      # replace: finishing one an apply left half done
+    SPEC_REMOVED = "spec_removed"                    # cancel / forget: the spec is gone
+
+
+_INPUT_FIELDS = frozenset({"input", "input_sha256", "input_file_id"})
 
 
 @dataclass(frozen=True)
@@ -51,12 +72,13 @@ class FieldChange:
 class Change:
     """One spec name and what apply does for it.
 
-    before: what exists now, the fields the current batch was made from plus its id and
-        status; None for create and adopt (nothing is recorded yet).
-    after:  what will exist, the desired fields (plus the id of an adopted batch);
+    before: the fields the current batch was made from (its id and status are on `batch`);
+        None for create and adopt (nothing is recorded yet).
+    after:  the desired fields (the id of an adopted batch is on `found`);
         None for cancel and forget (the name leaves the state).
-    reason: why, for people; apply never reads it.
-    batch:  the existing batch this change is about (to keep, replace, cancel or forget).
+    reason: why, for people; apply never reads it. reason_code: the same, for machines.
+    batch:  the existing batch this change is about (to keep, replace, cancel or forget; for a
+        create, the batch the server no longer has).
     found:  a batch already on the server that satisfies the desired spec (made by an
         earlier, interrupted apply, or before the state was lost): apply records it
         instead of creating one.
@@ -65,8 +87,9 @@ class Change:
     name: str
     action: Action
     reason: str
-    before: dict | None = None
-    after: dict | None = None
+    reason_code: ReasonCode
+    before: BatchFields | None = None
+    after: BatchFields | None = None
     desired: Desired | None = None
     batch: BatchRecord | None = None
     found: dict | None = None
@@ -75,21 +98,7 @@ class Change:
 
     @property
     def cancels_old(self) -> bool:
-        return self.action is Action.REPLACE and self.batch is not None and self.batch.status in RUNNING
-
-
-@dataclass(frozen=True)
-class RemoteView:
-    """What the server said during refresh.
-
-    batches: current copies of batches known to state, by id (only those refreshed).
-    missing: ids the server answered 404 for.
-    tagged:  spec name -> batches that carry batchplan's tags for it, newest first.
-    """
-
-    batches: dict[str, dict] = field(default_factory=dict)
-    missing: frozenset[str] = frozenset()
-    tagged: dict[str, list[dict]] = field(default_factory=dict)
+        return self.action is Action.REPLACE and self.batch is not None and self.batch.running
 
 
 @dataclass(frozen=True)
@@ -145,41 +154,28 @@ def _current(entry: Entry, remote: RemoteView) -> BatchRecord:
     return BatchRecord.from_api(fresh) if fresh else entry.batch
 
 
-def _describe(fields: dict, record: BatchRecord | None) -> dict:
-    facts = {"batch_id": record.id, "status": record.status} if record else {}
-    return {**fields, **facts}
-
-
-def _find_tagged(name: str, spec_hash: str, remote: RemoteView, skip: set[str]) -> dict | None:
-    """The newest batch on the server made by batchplan for this name and this exact spec."""
-    for batch in remote.tagged.get(name, []):
-        meta = batch.get("metadata") or {}
-        if meta.get(TAG_NAME) == name and meta.get(TAG_SPEC) == spec_hash and batch["id"] not in skip:
-            return batch
-    return None
-
-
 def _plan_desired(want: Desired, entry: Entry | None, remote: RemoteView, forced: bool) -> Change:
     after = want.fields()
     if entry is None or entry.batch is None:
-        found = _find_tagged(want.name, want.spec_hash, remote, set())
+        found = find_tagged(remote.tagged, want.name, want.spec_hash)
         if found:
             return Change(want.name, Action.ADOPT, f"batch {found['id']} on the server was made for this spec "
-                          "but is not in the state; recording it, creating nothing",
-                          after={**after, "batch_id": found["id"]}, desired=want, found=found)
-        reason = ("an earlier apply was interrupted before its batch was created" if entry and entry.intent
-                  else "no batch for this spec in the state or on the server")
-        return Change(want.name, Action.CREATE, reason, after=after, desired=want)
+                          "but is not in the state; recording it, creating nothing", ReasonCode.FOUND_UNTRACKED,
+                          after=after, desired=want, found=found)
+        if entry and entry.intent:
+            return Change(want.name, Action.CREATE, "an earlier apply was interrupted before its batch was created",
+                          ReasonCode.INTERRUPTED_CREATE, after=after, desired=want)
+        return Change(want.name, Action.CREATE, "no batch for this spec in the state or on the server",
+                      ReasonCode.NO_BATCH, after=after, desired=want)
     record = _current(entry, remote)
-    before = _describe(entry.fields, record)
     if record.id in remote.missing:
         return Change(want.name, Action.CREATE, f"batch {record.id} no longer exists on the server",
-                      before=before, after=after, desired=want)
+                      ReasonCode.BATCH_MISSING, before=entry.fields, after=after, desired=want, batch=record)
     resumed = _interrupted_replacement(want, entry, record, remote)
     if forced or entry.spec_hash != want.spec_hash or resumed:
         return _plan_replace(want, entry, record, remote, forced, resumed)
-    return Change(want.name, Action.NOOP, f"batch {record.id} is {record.status}", before=before,
-                  after=after, desired=want, batch=record,
+    return Change(want.name, Action.NOOP, f"batch {record.id} is {record.status}", ReasonCode.UP_TO_DATE,
+                  before=entry.fields, after=after, desired=want, batch=record,
                   warnings=_drift(want.name, record) + _orphan_warning(want, entry, record, remote))
 
 
@@ -192,7 +188,7 @@ def _interrupted_replacement(want: Desired, entry: Entry, record: BatchRecord, r
     old batch was not cancelled yet): found by the intent it left, it is adopted, never made again."""
     if not entry.intent or entry.intent.spec_hash != want.spec_hash:
         return None
-    return _find_tagged(want.name, want.spec_hash, remote, _earlier(entry, record))
+    return find_tagged(remote.tagged, want.name, want.spec_hash, _earlier(entry, record))
 
 
 def _orphan_warning(want: Desired, entry: Entry, record: BatchRecord, remote: RemoteView) -> tuple[str, ...]:
@@ -200,7 +196,7 @@ def _orphan_warning(want: Desired, entry: Entry, record: BatchRecord, remote: Re
     intent = entry.intent
     if not intent or intent.spec_hash == want.spec_hash:
         return ()
-    orphan = _find_tagged(want.name, intent.spec_hash, remote, _earlier(entry, record))
+    orphan = find_tagged(remote.tagged, want.name, intent.spec_hash, _earlier(entry, record))
     if not orphan:
         return ()
     return (f"batch {orphan['id']} ({orphan['status']}) was made for an earlier version of this spec by an "
@@ -210,62 +206,72 @@ def _orphan_warning(want: Desired, entry: Entry, record: BatchRecord, remote: Re
 def _plan_replace(want: Desired, entry: Entry, record: BatchRecord, remote: RemoteView, forced: bool,
                   resumed: dict | None = None) -> Change:
     diff = field_diff(entry.fields, want.fields())
-    reason = "forced by --replace" if forced else \
-        "changed: " + ", ".join(d.path for d in diff) if diff else "an interrupted replace is finished"
-    if record.status in RUNNING and entry.prevent_cancel:
+    reason, code = _replace_reason(diff, forced, resumed)
+    if record.running and entry.prevent_cancel:
         raise PlanError(f"{want.name}: replacing it would cancel batch {record.id}, which is {record.status}, "
                         f"and its spec sets lifecycle.prevent_cancel; wait until it finishes "
                         f"(`batchplan wait {want.name}`) or remove prevent_cancel")
-    found = resumed or (None if forced else _find_tagged(want.name, want.spec_hash, remote, _earlier(entry, record)))
+    found = resumed or (None if forced else
+                        find_tagged(remote.tagged, want.name, want.spec_hash, _earlier(entry, record)))
     if found:
         reason += f"; its new batch {found['id']} already exists (an earlier apply was interrupted): adopting it"
-    if record.status in RUNNING:
+    if record.running:
         reason += f"; batch {record.id} is {record.status} and will be cancelled"
-    return Change(want.name, Action.REPLACE, reason, before=_describe(entry.fields, record),
-                  after=want.fields(), desired=want, batch=record, found=found, diff=tuple(diff),
-                  warnings=_orphan_warning(want, entry, record, remote))
+    return Change(want.name, Action.REPLACE, reason, code, before=entry.fields, after=want.fields(), desired=want,
+                  batch=record, found=found, diff=tuple(diff), warnings=_orphan_warning(want, entry, record, remote))
+
+
+def _replace_reason(diff: list[FieldChange], forced: bool, resumed: dict | None) -> tuple[str, ReasonCode]:
+    if forced:
+        return "forced by --replace", ReasonCode.FORCED
+    if not diff:
+        return "an interrupted replace is finished", \
+            ReasonCode.INTERRUPTED_REPLACE if resumed else ReasonCode.SPEC_CHANGED
+    changed = {d.path.split(".")[0] for d in diff}
+    code = ReasonCode.INPUT_CHANGED if changed <= _INPUT_FIELDS else \
+        ReasonCode.PARAMETERS_CHANGED if not changed & _INPUT_FIELDS else ReasonCode.SPEC_CHANGED
+    return "changed: " + ", ".join(d.path for d in diff), code
 
 
 def _plan_removed(name: str, entry: Entry, remote: RemoteView) -> Change:
     if entry.batch is None:
         intent = entry.intent
-        found = intent and _find_tagged(name, intent.spec_hash, remote, set())
+        found = intent and find_tagged(remote.tagged, name, intent.spec_hash)
         if not found:
             return Change(name, Action.FORGET, "spec removed; its interrupted create left no batch",
-                          before=entry.fields)
+                          ReasonCode.INTERRUPTED_CREATE, before=entry.fields)
         entry = entry.model_copy(update={"batch": BatchRecord.from_api(found)})
     record = _current(entry, remote)
-    before = _describe(entry.fields, record)
+    before = entry.fields
     if record.id in remote.missing:
         return Change(name, Action.FORGET, f"spec removed; batch {record.id} no longer exists on the server",
-                      before=before, batch=record)
-    if record.status not in RUNNING:
+                      ReasonCode.BATCH_MISSING, before=before, batch=record)
+    if not record.running:
         return Change(name, Action.FORGET, f"spec removed; batch {record.id} is {record.status}, "
-                      "so only the state entry goes", before=before, batch=record)
+                      "so only the state entry goes", ReasonCode.SPEC_REMOVED, before=before, batch=record)
     if entry.prevent_cancel:
         raise PlanError(f"{name}: its spec was removed while batch {record.id} is {record.status}, and the spec "
                         "set lifecycle.prevent_cancel; restore the spec until the batch finishes, or "
                         f"`batchplan state rm {name}` to stop tracking it without cancelling")
-    return Change(name, Action.CANCEL, f"spec removed; batch {record.id} is {record.status}", before=before,
-                  batch=record)
+    return Change(name, Action.CANCEL, f"spec removed; batch {record.id} is {record.status}",
+                  ReasonCode.SPEC_REMOVED, before=before, batch=record)
 
 
 def _drift(name: str, record: BatchRecord) -> tuple[str, ...]:
-    if record.status not in ("failed", "expired", "cancelled"):
+    if not record.failed:
         return ()
-    counts = record.request_counts or {}
-    codes = sorted({e.get("code") or "?" for e in record.errors or []})
-    detail = f" ({', '.join(codes)})" if codes else ""
-    tally = f"; {counts.get('completed', 0)}/{counts.get('total', 0)} requests completed" if counts else ""
+    codes = record.error_codes()
+    detail = f" ({codes})" if codes else ""
+    tally = f"; {record.counts_phrase(with_failed=False)}" if record.request_counts else ""
     return (f"batch {record.id} {record.status}{detail}{tally}; "
             f"run `batchplan plan --replace {name}` to make a new one",)
 
 
-def field_diff(before: dict, after: dict) -> list[FieldChange]:
+def field_diff(before: BatchFields, after: BatchFields) -> list[FieldChange]:
     """Field-level differences, as dotted paths, sorted (deepdiff does the comparing)."""
     from deepdiff import DeepDiff  # imported here: it is slow to import and only replaces need it
 
-    tree = DeepDiff(before, after, view="tree")
+    tree = DeepDiff(before.model_dump(), after.model_dump(), view="tree")
     changes = []
     for level in (lvl for levels in tree.values() for lvl in levels):
         path = ".".join(str(p) for p in level.path(output_format="list"))

@@ -10,23 +10,26 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 from . import __version__
 from .desired import Desired
 from .errors import PlanError, StalePlanError
+from .fsutil import atomic_write
 from .inputs import hash_file
-from .plan import Action, Change, FieldChange, Plan
-from .state import BatchRecord, State
+from .plan import Action, Change, FieldChange, Plan, ReasonCode
+from .batch import BatchFields, BatchRecord
+from .state import State
 
-PLANFILE_VERSION = 1
+PLANFILE_VERSION = 2  # 2: before/after hold only the batch fields; reason_code
 
 
 def _change_to_json(change: Change) -> dict:
     return {
         "name": change.name, "action": change.action.value, "reason": change.reason,
-        "before": change.before, "after": change.after,
+        "reason_code": change.reason_code.value,
+        "before": change.before.model_dump(mode="json") if change.before else None,
+        "after": change.after.model_dump(mode="json") if change.after else None,
         "desired": dataclasses.asdict(change.desired) if change.desired else None,
         "batch": change.batch.model_dump(mode="json") if change.batch else None,
         "found": change.found, "diff": [dataclasses.asdict(d) for d in change.diff],
@@ -37,7 +40,9 @@ def _change_to_json(change: Change) -> dict:
 def _change_from_json(data: dict) -> Change:
     return Change(
         name=data["name"], action=Action(data["action"]), reason=data["reason"],
-        before=data["before"], after=data["after"],
+        reason_code=ReasonCode(data["reason_code"]),
+        before=BatchFields.model_validate(data["before"]) if data["before"] else None,
+        after=BatchFields.model_validate(data["after"]) if data["after"] else None,
         desired=Desired(**data["desired"]) if data["desired"] else None,
         batch=BatchRecord.model_validate(data["batch"]) if data["batch"] else None,
         found=data["found"], diff=tuple(FieldChange(**d) for d in data["diff"]),
@@ -55,10 +60,10 @@ def save_plan(path: Path, plan: Plan, project) -> None:
         "changes": [_change_to_json(c) for c in plan.changes],
         "refreshed": {n: r.model_dump(mode="json") for n, r in sorted(plan.refreshed.items())},
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    try:
+        atomic_write(path, json.dumps(document, indent=2, sort_keys=True) + "\n")
+    except OSError as exc:
+        raise PlanError(f"{path}: cannot write the plan file: {exc}") from exc
 
 
 def load_plan(path: Path, project) -> tuple[Plan, dict]:

@@ -23,7 +23,7 @@ from .errors import ConfigError
 from .inputs import HashCache
 if TYPE_CHECKING:
     from .api import Api
-    from .state import StateFile
+    from .stores.base import StateStore
 
 CONFIG_FILE = "batchplan.yaml"
 
@@ -85,11 +85,12 @@ class Project:
                    max_retries=settings.max_retries, lock_timeout=lock_timeout,
                    allow_insecure_http=allow_insecure_http)
 
-    @property
-    def state_file(self) -> StateFile:
-        from .state import StateFile  # here: `validate` never loads the state models
+    def store(self) -> StateStore:
+        """Where this project's state lives: every command reads and changes the state through it.
+        (The PostgreSQL store will be chosen here, by the `state:` URL.)"""
+        from .stores.file import FileStore  # here: `validate` never loads the state models
 
-        return StateFile(self.state_path)
+        return FileStore(self.state_path)
 
     @property
     def sandbox_world(self) -> Path:

@@ -1,6 +1,7 @@
-"""Renderings of a plan: Terraform-like text, the public JSON document, and Markdown.
+"""Renderings for people: a plan as Terraform-like text, the public JSON document and Markdown,
+and the results of the other commands.
 
-Everything here is a pure function from a Plan to a string, sorted by name, so tests
+Everything here is a pure function from a value to a string, sorted by name, so tests
 compare whole strings and reviewers see stable diffs. Colour (ANSI styles) only when
 the caller asks: cli.py asks on a terminal without NO_COLOR.
 """
@@ -8,10 +9,18 @@ the caller asks: cli.py asks on a terminal without NO_COLOR.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import click
 
 from .plan import ORDER, Action, Change, FieldChange, Plan
+
+if TYPE_CHECKING:
+    from .ledger import ApplyResult
+    from .download import Report
+    from .operations import ImportedBatch, Refreshed, Removed, StatusReport, Waited
+    from .state import Entry
 
 JSON_FORMAT_VERSION = "1"
 _COLOURS = {Action.CREATE: "green", Action.ADOPT: "cyan", Action.REPLACE: "yellow",
@@ -66,18 +75,42 @@ def render_text(plan: Plan, colour: bool = False) -> str:
     return "\n".join([*body, style(summary_line(plan), bold=True)]) + "\n"
 
 
+def _before(change: Change) -> dict | None:
+    """What exists now: the fields the batch was made from, its id and status."""
+    if change.before is None:
+        return None
+    facts = {"batch_id": change.batch.id, "status": change.batch.status} if change.batch else {}
+    return {**change.before.model_dump(mode="json"), **facts}
+
+
+def _after(change: Change) -> dict | None:
+    """What will exist: the desired fields, and for adopt the adopted batch's id."""
+    if change.after is None:
+        return None
+    adopted = {"batch_id": change.found["id"]} if change.action is Action.ADOPT and change.found else {}
+    return {**change.after.model_dump(mode="json"), **adopted}
+
+
 def plan_document(plan: Plan) -> dict:
     """The public JSON plan (format_version 1): documented in the README; keep it stable."""
     return {
         "format_version": JSON_FORMAT_VERSION,
         "actions": [{"name": c.name, "action": c.action.value, "reason": c.reason,
-                     "before": c.before, "after": c.after} for c in plan.changes],
+                     "reason_code": c.reason_code.value, "before": _before(c), "after": _after(c)}
+                    for c in plan.changes],
         "summary": plan.summary(),
     }
 
 
 def render_json(plan: Plan) -> str:
     return json.dumps(plan_document(plan), indent=2, sort_keys=True) + "\n"
+
+
+def render_plan(plan: Plan, fmt: str, colour: bool = False) -> str:
+    """The plan in one of `plan --format`'s formats: text, json or markdown."""
+    if fmt == "text":
+        return render_text(plan, colour)
+    return render_json(plan) if fmt == "json" else render_markdown(plan)
 
 
 def _md_heading(action: Action, name: str) -> str:
@@ -100,3 +133,100 @@ def render_markdown(plan: Plan) -> str:
         if details:
             lines += ["```diff" if change.action is Action.REPLACE else "```", *details, "```", ""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+# -- the other commands' results -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Output:
+    """What a command prints: on standard output, and on standard error (each "" or whole lines)."""
+
+    out: str = ""
+    err: str = ""
+
+
+def _lines(lines: list[str]) -> str:
+    return "".join(f"{line}\n" for line in lines)
+
+
+def render_apply_result(result: ApplyResult) -> Output:
+    if result.failed:
+        return Output(err=f"Apply finished with errors: {len(result.done)} done, {len(result.failed)} failed "
+                          "(the state records what was done; fix the cause and run apply again).\n")
+    return Output(click.style(f"Apply complete: {len(result.done)} change(s).", bold=True) + "\n")
+
+
+def render_status(report: StatusReport, *, as_json: bool, terminal: bool, colour: bool) -> str:
+    """`status`: one JSON document, or a table (as wide as the terminal; unbounded when piped)."""
+    from .status import status_document, status_table
+
+    if as_json:
+        return json.dumps(status_document(report.rows, report.now), indent=2, sort_keys=True) + "\n"
+    if not report.rows:
+        return "No batches in the state yet; `batchplan apply` makes them.\n"
+    from rich.console import Console  # here: only status draws tables
+
+    console = Console(no_color=not colour) if terminal else Console(width=1000, no_color=True)
+    with console.capture() as captured:
+        console.print(status_table(report.rows, report.now))
+    return _lines([line.rstrip() for line in captured.get().splitlines()])
+
+
+def render_wait(waited: Waited, timeout: float | None) -> Output:
+    if waited.result is None:
+        return Output("Nothing to wait for: the state has no batches.\n")
+    note = "" if waited.not_recorded is None else \
+        (f"Note: the final statuses were not recorded in the state ({waited.not_recorded}); "
+         "`batchplan refresh` records them later.\n")
+    problems = waited.result.problems(waited.names)
+    if not problems:
+        return Output(f"All {len(waited.names)} batch(es) completed.\n", note)
+    head = f"Timed out after {timeout:g}s" if waited.result.timed_out else "Finished"
+    return Output(err=note + _lines([f"{head}: {len(problems)} of {len(waited.names)} batch(es) did not complete:",
+                                     *(f"  {line}" for line in problems)]))
+
+
+def render_refresh(refreshed: Refreshed) -> str:
+    snapshot = refreshed.snapshot
+    if snapshot is None:
+        return "Nothing to refresh: every batch in the state has finished.\n"
+    lines = [f"  {name}: {snapshot.records[name].id} is {snapshot.records[name].status}" for name in refreshed.changed]
+    lines += [f"  {name}: batch {snapshot.records[name].id} no longer exists on the server "
+              "(`batchplan plan` shows what to do)" for name in sorted(snapshot.missing)]
+    changed = len(refreshed.changed)
+    lines.append(f"Refreshed the state: {changed} batch(es) changed." if changed else "The state was up to date.")
+    return _lines(lines)
+
+
+def render_download(report: Report) -> Output:
+    failed = f"; {len(report.failed)} failed" if report.failed else ""
+    return Output(_lines([*(f"  {line}" for line in report.written + report.skipped + report.notes),
+                          f"Downloaded {len(report.written)} file(s); {len(report.skipped)} already there{failed}."]),
+                  _lines([f"  {line}" for line in report.failed]))
+
+
+def render_import(done: ImportedBatch, name: str) -> str:
+    lines = [f"Imported {done.batch_id} ({done.status}) as {name}."]
+    if done.imported.differs:
+        lines.append(f"It differs from the spec in: {', '.join(done.imported.differs)}; the next plan replaces it "
+                     "(`batchplan plan` shows the diff).")
+    else:
+        lines.append("It matches the spec: the next plan leaves it as it is.")
+    return _lines(lines + [f"Note: {note}." for note in done.imported.notes])
+
+
+def render_entries(entries: dict[str, Entry]) -> str:
+    """`state list`: one line per name, with its batch id and status as last recorded."""
+    if not entries:
+        return "The state has no entries.\n"
+    width = max(len(n) for n in entries)
+    return _lines([f"{name.ljust(width)}  " + (f"{entry.batch.id}  {entry.batch.status}" if entry.batch
+                                               else "-  no batch (an interrupted create)")
+                   for name, entry in entries.items()])
+
+
+def render_removed(name: str, removed: Removed) -> str:
+    batch = removed.entry.batch
+    left = f"batch {batch.id} ({batch.status}) was not touched on the server" if batch else "it had no batch"
+    return f"Removed {name} from the state; {left}. The previous state is in {removed.backup}.\n"

@@ -1,10 +1,8 @@
-"""Watching batches: what each batch in the state is doing now (`status`, `refresh`), and
-waiting until they are all finished (`wait`).
+"""Watching batches until they have finished (`batchplan wait`), and the displays that show it.
 
-Everything here reads the server with `GET /batches/{id}` only, and only for batches
-the state does not already know to be finished (a finished batch never changes).
-Nothing here writes the state: cli.py records a Snapshot with `State.record_batches` and saves
-under the state lock.
+Each poll asks the server (remote.take_snapshot) only about batches the state does not
+already know to be finished (a finished batch never changes). Nothing here writes the
+state: operations.py records the last Snapshot with `State.record_batches` under the lock.
 """
 
 from __future__ import annotations
@@ -12,143 +10,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from .api import Api
-from .errors import ConfigError
-from .refresh import fetch_batches
-from .state import BatchRecord, Entry, State
-
-STATUS_FORMAT_VERSION = "1"
-FAILED = frozenset({"failed", "expired", "cancelled"})
-
-
-def select(state: State | None, names: tuple[str, ...]) -> dict[str, Entry]:
-    """The state entries named (all of them when none are), sorted by name."""
-    entries = state.entries if state else {}
-    unknown = sorted(set(names) - set(entries))
-    if unknown:
-        known = ", ".join(sorted(entries)) or "none"
-        raise ConfigError(f"no batch named {', '.join(unknown)} in the state (known: {known}); "
-                          "`batchplan state list` shows them")
-    return {name: entries[name] for name in sorted(set(names) or entries)}
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """What the server said about some batches at one moment.
-
-    records: name -> the batch now (refreshed if it was running, else as the state has it).
-    missing: names whose batch the server answered 404 for.
-    """
-
-    records: dict[str, BatchRecord] = field(default_factory=dict)
-    missing: frozenset[str] = frozenset()
-
-    @classmethod
-    def of(cls, entries: dict[str, Entry]) -> Snapshot:
-        """What the state alone says (no server)."""
-        return cls({n: e.batch for n, e in entries.items() if e.batch})
-
-
-def running(entries: dict[str, Entry]) -> bool:
-    """Whether any of `entries` has a batch the state does not know to be finished."""
-    return any(e.batch and not e.batch.terminal for e in entries.values())
-
-
-async def look(api: Api, entries: dict[str, Entry]) -> Snapshot:
-    """Refresh every running batch among `entries`; finished ones are taken from the state."""
-    active = {e.batch.id: n for n, e in entries.items() if e.batch and not e.batch.terminal}
-    fetched, gone = await fetch_batches(api, sorted(active))
-    records = Snapshot.of(entries).records
-    records.update({active[bid]: BatchRecord.from_api(batch) for bid, batch in fetched.items()})
-    return Snapshot(records, frozenset(active[bid] for bid in gone))
-
-
-# -- status ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Row:
-    """One line of `batchplan status`."""
-
-    name: str
-    batch_id: str | None
-    status: str
-    completed: int
-    failed: int
-    total: int
-    created_at: int | None
-    output_file_id: str | None
-    error_file_id: str | None
-    note: str = ""
-
-
-def rows(entries: dict[str, Entry], snapshot: Snapshot) -> list[Row]:
-    out = []
-    for name, entry in entries.items():
-        rec = snapshot.records.get(name)
-        if rec is None:
-            out.append(Row(name, None, "none", 0, 0, 0, None, None, None,
-                           "no batch: an apply was interrupted before creating it; run `batchplan apply`"))
-            continue
-        counts = rec.request_counts or {}
-        status = "missing" if name in snapshot.missing else rec.status
-        note = "the server has no such batch (404)" if name in snapshot.missing else _error_codes(rec)
-        out.append(Row(name, rec.id, status, counts.get("completed", 0), counts.get("failed", 0),
-                       counts.get("total", 0), rec.created_at, rec.output_file_id if rec.terminal else None,
-                       rec.error_file_id if rec.terminal else None, note))
-    return out
-
-
-def _error_codes(rec: BatchRecord) -> str:
-    return ", ".join(sorted({e.get("code") or "?" for e in rec.errors or []}))
-
-
-def age(seconds: float) -> str:
-    """3s, 4m 05s, 2h 07m, 3d 04h."""
-    s = max(0, int(seconds))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m {s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h {s % 3600 // 60:02d}m"
-    return f"{s // 86400}d {s % 86400 // 3600:02d}h"
-
-
-def status_document(table: list[Row], now: float) -> dict:
-    """The `status --json` document (format_version 1); keep it stable."""
-    return {"format_version": STATUS_FORMAT_VERSION, "batches": [
-        {"name": r.name, "batch_id": r.batch_id, "status": r.status,
-         "request_counts": {"completed": r.completed, "failed": r.failed, "total": r.total},
-         "created_at": r.created_at, "age_seconds": None if r.created_at is None else int(now - r.created_at),
-         "output_file_id": r.output_file_id, "error_file_id": r.error_file_id, "note": r.note or None}
-        for r in table]}
-
-
-def status_table(table: list[Row], now: float):
-    """A rich Table of the rows (rich is imported here: only status needs it)."""
-    from rich import box
-    from rich.table import Table
-
-    columns = ["name", "batch", "status", "completed", "failed", "total", "age", "output", "errors"]
-    notes = any(r.note for r in table)
-    grid = Table(box=box.SIMPLE, show_edge=False, pad_edge=False)
-    for column in columns + ["note"] * notes:
-        grid.add_column(column, justify="right" if column in ("completed", "failed", "total", "age") else "left",
-                        no_wrap=column != "note")
-    for r in table:
-        style = "green" if r.status == "completed" else "red" if r.status in FAILED | {"missing"} else None
-        cells = [r.name, r.batch_id or "-", r.status, str(r.completed), str(r.failed), str(r.total),
-                 "-" if r.created_at is None else age(now - r.created_at), r.output_file_id or "-",
-                 r.error_file_id or "-"]
-        grid.add_row(*cells, *[r.note] * notes, style=style)
-    return grid
-
-
-# -- wait ------------------------------------------------------------------------------
+from .remote import Snapshot, take_snapshot
+from .state import Entry
 
 
 class Display(Protocol):
@@ -172,28 +39,22 @@ class WaitResult:
                 out.append(f"{name}: no batch in the state (an interrupted apply); run `batchplan apply`")
             elif name in self.snapshot.missing:
                 out.append(f"{name}: batch {rec.id} no longer exists on the server")
-            elif rec.status in FAILED:
-                codes = _error_codes(rec)
+            elif rec.failed:
+                codes = rec.error_codes()
                 out.append(f"{name}: batch {rec.id} {rec.status}{f' ({codes})' if codes else ''}, "
-                           f"{_counts(rec)}")
+                           f"{rec.counts_phrase()}")
             elif not rec.terminal:
-                out.append(f"{name}: batch {rec.id} still {rec.status} ({_counts(rec)}) when the timeout passed")
+                out.append(f"{name}: batch {rec.id} still {rec.status} ({rec.counts_phrase()}) when the timeout passed")
         return out
 
 
-def _counts(rec: BatchRecord) -> str:
-    c = rec.request_counts or {}
-    failed = f", {c.get('failed', 0)} failed" if c.get("failed") else ""
-    return f"{c.get('completed', 0)}/{c.get('total', 0)} requests completed{failed}"
-
-
-async def wait(api: Api, entries: dict[str, Entry], display: Display, *, interval: float,
-               timeout: float | None, clock: Callable[[], float] = time.monotonic) -> WaitResult:
+async def wait_until_finished(api: Api, entries: dict[str, Entry], display: Display, *, interval: float,
+               timeout: float | None, parallelism: int, clock: Callable[[], float] = time.monotonic) -> WaitResult:
     """Poll until every batch in `entries` is finished (or gone), or `timeout` seconds pass."""
     deadline = None if timeout is None else clock() + timeout
     current = dict(entries)
     while True:
-        snapshot = await look(api, current)
+        snapshot = await take_snapshot(api, current, parallelism)
         display.show(snapshot)
         if all(r.terminal or n in snapshot.missing for n, r in snapshot.records.items()):
             return WaitResult(snapshot, timed_out=False)
@@ -222,7 +83,7 @@ class LineDisplay:
             if self.seen.get(name) != key:
                 self.seen[name] = key
                 status = "missing (404)" if name in snapshot.missing else rec.status
-                self.echo(f"{name}: {status}, {_counts(rec)}")
+                self.echo(f"{name}: {status}, {rec.counts_phrase()}")
                 moved = True
         if moved:
             self.last = self.clock()

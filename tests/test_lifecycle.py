@@ -16,8 +16,10 @@ import pytest
 from rich.console import Console
 
 from reconciler.sandbox import Timing
-from reconciler.state import BatchRecord, StateLock
-from reconciler.watch import ProgressDisplay, Snapshot
+from reconciler.state import BatchRecord
+from reconciler.stores.file import FileStore
+from reconciler.remote import Snapshot
+from reconciler.watch import ProgressDisplay
 from tests.helpers import ENDPOINT, request_line, run_cli, write_jsonl
 
 STEP = Timing(validating=0.3, in_progress=0.2, finalizing=0.1, cancelling=0.05)
@@ -122,7 +124,7 @@ def test_wait_that_cannot_take_the_state_lock_still_reports_and_says_so(repo, em
     repo.spec("a")
     applied(repo, api_env)
     before = repo.state_path.read_bytes()
-    with StateLock(repo.state_path, "another batchplan"):
+    with FileStore(repo.state_path).transaction("another batchplan"):
         result = cli(repo, api_env, "wait", "--interval", "0.05", "--timeout", "10")
     assert result.code == 0 and "All 1 batch(es) completed." in result.out
     assert "Note: the final statuses were not recorded in the state" in result.err

@@ -196,12 +196,35 @@ def test_json_plan_is_the_documented_public_shape():
     document = json.loads(render_json(_mixed_plan()))
     assert document["format_version"] == "1"
     assert [a["name"] for a in document["actions"]] == ["done", "edit", "gone", "keep", "new"]
-    assert set(document["actions"][0]) == {"name", "action", "reason", "before", "after"}
+    assert set(document["actions"][0]) == {"name", "action", "reason", "reason_code", "before", "after"}
+    assert {a["name"]: a["reason_code"] for a in document["actions"]} == {
+        "done": "spec_removed", "edit": "parameters_changed", "gone": "spec_removed", "keep": "up_to_date",
+        "new": "no_batch"}
     assert document["summary"] == {"create": 1, "adopt": 0, "replace": 1, "cancel": 1, "forget": 1, "noop": 1}
     new = document["actions"][-1]
     assert new["before"] is None and new["after"]["metadata"] == {"team": "research"}
     gone = document["actions"][2]
     assert gone["after"] is None and gone["before"]["batch_id"] == "batch_g"
+    assert gone["before"] == {"batch_id": "batch_g", "status": "in_progress", "endpoint": "/v1/chat/completions",
+                              "completion_window": "24h", "metadata": {"team": "research"},
+                              "output_expires_after": None, "input": "data/x.jsonl", "input_sha256": "a" * 64,
+                              "input_file_id": None}
+
+
+def test_reason_codes_say_what_changed_for_machines():
+    old = want("a", team="research", sha="a" * 64)
+    state = state_with(a=entry_for(old, "batch_1", "completed"))
+    codes = {}
+    for label, new, forced in (("input", want("a", sha="b" * 64), ()), ("both", want("a", team="ml", sha="b" * 64), ()),
+                               ("forced", old, ("a",))):
+        (change,) = build_plan([new], state, RemoteView(), force_replace=frozenset(forced)).changes
+        codes[label] = change.reason_code.value
+    assert codes == {"input": "input_changed", "both": "spec_changed", "forced": "forced"}
+    adopted = build_plan([old], None, RemoteView(tagged={"a": [batch("batch_1", tags=old.tags())]}))
+    assert json.loads(render_json(adopted))["actions"][0]["reason_code"] == "found_untracked"
+    assert json.loads(render_json(adopted))["actions"][0]["after"]["batch_id"] == "batch_1"
+    missing = build_plan([old], state, RemoteView(missing=frozenset({"batch_1"})))
+    assert missing.changes[0].reason_code.value == "batch_missing"
 
 
 def test_markdown_plan_has_a_summary_table_and_a_section_per_change():
@@ -210,3 +233,18 @@ def test_markdown_plan_has_a_summary_table_and_a_section_per_change():
     assert "### `±` edit: replace" in text
     assert '```diff\n~ metadata.team: "research" -> "ml"\n```' in text
     assert "keep" not in text  # unchanged batches are counted, not listed
+
+
+def test_a_cancelling_batch_is_neither_running_nor_finished():
+    from reconciler.batch import BatchStatus
+
+    assert [s.value for s in BatchStatus if s.running] == ["validating", "in_progress", "finalizing"]
+    assert [s.value for s in BatchStatus if s.terminal] == ["completed", "failed", "expired", "cancelled"]
+    assert [s.value for s in BatchStatus if s.failed] == ["failed", "expired", "cancelled"]
+    assert BatchStatus("paused_by_a_newer_api") is BatchStatus.UNKNOWN
+    d = want("a")
+    state = state_with(a=entry_for(d, "batch_1", "cancelling"))
+    assert actions(build_plan([], state, RemoteView())) == {"a": Action.FORGET}  # nothing left to cancel
+    (change,) = build_plan([d], state, RemoteView(), force_replace=frozenset({"a"})).changes
+    assert change.action is Action.REPLACE and not change.cancels_old
+    assert not state.entries["a"].batch.terminal  # so refresh keeps asking about it

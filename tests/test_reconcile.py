@@ -117,7 +117,10 @@ def test_state_file_is_sorted_pretty_json_and_keeps_a_backup(repo, emulator_serv
     text = repo.state_path.read_text()
     assert text == json.dumps(json.loads(text), indent=2, sort_keys=True) + "\n"
     backup = repo.state_path.with_name("batchplan.state.json.backup")
-    assert backup.exists() and json.loads(backup.read_text())["serial"] < repo.state()["serial"]
+    assert not backup.exists()  # the backup is the state before the run, and there was none
+    repo.spec("delta")
+    assert run_cli("apply", "--auto-approve", "-C", str(repo.root), env=api_env).code == 0
+    assert backup.read_text() == text and json.loads(text)["serial"] < repo.state()["serial"]
 
 
 def test_batchplan_yaml_and_flags_move_specs_and_state(repo, emulator_server, api_env):

@@ -22,7 +22,8 @@ import pytest
 from reconciler.api import check_base_url
 from reconciler.errors import ConfigError
 from reconciler.sandbox import EmulatorServer, Fault
-from reconciler.state import FORMAT_VERSION, StateLock
+from reconciler.state import FORMAT_VERSION
+from reconciler.stores.file import FileStore
 from tests.helpers import Repo, run_cli, spawn_cli
 
 KEY = "sk-test-secret-key"
@@ -260,8 +261,10 @@ def test_a_read_and_a_cancel_are_retried_on_5xx(repo, emulator_server_factory):
 HOLD_LOCK = """
 import sys, time
 from pathlib import Path
-from reconciler.state import StateLock
-lock = StateLock(Path(sys.argv[1]), "batchplan apply --auto-approve").__enter__()
+from reconciler.stores.base import LockInfo
+from reconciler.stores.file import FileStore
+store = FileStore(Path(sys.argv[1]))
+store.lock(LockInfo.new("batchplan apply --auto-approve"), 0)
 print("locked", flush=True)
 time.sleep(60)
 """
@@ -298,7 +301,7 @@ def test_lock_timeout_waits_for_the_holder_to_finish(repo, emulator_server, api_
     held = threading.Event()
 
     def hold() -> None:
-        with StateLock(repo.state_path, "batchplan apply"):
+        with FileStore(repo.state_path).transaction("batchplan apply"):
             held.set()
             time.sleep(0.5)
 
@@ -378,14 +381,15 @@ def test_a_state_from_a_newer_batchplan_asks_for_an_upgrade(repo, emulator_serve
     assert repo.state_path.read_bytes() == before and emulator_server.requests == []
 
 
-def test_the_backup_holds_the_state_before_the_last_save(repo, emulator_server, api_env):
+def test_the_backup_holds_the_state_as_it_was_before_the_last_apply(repo, emulator_server, api_env):
     make_repo(repo, 1)
     assert apply(repo, api_env).code == 0
+    before = repo.state_path.read_bytes()
     repo.spec("s1")
-    assert apply(repo, api_env).code == 0
-    backup = json.loads(repo.state_path.with_name("batchplan.state.json.backup").read_text())
-    assert backup["serial"] == repo.state()["serial"] - 1
-    assert backup["lineage"] == repo.state()["lineage"]
+    assert apply(repo, api_env).code == 0  # saves several times: the intent, the batch, the end
+    assert repo.state_path.with_name("batchplan.state.json.backup").read_bytes() == before
+    assert repo.state()["serial"] > json.loads(before)["serial"] + 1
+    assert json.loads(before)["lineage"] == repo.state()["lineage"]
     assert not list(repo.state_path.parent.glob(".*.tmp"))
 
 
@@ -454,7 +458,7 @@ def test_the_api_key_is_in_no_file_and_no_output(repo, emulator_server, api_env)
     dead = {**api_env, "OPENAI_BASE_URL": "http://127.0.0.1:9/v1"}  # nothing listens on port 9
     # --scan-all: always asks the server (even once every batch has finished): a transport error
     assert run("plan", "--scan-all", "--debug", env=dead).code == 1
-    with StateLock(repo.state_path, "batchplan apply"):
+    with FileStore(repo.state_path).transaction("batchplan apply"):
         assert run("apply", "--auto-approve", "--debug").code == 1  # locked
         assert KEY not in repo.state_path.with_name("batchplan.state.json.lock.info").read_text()
     proc = spawn_cli("apply", "--auto-approve", "--debug", "--replace", "s0", "-C", str(repo.root), env=api_env)

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
-from ..errors import StateError
+from ..errors import LockError, StateError
 
 if TYPE_CHECKING:
     from ..state import State
@@ -74,8 +74,17 @@ class LockInfo:
         return asdict(self)
 
     def describe(self) -> str:
-        """`ci@runner-3 (pid 4711, batchplan apply) since 2026-11-27T12:04:11Z`"""
-        return f"{self.who}@{self.host} (pid {self.pid}, {self.command}) since {self.since}"
+        """`pid 4711 of ci@runner-3 (batchplan apply) since 2026-11-27T12:04:11Z`"""
+        return f"pid {self.pid} of {self.who}@{self.host} ({self.command}) since {self.since}"
+
+
+def lock_error(location: str, holder: LockInfo | None, waited: float) -> LockError:
+    """The one message for a lock another process holds: who, and the three ways on."""
+    who = f"by {holder.describe()}" if holder else "by another process"
+    after = f" after waiting {waited:g}s" if waited else ""
+    unlock = " ".join(filter(None, ["batchplan force-unlock", holder.id if holder else None]))
+    return LockError(f"the state {location} is locked {who}{after}. Wait for it to finish, retry with "
+                     f"--lock-timeout SECONDS to wait, or, if that process is gone, run `{unlock}`")
 
 
 class StateStore(ABC):
@@ -83,6 +92,8 @@ class StateStore(ABC):
 
     #: where the state is, for messages (any password masked)
     location: str
+    #: where `backup()` keeps the state as it was before the last command that changed it, for messages
+    backup_location: str = "the store's backup"
 
     @abstractmethod
     def lock(self, info: LockInfo, timeout: float) -> None:
@@ -116,9 +127,9 @@ class StateStore(ABC):
         """Keep the version stored now as the backup (called once per run, before its first save)."""
 
     @abstractmethod
-    def force_unlock(self, lock_id: str) -> LockInfo | None:
-        """Remove the lock whose holder note has `lock_id`; the removed note. Raises LockError when the
-        id does not match the holder's."""
+    def force_unlock(self, lock_id: str | None) -> LockInfo | None:
+        """Remove the lock whose holder note has `lock_id` (None: whoever holds it); the removed note.
+        Raises LockError when the id does not match the holder's, or when the holder is still alive."""
 
     def close(self) -> None:
         """Release connections and the lock (idempotent)."""
@@ -148,7 +159,7 @@ class Transaction:
         self.existed = state is not None
         self.state: State = state if state is not None else State()
         self._stored_serial = state.serial if state is not None else None
-        self._saved_json = self._body() if state is not None else None
+        self._saved_json = self._body()  # a new state left empty is never written
         self._backed_up = state is None  # a new state has no earlier version to keep
 
     def _body(self) -> str:

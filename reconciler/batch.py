@@ -1,0 +1,124 @@
+"""One vocabulary of batches: their statuses, the fields they are made from, and what we last knew of one.
+
+    BatchStatus   the server's status, and what it means to batchplan (running, terminal, failed)
+    BatchFields   what a batch is made from: what specs ask for, the state records and plans diff
+    BatchRecord   what we last knew of a batch on the server, with its error codes and counts in words
+
+Every module asks these instead of keeping its own set of statuses or its own phrase.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class BatchStatus(str, Enum):
+    """A batch's status, as the API names it, and what each means here.
+
+    running:    work is under way that a cancel would stop (validating, in_progress, finalizing).
+    terminal:   it never changes again (completed, failed, expired, cancelled): nobody asks about it.
+    failed:     terminal without completing (failed, expired, cancelled).
+    cancelling: a cancel is under way: not running (there is nothing left to cancel, so a plan
+                forgets it rather than cancelling it again) and not terminal (it still changes,
+                so refresh keeps asking about it).
+    UNKNOWN stands for a status this batchplan does not know (a newer API): it is treated like
+    cancelling, as neither running nor terminal.
+    """
+
+    VALIDATING = "validating"
+    IN_PROGRESS = "in_progress"
+    FINALIZING = "finalizing"
+    CANCELLING = "cancelling"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    EXPIRED = "expired"
+    CANCELLED = "cancelled"
+    UNKNOWN = "unknown"
+
+    @classmethod
+    def _missing_(cls, value: object) -> BatchStatus:
+        return cls.UNKNOWN
+
+    @property
+    def running(self) -> bool:
+        return self in _RUNNING
+
+    @property
+    def terminal(self) -> bool:
+        return self in _TERMINAL
+
+    @property
+    def failed(self) -> bool:
+        return self in _FAILED
+
+
+_RUNNING = frozenset({BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS, BatchStatus.FINALIZING})
+_FAILED = frozenset({BatchStatus.FAILED, BatchStatus.EXPIRED, BatchStatus.CANCELLED})
+_TERMINAL = _FAILED | {BatchStatus.COMPLETED}
+
+
+class BatchFields(BaseModel):
+    """What a batch is made from: the view that plans diff, the state records and the JSON plan shows.
+
+    A local input is named by its repo-relative path and content hash; an uploaded one by its
+    file id. The field names are the state file's and the JSON plan's keys: keep them.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    endpoint: str
+    completion_window: str
+    metadata: dict[str, str] = Field(default_factory=dict)
+    output_expires_after: dict | None = None
+    input: str | None = None
+    input_sha256: str | None = None
+    input_file_id: str | None = None
+
+
+class BatchRecord(BaseModel):
+    """What we last knew of a batch on the server (refreshed by plan, apply, refresh)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str
+    status: str  # a str, not a BatchStatus: a status a newer API adds is kept as it was said
+    created_at: int
+    input_file_id: str
+    request_counts: dict[str, int] | None = None
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    errors: list[dict] | None = None
+
+    @classmethod
+    def from_api(cls, batch: dict) -> BatchRecord:
+        errors = (batch.get("errors") or {}).get("data") or None
+        return cls(
+            id=batch["id"], status=batch["status"], created_at=batch["created_at"],
+            input_file_id=batch["input_file_id"], request_counts=batch.get("request_counts"),
+            output_file_id=batch.get("output_file_id"), error_file_id=batch.get("error_file_id"),
+            errors=errors,
+        )
+
+    @property
+    def running(self) -> bool:
+        return BatchStatus(self.status).running
+
+    @property
+    def terminal(self) -> bool:
+        return BatchStatus(self.status).terminal
+
+    @property
+    def failed(self) -> bool:
+        return BatchStatus(self.status).failed
+
+    def error_codes(self) -> str:
+        """The batch-level error codes, sorted and joined: `invalid_json_line, too_many_tasks`; "" for none."""
+        return ", ".join(sorted({e.get("code") or "?" for e in self.errors or []}))
+
+    def counts_phrase(self, with_failed: bool = True) -> str:
+        """`3/5 requests completed`, with `, 1 failed` when any failed (and `with_failed`)."""
+        counts = self.request_counts or {}
+        failed = f", {counts.get('failed', 0)} failed" if counts.get("failed") and with_failed else ""
+        return f"{counts.get('completed', 0)}/{counts.get('total', 0)} requests completed{failed}"

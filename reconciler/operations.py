@@ -1,0 +1,315 @@
+"""The commands' work: one function per command, taking a Project and returning a result.
+
+Each function reads the specs, the state (through the project's store) and the server,
+changes what its command changes, and returns a value for cli.py to render; it prints
+nothing and asks nothing itself. A command that changes the state does it inside one
+`store.transaction(...)`: lock, load, change, save once if anything changed. A command
+talks to the server through one Session: one event loop and one client. Where the user
+must approve (apply), the caller's `review` runs between two turns of that loop, with the
+plan made and the lock held, never while a request is waiting.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .errors import ConfigError, LockError, NotFound, StateError, ValidationFailed
+from .session import Session
+
+if TYPE_CHECKING:
+    from .ledger import ApplyResult
+    from .desired import Desired
+    from .download import Report
+    from .importer import Imported
+    from .plan import Plan
+    from .project import Project
+    from .state import Entry, State
+    from .stores.base import LockInfo
+    from .remote import Snapshot
+    from .status import StatusRow
+    from .watch import Display, WaitResult
+
+
+def _command() -> str:
+    """This command line, for the note of who holds the state lock."""
+    return " ".join(["batchplan", *sys.argv[1:]])[:200]
+
+
+def _load_desired(project: Project) -> list[Desired]:
+    """Every spec with its input, validated (ValidationFailed lists every problem)."""
+    from .desired import load_desired
+
+    cache = project.hash_cache()
+    desired = load_desired(project.specs_dir, project.root, cache)
+    cache.save()
+    return desired
+
+
+def _entries(state: State | None, names: tuple[str, ...]) -> dict[str, Entry]:
+    from .state import select_entries
+
+    return select_entries(state, names)
+
+
+def _snapshot(session: Session, entries: dict[str, Entry]) -> Snapshot:
+    """What the server says now about `entries`; it is asked only about batches still running."""
+    from .remote import Snapshot, any_unfinished, take_snapshot
+
+    if not any_unfinished(entries):
+        return Snapshot.of(entries)
+    return session.run(lambda api: take_snapshot(api, entries, session.project.parallelism))
+
+
+# -- validate, plan, apply -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Validated:
+    specs: int
+    files: int
+    requests: int
+
+
+def validate(project: Project) -> Validated:
+    """Check every spec and input file, offline."""
+    desired = _load_desired(project)
+    by_file = {d.input: d for d in desired if d.input}
+    return Validated(len(desired), len(by_file), sum(d.requests or 0 for d in by_file.values()))
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """What to plan: `--target`, `--replace`, `--scan-all`."""
+
+    targets: frozenset[str] = frozenset()
+    replace: frozenset[str] = frozenset()
+    scan_all: bool = False
+
+
+async def _make_plan(project: Project, api, desired: list[Desired], state: State | None,
+                     request: PlanRequest) -> Plan:
+    from .plan import build_plan
+    from .remote import read_remote
+
+    remote = await read_remote(api, desired, state, parallelism=project.parallelism, full_scan=request.scan_all)
+    return build_plan(desired, state, remote, targets=request.targets, force_replace=request.replace)
+
+
+def plan(project: Project, request: PlanRequest, out: Path | None = None) -> Plan:
+    """What apply would change. Reads the server; writes only the input hash cache (and `out`)."""
+    desired = _load_desired(project)
+    state = project.store().load()
+    with Session(project) as session:
+        the_plan = session.run(lambda api: _make_plan(project, api, desired, state, request))
+    if out is not None:
+        from .planfile import save_plan
+
+        save_plan(out, the_plan, project)
+    return the_plan
+
+
+@dataclass(frozen=True)
+class Applied:
+    plan: Plan
+    result: ApplyResult | None  # None: the plan had no changes
+
+
+def apply(project: Project, request: PlanRequest, *, planfile: Path | None, review: Callable[[Plan], None],
+          report: Callable[[str, str], None]) -> Applied:
+    """Plan (or load a saved plan), let `review` see it (and refuse it), then carry it out, under the lock."""
+    from .apply import Applier, apply_plan
+
+    saved = None
+    if planfile is not None:
+        from .planfile import load_plan
+
+        saved = load_plan(planfile, project)
+    desired = None if saved else _load_desired(project)
+    project.credentials()  # before taking the lock: a missing key is said at once
+    with Session(project) as session, project.store().transaction(_command(), project.lock_timeout) as txn:
+        state = txn.state if txn.existed else None
+        if saved:
+            from .planfile import check_fresh
+
+            check_fresh(planfile, *saved, state, project.root)
+        the_plan = saved[0] if saved else \
+            session.run(lambda api: _make_plan(project, api, desired, state, request))
+        review(the_plan)  # the loop is idle here: asking the user holds up no request
+        if not the_plan.has_changes:
+            txn.state.record_batches(the_plan.refreshed)  # newly seen statuses; saved if any changed
+            return Applied(the_plan, None)
+        result = session.run(lambda api: apply_plan(Applier(api, txn, the_plan, repo_root=project.root,
+                                                            report=report)))
+    return Applied(the_plan, result)
+
+
+def force_unlock(project: Project, lock_id: str | None) -> tuple[str, LockInfo | None]:
+    """Remove the state lock a process that is gone left; where it was, and whose it was."""
+    store = project.store()
+    return store.location, store.force_unlock(lock_id)
+
+
+# -- status, wait, refresh, download ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StatusReport:
+    rows: list[StatusRow]
+    now: float
+
+
+def status(project: Project, names: tuple[str, ...]) -> StatusReport:
+    """Every batch in the state (or the names) as the server says now. Writes nothing."""
+    from .status import status_rows
+
+    entries = _entries(project.store().load(), names)
+    with Session(project) as session:
+        snapshot = _snapshot(session, entries)
+    return StatusReport(status_rows(entries, snapshot), time.time())
+
+
+@dataclass(frozen=True)
+class Waited:
+    names: list[str]
+    result: WaitResult | None          # None: nothing to wait for
+    not_recorded: LockError | None = None  # the state lock was held: the final statuses are not saved
+
+
+def wait(project: Project, names: tuple[str, ...], *, interval: float | None, timeout: float | None,
+         display: Callable[[list[str]], Display]) -> Waited:
+    """Poll until the batches have finished (or `timeout`), then record what was seen, under the lock."""
+    from .remote import any_unfinished
+    from .watch import WaitResult, wait_until_finished
+
+    entries = _entries(project.store().load(), names)
+    if not entries:
+        return Waited([], None)
+    interval = interval or (1.0 if project.sandbox else 15.0)
+    with Session(project) as session:
+        if not any_unfinished(entries):
+            return Waited(list(entries), WaitResult(_snapshot(session, entries), timed_out=False))
+        shown = display(list(entries))
+        try:
+            result = session.run(lambda api: wait_until_finished(
+                api, entries, shown, interval=interval, timeout=timeout, parallelism=project.parallelism))
+        finally:
+            shown.close()
+    try:
+        with project.store().transaction(_command(), project.lock_timeout) as txn:
+            txn.state.record_batches(result.snapshot.records)
+    except LockError as exc:
+        return Waited(list(entries), result, not_recorded=exc)
+    return Waited(list(entries), result)
+
+
+@dataclass(frozen=True)
+class Refreshed:
+    changed: list[str]
+    snapshot: Snapshot | None  # None: every batch had finished, nothing was asked
+
+
+def refresh(project: Project) -> Refreshed:
+    """Record in the state what the server says now about batches still running."""
+    from .remote import any_unfinished
+
+    with Session(project) as session, project.store().transaction(_command(), project.lock_timeout) as txn:
+        entries = _entries(txn.state, ())
+        if not any_unfinished(entries):
+            return Refreshed([], None)
+        snapshot = _snapshot(session, entries)
+        return Refreshed(txn.state.record_batches(snapshot.records), snapshot)
+
+
+def download(project: Project, names: tuple[str, ...]) -> Report:
+    """Write each finished batch's result files, skipping those already on disk intact."""
+    from .download import (MANIFEST, Manifest, Report, destinations, download_files, files_to_download,
+                           not_yet_downloaded, notes_on_earlier_files)
+    from .spec import load_specs
+
+    entries = _entries(project.store().load(), names)
+    specs, problems = load_specs(project.specs_dir, project.root)
+    if problems:
+        raise ValidationFailed(problems)
+    dests = destinations(specs, list(entries), project.root, project.results_dir)
+    manifest = Manifest(project.results_dir / MANIFEST)
+    with Session(project) as session:
+        snapshot = _snapshot(session, entries)
+        records = {n: snapshot.records.get(n) for n in entries}
+        wanted, notes = files_to_download(records, dests, project.root)
+        report = Report(notes=notes + notes_on_earlier_files(records, dests, project.root, manifest))
+        todo = not_yet_downloaded(wanted, manifest, report)
+        try:
+            if todo:
+                session.run(lambda api: download_files(api, todo, manifest, report))
+        finally:
+            manifest.save()
+    return report
+
+
+# -- import and the state by hand ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImportedBatch:
+    batch_id: str
+    status: str
+    imported: Imported
+
+
+async def _fetch_for_import(api, want: Desired, batch_id: str) -> tuple[dict, dict | None]:
+    """The batch, and its input file (None when gone, or when the spec names no local input)."""
+    try:
+        batch = await api.retrieve_batch(batch_id)
+    except NotFound:
+        raise ConfigError(f"the server has no batch {batch_id}; check the id (`batchplan import NAME "
+                          "BATCH_ID`)") from None
+    try:
+        return batch, (await api.retrieve_file(batch["input_file_id"]) if want.input else None)
+    except NotFound:
+        return batch, None
+
+
+def import_batch(project: Project, name: str, batch_id: str) -> ImportedBatch:
+    """Record a batch made elsewhere as the batch of the spec `name`. Changes nothing on the server."""
+    from .importer import import_entry
+
+    want = next((d for d in _load_desired(project) if d.name == name), None)
+    if want is None:
+        raise ConfigError(f"no spec named {name} under {project.specs_dir}; write its spec first, then import")
+    with Session(project) as session:
+        batch, input_file = session.run(lambda api: _fetch_for_import(api, want, batch_id))
+    imported = import_entry(want, batch, input_file, project.root / want.input if want.input else None)
+    with project.store().transaction(_command(), project.lock_timeout) as txn:
+        holder = next((n for n, e in txn.state.entries.items() if e.batch and e.batch.id == batch_id), None)
+        if holder:
+            raise StateError(f"batch {batch_id} is already in the state, as {holder}; nothing was changed")
+        if name in txn.state.entries:
+            raise StateError(f"the state already has an entry for {name}; `batchplan state rm {name}` first "
+                             "(it leaves its batch alone on the server), then import")
+        txn.state.entries[name] = imported.entry
+    return ImportedBatch(batch_id, batch["status"], imported)
+
+
+def state_entries(project: Project, names: tuple[str, ...] = ()) -> dict[str, Entry]:
+    """The state's entries (or the names'), sorted by name. Never calls the server."""
+    return _entries(project.store().load(), names)
+
+
+@dataclass(frozen=True)
+class Removed:
+    entry: Entry
+    backup: str = field(default="")  # where the state before the removal is kept
+
+
+def remove_entry(project: Project, name: str) -> Removed:
+    """Stop tracking `name`. Its batch is left alone on the server."""
+    store = project.store()
+    with store.transaction(_command(), project.lock_timeout) as txn:
+        _entries(txn.state, (name,))
+        entry = txn.state.entries.pop(name)
+    return Removed(entry, store.backup_location)

@@ -1,0 +1,91 @@
+"""`batchplan status`: one row per batch in the state, as a rich table or the status JSON document.
+
+The rows are built from a Snapshot (remote.take_snapshot: the server is asked only about
+batches still running); nothing here talks to the server or writes the state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .batch import BatchStatus
+from .remote import Snapshot
+from .state import Entry
+
+STATUS_FORMAT_VERSION = "1"
+
+
+@dataclass(frozen=True)
+class StatusRow:
+    """One line of `batchplan status`."""
+
+    name: str
+    batch_id: str | None
+    status: str
+    completed: int
+    failed: int
+    total: int
+    created_at: int | None
+    output_file_id: str | None
+    error_file_id: str | None
+    note: str = ""
+
+
+def status_rows(entries: dict[str, Entry], snapshot: Snapshot) -> list[StatusRow]:
+    out = []
+    for name, entry in entries.items():
+        rec = snapshot.records.get(name)
+        if rec is None:
+            out.append(StatusRow(name, None, "none", 0, 0, 0, None, None, None,
+                           "no batch: an apply was interrupted before creating it; run `batchplan apply`"))
+            continue
+        counts = rec.request_counts or {}
+        status = "missing" if name in snapshot.missing else rec.status
+        note = "the server has no such batch (404)" if name in snapshot.missing else rec.error_codes()
+        out.append(StatusRow(name, rec.id, status, counts.get("completed", 0), counts.get("failed", 0),
+                       counts.get("total", 0), rec.created_at, rec.output_file_id if rec.terminal else None,
+                       rec.error_file_id if rec.terminal else None, note))
+    return out
+
+
+def age(seconds: float) -> str:
+    """3s, 4m 05s, 2h 07m, 3d 04h."""
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m {s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h {s % 3600 // 60:02d}m"
+    return f"{s // 86400}d {s % 86400 // 3600:02d}h"
+
+
+def status_document(table: list[StatusRow], now: float) -> dict:
+    """The `status --json` document (format_version 1); keep it stable."""
+    return {"format_version": STATUS_FORMAT_VERSION, "batches": [
+        {"name": r.name, "batch_id": r.batch_id, "status": r.status,
+         "request_counts": {"completed": r.completed, "failed": r.failed, "total": r.total},
+         "created_at": r.created_at, "age_seconds": None if r.created_at is None else int(now - r.created_at),
+         "output_file_id": r.output_file_id, "error_file_id": r.error_file_id, "note": r.note or None}
+        for r in table]}
+
+
+def status_table(table: list[StatusRow], now: float):
+    """A rich Table of the rows (rich is imported here: only status needs it)."""
+    from rich import box
+    from rich.table import Table
+
+    columns = ["name", "batch", "status", "completed", "failed", "total", "age", "output", "errors"]
+    notes = any(r.note for r in table)
+    grid = Table(box=box.SIMPLE, show_edge=False, pad_edge=False)
+    for column in columns + ["note"] * notes:
+        grid.add_column(column, justify="right" if column in ("completed", "failed", "total", "age") else "left",
+                        no_wrap=column != "note")
+    for r in table:
+        style = "green" if r.status == "completed" else "red" if r.status == "missing" or BatchStatus(r.status).failed \
+            else None
+        cells = [r.name, r.batch_id or "-", r.status, str(r.completed), str(r.failed), str(r.total),
+                 "-" if r.created_at is None else age(now - r.created_at), r.output_file_id or "-",
+                 r.error_file_id or "-"]
+        grid.add_row(*cells, *[r.note] * notes, style=style)
+    return grid

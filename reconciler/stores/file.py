@@ -1,0 +1,157 @@
+"""The file store: the state as one JSON file, meant to be committed and reviewed.
+
+On disk, next to `<state>` (default `state/batchplan.state.json`):
+- `<state>.backup`: the state as it was before the last command that changed it;
+- `<state>.lock`: an OS file lock (flock), which the kernel drops when its holder dies,
+  so a killed process never blocks the next one;
+- `<state>.lock.info`: who holds the lock (a LockInfo as JSON), for the message a
+  second process prints.
+
+Every write is atomic (fsutil.atomic_write). A state file that cannot be read, or that
+a newer batchplan wrote, is reported and never overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import filelock
+import orjson
+from pydantic import ValidationError
+
+from ..errors import LockError, StateError
+from ..fsutil import atomic_write
+from ..state import FORMAT_VERSION, State
+from .base import LockInfo, StateConflict, StateStore, lock_error
+
+
+class FileStore(StateStore):
+    """One state file, its backup and its lock."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.location = str(path)
+        self.backup_path = path.with_name(path.name + ".backup")
+        self.backup_location = self.backup_path.name
+        self.lock_path = path.with_name(path.name + ".lock")
+        self.info_path = path.with_name(path.name + ".lock.info")
+        self._lock: filelock.FileLock | None = None
+
+    # -- the lock ------------------------------------------------------------------------
+
+    def lock(self, info: LockInfo, timeout: float) -> None:
+        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+        lock = filelock.FileLock(str(self.lock_path), timeout=timeout)
+        try:
+            lock.acquire()
+        except filelock.Timeout:
+            raise lock_error(self.location, self._holder_note(), timeout) from None
+        self._lock = lock
+        # atomic: a process that finds the lock taken never reads half a note
+        atomic_write(self.info_path, json.dumps(info.to_dict(), sort_keys=True))
+
+    def unlock(self) -> None:
+        if self._lock is not None:
+            self.info_path.unlink(missing_ok=True)
+            self._lock.release()
+            self._lock = None
+
+    def holder(self) -> LockInfo | None:
+        try:
+            return LockInfo.from_dict(json.loads(self.info_path.read_text(encoding="utf-8")))
+        except (OSError, ValueError, TypeError, AttributeError):
+            return None
+
+    def _holder_note(self, patience: float = 1.0) -> LockInfo | None:
+        """The holder's note; a holder that took the lock a moment ago writes it right after, so wait a little."""
+        deadline = time.monotonic() + patience
+        while (held := self.holder()) is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return held
+
+    def holder_alive(self, info: LockInfo) -> bool:
+        """The OS lock tells: a holder that died has released it. (Taking it for a moment is how to ask.)"""
+        probe = filelock.FileLock(str(self.lock_path), timeout=0)
+        try:
+            probe.acquire()
+        except filelock.Timeout:
+            return True
+        probe.release()
+        return False
+
+    def force_unlock(self, lock_id: str | None) -> LockInfo | None:
+        held = self.holder()
+        if lock_id and held and held.id != lock_id:
+            raise LockError(f"the lock on {self.path} has id {held.id}, not {lock_id}; nothing was changed")
+        if held is not None and self.holder_alive(held):
+            raise LockError(f"the lock on {self.path} is held by {held.describe()}, which is still running; "
+                            "nothing was changed. Wait for it to finish")
+        self.info_path.unlink(missing_ok=True)
+        self.lock_path.unlink(missing_ok=True)
+        return held
+
+    # -- the state -----------------------------------------------------------------------
+
+    def load(self) -> State | None:
+        """The state, or None when there is no state file yet."""
+        text = self._read()
+        return None if text is None else self._parse(text)
+
+    def save(self, state: State, expected_serial: int | None) -> None:
+        stored = self._stored_version()
+        if stored != (None if expected_serial is None else (state.lineage, expected_serial)):
+            now = "gone" if stored is None else f"at serial {stored[1]}"
+            raise StateConflict(f"{self.path}: another process changed the state while this command ran (it is now "
+                                f"{now}, this command loaded serial {expected_serial}); nothing was written. "
+                                "Run the command again")
+        try:
+            atomic_write(self.path, state.to_json())
+        except OSError as exc:
+            raise StateError(f"{self.path}: cannot write the state file: {exc}") from exc
+
+    def backup(self) -> None:
+        try:
+            if self.path.exists():  # replaced atomically too: a kill leaves an old backup, never half of one
+                atomic_write(self.backup_path, self.path.read_bytes())
+        except OSError as exc:
+            raise StateError(f"{self.backup_path}: cannot write the backup of the state: {exc}") from exc
+
+    def _read(self) -> str | None:
+        try:
+            return self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise StateError(f"{self.path}: cannot read the state file: {exc}") from exc
+
+    def _stored_version(self) -> tuple[str, int] | None:
+        """(lineage, serial) of the state stored now, read without building the whole model."""
+        text = self._read()
+        if text is None:
+            return None
+        try:
+            data = orjson.loads(text)
+            return data["lineage"], data["serial"]
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            state = self._parse(text)  # raises what exactly is wrong with it, if anything
+            return state.lineage, state.serial
+
+    def _parse(self, text: str) -> State:
+        fix = (f"restore it from {self.backup_path.name} or from version control; batchplan will not "
+               "overwrite it and sent nothing to the server")
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise StateError(f"{self.path}: not valid JSON ({exc}); {fix}") from exc
+        version = data.get("format_version") if isinstance(data, dict) else None
+        if isinstance(version, int) and version > FORMAT_VERSION:
+            raise StateError(f"{self.path}: written by a newer batchplan (state format {version}, this one "
+                             f"reads {FORMAT_VERSION}); upgrade batchplan to use this state")
+        try:
+            return State.model_validate(data)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(map(str, first["loc"])) or "top level"
+            raise StateError(f"{self.path}: {where}: {first['msg']}; {fix}") from exc

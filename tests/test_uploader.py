@@ -1,0 +1,50 @@
+"""The uploader hashes an input while httpx streams it, and refuses content that is not the planned one."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+
+import pytest
+
+from reconciler import operations
+from reconciler.operations import PlanRequest
+from reconciler.project import Project
+from reconciler.uploader import HashingReader
+from tests.helpers import run_cli
+
+
+def test_the_hashing_reader_hashes_what_is_read_and_starts_again_when_rewound():
+    reader = HashingReader(io.BytesIO(b"abcdef"))
+    assert reader.read(2) == b"ab"
+    reader.seek(0)  # httpx rewinds before it streams: what was read before does not count
+    assert reader.read() == b"abcdef"
+    assert reader.digest.hexdigest() == hashlib.sha256(b"abcdef").hexdigest()
+    with pytest.raises(io.UnsupportedOperation):
+        reader.seek(3)
+
+
+def test_an_input_edited_after_the_plan_is_not_uploaded_as_the_planned_one(repo, emulator_server, api_env,
+                                                                          monkeypatch):
+    for key, value in api_env.items():
+        monkeypatch.setenv(key, value)
+    repo.spec("a")
+    data = repo.root / "data" / "a.jsonl"
+
+    def edit_the_input(plan) -> None:  # between the plan and the upload: same size, other content
+        data.write_text(data.read_text().replace('"a-0"', '"a-9"'))
+
+    reported: list[str] = []
+    applied = operations.apply(Project.open(chdir=str(repo.root)), PlanRequest(), planfile=None,
+                               review=edit_the_input, report=lambda name, text: reported.append(f"{name}: {text}"))
+    (why,) = applied.result.failed.values()
+    assert why.startswith("data/a.jsonl changed while it was being uploaded (the plan was made with sha256 ")
+    assert "was deleted and not used" in why and "Run `batchplan plan`" in why
+    assert emulator_server.emulator.list_files()["data"] == []  # the upload named after the old hash is gone
+    assert emulator_server.count("DELETE", "/v1/files/") == 1 and emulator_server.count("POST", "/v1/batches") == 0
+    assert repo.state()["entries"] == {}  # its intent was dropped: nothing was made
+
+    again = run_cli("apply", "--auto-approve", "-C", str(repo.root), env=api_env)
+    assert again.code == 0, again.out + again.err
+    (file,) = emulator_server.emulator.list_files()["data"]
+    assert hashlib.sha256(data.read_bytes()).hexdigest() in file["filename"]
