@@ -14,7 +14,7 @@ from reconciler.stores.migrate import migrate
 def stored_state(store, entries: int, serial: int) -> State:
     state = State(serial=serial)
     for n in range(entries):
-        state.entries[f"spec-{n}"] = Entry(spec_hash=f"h{n}", fields={"n": n})
+        state.entries[f"spec-{n}"] = Entry(spec_hash=f"h{n}", fields={"endpoint": "/v1/chat/completions", "completion_window": "24h", "metadata": {"n": str(n)}})
     store.save(state, None)
     return state
 

@@ -30,7 +30,7 @@ HOLDER = LockInfo(id="lock-1", who="ci", host="runner-3", pid=4711, command="bat
 def make_state(entries: int = 3, serial: int = 1) -> State:
     state = State(serial=serial)
     for n in range(entries):
-        state.entries[f"spec-{n:04d}"] = Entry(spec_hash=f"sha256:{n:064x}", fields={"endpoint": "/v1/embeddings"})
+        state.entries[f"spec-{n:04d}"] = Entry(spec_hash=f"sha256:{n:064x}", fields={"endpoint": "/v1/embeddings", "completion_window": "24h"})
     return state
 
 
@@ -171,11 +171,11 @@ def test_history_keeps_the_newest_versions_only(pg_store, pg_url):
 def test_a_transaction_locks_loads_saves_and_backs_up_once_per_run(pg_store):
     store = pg_store()
     with store.transaction("batchplan apply") as txn:
-        txn.state.entries["a"] = Entry(spec_hash="h1", fields={})
+        txn.state.entries["a"] = Entry(spec_hash="h1", fields={"endpoint": "/v1/chat/completions", "completion_window": "24h"})
     with store.transaction("batchplan apply") as txn:
-        txn.state.entries["b"] = Entry(spec_hash="h2", fields={})
+        txn.state.entries["b"] = Entry(spec_hash="h2", fields={"endpoint": "/v1/chat/completions", "completion_window": "24h"})
         txn.save()
-        txn.state.entries["c"] = Entry(spec_hash="h3", fields={})
+        txn.state.entries["c"] = Entry(spec_hash="h3", fields={"endpoint": "/v1/chat/completions", "completion_window": "24h"})
     assert sorted(store.load().entries) == ["a", "b", "c"]
     assert store.load().serial == 3
     assert sorted(store.load_backup().entries) == ["a"]  # the state before the second run, not its checkpoint
@@ -190,7 +190,7 @@ def test_a_held_lock_blocks_another_store_with_a_message_naming_the_holder(pg_st
     with pytest.raises(LockError) as caught:
         other.lock(LockInfo.new("batchplan apply"), 0)
     assert str(caught.value) == (
-        f"{other.location}: the state is locked by ci@runner-3 (pid 4711, batchplan apply) since "
+        f"{other.location}: the state is locked by pid 4711 of ci@runner-3 (batchplan apply) since "
         "2026-11-27T12:04:11Z (lock id lock-1). Wait for it to finish, or retry with --lock-timeout SECONDS; "
         "the lock ends with its holder's database session, so a killed holder never leaves it behind")
     assert other.holder() == HOLDER and other.holder_alive(HOLDER)
@@ -222,7 +222,7 @@ def test_a_sigkilled_holder_releases_the_lock_at_once(pg_store, pg_url):
     try:
         lock_id = child.stdout.readline().strip()
         other = pg_store()
-        with pytest.raises(LockError, match=rf"\(pid {child.pid}, batchplan apply\)"):
+        with pytest.raises(LockError, match=rf"by pid {child.pid} of .* \(batchplan apply\)"):
             other.lock(LockInfo.new("batchplan apply"), 0)
     finally:
         child.send_signal(signal.SIGKILL)
@@ -255,7 +255,7 @@ def test_force_unlock_refuses_a_wrong_id_and_a_live_holder(pg_store):
     with pytest.raises(LockError) as live:
         other.force_unlock("lock-1")
     assert str(live.value) == (
-        f"{other.location}: the state lock is held by ci@runner-3 (pid 4711, batchplan apply) since "
+        f"{other.location}: the state lock is held by pid 4711 of ci@runner-3 (batchplan apply) since "
         "2026-11-27T12:04:11Z, whose database session is alive: it is not stale, and a PostgreSQL lock cannot "
         "be taken over. Stop that process, or force the unlock to end its database session; nothing was changed")
     assert other.holder() == HOLDER and other.holder_alive(HOLDER)
