@@ -4,7 +4,7 @@ The Batch API limits, per model and organization, the input tokens of the batche
 in flight (its "enqueued tokens"). A batch created over that limit is not refused: it is
 accepted and fails a moment later with `token_limit_exceeded`. So batchplan decides itself
 what fits, with the tokens it counts (reconciler/tokens.py), against the limits set in
-`batchplan.yaml`:
+`batchplan.yaml` (`Limits`, to be read by project.Settings once plan and apply use it):
 
     limits:
       gpt-4o-mini: {enqueued_tokens: 2000000}
@@ -29,12 +29,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel
 
 from .errors import PlanError
-from .tokens import FileTokens
+
+if TYPE_CHECKING:
+    from .tokens import FileTokens
 
 DEFAULT = "default"  # the key of `limits:` that applies to every model not named
 CAPACITY_ERROR = "token_limit_exceeded"  # the code of a batch the API failed for want of capacity
