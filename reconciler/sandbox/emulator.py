@@ -12,6 +12,7 @@ a server for a few seconds see one consistent history.
 
 from __future__ import annotations
 
+import heapq
 import math
 import os
 import random
@@ -23,14 +24,14 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterable, Iterator
+from typing import BinaryIO, Callable, Iterable, Iterator, Mapping
 
 import orjson
 from filelock import FileLock
 
 from reconciler.errors import StateError
 from reconciler.inputs import MAX_REQUESTS, scan_input
-from reconciler.sandbox import files, line_errors, responses
+from reconciler.sandbox import capacity, files, line_errors, responses
 from reconciler.sandbox.line_errors import RequestError
 from reconciler.sandbox.outcomes import FAIL_RATE_ANSWER, BatchFaults, RequestFault, plan_failures
 
@@ -159,14 +160,16 @@ class Emulator:
     wrong inside new batches (see outcomes.BatchFaults; `batch_faults` can be replaced
     while it runs); `max_requests` per batch (50,000) and `max_upload_bytes` per batch
     input file (200 MB), lower to show the limits with small files; `seed` the order of
-    result lines (never the input order, as the real API promises none).
+    result lines (never the input order, as the real API promises none);
+    `enqueued_token_limits` model -> the input tokens its batches may hold in flight (see
+    capacity.py; a model not named has no limit).
     """
 
     def __init__(self, root: Path | None = None, timing: Timing = Timing(), fail_rate: float = 0.0,
                  clock: Callable[[], float] = time.time, *, models: Iterable[str] | None = None,
                  request_faults: Iterable[RequestFault] = (), expire_after: float | None = None,
                  max_requests: int = MAX_REQUESTS, max_upload_bytes: int = files.MAX_BATCH_UPLOAD_BYTES,
-                 seed: int = 0):
+                 seed: int = 0, enqueued_token_limits: Mapping[str, int] | None = None):
         if not 0.0 <= fail_rate <= 1.0:
             raise ValueError(f"fail_rate must be between 0 and 1, not {fail_rate}")
         self.store = WorldStore(root)
@@ -176,6 +179,7 @@ class Emulator:
         self.models = None if models is None else frozenset(models)
         self.batch_faults = BatchFaults(requests=tuple(request_faults), expire_after=expire_after)
         self.max_requests, self.max_upload_bytes, self.seed = max_requests, max_upload_bytes, seed
+        self.enqueued_token_limits = dict(enqueued_token_limits or {})
 
     @property
     def staging_dir(self) -> Path:
@@ -196,8 +200,7 @@ class Emulator:
         """The world, brought up to now: every batch step that fell due has run."""
         with self.store.transaction() as world:
             now = self.clock()
-            for batch in world["batches"].values():
-                self._advance(world, batch, now)
+            self._advance(world, now)
             yield world, now
 
     # --- files ---
@@ -369,19 +372,33 @@ class Emulator:
             self._expire(world, batch, now)
             return self._batch_wire(batch, now)
 
+    def enqueued_timeline(self) -> list[capacity.Occupancy]:
+        """When each batch of a model with a limit held its tokens (a sandbox control, for tests)."""
+        with self._world() as (world, now):
+            return capacity.timeline(world["batches"].values())
+
     # --- the lifecycle: one handler per step, each run at the moment it fell due ---
 
-    def _advance(self, world: dict, batch: dict, now: float) -> None:
-        while True:
-            due, step = self._next_step(batch)
-            if step is None:
-                return
-            if batch["status"] in ACTIVE and batch["created_at"] + BATCH_LIFETIME <= min(due, now):
-                self._expire(world, batch, batch["created_at"] + BATCH_LIFETIME)
-                return
-            if due > now:
-                return
-            step(world, batch, due)
+    def _advance(self, world: dict, now: float) -> None:
+        """Run every step due by `now`, across all batches in the order they fell due: a step
+        may read the other batches as they were at that moment (capacity.refusal does)."""
+        due = [(self._next_event(b)[0], b["seq"], b["id"]) for b in world["batches"].values()]
+        heap = [item for item in due if item[0] <= now]
+        heapq.heapify(heap)
+        while heap:
+            at, seq, batch_id = heapq.heappop(heap)
+            batch = world["batches"][batch_id]
+            self._next_event(batch)[1](world, batch, at)
+            if (next_at := self._next_event(batch)[0]) <= now:
+                heapq.heappush(heap, (next_at, seq, batch_id))
+
+    def _next_event(self, batch: dict) -> tuple[float, Callable[[dict, dict, float], None] | None]:
+        """The batch's next step, or its expiry when the completion window closes first."""
+        due, step = self._next_step(batch)
+        deadline = batch["created_at"] + BATCH_LIFETIME
+        if step is not None and batch["status"] in ACTIVE and deadline <= due:
+            return deadline, self._expire
+        return due, step
 
     def _next_step(self, batch: dict) -> tuple[float, Callable[[dict, dict, float], None] | None]:
         timing = batch["timing"]
@@ -417,11 +434,26 @@ class Emulator:
             return
         batch["model"] = report.models[0] if report.models else None
         batch["total"] = report.requests
+        if self._over_capacity(world, batch, at):
+            return
         faults = BatchFaults.model_validate(batch.get("faults", {}))
         batch["failures"] = plan_failures(batch["endpoint"], self._requests(batch), models=self.models,
                                           faults=faults.requests, fail_rate=batch["fail_rate"])
         batch["planned_failures"] = len(batch["failures"])
         batch["status"], batch["in_progress_at"] = "in_progress", at
+
+    def _over_capacity(self, world: dict, batch: dict, at: float) -> bool:
+        """Fail the batch if its tokens would take its model over its enqueued-token limit."""
+        limit = self.enqueued_token_limits.get(batch["model"])
+        if limit is None:
+            return False
+        path = self.store.content_path(batch["input_file_id"])
+        batch["enqueued_tokens"] = capacity.batch_tokens(path, batch["endpoint"], batch["model"])
+        refusal = capacity.refusal(world["batches"].values(), batch, batch["enqueued_tokens"], limit)
+        if refusal is not None:
+            batch["errors"] = _errors([refusal])
+            batch["status"], batch["failed_at"] = "failed", at
+        return refusal is not None
 
     def _processed(self, world: dict, batch: dict, at: float) -> None:
         batch["status"], batch["finalizing_at"] = "finalizing", at

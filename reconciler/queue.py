@@ -1,0 +1,207 @@
+"""The queue: which new batches can be created now under each model's enqueued-token limit.
+
+The Batch API limits, per model and organization, the input tokens of the batches still
+in flight (its "enqueued tokens"). A batch created over that limit is not refused: it is
+accepted and fails a moment later with `token_limit_exceeded`. So batchplan decides itself
+what fits, with the tokens it counts (reconciler/tokens.py), against the limits set in
+`batchplan.yaml` (`Limits`, to be read by project.Settings once plan and apply use it):
+
+    limits:
+      gpt-4o-mini: {enqueued_tokens: 2000000}
+      default: {enqueued_tokens: 500000}     # every model not named; omit for no limit
+
+`schedule` is pure: it takes the candidates (the batches a plan would create), the tokens
+batchplan's own running batches hold, and the limits, and returns a `Schedule` (create
+now, queued with a phrase for the plan, or too big ever to run). It sends and writes
+nothing. `failed_for_capacity` tells a batch that failed for want of capacity (to be
+made again) from one that failed for a reason of its own.
+
+The queue is strictly first in, first out per model: candidates are taken in their
+`order_key` order (a plan gives shards in shard order, specs in name order), and once one
+waits for a model's capacity, every later candidate of that model waits behind it, even a
+small one that would fit. Letting small batches jump ahead could starve a large one for
+as long as small ones keep coming; FIFO makes the order of creates the order of the plan.
+A candidate with several models (the API refuses such a file, but tokens are counted per
+model all the same) stands in the queue of each of its models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple
+
+from pydantic import BaseModel, ConfigDict, Field, RootModel
+
+from .errors import PlanError
+
+if TYPE_CHECKING:
+    from .tokens import FileTokens
+
+DEFAULT = "default"  # the key of `limits:` that applies to every model not named
+CAPACITY_ERROR = "token_limit_exceeded"  # the code of a batch the API failed for want of capacity
+_UNITS = ((10**9, "B"), (10**6, "M"), (10**3, "k"))
+
+
+class ModelLimit(BaseModel):
+    """One entry of `limits:`: how many input tokens this model may have in flight at once."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enqueued_tokens: int = Field(gt=0, strict=True)
+
+
+class Limits(RootModel[dict[str, ModelLimit]]):
+    """The `limits:` block of batchplan.yaml: model name (or `default`) -> ModelLimit.
+
+    Model names match exactly, as the API names them in a request body: a limit for
+    `gpt-4o-mini` does not cover `gpt-4o-mini-2024-07-18` (give it its own, or a default).
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    root: dict[str, ModelLimit] = Field(default_factory=dict)
+
+    def limit_for(self, model: str) -> int | None:
+        """The model's enqueued-token limit: its own, else the default, else None (no limit)."""
+        found = self.root.get(model) or self.root.get(DEFAULT)
+        return None if found is None else found.enqueued_tokens
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A batch a plan would create (one spec, or one shard of one).
+
+    tokens:    its input tokens per model, as batchplan counts them (see `weight`). A valid
+               batch has one model; each model's share counts against that model's limit.
+    order_key: its place in the queue, e.g. (spec name, shard index); ties go by name.
+    requests:  how many requests it holds (0: unknown), to suggest a shard size when too big.
+    """
+
+    name: str
+    tokens: Mapping[str, int]
+    order_key: tuple = ()
+    requests: int = 0
+
+
+class Waiting(NamedTuple):
+    """A candidate left in the queue, and the phrase a plan shows for it."""
+
+    candidate: Candidate
+    phrase: str
+
+
+class TooBig(NamedTuple):
+    """A candidate over a model's whole limit: it could never run. `message` says what to do."""
+
+    candidate: Candidate
+    message: str
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """What to create now, what waits (in queue order), and what can never run."""
+
+    now: tuple[Candidate, ...] = ()
+    queued: tuple[Waiting, ...] = ()
+    too_big: tuple[TooBig, ...] = ()
+
+    def check(self) -> None:
+        """Raise PlanError naming every candidate too big to run: a plan with one is refused."""
+        if self.too_big:
+            raise PlanError("\n".join(item.message for item in self.too_big))
+
+
+def weight(tokens: FileTokens) -> dict[str, int]:
+    """A batch's weight against the limits: its input tokens per model, as batchplan counts them."""
+    return {m.model: m.input_tokens for m in tokens.models}
+
+
+def tokens_in_flight(weights: Iterable[Mapping[str, int]]) -> dict[str, int]:
+    """The tokens per model that batches still in flight hold: the sum of their weights.
+
+    "In flight" is validating, in_progress or finalizing (the caller picks the batches).
+    """
+    total: dict[str, int] = {}
+    for batch in weights:
+        for model, tokens in batch.items():
+            total[model] = total.get(model, 0) + tokens
+    return total
+
+
+def schedule(candidates: Iterable[Candidate], in_flight: Mapping[str, int], limits: Limits) -> Schedule:
+    """Split candidates into those to create now and those that wait, strictly FIFO per model.
+
+    A candidate is created now when, for each of its models with a limit, the tokens in
+    flight plus its own stay within the limit and no earlier candidate of that model
+    waits. One over a model's whole limit is too big (it never blocks the queue: it is
+    never created). Models without a limit never make a candidate wait.
+    """
+    held = dict(in_flight)
+    waiting_behind: dict[str, str] = {}  # model -> the first queued candidate of that model
+    now, queued, too_big = [], [], []
+    for candidate in sorted(candidates, key=lambda c: (c.order_key, c.name)):
+        limited = {model: (tokens, limit) for model, tokens in sorted(candidate.tokens.items())
+                   if (limit := limits.limit_for(model)) is not None}
+        over = [model for model, (tokens, limit) in limited.items() if tokens > limit]
+        blocked = [model for model, (tokens, limit) in limited.items()
+                   if model in waiting_behind or held.get(model, 0) + tokens > limit]
+        if over:
+            too_big.append(TooBig(candidate, too_big_message(candidate, over[0], limited[over[0]][1])))
+        elif blocked:
+            queued.append(Waiting(candidate, queued_phrase({m: limited[m] for m in blocked}, waiting_behind)))
+            for model in limited:  # it stands in the queue of each of its models
+                waiting_behind.setdefault(model, candidate.name)
+        else:
+            now.append(candidate)
+            for model, tokens in candidate.tokens.items():
+                held[model] = held.get(model, 0) + tokens
+    return Schedule(tuple(now), tuple(queued), tuple(too_big))
+
+
+def queued_phrase(limited: Mapping[str, tuple[int, int]], waiting_behind: Mapping[str, str]) -> str:
+    """`queued: waits for 1.2M of 2M enqueued tokens of gpt-4o-mini`, per model with a limit.
+
+    The first number is the batch's own tokens of that model, the second the model's limit;
+    `(after NAME)` says it waits its turn behind an earlier queued batch.
+    """
+    parts = []
+    for model, (tokens, limit) in limited.items():
+        after = f" (after {waiting_behind[model]})" if model in waiting_behind else ""
+        parts.append(f"{human_tokens(tokens)} of {human_tokens(limit)} enqueued tokens of {model}{after}")
+    return "queued: waits for " + ", ".join(parts)
+
+
+def too_big_message(candidate: Candidate, model: str, limit: int) -> str:
+    tokens = candidate.tokens[model]
+    message = (f"{candidate.name}: {tokens:,} input tokens of {model} are more than its whole enqueued "
+               f"token limit ({limit:,}), so the batch could never run; split it with `shard.max_requests` "
+               f"in its spec")
+    if candidate.requests:  # the average request's size says roughly how many fit
+        fit = max(1, limit * candidate.requests // tokens)
+        message += f" (about {fit:,} of its requests fit under the limit)"
+    return message
+
+
+def failed_for_capacity(batch: object) -> bool:
+    """Whether a batch failed only for want of enqueued-token capacity, so it should be made again.
+
+    `batch` is the API's batch dict (`errors: {data: [...]}`) or a record whose `errors` is
+    that data list (state.BatchRecord, or its JSON). True when it failed and any entry of
+    its errors has the code `token_limit_exceeded`.
+    """
+    get = batch.get if isinstance(batch, Mapping) else lambda key: getattr(batch, key, None)
+    errors = get("errors")
+    if isinstance(errors, Mapping):
+        errors = errors.get("data")
+    return get("status") == "failed" and any(
+        isinstance(entry, Mapping) and entry.get("code") == CAPACITY_ERROR for entry in errors or ())
+
+
+def human_tokens(count: int) -> str:
+    """A token count for people, to 3 significant digits: 950, 12.3k, 850k, 1.2M, 2M, 15B."""
+    if count < 1000:
+        return str(count)
+    rounded = round(count, 3 - len(str(count)))  # exact for ints; 999,999 rounds to 1,000,000: unit after
+    unit, suffix = next((unit, suffix) for unit, suffix in _UNITS if rounded >= unit)
+    return f"{rounded / unit:.2f}".rstrip("0").rstrip(".") + suffix
