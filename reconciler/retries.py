@@ -233,7 +233,7 @@ def _requests(count: int) -> str:
 
 
 def _classes(counts: Counter[str]) -> str:
-    """"expired" when one class; "30 expired, 7 server_error" when several (a fixed order)."""
+    """One class: its name ("expired"); several: each with its count ("30 expired, 7 server_error")."""
     order = [*REASONS, ErrorClass.CLIENT_ERROR, ErrorClass.OTHER, MISSING]
     present = [kind for kind in order if counts.get(kind)]
     if len(present) == 1:
