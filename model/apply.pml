@@ -8,13 +8,13 @@
  *   spin -a apply.pml && gcc -O2 -o pan pan.c && ./pan        # expect "errors: 0"
  */
 
-/* ---- sizes and fault budgets: small, so that spin checks every interleaving in seconds ---- */
-#ifndef NB
-#define NB      6    /* batch slots on the server: b0 plus every create the budgets below allow */
-#endif
-#ifndef NP
-#define NP      2    /* creates sent whose answer was lost and that have not landed yet */
-#endif
+/* ---- sizes: SUM, ANY, PENDING and WAITED_BY below spell them out ---- */
+#define NB      6    /* batch slots on the server: b0 plus every create the budgets allow (asserted) */
+#define NP      2    /* creates in flight at once: sent, answer lost, not landed yet (asserted) */
+
+/* ---- fault budgets: small, so that spin checks every interleaving in seconds. To try others:
+   spin -DFAULTS=1 -a apply.pml. Keep FAULTS < ROUNDS: a run whose every send is lost gives up
+   ("run apply again"), and the one run after quiet must not. ---- */
 #ifndef ROUNDS
 #define ROUNDS  3    /* CREATE_ROUNDS: sends of one create before apply gives up for this run */
 #endif
@@ -378,6 +378,7 @@ build_plan:
     :: else                                                                               /* create */
     fi;
 
+create:
 record_intent:
     if
     :: si == H ->    /* an intent a killed apply left: its create may still be in flight */
