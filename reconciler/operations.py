@@ -11,6 +11,7 @@ plan made and the lock held, never while a request is waiting.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from .importer import Imported
     from .plan import Plan
     from .project import Project
+    from .scaffold import Scaffolded
     from .state import Entry, State
     from .stores.base import LockInfo
     from .remote import Snapshot
@@ -65,7 +67,33 @@ def _snapshot(session: Session, entries: dict[str, Entry]) -> Snapshot:
     return session.run(lambda api: take_snapshot(api, entries, session.project.parallelism))
 
 
-# -- validate, plan, apply -------------------------------------------------------------
+# -- init, validate, plan, apply -------------------------------------------------------
+
+
+def init(project: Project) -> Scaffolded:
+    """Write the files a new project starts from (example spec, batchplan.yaml, .gitignore), never overwriting."""
+    from .scaffold import scaffold
+
+    return scaffold(project.root, project.specs_dir)
+
+
+def sandbox_hint(project: Project) -> str | None:
+    """For a command that found the state empty: a sentence when the sandbox's state holds batches
+    (the user most likely forgot --sandbox), else None."""
+    if project.sandbox:
+        return None
+    from .stores.file import FileStore
+
+    path = project.state_path.parent / "sandbox" / project.state_path.name
+    try:
+        sandboxed = FileStore(path).load() if path.is_file() else None
+    except StateError:
+        return None  # a damaged sandbox state is the sandbox's business, said when it is used
+    if sandboxed is None or not sandboxed.entries:
+        return None
+    shown = [os.path.relpath(p, project.root) for p in (project.state_path, path)]
+    return (f"the state {shown[0]} has no batches, but the sandbox's state {shown[1]} holds "
+            f"{len(sandboxed.entries)}: did you mean --sandbox?")
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from .ledger import ApplyResult
     from .download import Report
     from .operations import ImportedBatch, Refreshed, Removed, StatusReport, Waited
+    from .scaffold import Scaffolded
     from .state import Entry
 
 JSON_FORMAT_VERSION = "1"
@@ -157,20 +158,34 @@ def render_apply_result(result: ApplyResult) -> Output:
     return Output(click.style(f"Apply complete: {len(result.done)} change(s).", bold=True) + "\n")
 
 
-def render_status(report: StatusReport, *, as_json: bool, terminal: bool, colour: bool) -> str:
-    """`status`: one JSON document, or a table (as wide as the terminal; unbounded when piped)."""
-    from .status import status_document, status_table
+def render_status(report: StatusReport, *, as_json: bool, width: int | None, colour: bool,
+                  wide: bool = False) -> str:
+    """`status`: one JSON document, or a table `width` columns wide (None: unbounded, when piped) with the
+    notes under it; `wide` adds the full batch ids and the result file ids."""
+    from .status import status_document, status_notes, status_table
 
     if as_json:
         return json.dumps(status_document(report.rows, report.now), indent=2, sort_keys=True) + "\n"
     if not report.rows:
         return "No batches in the state yet; `batchplan apply` makes them.\n"
     from rich.console import Console  # here: only status draws tables
+    from rich.text import Text
 
-    console = Console(no_color=not colour) if terminal else Console(width=1000, no_color=True)
+    console = Console(width=width or 1000, color_system="standard" if colour else None, force_terminal=colour,
+                      highlight=False)
     with console.capture() as captured:
-        console.print(status_table(report.rows, report.now))
+        console.print(status_table(report.rows, report.now, wide))
+        for note in status_notes(report.rows):
+            console.print(Text(note))
     return _lines([line.rstrip() for line in captured.get().splitlines()])
+
+
+def render_init(done: Scaffolded) -> str:
+    lines = [f"  created {rel}" for rel in done.created]
+    lines += [f"  kept    {rel}" for rel in done.kept]
+    lines += [f"  ignored {pattern} (added to .gitignore)" for pattern in done.ignored]
+    return _lines(lines + ["Next: edit the example spec, then `batchplan validate` and `batchplan plan --sandbox` "
+                           "(no key, no cost)."])
 
 
 def render_wait(waited: Waited, timeout: float | None) -> Output:
