@@ -267,7 +267,9 @@ def test_download_to_the_spec_paths_and_skips_running_batches(repo, emulator_ser
     assert result.code == 0
     assert len((repo.root / "out/a-results.jsonl").read_text().splitlines()) == 3
     assert not (repo.root / "out/a-errors.jsonl").exists()  # no request failed: the batch has no error file
-    assert not (repo.root / "results/a").exists()
+    kept = repo.root / "results/a" / batch_of(repo, "a")  # each batch's own copy, whatever the spec's paths
+    assert sorted(p.name for p in kept.iterdir()) == ["output.jsonl"]
+    assert (kept / "output.jsonl").read_bytes() == (repo.root / "out/a-results.jsonl").read_bytes()
 
 
 def test_download_says_clearly_when_the_results_expired(repo, emulator_server, api_env):
