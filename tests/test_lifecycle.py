@@ -182,9 +182,11 @@ def test_status_json_lists_each_batch_as_completed(repo, emulator_server, api_en
         ("b", "completed", {"completed": 5, "failed": 0, "total": 5})]
     assert all(b["output_file_id"].startswith("file-") and b["error_file_id"] is None for b in document["batches"])
     table = cli(repo, api_env, "status").out
-    assert table.splitlines()[0].split() == ["name", "batch", "status", "completed", "failed", "total", "age",
-                                             "output", "errors"]
-    assert table.splitlines()[2].split()[:6] == ["a", batch_of(repo, "a"), "completed", "3", "0", "3"]
+    assert table.splitlines()[0].split() == ["name", "batch", "status", "done", "failed", "age"]
+    assert table.splitlines()[2].split()[:5] == ["a", batch_of(repo, "a")[:14] + "…", "completed", "3/3", "0"]
+    wide = cli(repo, api_env, "status", "-o", "wide").out
+    assert wide.splitlines()[0].split() == ["name", "batch", "status", "done", "failed", "age", "output", "errors"]
+    assert wide.splitlines()[2].split()[:2] == ["a", batch_of(repo, "a")]
 
 
 def test_status_asks_the_server_but_writes_nothing(repo, emulator_server_factory, env_for):
