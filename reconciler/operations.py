@@ -48,7 +48,7 @@ def _load_desired(project: Project) -> list[Desired]:
     from .desired import load_desired
 
     cache = project.hash_cache()
-    desired = load_desired(project.specs_dir, project.root, cache)
+    desired = load_desired(project.specs_dir, project.root, cache, os.path.relpath(project.results_dir, project.root))
     cache.save()
     return desired
 

@@ -14,38 +14,86 @@ from typing import TYPE_CHECKING
 
 import click
 
-from .plan import ORDER, Action, Change, FieldChange, Plan
+from .plan import ORDER, Action, Change, Plan
 
 if TYPE_CHECKING:
     from .ledger import ApplyResult
+    from .desired import Desired
     from .download import Report
     from .operations import ImportedBatch, Refreshed, Removed, StatusReport, Waited
     from .scaffold import Scaffolded
     from .state import Entry
 
 JSON_FORMAT_VERSION = "1"
-_COLOURS = {Action.CREATE: "green", Action.ADOPT: "cyan", Action.REPLACE: "yellow",
+_COLOURS = {Action.CREATE: "green", Action.ADOPT: "cyan", Action.UPDATE: "yellow", Action.REPLACE: "yellow",
             Action.CANCEL: "red", Action.FORGET: "magenta", Action.NOOP: None}
-_PHRASES = {Action.CREATE: "to create", Action.ADOPT: "to adopt", Action.REPLACE: "to replace",
-            Action.CANCEL: "to cancel", Action.FORGET: "to forget", Action.NOOP: "unchanged"}
+_PHRASES = {Action.CREATE: "to create", Action.ADOPT: "to adopt", Action.UPDATE: "to update (state only)",
+            Action.REPLACE: "to replace", Action.CANCEL: "to cancel", Action.FORGET: "to forget",
+            Action.NOOP: "unchanged"}
+SHORT_HASH = 12  # hex digits of a sha256 shown in plans: enough to tell two contents apart
 
 
 def _value(value: object) -> str:
     return json.dumps(value, sort_keys=True)
 
 
-def _diff_lines(diff: tuple[FieldChange, ...]) -> list[str]:
-    return [f"~ {d.path}: {_value(d.before)} -> {_value(d.after)}" for d in diff]
+def _short_hash(value: object) -> str:
+    return str(value)[:SHORT_HASH] if value else "none"
+
+
+def _requests_phrase(before: int | None, after: int | None) -> str:
+    """`6 → 7 requests (+1)`; just the new count when the old one is not known."""
+    if before is None or after is None:
+        return f"{after} requests" if after is not None else "requests unknown"
+    delta = f" ({after - before:+d})" if after != before else ""
+    return f"{before} → {after} requests{delta}"
+
+
+def _diff_lines(change: Change) -> list[str]:
+    """A replace's or update's changed fields; an input's content as short hashes and request counts."""
+    lines = []
+    for d in change.diff:
+        if d.path == "input_sha256":
+            old = (change.batch.request_counts or {}).get("total") if change.batch else None
+            new = change.desired.requests if change.desired else None
+            lines.append(f"~ input: sha256 {_short_hash(d.before)} -> {_short_hash(d.after)}, "
+                         f"{_requests_phrase(old or None, new)}")
+        else:
+            lines.append(f"~ {d.path}: {_value(d.before)} -> {_value(d.after)}")
+    return lines + _rerun_lines(change)
+
+
+def _rerun_lines(change: Change) -> list[str]:
+    """A replace of a completed batch runs its work again: say how much (the cost estimate belongs here too)."""
+    old, want = change.batch, change.desired
+    if change.action is not Action.REPLACE or not old or old.status != "completed" or not want or not want.requests:
+        return []
+    return [f"re-runs {want.requests} requests: batch {old.id} already completed"]
+
+
+def _create_lines(want: Desired) -> list[str]:
+    """What a create makes: endpoint, model, input, metadata, expiry, and where download puts its results."""
+    source = (f"{want.input} (sha256 {_short_hash(want.input_sha256)}, {want.requests} requests)"
+              if want.input and want.input_sha256 else want.input_file_id)
+    lines = [f"endpoint: {want.endpoint}"]
+    if want.models:
+        lines.append(f"model{'s' * (len(want.models) > 1)}: {', '.join(want.models)}")
+    lines.append(f"input: {source}")
+    if want.metadata:
+        lines.append(f"metadata: {_value(want.metadata)}")
+    if want.output_expires_after:
+        seconds = want.output_expires_after["seconds"]
+        lines.append(f"results expire: {seconds} s ({seconds / 86400:g} days) after the batch is created")
+    if want.output:
+        lines.append(f"output: {want.output}")
+    return lines
 
 
 def _detail_lines(change: Change) -> list[str]:
-    if change.action is Action.REPLACE:
-        return _diff_lines(change.diff)
+    if change.action in (Action.REPLACE, Action.UPDATE):
+        return _diff_lines(change)
     if change.action is Action.CREATE and change.desired:
-        want = change.desired
-        source = (f"{want.input} (sha256 {want.input_sha256[:12]}, {want.requests} requests)"
-                  if want.input and want.input_sha256 else want.input_file_id)
-        return [f"endpoint: {want.endpoint}", f"input: {source}"]
+        return _create_lines(change.desired)
     return []
 
 
@@ -132,7 +180,7 @@ def render_markdown(plan: Plan) -> str:
         lines += [f"### {_md_heading(change.action, change.name)}", "", change.reason, ""]
         details = _detail_lines(change) + [f"! {w}" for w in change.warnings]
         if details:
-            lines += ["```diff" if change.action is Action.REPLACE else "```", *details, "```", ""]
+            lines += ["```diff" if change.action in (Action.REPLACE, Action.UPDATE) else "```", *details, "```", ""]
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -49,9 +49,16 @@ class OutputExpiry(BaseModel):
     seconds: int = Field(ge=EXPIRY_SECONDS[0], le=EXPIRY_SECONDS[1])
 
 
+IGNORABLE = ("metadata", "output_expires_after")  # what a batch's results do not depend on
+
+
 class Lifecycle(BaseModel):
+    """prevent_cancel: never cancel the batch. ignore_changes: an edit of these fields only updates
+    the state (as Terraform's ignore_changes): the batch keeps running, is never made again."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
     prevent_cancel: bool = False
+    ignore_changes: tuple[Literal["metadata", "output_expires_after"], ...] = ()
 
 
 class Spec(BaseModel):
@@ -209,7 +216,7 @@ def _short(value: object) -> str:
 
 def _unknown_field_message(loc: tuple) -> str:
     parent_fields = {(): FIELDS, ("output_expires_after",): ("anchor", "seconds"),
-                     ("lifecycle",): ("prevent_cancel",)}.get(loc[:-1], ())
+                     ("lifecycle",): ("prevent_cancel", "ignore_changes")}.get(loc[:-1], ())
     guess = difflib.get_close_matches(str(loc[-1]), parent_fields, n=1)
     if guess:
         return f"unknown field; did you mean {guess[0]!r}?"
