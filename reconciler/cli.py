@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from . import __version__, operations  # operations loads nothing heavy until a command runs
+from . import __version__, feedback, operations  # operations loads nothing heavy until a command runs
 from .errors import BatchplanError, Interrupted, PlanError
 from .options import (OFFLINE, STATE_ONLY, Group, Invocation, common_options, debug_option, global_options,
                       lock_timeout_option, names_argument, plan_options, project_options)
@@ -321,11 +321,20 @@ def sandbox_serve(host, port, world, step_seconds, fail_rate, latency, no_auth) 
           latency=latency, require_auth=not no_auth)
 
 
+def _feedback() -> feedback.Feedback:
+    """Progress bars for big files on a terminal; a line per retry on standard error everywhere."""
+    def notice(text: str) -> None:
+        echo(f"  {text}", err=True)
+
+    return feedback.ProgressBars(notice) if _is_terminal(sys.stderr) else feedback.Feedback(notice)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: runs the CLI and maps every outcome to an exit code."""
     invocation = Invocation()  # one per run: tests call main() many times in one process
     try:
-        code = cli.main(args=argv, prog_name="batchplan", standalone_mode=False, obj=invocation)
+        with feedback.use(_feedback()):
+            code = cli.main(args=argv, prog_name="batchplan", standalone_mode=False, obj=invocation)
     except click.exceptions.Exit as exc:
         code = exc.exit_code
     except click.exceptions.Abort:

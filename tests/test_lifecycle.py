@@ -465,6 +465,7 @@ def test_plan_markdown_for_a_pull_request_as_a_whole_string(repo, emulator_serve
         "| --- | ---: |\n"
         "| + create | 1 |\n"
         "| = adopt | 0 |\n"
+        "| ~ update | 0 |\n"
         "| ± replace | 1 |\n"
         "| - cancel | 0 |\n"
         "| # forget | 1 |\n"
@@ -478,6 +479,7 @@ def test_plan_markdown_for_a_pull_request_as_a_whole_string(repo, emulator_serve
         "\n"
         "```diff\n"
         '~ metadata.team: "research" -> "ml"\n'
+        f"re-runs 3 requests: batch {batch_of(repo, 'edit')} already completed\n"
         "```\n"
         "\n"
         "### `#` gone: forget\n"
@@ -490,6 +492,8 @@ def test_plan_markdown_for_a_pull_request_as_a_whole_string(repo, emulator_serve
         "\n"
         "```\n"
         "endpoint: /v1/chat/completions\n"
+        "model: gpt-4o-mini\n"
         f"input: data/new.jsonl (sha256 {sha}, 2 requests)\n"
+        "output: results/new/output.jsonl\n"
         "```\n"
     )
