@@ -95,7 +95,7 @@ def _retry_after(response: httpx.Response) -> float | None:
 
 def _say_retry(what: str, why: str, delay: float, retry: int, retries: int) -> None:
     """One line per retry, instead of seconds of silence: `GET /batches: connection refused; retrying in 2 s, 2 of 5`."""
-    feedback.current().notice(f"{what}: {why}; retrying in {delay:.0f} s, {retry} of {retries}")
+    feedback.current().notice(f"{what}: {why}; retrying in {round(delay, 1):g} s, {retry} of {retries}")
 
 
 def _route(path: str) -> str:

@@ -82,7 +82,7 @@ def _inside(root: Path, raw: str, loaded: LoadedSpec, kind: str) -> Path:
     if not path.is_relative_to(root.resolve()):
         where = f"{loaded.source.file}:{loaded.source.line((kind,)) or '?'}: {kind}"
         raise ConfigError(f"{where}: {raw!r} resolves to {path}, outside the repository; download writes only "
-                          "inside the repository (paths are relative to the repo root)")
+                          "inside the repository (output: and errors: are relative to the repo root, input: to the spec file)")
     return path
 
 

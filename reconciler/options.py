@@ -72,7 +72,8 @@ def _remember(ctx: click.Context, param: click.Parameter, value):
     An option left at its default after the command keeps what it said before the command
     (click tells a callback the value, not yet whether it was given, so the default is compared)."""
     settings = ctx.ensure_object(Invocation).settings
-    if param.name not in settings or value != param.get_default(ctx):
+    left_out = value is None or value == param.get_default(ctx)  # click >= 8.2 says UNSET, not None, for "no default"
+    if param.name not in settings or not left_out:
         settings[param.name] = value
     return value
 

@@ -334,12 +334,14 @@ def resolve_input(loaded: LoadedSpec, repo_root: Path) -> tuple[Path | None, Pro
     path = (loaded.source.path.parent / raw).resolve()
     if not path.is_relative_to(repo_root):
         return None, loaded.source.problem(
-            f"{raw!r} resolves to {path}, outside the repository {repo_root}; batchplan only uploads files "
-            "inside the repository so that a spec cannot send local secrets to the server", ("input",), "outside_repo")
+            f"{raw!r} resolves to {path}, outside the repository {repo_root} (input: is relative to the spec "
+            "file, output: and errors: to the repo root); batchplan only uploads files inside the repository so "
+            "that a spec cannot send local secrets to the server", ("input",), "outside_repo")
     if not path.is_file():
         what = "is a directory, not a file" if path.is_dir() else "does not exist"
         return None, loaded.source.problem(
-            f"{raw!r} {what} (looked for {_relative(path, repo_root)}; the path is relative to the spec file)",
+            f"{raw!r} {what} (looked for {_relative(path, repo_root)}: input: is relative to the spec file "
+            f"{loaded.source.file}, not to the repo root)",
             ("input",), "missing_input")
     return path, None
 
