@@ -26,7 +26,7 @@ from email.utils import parsedate_to_datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from . import __version__
+from . import __version__, feedback
 from .errors import AmbiguousWrite, ApiError, ConfigError, Interrupted, NotFound, TransportError
 
 
@@ -91,6 +91,11 @@ def _retry_after(response: httpx.Response) -> float | None:
             return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
         except (TypeError, ValueError):
             return None
+
+
+def _say_retry(what: str, why: str, delay: float, retry: int, retries: int) -> None:
+    """One line per retry, instead of seconds of silence: `GET /batches: connection refused; retrying in 2 s, 2 of 5`."""
+    feedback.current().notice(f"{what}: {why}; retrying in {round(delay, 1):g} s, {retry} of {retries}")
 
 
 def _route(path: str) -> str:
@@ -170,12 +175,14 @@ class Api:
                 failure: ApiError | TransportError = TransportError(
                     f"{what}: cannot reach {self.base_url}: {exc or type(exc).__name__}")
                 failure.__cause__ = exc
+                why = "connection refused" if isinstance(exc, httpx.ConnectError) else "cannot connect in time"
             except httpx.TransportError as exc:
                 reason = f"{what}: no answer from {self.base_url} ({type(exc).__name__}: {exc})"
                 if write:
                     raise AmbiguousWrite(0, reason + "; it may or may not have been done", request=what) from exc
                 failure = TransportError(reason)
                 failure.__cause__ = exc
+                why = f"no answer ({type(exc).__name__})"
             else:
                 if response.is_success:
                     return response
@@ -186,11 +193,13 @@ class Api:
                     raise AmbiguousWrite(failure.status, failure.message, type=failure.type,
                                          param=failure.param, request=what) from failure
                 asked = _retry_after(response)
+                why = f"server answered {response.status_code}"
             delay = self._delay(attempt, asked)
             if isinstance(failure, ApiError) and failure.status == 429:  # everyone waits, not just us
                 self._paused_until = max(self._paused_until, time.monotonic() + delay)
             if attempt == self.max_retries or time.monotonic() - started + delay > self.max_retry_seconds:
                 raise failure
+            _say_retry(what, why, delay, attempt + 1, self.max_retries)
             await asyncio.sleep(delay)
         raise AssertionError("unreachable")
 
@@ -270,7 +279,10 @@ class Api:
                         if isinstance(exc, ApiError):
                             raise
                         raise TransportError(f"{what}: download failed: {exc}") from exc
-                    await asyncio.sleep(self._delay(attempt, None))
+                    delay = self._delay(attempt, None)
+                    why = f"server answered {exc.status}" if isinstance(exc, ApiError) else type(exc).__name__
+                    _say_retry(what, why, delay, attempt + 1, self.max_retries)
+                    await asyncio.sleep(delay)
         finally:
             tmp.unlink(missing_ok=True)
         raise AssertionError("unreachable")
@@ -284,8 +296,10 @@ class Api:
                     await response.aread()
                     raise _api_error(response, what)
                 size = 0
-                with tmp.open("wb") as fh:
+                total = int(response.headers.get("content-length") or 0)
+                with tmp.open("wb") as fh, feedback.current().transfer(f"download {what.split('/')[2]}", total) as done:
                     async for chunk in response.aiter_bytes(1 << 16):
                         fh.write(chunk)
                         size += len(chunk)
+                        done(len(chunk))
                 return size

@@ -66,6 +66,8 @@ class Applier:
             for change in self.plan.changes:
                 if change.action is Action.FORGET:
                     self.ledger.remove(change.name, "forgotten (removed from the state; nothing sent)")
+                elif change.action is Action.UPDATE:
+                    self.ledger.update_fields(change)
             if not self.ledger.result.failed and not self.stopping.is_set():
                 self.ledger.state.scan_floor = started
         finally:

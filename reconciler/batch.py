@@ -14,6 +14,18 @@ from enum import Enum
 from pydantic import BaseModel, ConfigDict, Field
 
 
+SHORT_ID_CHARS = 8  # of an id's hex part: enough to tell one's batches apart, short enough for 80 columns
+
+
+def short_id(identifier: str) -> str:
+    """`batch_3f2a9c1d…` for `batch_3f2a9c1d0b…`: the prefix and SHORT_ID_CHARS characters (ids as they are
+    when no longer than that)."""
+    prefix, sep, rest = identifier.rpartition("_") if "_" in identifier else identifier.rpartition("-")
+    if len(rest) <= SHORT_ID_CHARS + 1:
+        return identifier
+    return f"{prefix}{sep}{rest[:SHORT_ID_CHARS]}…"
+
+
 class BatchStatus(str, Enum):
     """A batch's status, as the API names it, and what each means here.
 

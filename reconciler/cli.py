@@ -8,15 +8,17 @@ from `plan --detailed-exitcode` when there are changes; 130 when interrupted.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import traceback
 from pathlib import Path
 
 import click
 
-from . import __version__, operations  # operations loads nothing heavy until a command runs
+from . import __version__, feedback, operations  # operations loads nothing heavy until a command runs
 from .errors import BatchplanError, Interrupted, PlanError
-from .options import Invocation, common_options, debug_option, lock_timeout_option, names_argument, plan_options
+from .options import (OFFLINE, STATE_ONLY, Group, Invocation, common_options, debug_option, global_options,
+                      lock_timeout_option, names_argument, plan_options, project_options)
 
 
 def _render():
@@ -48,25 +50,44 @@ def emit(output) -> None:
             echo(text, err=err, nl=False)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="batchplan")
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="batchplan", help="Show the version and exit.")
+@global_options
 def cli() -> None:
     """Declarative, Terraform-style reconciler for the OpenAI Batch API.
 
     Keep batch specs in specs/*.yaml; `plan` shows what would change against the state
     file and the server; `apply` makes it so, idempotently (never a duplicate batch).
+    Shell completion: eval "$(_BATCHPLAN_COMPLETE=bash_source batchplan)" (zsh_source, fish_source).
     """
 
 
-# -- validate / plan / apply ---------------------------------------------------------------
+# -- init / validate / plan / apply --------------------------------------------------------
 
 
 @cli.command()
-@common_options
+@project_options(*OFFLINE)
+def init(project) -> None:
+    """Start a project here: specs/ with a commented example spec, batchplan.yaml, .gitignore.
+
+    Never overwrites: a file already there is kept as it is; .gitignore only gets the lines it lacks.
+    """
+    emit(_render().render_init(operations.init(project)))
+
+
+@cli.command()
+@project_options(*OFFLINE)
 def validate(project) -> None:
     """Check every spec and input file, offline: no key, no network."""
     checked = operations.validate(project)
     echo(f"{checked.specs} spec(s) valid; {checked.files} input file(s), {checked.requests} request(s).")
+
+
+def _hint_if_empty(project, empty: bool) -> None:
+    """Say on standard error when the state is empty but the sandbox's holds batches (a forgotten --sandbox)."""
+    hint = operations.sandbox_hint(project) if empty else None
+    if hint:
+        echo(f"Note: {hint}", err=True)
 
 
 @cli.command()
@@ -81,6 +102,7 @@ def plan(project, request, as_json, fmt, out, detailed_exitcode) -> int:
     """Show what apply would change. Reads the server; writes nothing but the input hash cache."""
     the_plan = operations.plan(project, request, project.root / out if out else None)  # -C DIR: relative to DIR
     emit(_render().render_plan(the_plan, "json" if as_json else (fmt or "text"), colour=colour_on()))
+    _hint_if_empty(project, the_plan.serial == 0)
     if out:
         echo(f"Saved the plan to {out}; apply exactly it with `batchplan apply {out}`.", err=True)
     return 2 if detailed_exitcode and the_plan.has_changes else 0
@@ -122,59 +144,25 @@ def apply(project, request, planfile, auto_approve) -> int:
     return 1 if applied.result.failed else 0
 
 
-# -- locks and the sandbox -----------------------------------------------------------------
-
-
-@cli.command("force-unlock")
-@common_options
-@click.argument("lock_id", required=False)
-def force_unlock_cmd(project, lock_id) -> None:
-    """Remove the state lock left by a process that is gone. LOCK_ID is the id the lock error printed."""
-    location, held = operations.force_unlock(project, lock_id)
-    echo(f"Removed the lock on {location}{f' (held by {held.describe()})' if held else ''}.")
-
-
-@cli.group()
-def sandbox() -> None:
-    """The embedded Files + Batches API emulator."""
-
-
-@sandbox.command("serve")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
-@click.option("--port", default=8089, show_default=True, type=int)
-@click.option("--dir", "world", type=click.Path(file_okay=False), help="Keep the world on disk here.")
-@click.option("--step-seconds", type=click.FloatRange(0), default=None,
-              help="Seconds per lifecycle step (validating, in_progress, finalizing) [default: 2/3/1].")
-@click.option("--fail-rate", type=click.FloatRange(0, 1), default=0.0, show_default=True,
-              help="Share of requests that fail into the error file.")
-@click.option("--latency", type=click.FloatRange(0), default=0.0, show_default=True,
-              help="Seconds added to every request.")
-@click.option("--no-auth", is_flag=True, help="Accept requests without an API key.")
-@debug_option
-def sandbox_serve(host, port, world, step_seconds, fail_rate, latency, no_auth) -> None:
-    """Serve the emulator over HTTP at http://HOST:PORT/v1 until Ctrl-C."""
-    from .sandbox import Timing, serve
-
-    timing = Timing.uniform(step_seconds) if step_seconds is not None else Timing()
-    serve(host=host, port=port, root=Path(world) if world else None, timing=timing, fail_rate=fail_rate,
-          latency=latency, require_auth=not no_auth)
-
-
-# -- watching and collecting: status, wait, refresh, download, import, state ---------------
+# -- watching and collecting: status, wait, download, refresh, import, state ---------------
 
 
 @cli.command("status")
 @common_options
 @names_argument
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document (format_version 1).")
-def status_cmd(project, names, as_json) -> int:
-    """Every batch in the state (or the NAMEs): status, request counts, age, result file ids.
+@click.option("-o", "--output", "layout", type=click.Choice(["wide"]), default=None,
+              help="wide: also the full batch ids and the output and error file ids.")
+def status_cmd(project, names, as_json, layout) -> int:
+    """Every batch in the state (or the NAMEs): status, request counts, age, notes.
 
     Asks the server about batches still running. Read-only: it prints what the server says
     and writes nothing; `batchplan refresh` records it in the state.
     """
     report = operations.status(project, names)
-    emit(_render().render_status(report, as_json=as_json, terminal=_is_terminal(sys.stdout), colour=colour_on()))
+    width = shutil.get_terminal_size().columns if _is_terminal(sys.stdout) else None
+    emit(_render().render_status(report, as_json=as_json, width=width, colour=colour_on(), wide=layout == "wide"))
+    _hint_if_empty(project, not report.rows and not as_json)
     return 0
 
 
@@ -196,13 +184,41 @@ def _display(names: list[str]):
 def wait_cmd(project, names, timeout, interval) -> int:
     """Poll until every batch in the state (or the NAMEs) has finished.
 
-    A live progress display on a terminal, one line per change otherwise. Exit 0 when all
-    completed; 1 when any failed, expired or was cancelled, or the timeout passed. The
+    A live progress display on a terminal (each batch's age and a rough ETA); in logs a
+    line when a batch's status changes, else at most one a minute per batch. Exit 0 when
+    all completed; 1 when any failed, expired or was cancelled, or the timeout passed. The
     final statuses are recorded in the state (under the state lock).
     """
     waited = operations.wait(project, names, interval=interval, timeout=timeout, display=_display)
     emit(_render().render_wait(waited, timeout))
+    _hint_if_empty(project, waited.result is None)
     return 1 if waited.result and waited.result.problems(waited.names) else 0
+
+
+@cli.command("download")
+@common_options
+@names_argument
+@click.option("--batch", "batch_id", metavar="BATCH_ID",
+              help="Download this batch of NAME instead of its latest: any batch in its history (a replaced "
+                   "or cancelled one too).")
+@click.option("--join", is_flag=True,
+              help="Also write joined.jsonl next to the results: each input request with its response, by "
+                   "custom_id, in input order.")
+def download_cmd(project, names, batch_id, join) -> int:
+    """Save each finished batch's output and error files (of the NAMEs, default all).
+
+    Each batch's files go to <results>/<name>/<batch id>/output.jsonl and errors.jsonl,
+    and the latest batch's also to the spec's `output:` / `errors:` paths (relative to the
+    repo root), else <results>/<name>/output.jsonl and errors.jsonl. Files already
+    downloaded intact are skipped without asking the server; batches still running are
+    skipped with a note. Exit 1 when a file could not be downloaded (e.g. it expired).
+    """
+    if batch_id and len(names) != 1:
+        raise click.UsageError("--batch BATCH_ID needs exactly one NAME: `batchplan download NAME --batch ID`")
+    report = operations.download(project, names, batch_id=batch_id, join=join)
+    emit(_render().render_download(report))
+    _hint_if_empty(project, report.empty)
+    return 1 if report.failed else 0
 
 
 @cli.command("refresh")
@@ -214,22 +230,6 @@ def refresh_cmd(project) -> None:
     Sends only GET requests: nothing changes on the server.
     """
     emit(_render().render_refresh(operations.refresh(project)))
-
-
-@cli.command("download")
-@common_options
-@names_argument
-def download_cmd(project, names) -> int:
-    """Save each finished batch's output and error files (of the NAMEs, default all).
-
-    To the spec's `output:` / `errors:` paths (relative to the repo root), else to
-    <results>/<name>/output.jsonl and errors.jsonl. Files already downloaded intact are
-    skipped without asking the server; batches still running are skipped with a note.
-    Exit 1 when a file could not be downloaded (e.g. it expired on the server).
-    """
-    report = operations.download(project, names)
-    emit(_render().render_download(report))
-    return 1 if report.failed else 0
 
 
 @cli.command("import")
@@ -248,18 +248,23 @@ def import_cmd(project, name, batch_id) -> None:
 
 @cli.group("state")
 def state_group() -> None:
-    """Read or edit the state file by hand; never calls the server."""
+    """Read or edit the state file by hand; never calls the server.
+
+    For the sandbox's state: `batchplan --sandbox state list`.
+    """
 
 
 @state_group.command("list")
-@common_options
+@project_options(*STATE_ONLY)
 def state_list(project) -> None:
     """Every name in the state, with its batch id and status as last recorded."""
-    emit(_render().render_entries(operations.state_entries(project)))
+    entries = operations.state_entries(project)
+    emit(_render().render_entries(entries))
+    _hint_if_empty(project, not entries)
 
 
 @state_group.command("show")
-@common_options
+@project_options(*STATE_ONLY)
 @click.argument("name")
 def state_show(project, name) -> None:
     """One entry of the state, as JSON."""
@@ -270,7 +275,7 @@ def state_show(project, name) -> None:
 
 
 @state_group.command("rm")
-@common_options
+@project_options(*STATE_ONLY)
 @lock_timeout_option
 @click.argument("name")
 def state_rm(project, name) -> None:
@@ -278,11 +283,58 @@ def state_rm(project, name) -> None:
     emit(_render().render_removed(name, operations.remove_entry(project, name)))
 
 
+# -- locks and the sandbox -----------------------------------------------------------------
+
+
+@cli.command("force-unlock")
+@project_options(*STATE_ONLY)
+@click.argument("lock_id", required=False)
+def force_unlock_cmd(project, lock_id) -> None:
+    """Remove the state lock left by a process that is gone. LOCK_ID is the id the lock error printed."""
+    location, held = operations.force_unlock(project, lock_id)
+    echo(f"Removed the lock on {location}{f' (held by {held.describe()})' if held else ''}.")
+
+
+@cli.group()
+def sandbox() -> None:
+    """The embedded Files + Batches API emulator."""
+
+
+@sandbox.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--port", default=8089, show_default=True, type=int, help="Port to listen on.")
+@click.option("--dir", "world", type=click.Path(file_okay=False), help="Keep the world on disk here.")
+@click.option("--step-seconds", type=click.FloatRange(0), default=None,
+              help="Seconds per lifecycle step (validating, in_progress, finalizing) [default: 2/3/1].")
+@click.option("--fail-rate", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Share of requests that fail into the error file.")
+@click.option("--latency", type=click.FloatRange(0), default=0.0, show_default=True,
+              help="Seconds added to every request.")
+@click.option("--no-auth", is_flag=True, help="Accept requests without an API key.")
+@debug_option
+def sandbox_serve(host, port, world, step_seconds, fail_rate, latency, no_auth) -> None:
+    """Serve the emulator over HTTP at http://HOST:PORT/v1 until Ctrl-C."""
+    from .sandbox import Timing, serve
+
+    timing = Timing.uniform(step_seconds) if step_seconds is not None else Timing()
+    serve(host=host, port=port, root=Path(world) if world else None, timing=timing, fail_rate=fail_rate,
+          latency=latency, require_auth=not no_auth)
+
+
+def _feedback() -> feedback.Feedback:
+    """Progress bars for big files on a terminal; a line per retry on standard error everywhere."""
+    def notice(text: str) -> None:
+        echo(f"  {text}", err=True)
+
+    return feedback.ProgressBars(notice) if _is_terminal(sys.stderr) else feedback.Feedback(notice)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: runs the CLI and maps every outcome to an exit code."""
     invocation = Invocation()  # one per run: tests call main() many times in one process
     try:
-        code = cli.main(args=argv, prog_name="batchplan", standalone_mode=False, obj=invocation)
+        with feedback.use(_feedback()):
+            code = cli.main(args=argv, prog_name="batchplan", standalone_mode=False, obj=invocation)
     except click.exceptions.Exit as exc:
         code = exc.exit_code
     except click.exceptions.Abort:

@@ -34,9 +34,11 @@ class Desired:
     input_file_id: str | None      # when the spec names an uploaded file instead
     requests: int | None
     prevent_cancel: bool
-    output: str | None
+    output: str | None             # where `download` writes the latest output (the spec's, or the default)
     errors: str | None
     input_bytes: int | None = None  # the local input's size: an upload is reused only when its size matches
+    models: tuple[str, ...] = ()    # the models the input's requests name, for the plan's create lines
+    ignore_changes: tuple[str, ...] = ()  # lifecycle.ignore_changes: fields whose edit only updates the state
 
     def fields(self) -> BatchFields:
         """What the batch is made from: the view that plans diff and state records."""
@@ -103,8 +105,8 @@ def _read_input(loaded: LoadedSpec, repo_root: Path, cache: HashCache,
     return rel, report, []
 
 
-def _resolve(loaded: LoadedSpec, repo_root: Path, cache: HashCache,
-             scanned: dict) -> tuple[Desired | None, list[Problem]]:
+def _resolve(loaded: LoadedSpec, repo_root: Path, cache: HashCache, scanned: dict,
+             results: str) -> tuple[Desired | None, list[Problem]]:
     spec = loaded.spec
     rel_input = report = None
     if spec.input is not None:
@@ -117,19 +119,22 @@ def _resolve(loaded: LoadedSpec, repo_root: Path, cache: HashCache,
         completion_window=spec.completion_window, metadata=dict(sorted(spec.metadata.items())),
         output_expires_after=expiry, input=rel_input, input_sha256=report.sha256 if report else None,
         input_file_id=spec.input_file_id, requests=report.requests if report else None,
-        prevent_cancel=spec.lifecycle.prevent_cancel, output=spec.output, errors=spec.errors,
-        input_bytes=report.size if report else None,
+        prevent_cancel=spec.lifecycle.prevent_cancel, output=spec.output or f"{results}/{spec.name}/output.jsonl",
+        errors=spec.errors, input_bytes=report.size if report else None,
+        models=tuple(sorted(report.models)) if report else (), ignore_changes=spec.lifecycle.ignore_changes,
     ), []
 
 
-def load_desired(specs_dir: Path, repo_root: Path, cache: HashCache) -> list[Desired]:
-    """Every spec, validated with its input file; raises ValidationFailed listing all problems."""
+def load_desired(specs_dir: Path, repo_root: Path, cache: HashCache, results: str = "results") -> list[Desired]:
+    """Every spec, validated with its input file; raises ValidationFailed listing all problems.
+
+    `results`: the results directory (repo-relative), for the output path of a spec that names none."""
     repo_root = repo_root.resolve()
     loaded, problems = load_specs(specs_dir, repo_root)
     scanned: dict = {}
     desired = []
     for item in loaded:
-        found, bad = _resolve(item, repo_root, cache, scanned)
+        found, bad = _resolve(item, repo_root, cache, scanned, results)
         problems += bad
         if found:
             desired.append(found)

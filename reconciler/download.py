@@ -1,11 +1,14 @@
 """Download: each finished batch's output and error files, written to disk once.
 
-Where: the spec's `output:` / `errors:` paths (relative to the repo root, and kept
-inside it), else `<results>/<name>/output.jsonl` and `<results>/<name>/errors.jsonl`.
-Each file is streamed to a temp file and renamed into place (api.download_file), and
-recorded in a small manifest (`<results>/.batchplan-downloads.json`: file id, size,
-sha256 per destination), so a second run skips files already on disk intact without
-sending a single request.
+Where: every batch's files to `<results>/<name>/<batch id>/output.jsonl` and
+`errors.jsonl`, so a replace never overwrites the results of the run before it; and the
+latest batch's also to the spec's `output:` / `errors:` paths (relative to the repo root,
+and kept inside it), else `<results>/<name>/output.jsonl` and `<results>/<name>/errors.jsonl`
+(a copy, not a link: editing the latest never changes the kept one). Each file is
+streamed to a temp file and renamed into place (api.download_file), and recorded in a
+small manifest (`<results>/.batchplan-downloads.json`: file id, size, sha256 per
+destination), so a second run skips files already on disk intact without sending a
+single request.
 """
 
 from __future__ import annotations
@@ -13,12 +16,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .api import Api
 from .errors import BatchplanError, ConfigError, NotFound
-from .fsutil import atomic_write
+from .fsutil import atomic_write, atomic_writer
 from .spec import LoadedSpec
 from .batch import BatchRecord
 
@@ -33,8 +37,16 @@ class Target:
     name: str
     kind: str          # "output" or "errors"
     file_id: str
-    dest: Path
+    dest: Path         # <results>/<name>/<batch id>/<kind file>: this batch's own copy
     rel: str           # dest relative to the repo root, for messages and the manifest
+    batch_id: str = ""
+    latest: Path | None = None  # where the latest batch's file also goes (None: not the latest batch)
+    latest_rel: str = ""
+
+    def as_latest(self) -> Target:
+        """The same file at its `latest` place (for the manifest)."""
+        assert self.latest is not None
+        return Target(self.name, self.kind, self.file_id, self.latest, self.latest_rel, self.batch_id)
 
 
 @dataclass
@@ -43,6 +55,12 @@ class Report:
     skipped: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
+    fetched: list[Target] = field(default_factory=list)  # on disk intact now (downloaded or already there)
+
+    @property
+    def empty(self) -> bool:
+        """Nothing to say at all (no batch was named or found)."""
+        return not (self.written or self.skipped or self.notes or self.failed)
 
 
 def destinations(specs: list[LoadedSpec], names: list[str], root: Path, results: Path) -> dict[str, dict[str, Path]]:
@@ -64,7 +82,7 @@ def _inside(root: Path, raw: str, loaded: LoadedSpec, kind: str) -> Path:
     if not path.is_relative_to(root.resolve()):
         where = f"{loaded.source.file}:{loaded.source.line((kind,)) or '?'}: {kind}"
         raise ConfigError(f"{where}: {raw!r} resolves to {path}, outside the repository; download writes only "
-                          "inside the repository (paths are relative to the repo root)")
+                          "inside the repository (output: and errors: are relative to the repo root, input: to the spec file)")
     return path
 
 
@@ -78,9 +96,17 @@ def _ensure_distinct(out: dict[str, dict[str, Path]], root: Path) -> None:
             seen[path] = f"{name} {kind}"
 
 
+def batch_dir(results: Path, name: str, batch_id: str) -> Path:
+    """Where one batch's own files are kept: `<results>/<name>/<batch id>/`."""
+    return results / name / batch_id
+
+
 def files_to_download(records: dict[str, BatchRecord | None], dests: dict[str, dict[str, Path]],
-            root: Path) -> tuple[list[Target], list[str]]:
-    """The files to fetch for each named batch, and a note for each batch with nothing to fetch."""
+                      root: Path, results: Path, latest: bool = True) -> tuple[list[Target], list[str]]:
+    """The files to fetch for each named batch, and a note for each batch with nothing to fetch.
+
+    Each goes to the batch's own directory and, when `latest` (the batch is its name's current
+    one), also to `dests` (the spec's paths, or the default ones)."""
     found, notes = [], []
     for name, rec in records.items():
         if rec is None:
@@ -89,10 +115,13 @@ def files_to_download(records: dict[str, BatchRecord | None], dests: dict[str, d
         if not rec.terminal:
             notes.append(f"{name}: batch {rec.id} is {rec.status}; skipped (run `batchplan wait {name}` first)")
             continue
-        for kind, key, _ in KINDS:
+        for kind, key, default in KINDS:
             file_id = getattr(rec, key)
             if file_id:
-                found.append(Target(name, kind, file_id, dests[name][kind], _rel(dests[name][kind], root)))
+                own = batch_dir(results, name, rec.id) / default
+                last = dests[name][kind] if latest else None
+                found.append(Target(name, kind, file_id, own, _rel(own, root), rec.id, last,
+                                    _rel(last, root) if last else ""))
         notes += _missing_files(name, rec)
     return found, notes
 
@@ -171,15 +200,36 @@ def notes_on_earlier_files(records: dict[str, BatchRecord | None], dests: dict[s
     return notes
 
 
-def not_yet_downloaded(wanted: list[Target], manifest: Manifest, report: Report) -> list[Target]:
-    """The targets not already on disk intact (those are noted in `report` as skipped)."""
-    todo = []
+def not_yet_downloaded(wanted: list[Target], manifest: Manifest, report: Report) -> tuple[list[Target], list[Target]]:
+    """(the targets to fetch from the server, those whose own copy is here intact but whose latest
+    place is not); those intact in both places are noted in `report` as skipped."""
+    todo, restore = [], []
     for target in wanted:
-        if manifest.intact(target):
-            report.skipped.append(f"{target.name}: {target.rel} already downloaded ({target.file_id})")
-        else:
+        if not manifest.intact(target):
             todo.append(target)
-    return todo
+        elif target.latest is not None and not manifest.intact(target.as_latest()):
+            restore.append(target)
+        else:
+            report.skipped.append(f"{target.name}: {target.latest_rel or target.rel} already downloaded "
+                                  f"({target.file_id})")
+            report.fetched.append(target)
+    return todo, restore
+
+
+def copy_to_latest(target: Target, manifest: Manifest) -> None:
+    """Copy a batch's own file to its latest place, atomically (a copy: editing one never changes the other)."""
+    latest = target.as_latest()
+    with target.dest.open("rb") as src, atomic_writer(latest.dest) as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
+    manifest.add(latest, latest.dest.stat().st_size)
+
+
+def restore_latest(restore: list[Target], manifest: Manifest, report: Report) -> None:
+    """Put the latest files back from the batches' own copies, without asking the server."""
+    for target in restore:
+        copy_to_latest(target, manifest)
+        report.written.append(f"{target.name}: wrote {target.latest_rel} from {target.rel} ({target.file_id})")
+        report.fetched.append(target)
 
 
 async def download_files(api: Api, todo: list[Target], manifest: Manifest, report: Report) -> None:
@@ -189,14 +239,19 @@ async def download_files(api: Api, todo: list[Target], manifest: Manifest, repor
         if isinstance(result, NotFound):
             report.failed.append(f"{target.name}: the {target.kind} file {target.file_id} is gone from the "
                                  "server: results expire (30 days, or the spec's output_expires_after); "
-                                 f"nothing was written to {target.rel}")
+                                 f"nothing was written to {target.latest_rel or target.rel}")
         elif isinstance(result, BatchplanError):
             report.failed.append(f"{target.name}: {target.kind} file {target.file_id}: {result}")
         elif isinstance(result, BaseException):
             raise result
         else:
             manifest.add(target, result)
-            report.written.append(f"{target.name}: wrote {target.rel} ({_size(result)}, {target.file_id})")
+            also = ""
+            if target.latest is not None:
+                copy_to_latest(target, manifest)
+                also = f"{target.latest_rel} and "
+            report.written.append(f"{target.name}: wrote {also}{target.rel} ({_size(result)}, {target.file_id})")
+            report.fetched.append(target)
 
 
 def _size(n: int) -> str:

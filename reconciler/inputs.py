@@ -20,11 +20,13 @@ import json
 import threading
 import time
 from dataclasses import dataclass, field
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 import orjson
+
+from . import feedback
 
 if TYPE_CHECKING:
     from .shards import Shard, Splitter
@@ -207,7 +209,7 @@ Line = tuple[bytes | bytearray | memoryview, int, int]
 
 
 def _lines(fh: BinaryIO, chunk_size: int, digest: hashlib._Hash | None,
-           max_line: int = MAX_BYTES) -> Iterator[Line]:
+           max_line: int = MAX_BYTES, advance: Callable[[int], None] | None = None) -> Iterator[Line]:
     """Every line of a binary file as (text without its newline, start, stop): it holds bytes
     [start, stop) of the file, newline included. Each chunk read is hashed into `digest`.
 
@@ -219,6 +221,8 @@ def _lines(fh: BinaryIO, chunk_size: int, digest: hashlib._Hash | None,
     while chunk := fh.read(chunk_size):
         if digest is not None:
             digest.update(chunk)
+        if advance is not None:
+            advance(len(chunk))
         view = memoryview(chunk)
         start, end = 0, chunk.find(b"\n")
         if pending and end != -1:
@@ -300,9 +304,9 @@ def scan_input(path: Path, endpoint: str, *, limit: int = MAX_REPORTED, chunk_si
     digest = None if background else hashlib.sha256()
     max_line = MAX_BYTES if splitter is None else splitter.begin(path, scanner.problem)
     try:
-        with path.open("rb", buffering=0) as fh:
+        with path.open("rb", buffering=0) as fh, feedback.current().transfer(f"check {path.name}", report.size) as done:
             n = stop = 0
-            for n, (raw, start, stop) in enumerate(_lines(fh, chunk_size, digest, max_line), start=1):
+            for n, (raw, start, stop) in enumerate(_lines(fh, chunk_size, digest, max_line, done), start=1):
                 scanner.feed(raw, n, start, stop)
     except BaseException:
         if background:

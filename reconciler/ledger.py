@@ -126,6 +126,13 @@ class Ledger:
         entry.spec_hash, entry.fields, entry.prevent_cancel = want.spec_hash, want.fields(), want.prevent_cancel
         entry.batch, entry.intent = BatchRecord.from_api(batch), None
 
+    def update_fields(self, change: Change) -> None:
+        """Record the spec's new fields without touching its batch (lifecycle.ignore_changes: nothing is sent)."""
+        want, entry = change.desired, self.state.entries[change.name]
+        assert want is not None and entry.batch is not None
+        entry.spec_hash, entry.fields, entry.prevent_cancel = want.spec_hash, want.fields(), want.prevent_cancel
+        self.done(change.name, f"updated the state only; batch {entry.batch.id} kept")
+
     def record_upload(self, sha256: str, file: dict) -> None:
         self.state.uploads[sha256] = Upload(file_id=file["id"], bytes=file["bytes"])
 

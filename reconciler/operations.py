@@ -11,6 +11,7 @@ plan made and the lock held, never while a request is waiting.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
     from .importer import Imported
     from .plan import Plan
     from .project import Project
+    from .scaffold import Scaffolded
+    from .batch import BatchRecord
     from .state import Entry, State
     from .stores.base import LockInfo
     from .remote import Snapshot
@@ -45,7 +48,7 @@ def _load_desired(project: Project) -> list[Desired]:
     from .desired import load_desired
 
     cache = project.hash_cache()
-    desired = load_desired(project.specs_dir, project.root, cache)
+    desired = load_desired(project.specs_dir, project.root, cache, os.path.relpath(project.results_dir, project.root))
     cache.save()
     return desired
 
@@ -65,7 +68,33 @@ def _snapshot(session: Session, entries: dict[str, Entry]) -> Snapshot:
     return session.run(lambda api: take_snapshot(api, entries, session.project.parallelism))
 
 
-# -- validate, plan, apply -------------------------------------------------------------
+# -- init, validate, plan, apply -------------------------------------------------------
+
+
+def init(project: Project) -> Scaffolded:
+    """Write the files a new project starts from (example spec, batchplan.yaml, .gitignore), never overwriting."""
+    from .scaffold import scaffold
+
+    return scaffold(project.root, project.specs_dir)
+
+
+def sandbox_hint(project: Project) -> str | None:
+    """For a command that found the state empty: a sentence when the sandbox's state holds batches
+    (the user most likely forgot --sandbox), else None."""
+    if project.sandbox:
+        return None
+    from .stores.file import FileStore
+
+    path = project.state_path.parent / "sandbox" / project.state_path.name
+    try:
+        sandboxed = FileStore(path).load() if path.is_file() else None
+    except StateError:
+        return None  # a damaged sandbox state is the sandbox's business, said when it is used
+    if sandboxed is None or not sandboxed.entries:
+        return None
+    shown = [os.path.relpath(p, project.root) for p in (project.state_path, path)]
+    return (f"the state {shown[0]} has no batches, but the sandbox's state {shown[1]} holds "
+            f"{len(sandboxed.entries)}: did you mean --sandbox?")
 
 
 @dataclass(frozen=True)
@@ -225,30 +254,108 @@ def refresh(project: Project) -> Refreshed:
         return Refreshed(txn.state.record_batches(snapshot.records), snapshot)
 
 
-def download(project: Project, names: tuple[str, ...]) -> Report:
-    """Write each finished batch's result files, skipping those already on disk intact."""
+async def _batch_of(api, name: str, batch_id: str, entry: Entry | None) -> dict:
+    """The batch `batch_id`, once it is known to be one of `name`'s: in its entry (current or history),
+    or tagged with its name (a batch cancelled with its removed spec has no entry any more)."""
+    from .spec import TAG_NAME
+
+    try:
+        batch = await api.retrieve_batch(batch_id)
+    except NotFound:
+        raise ConfigError(f"the server has no batch {batch_id}; `batchplan state show {name}` lists its "
+                          "batches (`batch` and `history`)") from None
+    known = {entry.batch.id if entry.batch else "", *(h.batch_id for h in entry.history)} if entry else set()
+    if batch_id not in known and (batch.get("metadata") or {}).get(TAG_NAME) != name:
+        raise ConfigError(f"batch {batch_id} is not a batch of {name}: it is neither in its state entry nor "
+                          f"tagged {TAG_NAME}={name}; `batchplan state show {name}` lists its batches")
+    return batch
+
+
+def _download_records(project: Project, session: Session, names: tuple[str, ...],
+                      batch_id: str | None) -> tuple[dict[str, BatchRecord | None], State | None, bool]:
+    """(name -> the record of the batch to download, the state, whether those are the names' latest batches)."""
+    from .batch import BatchRecord
+    from .state import select_entries
+
+    state = project.store().load()
+    if batch_id is None:
+        entries = _entries(state, names)
+        snapshot = _snapshot(session, entries)
+        return {n: snapshot.records.get(n) for n in entries}, state, True
+    (name,) = names
+    entry = state.entries.get(name) if state else None
+    batch = session.run(lambda api: _batch_of(api, name, batch_id, entry))
+    current = entry is not None and entry.batch is not None and entry.batch.id == batch_id
+    if current:
+        select_entries(state, names)
+    return {name: BatchRecord.from_api(batch)}, state, current
+
+
+def download(project: Project, names: tuple[str, ...], *, batch_id: str | None = None, join: bool = False) -> Report:
+    """Write each finished batch's result files, skipping those already on disk intact.
+
+    `batch_id`: that batch of the one name instead of its latest. `join`: also joined.jsonl."""
     from .download import (MANIFEST, Manifest, Report, destinations, download_files, files_to_download,
-                           not_yet_downloaded, notes_on_earlier_files)
+                           not_yet_downloaded, notes_on_earlier_files, restore_latest)
     from .spec import load_specs
 
-    entries = _entries(project.store().load(), names)
     specs, problems = load_specs(project.specs_dir, project.root)
     if problems:
         raise ValidationFailed(problems)
-    dests = destinations(specs, list(entries), project.root, project.results_dir)
     manifest = Manifest(project.results_dir / MANIFEST)
     with Session(project) as session:
-        snapshot = _snapshot(session, entries)
-        records = {n: snapshot.records.get(n) for n in entries}
-        wanted, notes = files_to_download(records, dests, project.root)
-        report = Report(notes=notes + notes_on_earlier_files(records, dests, project.root, manifest))
-        todo = not_yet_downloaded(wanted, manifest, report)
+        records, state, latest = _download_records(project, session, names, batch_id)
+        dests = destinations(specs, list(records), project.root, project.results_dir)
+        wanted, notes = files_to_download(records, dests, project.root, project.results_dir, latest)
+        if latest:
+            notes += notes_on_earlier_files(records, dests, project.root, manifest)
+        report = Report(notes=notes)
+        todo, restore = not_yet_downloaded(wanted, manifest, report)
         try:
+            restore_latest(restore, manifest, report)
             if todo:
                 session.run(lambda api: download_files(api, todo, manifest, report))
         finally:
             manifest.save()
+    if join:
+        _join_all(project, state, records, report)
     return report
+
+
+def _join_all(project: Project, state: State | None, records: dict[str, BatchRecord | None], report: Report) -> None:
+    """joined.jsonl in the directory of each batch whose results are here, from its own input."""
+    from .download import batch_dir
+    from .joined import JOINED, write_joined
+
+    for name, rec in records.items():
+        files = [t.dest for t in report.fetched if t.name == name and rec and t.batch_id == rec.id]
+        if rec is None or not rec.terminal:
+            continue
+        where = batch_dir(project.results_dir, name, rec.id)
+        source, why = _input_of(project, state, name, rec)
+        if source is None:
+            report.notes.append(f"{name}: no {JOINED} for batch {rec.id}: {why}")
+            continue
+        joined = write_joined(source, files, where / JOINED)
+        missing = f", {joined.without_result} without a result" if joined.without_result else ""
+        report.written.append(f"{name}: wrote {os.path.relpath(where / JOINED, project.root)} "
+                              f"({joined.requests} requests{missing})")
+
+
+def _input_of(project: Project, state: State | None, name: str, rec: BatchRecord) -> tuple[Path | None, str]:
+    """The local input file batch `rec` was made from, checked by its sha256; else (None, why not)."""
+    from .inputs import hash_file
+
+    entry = state.entries.get(name) if state else None
+    if entry is None or not entry.fields.input:
+        return None, "its input is not a local file named in the state"
+    sha = next((s for s, up in state.uploads.items() if up.file_id == rec.input_file_id), None) \
+        or (entry.fields.input_sha256 if entry.batch and entry.batch.id == rec.id else None)
+    path = project.root / entry.fields.input
+    if sha is None or not path.is_file() or hash_file(path) != sha:
+        return None, (f"{entry.fields.input} is not the input it was made from (it changed since, or the state "
+                      "does not say which content that was)")
+    return path, ""
 
 
 # -- import and the state by hand ------------------------------------------------------

@@ -23,6 +23,7 @@ from .state import Entry, State
 class Action(str, Enum):
     CREATE = "create"
     ADOPT = "adopt"
+    UPDATE = "update"  # the state only: fields the spec's lifecycle.ignore_changes lists; nothing is sent
     NOOP = "noop"
     REPLACE = "replace"
     CANCEL = "cancel"
@@ -33,9 +34,9 @@ class Action(str, Enum):
         return _SYMBOLS[self]
 
 
-_SYMBOLS = {Action.CREATE: "+", Action.ADOPT: "=", Action.NOOP: " ", Action.REPLACE: "±",
+_SYMBOLS = {Action.CREATE: "+", Action.ADOPT: "=", Action.UPDATE: "~", Action.NOOP: " ", Action.REPLACE: "±",
             Action.CANCEL: "-", Action.FORGET: "#"}
-ORDER = (Action.CREATE, Action.ADOPT, Action.REPLACE, Action.CANCEL, Action.FORGET, Action.NOOP)
+ORDER = (Action.CREATE, Action.ADOPT, Action.UPDATE, Action.REPLACE, Action.CANCEL, Action.FORGET, Action.NOOP)
 
 
 class ReasonCode(str, Enum):
@@ -56,6 +57,7 @@ class ReasonCode(str, Enum):
     FORCED = "forced"                                # replace: --replace
     INTERRUPTED_REPLACE = "interrupted_replace"      # replace: finishing one an apply left half done
     SPEC_REMOVED = "spec_removed"                    # cancel / forget: the spec is gone
+    CHANGES_IGNORED = "changes_ignored"              # update: only fields lifecycle.ignore_changes lists
 
 
 _INPUT_FIELDS = frozenset({"input", "input_sha256", "input_file_id"})
@@ -172,6 +174,9 @@ def _plan_desired(want: Desired, entry: Entry | None, remote: RemoteView, forced
         return Change(want.name, Action.CREATE, f"batch {record.id} no longer exists on the server",
                       ReasonCode.BATCH_MISSING, before=entry.fields, after=after, desired=want, batch=record)
     resumed = _interrupted_replacement(want, entry, record, remote)
+    if not forced and not resumed and entry.spec_hash != want.spec_hash and (update := _plan_update(want, entry,
+                                                                                                   record)):
+        return update
     if forced or entry.spec_hash != want.spec_hash or resumed:
         return _plan_replace(want, entry, record, remote, forced, resumed)
     return Change(want.name, Action.NOOP, f"batch {record.id} is {record.status}", ReasonCode.UP_TO_DATE,
@@ -219,6 +224,19 @@ def _plan_replace(want: Desired, entry: Entry, record: BatchRecord, remote: Remo
         reason += f"; batch {record.id} is {record.status} and will be cancelled"
     return Change(want.name, Action.REPLACE, reason, code, before=entry.fields, after=want.fields(), desired=want,
                   batch=record, found=found, diff=tuple(diff), warnings=_orphan_warning(want, entry, record, remote))
+
+
+def _plan_update(want: Desired, entry: Entry, record: BatchRecord) -> Change | None:
+    """An update of the state only, when every changed field is one the spec's lifecycle.ignore_changes
+    lists: as in Terraform, the batch is kept (not re-run, not cancelled); else None."""
+    diff = field_diff(entry.fields, want.fields())
+    changed = {d.path.split(".")[0] for d in diff}
+    if not changed or not changed <= set(want.ignore_changes):
+        return None
+    return Change(want.name, Action.UPDATE, f"state only: changed {', '.join(d.path for d in diff)} "
+                  f"(lifecycle.ignore_changes); batch {record.id} is kept, not re-run",
+                  ReasonCode.CHANGES_IGNORED, before=entry.fields, after=want.fields(), desired=want, batch=record,
+                  diff=tuple(diff))
 
 
 def _replace_reason(diff: list[FieldChange], forced: bool, resumed: dict | None) -> tuple[str, ReasonCode]:

@@ -14,37 +14,86 @@ from typing import TYPE_CHECKING
 
 import click
 
-from .plan import ORDER, Action, Change, FieldChange, Plan
+from .plan import ORDER, Action, Change, Plan
 
 if TYPE_CHECKING:
     from .ledger import ApplyResult
+    from .desired import Desired
     from .download import Report
     from .operations import ImportedBatch, Refreshed, Removed, StatusReport, Waited
+    from .scaffold import Scaffolded
     from .state import Entry
 
 JSON_FORMAT_VERSION = "1"
-_COLOURS = {Action.CREATE: "green", Action.ADOPT: "cyan", Action.REPLACE: "yellow",
+_COLOURS = {Action.CREATE: "green", Action.ADOPT: "cyan", Action.UPDATE: "yellow", Action.REPLACE: "yellow",
             Action.CANCEL: "red", Action.FORGET: "magenta", Action.NOOP: None}
-_PHRASES = {Action.CREATE: "to create", Action.ADOPT: "to adopt", Action.REPLACE: "to replace",
-            Action.CANCEL: "to cancel", Action.FORGET: "to forget", Action.NOOP: "unchanged"}
+_PHRASES = {Action.CREATE: "to create", Action.ADOPT: "to adopt", Action.UPDATE: "to update (state only)",
+            Action.REPLACE: "to replace", Action.CANCEL: "to cancel", Action.FORGET: "to forget",
+            Action.NOOP: "unchanged"}
+SHORT_HASH = 12  # hex digits of a sha256 shown in plans: enough to tell two contents apart
 
 
 def _value(value: object) -> str:
     return json.dumps(value, sort_keys=True)
 
 
-def _diff_lines(diff: tuple[FieldChange, ...]) -> list[str]:
-    return [f"~ {d.path}: {_value(d.before)} -> {_value(d.after)}" for d in diff]
+def _short_hash(value: object) -> str:
+    return str(value)[:SHORT_HASH] if value else "none"
+
+
+def _requests_phrase(before: int | None, after: int | None) -> str:
+    """`6 → 7 requests (+1)`; just the new count when the old one is not known."""
+    if before is None or after is None:
+        return f"{after} requests" if after is not None else "requests unknown"
+    delta = f" ({after - before:+d})" if after != before else ""
+    return f"{before} → {after} requests{delta}"
+
+
+def _diff_lines(change: Change) -> list[str]:
+    """A replace's or update's changed fields; an input's content as short hashes and request counts."""
+    lines = []
+    for d in change.diff:
+        if d.path == "input_sha256":
+            old = (change.batch.request_counts or {}).get("total") if change.batch else None
+            new = change.desired.requests if change.desired else None
+            lines.append(f"~ input: sha256 {_short_hash(d.before)} -> {_short_hash(d.after)}, "
+                         f"{_requests_phrase(old or None, new)}")
+        else:
+            lines.append(f"~ {d.path}: {_value(d.before)} -> {_value(d.after)}")
+    return lines + _rerun_lines(change)
+
+
+def _rerun_lines(change: Change) -> list[str]:
+    """A replace of a completed batch runs its work again: say how much (the cost estimate belongs here too)."""
+    old, want = change.batch, change.desired
+    if change.action is not Action.REPLACE or not old or old.status != "completed" or not want or not want.requests:
+        return []
+    return [f"re-runs {want.requests} requests: batch {old.id} already completed"]
+
+
+def _create_lines(want: Desired) -> list[str]:
+    """What a create makes: endpoint, model, input, metadata, expiry, and where download puts its results."""
+    source = (f"{want.input} (sha256 {_short_hash(want.input_sha256)}, {want.requests} requests)"
+              if want.input and want.input_sha256 else want.input_file_id)
+    lines = [f"endpoint: {want.endpoint}"]
+    if want.models:
+        lines.append(f"model{'s' * (len(want.models) > 1)}: {', '.join(want.models)}")
+    lines.append(f"input: {source}")
+    if want.metadata:
+        lines.append(f"metadata: {_value(want.metadata)}")
+    if want.output_expires_after:
+        seconds = want.output_expires_after["seconds"]
+        lines.append(f"results expire: {seconds} s ({seconds / 86400:g} days) after the batch is created")
+    if want.output:
+        lines.append(f"output: {want.output}")
+    return lines
 
 
 def _detail_lines(change: Change) -> list[str]:
-    if change.action is Action.REPLACE:
-        return _diff_lines(change.diff)
+    if change.action in (Action.REPLACE, Action.UPDATE):
+        return _diff_lines(change)
     if change.action is Action.CREATE and change.desired:
-        want = change.desired
-        source = (f"{want.input} (sha256 {want.input_sha256[:12]}, {want.requests} requests)"
-                  if want.input and want.input_sha256 else want.input_file_id)
-        return [f"endpoint: {want.endpoint}", f"input: {source}"]
+        return _create_lines(change.desired)
     return []
 
 
@@ -131,7 +180,7 @@ def render_markdown(plan: Plan) -> str:
         lines += [f"### {_md_heading(change.action, change.name)}", "", change.reason, ""]
         details = _detail_lines(change) + [f"! {w}" for w in change.warnings]
         if details:
-            lines += ["```diff" if change.action is Action.REPLACE else "```", *details, "```", ""]
+            lines += ["```diff" if change.action in (Action.REPLACE, Action.UPDATE) else "```", *details, "```", ""]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -157,20 +206,34 @@ def render_apply_result(result: ApplyResult) -> Output:
     return Output(click.style(f"Apply complete: {len(result.done)} change(s).", bold=True) + "\n")
 
 
-def render_status(report: StatusReport, *, as_json: bool, terminal: bool, colour: bool) -> str:
-    """`status`: one JSON document, or a table (as wide as the terminal; unbounded when piped)."""
-    from .status import status_document, status_table
+def render_status(report: StatusReport, *, as_json: bool, width: int | None, colour: bool,
+                  wide: bool = False) -> str:
+    """`status`: one JSON document, or a table `width` columns wide (None: unbounded, when piped) with the
+    notes under it; `wide` adds the full batch ids and the result file ids."""
+    from .status import status_document, status_notes, status_table
 
     if as_json:
         return json.dumps(status_document(report.rows, report.now), indent=2, sort_keys=True) + "\n"
     if not report.rows:
         return "No batches in the state yet; `batchplan apply` makes them.\n"
     from rich.console import Console  # here: only status draws tables
+    from rich.text import Text
 
-    console = Console(no_color=not colour) if terminal else Console(width=1000, no_color=True)
+    console = Console(width=width or 1000, color_system="standard" if colour else None, force_terminal=colour,
+                      highlight=False)
     with console.capture() as captured:
-        console.print(status_table(report.rows, report.now))
+        console.print(status_table(report.rows, report.now, wide))
+        for note in status_notes(report.rows):
+            console.print(Text(note))
     return _lines([line.rstrip() for line in captured.get().splitlines()])
+
+
+def render_init(done: Scaffolded) -> str:
+    lines = [f"  created {rel}" for rel in done.created]
+    lines += [f"  kept    {rel}" for rel in done.kept]
+    lines += [f"  ignored {pattern} (added to .gitignore)" for pattern in done.ignored]
+    return _lines(lines + ["Next: edit the example spec, then `batchplan validate` and `batchplan plan --sandbox` "
+                           "(no key, no cost)."])
 
 
 def render_wait(waited: Waited, timeout: float | None) -> Output:

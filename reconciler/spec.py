@@ -49,9 +49,16 @@ class OutputExpiry(BaseModel):
     seconds: int = Field(ge=EXPIRY_SECONDS[0], le=EXPIRY_SECONDS[1])
 
 
+IGNORABLE = ("metadata", "output_expires_after")  # what a batch's results do not depend on
+
+
 class Lifecycle(BaseModel):
+    """prevent_cancel: never cancel the batch. ignore_changes: an edit of these fields only updates
+    the state (as Terraform's ignore_changes): the batch keeps running, is never made again."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
     prevent_cancel: bool = False
+    ignore_changes: tuple[Literal["metadata", "output_expires_after"], ...] = ()
 
 
 class Spec(BaseModel):
@@ -209,7 +216,7 @@ def _short(value: object) -> str:
 
 def _unknown_field_message(loc: tuple) -> str:
     parent_fields = {(): FIELDS, ("output_expires_after",): ("anchor", "seconds"),
-                     ("lifecycle",): ("prevent_cancel",)}.get(loc[:-1], ())
+                     ("lifecycle",): ("prevent_cancel", "ignore_changes")}.get(loc[:-1], ())
     guess = difflib.get_close_matches(str(loc[-1]), parent_fields, n=1)
     if guess:
         return f"unknown field; did you mean {guess[0]!r}?"
@@ -327,12 +334,14 @@ def resolve_input(loaded: LoadedSpec, repo_root: Path) -> tuple[Path | None, Pro
     path = (loaded.source.path.parent / raw).resolve()
     if not path.is_relative_to(repo_root):
         return None, loaded.source.problem(
-            f"{raw!r} resolves to {path}, outside the repository {repo_root}; batchplan only uploads files "
-            "inside the repository so that a spec cannot send local secrets to the server", ("input",), "outside_repo")
+            f"{raw!r} resolves to {path}, outside the repository {repo_root} (input: is relative to the spec "
+            "file, output: and errors: to the repo root); batchplan only uploads files inside the repository so "
+            "that a spec cannot send local secrets to the server", ("input",), "outside_repo")
     if not path.is_file():
         what = "is a directory, not a file" if path.is_dir() else "does not exist"
         return None, loaded.source.problem(
-            f"{raw!r} {what} (looked for {_relative(path, repo_root)}; the path is relative to the spec file)",
+            f"{raw!r} {what} (looked for {_relative(path, repo_root)}: input: is relative to the spec file "
+            f"{loaded.source.file}, not to the repo root)",
             ("input",), "missing_input")
     return path, None
 

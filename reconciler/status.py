@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .batch import BatchStatus
+from .batch import BatchStatus, short_id
 from .remote import Snapshot
 from .state import Entry
 
@@ -70,22 +70,35 @@ def status_document(table: list[StatusRow], now: float) -> dict:
         for r in table]}
 
 
-def status_table(table: list[StatusRow], now: float):
-    """A rich Table of the rows (rich is imported here: only status needs it)."""
+def _row_style(row: StatusRow) -> str | None:
+    if row.status == "completed":
+        return "green"
+    return "red" if row.status == "missing" or BatchStatus(row.status).failed else None
+
+
+def status_table(table: list[StatusRow], now: float, wide: bool = False):
+    """A rich Table of the rows that never cuts a name or a status short: a column that does not fit
+    wraps. Short batch ids; `wide` adds the full ids and the result file ids (rich is imported here:
+    only status needs it)."""
     from rich import box
     from rich.table import Table
 
-    columns = ["name", "batch", "status", "completed", "failed", "total", "age", "output", "errors"]
-    notes = any(r.note for r in table)
     grid = Table(box=box.SIMPLE, show_edge=False, pad_edge=False)
-    for column in columns + ["note"] * notes:
-        grid.add_column(column, justify="right" if column in ("completed", "failed", "total", "age") else "left",
-                        no_wrap=column != "note")
+    columns = ["name", "batch", "status", "done", "failed", "age"] + ["output", "errors"] * wide
+    status_width = max(len(r.status) for r in table)
+    for column in columns:
+        numeric = column in ("done", "failed", "age")
+        grid.add_column(column, justify="right" if numeric else "left", overflow="fold",
+                        no_wrap=numeric or column == "status", min_width=status_width if column == "status" else None)
     for r in table:
-        style = "green" if r.status == "completed" else "red" if r.status == "missing" or BatchStatus(r.status).failed \
-            else None
-        cells = [r.name, r.batch_id or "-", r.status, str(r.completed), str(r.failed), str(r.total),
-                 "-" if r.created_at is None else age(now - r.created_at), r.output_file_id or "-",
-                 r.error_file_id or "-"]
-        grid.add_row(*cells, *[r.note] * notes, style=style)
+        batch = "-" if r.batch_id is None else r.batch_id if wide else short_id(r.batch_id)
+        cells = [r.name, batch, r.status, f"{r.completed}/{r.total}", str(r.failed),
+                 "-" if r.created_at is None else age(now - r.created_at)]
+        grid.add_row(*cells, *([r.output_file_id or "-", r.error_file_id or "-"] if wide else []),
+                     style=_row_style(r))
     return grid
+
+
+def status_notes(table: list[StatusRow]) -> list[str]:
+    """The notes of the rows that have one, as `name: note` (printed under the table, where they can wrap)."""
+    return [f"{r.name}: {r.note}" for r in table if r.note]

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
+from . import feedback
 from .errors import AmbiguousWrite, BatchplanError, InputError, TransportError
 from .remote import upload_filename, uploaded_files
 
@@ -30,9 +31,10 @@ UPLOAD_ROUNDS = 3
 class HashingReader(io.RawIOBase):
     """A binary file that keeps the sha256 of what was read from it (httpx reads an upload through it)."""
 
-    def __init__(self, raw: BinaryIO):
+    def __init__(self, raw: BinaryIO, advance: Callable[[int], None] = lambda n: None):
         super().__init__()
         self.raw = raw
+        self.advance = advance  # a progress bar's, for a big file
         self.digest = hashlib.sha256()
 
     def readable(self) -> bool:
@@ -41,6 +43,7 @@ class HashingReader(io.RawIOBase):
     def readinto(self, buffer) -> int:
         n = self.raw.readinto(buffer)
         self.digest.update(memoryview(buffer)[:n])
+        self.advance(n)
         return n
 
     def seekable(self) -> bool:
@@ -67,13 +70,14 @@ class HashingReader(io.RawIOBase):
 class HashedSource:
     """An input file as api.upload_file opens it (`.open("rb")`, once per attempt), hashed as it is read."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, advance: Callable[[int], None] = lambda n: None):
         self.path = path
+        self.advance = advance
         self.reader: HashingReader | None = None
 
     def open(self, mode: str = "rb") -> HashingReader:
         self.close()
-        self.reader = HashingReader(self.path.open("rb"))
+        self.reader = HashingReader(self.path.open("rb"), self.advance)
         return self.reader
 
     def close(self) -> None:
@@ -128,11 +132,13 @@ class Uploader:
 
     async def _send(self, want: Desired) -> dict:
         """Upload the input, hashing it as httpx streams it; refuse content that is not the planned one."""
-        source = HashedSource(self.repo_root / str(want.input))
-        try:
-            file = await self.api.upload_file(source, upload_filename(want))  # type: ignore[arg-type]
-        finally:
-            source.close()
+        path = self.repo_root / str(want.input)
+        with feedback.current().transfer(f"upload {want.input}", want.input_bytes or 0) as advance:
+            source = HashedSource(path, advance)
+            try:
+                file = await self.api.upload_file(source, upload_filename(want))  # type: ignore[arg-type]
+            finally:
+                source.close()
         if source.hexdigest() != want.input_sha256:
             await self._discard(want, file)
             raise InputError(f"{want.input} changed while it was being uploaded (the plan was made with sha256 "

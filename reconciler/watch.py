@@ -65,25 +65,57 @@ async def wait_until_finished(api: Api, entries: dict[str, Entry], display: Disp
         await asyncio.sleep(interval if left is None else min(interval, left))
 
 
+def eta_phrase(rec, now: float) -> str:
+    """A rough time left for a running batch, from its rate so far (requests done since it was created):
+    `~4m 10s left`; "" when it cannot be told (nothing done yet, or not running)."""
+    from .status import age
+
+    counts = rec.request_counts or {}
+    total, done = counts.get("total", 0), counts.get("completed", 0) + counts.get("failed", 0)
+    elapsed = now - rec.created_at
+    if rec.terminal or not total or not done or done >= total or elapsed <= 0:
+        return ""
+    return f"~{age((total - done) * elapsed / done)} left"
+
+
+def batch_line(name: str, rec, missing: bool, now: float) -> str:
+    """`a: in_progress, 3/5 requests completed, age 4m 05s, ~2m 40s left`."""
+    from .status import age
+
+    if missing:
+        return f"{name}: missing (404), {rec.counts_phrase()}"
+    eta = eta_phrase(rec, now)
+    return f"{name}: {rec.status}, {rec.counts_phrase()}, age {age(now - rec.created_at)}" + (f", {eta}" if eta else "")
+
+
 class LineDisplay:
-    """Plain lines for logs: one per batch whose status or counts moved, and a heartbeat."""
+    """Plain lines for logs: a line for a batch when its status changes, else at most one a minute
+    per batch while its counts move; and a heartbeat when nothing moved for a minute."""
 
     def __init__(self, echo: Callable[[str], None], heartbeat: float = 60.0,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time):
         self.echo = echo
-        self.heartbeat = heartbeat
+        self.heartbeat = heartbeat  # seconds: also the least time between two lines of one batch
         self.clock = clock
+        self.wall = wall
         self.seen: dict[str, tuple] = {}
+        self.said_at: dict[str, float] = {}
         self.last = clock()
+
+    def _due(self, name: str, status: tuple, counts: tuple) -> bool:
+        before = self.seen.get(name)
+        if before is None or before[0] != status:
+            return True
+        return before[1] != counts and self.clock() - self.said_at[name] >= self.heartbeat
 
     def show(self, snapshot: Snapshot) -> None:
         moved = False
         for name, rec in sorted(snapshot.records.items()):
-            key = (rec.status, tuple(sorted((rec.request_counts or {}).items())), name in snapshot.missing)
-            if self.seen.get(name) != key:
-                self.seen[name] = key
-                status = "missing (404)" if name in snapshot.missing else rec.status
-                self.echo(f"{name}: {status}, {rec.counts_phrase()}")
+            status = (rec.status, name in snapshot.missing)
+            counts = tuple(sorted((rec.request_counts or {}).items()))
+            if self._due(name, status, counts):
+                self.seen[name], self.said_at[name] = (status, counts), self.clock()
+                self.echo(batch_line(name, rec, name in snapshot.missing, self.wall()))
                 moved = True
         if moved:
             self.last = self.clock()
@@ -97,11 +129,12 @@ class LineDisplay:
 
 
 class ProgressDisplay:
-    """A live rich display for terminals: one bar per batch (requests done) and an overall bar."""
+    """A live rich display for terminals: one bar per batch (requests done, age, rough ETA) and an overall bar."""
 
-    def __init__(self, names: list[str], console=None):
+    def __init__(self, names: list[str], console=None, wall: Callable[[], float] = time.time):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+        self.wall = wall
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
                                  console=console, transient=False)
@@ -111,7 +144,10 @@ class ProgressDisplay:
         self.progress.start()
 
     def show(self, snapshot: Snapshot) -> None:
+        from .status import age
+
         totals = done_all = finished = 0
+        now = self.wall()
         for name, task in self.tasks.items():
             rec = snapshot.records.get(name)
             if rec is None:
@@ -120,7 +156,9 @@ class ProgressDisplay:
             counts = rec.request_counts or {}
             total = counts.get("total") or None
             done = counts.get("completed", 0) + counts.get("failed", 0)
-            status = "missing" if name in snapshot.missing else rec.status
+            eta = eta_phrase(rec, now)
+            status = "missing" if name in snapshot.missing else \
+                f"{rec.status}, age {age(now - rec.created_at)}" + (f", {eta}" if eta else "")
             self.progress.update(task, total=total, completed=done, status=status)
             totals += total or 0
             done_all += done

@@ -182,9 +182,11 @@ def test_status_json_lists_each_batch_as_completed(repo, emulator_server, api_en
         ("b", "completed", {"completed": 5, "failed": 0, "total": 5})]
     assert all(b["output_file_id"].startswith("file-") and b["error_file_id"] is None for b in document["batches"])
     table = cli(repo, api_env, "status").out
-    assert table.splitlines()[0].split() == ["name", "batch", "status", "completed", "failed", "total", "age",
-                                             "output", "errors"]
-    assert table.splitlines()[2].split()[:6] == ["a", batch_of(repo, "a"), "completed", "3", "0", "3"]
+    assert table.splitlines()[0].split() == ["name", "batch", "status", "done", "failed", "age"]
+    assert table.splitlines()[2].split()[:5] == ["a", batch_of(repo, "a")[:14] + "…", "completed", "3/3", "0"]
+    wide = cli(repo, api_env, "status", "-o", "wide").out
+    assert wide.splitlines()[0].split() == ["name", "batch", "status", "done", "failed", "age", "output", "errors"]
+    assert wide.splitlines()[2].split()[:2] == ["a", batch_of(repo, "a")]
 
 
 def test_status_asks_the_server_but_writes_nothing(repo, emulator_server_factory, env_for):
@@ -267,7 +269,9 @@ def test_download_to_the_spec_paths_and_skips_running_batches(repo, emulator_ser
     assert result.code == 0
     assert len((repo.root / "out/a-results.jsonl").read_text().splitlines()) == 3
     assert not (repo.root / "out/a-errors.jsonl").exists()  # no request failed: the batch has no error file
-    assert not (repo.root / "results/a").exists()
+    kept = repo.root / "results/a" / batch_of(repo, "a")  # each batch's own copy, whatever the spec's paths
+    assert sorted(p.name for p in kept.iterdir()) == ["output.jsonl"]
+    assert (kept / "output.jsonl").read_bytes() == (repo.root / "out/a-results.jsonl").read_bytes()
 
 
 def test_download_says_clearly_when_the_results_expired(repo, emulator_server, api_env):
@@ -461,6 +465,7 @@ def test_plan_markdown_for_a_pull_request_as_a_whole_string(repo, emulator_serve
         "| --- | ---: |\n"
         "| + create | 1 |\n"
         "| = adopt | 0 |\n"
+        "| ~ update | 0 |\n"
         "| ± replace | 1 |\n"
         "| - cancel | 0 |\n"
         "| # forget | 1 |\n"
@@ -474,6 +479,7 @@ def test_plan_markdown_for_a_pull_request_as_a_whole_string(repo, emulator_serve
         "\n"
         "```diff\n"
         '~ metadata.team: "research" -> "ml"\n'
+        f"re-runs 3 requests: batch {batch_of(repo, 'edit')} already completed\n"
         "```\n"
         "\n"
         "### `#` gone: forget\n"
@@ -486,6 +492,8 @@ def test_plan_markdown_for_a_pull_request_as_a_whole_string(repo, emulator_serve
         "\n"
         "```\n"
         "endpoint: /v1/chat/completions\n"
+        "model: gpt-4o-mini\n"
         f"input: data/new.jsonl (sha256 {sha}, 2 requests)\n"
+        "output: results/new/output.jsonl\n"
         "```\n"
     )

@@ -177,10 +177,12 @@ def test_rendered_text_plan_as_a_whole_string():
         "  # done  forget   spec removed; batch batch_d is completed, so only the state entry goes\n"
         "  ± edit  replace  changed: metadata.team\n"
         "      ~ metadata.team: \"research\" -> \"ml\"\n"
+        "      re-runs 3 requests: batch batch_e already completed\n"
         "  - gone  cancel   spec removed; batch batch_g is in_progress\n"
         "  + new   create   no batch for this spec in the state or on the server\n"
         "      endpoint: /v1/chat/completions\n"
         f"      input: data/x.jsonl (sha256 {sha}, 3 requests)\n"
+        "      metadata: {\"team\": \"research\"}\n"
         "\n"
         "Plan: 1 to create, 1 to replace, 1 to cancel, 1 to forget, 1 unchanged.\n"
     )
@@ -200,7 +202,8 @@ def test_json_plan_is_the_documented_public_shape():
     assert {a["name"]: a["reason_code"] for a in document["actions"]} == {
         "done": "spec_removed", "edit": "parameters_changed", "gone": "spec_removed", "keep": "up_to_date",
         "new": "no_batch"}
-    assert document["summary"] == {"create": 1, "adopt": 0, "replace": 1, "cancel": 1, "forget": 1, "noop": 1}
+    assert document["summary"] == {"create": 1, "adopt": 0, "update": 0, "replace": 1, "cancel": 1, "forget": 1,
+                                   "noop": 1}
     new = document["actions"][-1]
     assert new["before"] is None and new["after"]["metadata"] == {"team": "research"}
     gone = document["actions"][2]
@@ -231,7 +234,7 @@ def test_markdown_plan_has_a_summary_table_and_a_section_per_change():
     text = render_markdown(_mixed_plan())
     assert "| + create | 1 |" in text and "| ± replace | 1 |" in text
     assert "### `±` edit: replace" in text
-    assert '```diff\n~ metadata.team: "research" -> "ml"\n```' in text
+    assert '```diff\n~ metadata.team: "research" -> "ml"\nre-runs 3 requests: batch batch_e already completed\n```' in text
     assert "keep" not in text  # unchanged batches are counted, not listed
 
 
