@@ -228,14 +228,14 @@ def refresh(project: Project) -> Refreshed:
 def download(project: Project, names: tuple[str, ...]) -> Report:
     """Write each finished batch's result files, skipping those already on disk intact."""
     from .download import (MANIFEST, Manifest, Report, destinations, download_files, files_to_download,
-                           not_yet_downloaded, notes_on_earlier_files)
+                           not_yet_downloaded, notes_on_earlier_files, spec_inputs)
     from .spec import load_specs
 
     entries = _entries(project.store().load(), names)
     specs, problems = load_specs(project.specs_dir, project.root)
     if problems:
         raise ValidationFailed(problems)
-    dests = destinations(specs, list(entries), project.root, project.results_dir)
+    dests = destinations(specs, list(entries), project.results_area(spec_inputs(specs, project.root)))
     manifest = Manifest(project.results_dir / MANIFEST)
     with Session(project) as session:
         snapshot = _snapshot(session, entries)
@@ -276,8 +276,10 @@ async def _fetch_for_import(api, want: Desired, batch_id: str) -> tuple[dict, di
 
 def import_batch(project: Project, name: str, batch_id: str) -> ImportedBatch:
     """Record a batch made elsewhere as the batch of the spec `name`. Changes nothing on the server."""
+    from .batch import check_batch_id
     from .importer import import_entry
 
+    check_batch_id(batch_id)
     want = next((d for d in _load_desired(project) if d.name == name), None)
     if want is None:
         raise ConfigError(f"no spec named {name} under {project.specs_dir}; write its spec first, then import")

@@ -59,7 +59,7 @@ def test_the_manifest_records_the_sha256_of_what_was_written(done, env):
     assert cli(done, env, "download").code == 0
     manifest = json.loads((done.root / "results" / ".batchplan-downloads.json").read_text())
     output = (done.root / "results" / "a" / "output.jsonl").read_bytes()
-    (entry,) = manifest["files"].values()
+    (entry,) = manifest["entries"].values()
     assert entry["sha256"] == hashlib.sha256(output).hexdigest() and entry["bytes"] == len(output)
     assert set(entry) == {"file_id", "bytes", "sha256"}
 
