@@ -63,7 +63,8 @@ def _read_settings(root: Path) -> Settings:
         raise ConfigError(f"{CONFIG_FILE}: YAML syntax error: {exc}") from exc
     except ValidationError as exc:
         err = exc.errors()[0]
-        raise ConfigError(f"{CONFIG_FILE}: {'.'.join(map(str, err['loc']))}: {err['msg']}") from exc
+        where = ".".join(map(str, err["loc"])) or "top level"  # a list or a string where the settings belong
+        raise ConfigError(f"{CONFIG_FILE}: {where}: {err['msg']}") from exc
 
 
 def _inside(root: Path, settings: Settings, key: str, flag: str | None) -> Path:
