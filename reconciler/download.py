@@ -137,10 +137,7 @@ class Manifest(CacheFile):
 
     VERSION = 2  # 2: keyed like every CacheFile; no mtime (a file is intact when its sha256 is)
     SAVES = "downloading result files again"
-
-    def usable(self, entry: object) -> bool:
-        return isinstance(entry, dict) and all(isinstance(entry.get(key), kind) for key, kind in (
-            ("file_id", str), ("bytes", int), ("sha256", str)))
+    FIELDS = (("file_id", str), ("bytes", int), ("sha256", str))
 
     @property
     def files(self) -> dict[str, dict]:

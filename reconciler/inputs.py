@@ -342,6 +342,7 @@ class CacheFile:
 
     VERSION = 0
     SAVES = "work done before"  # what the cache saves, for the notice
+    FIELDS: tuple[tuple[str, type], ...] = ()  # when set, each entry is a dict with these keys and types
 
     def __init__(self, path: Path | None):
         self.path = path
@@ -365,8 +366,9 @@ class CacheFile:
         return {}
 
     def usable(self, entry: object) -> bool:
-        """Whether an entry read from the file is one this cache wrote (subclasses say more)."""
-        return True
+        """Whether an entry read from the file is one this cache wrote."""
+        return not self.FIELDS or isinstance(entry, dict) and all(
+            isinstance(entry.get(key), kind) for key, kind in self.FIELDS)
 
     def save(self) -> None:
         """Best effort, atomic."""
@@ -393,11 +395,8 @@ class HashCache(CacheFile):
     VERSION = 2
     RACY_SECONDS = 2.0
     SAVES = "re-reading inputs"
-
-    def usable(self, entry: object) -> bool:
-        return isinstance(entry, dict) and all(isinstance(entry.get(key), kind) for key, kind in (
-            ("size", int), ("mtime_ns", int), ("endpoint", str), ("sha256", str), ("requests", int),
-            ("models", list)))
+    FIELDS = (("size", int), ("mtime_ns", int), ("endpoint", str), ("sha256", str), ("requests", int),
+              ("models", list))
 
     def scan(self, path: Path, endpoint: str) -> InputReport:
         """The report for one file: from the cache when unchanged, else from `scan_input` (then cached)."""

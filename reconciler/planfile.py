@@ -15,10 +15,10 @@ import dataclasses
 import json
 from pathlib import Path
 
-from . import __version__
-from .desired import Desired
 from pydantic import BaseModel, ConfigDict
 
+from . import __version__
+from .desired import Desired
 from .errors import PathError, PlanError, StalePlanError
 from .fsutil import atomic_write
 from .inputs import hash_file

@@ -3,8 +3,8 @@
 Settings come from command-line flags, then an optional `batchplan.yaml` at the repo
 root, then defaults. Every path is relative to the repo root and, symlinks resolved, must
 stay inside it (paths.confine); only a state file given with `--state` may live elsewhere,
-with its lock and caches next to it. The API key and base URL come from the environment, exactly as
-the official SDK reads them (OPENAI_API_KEY, OPENAI_BASE_URL); the key is never
+with its lock and caches next to it. The API key and base URL come from the environment,
+exactly as the official SDK reads them (OPENAI_API_KEY, OPENAI_BASE_URL); the key is never
 written anywhere. `--sandbox` swaps the server for the embedded emulator, with its own
 state file and world under `state/sandbox/`.
 """

@@ -134,7 +134,7 @@ class StateStore(ABC):
 
     def local_files(self) -> dict[Path, str]:
         """The files this store keeps on this machine, each with what it is ("the state file"):
-        download never writes over them. None for a store kept elsewhere."""
+        download never writes over them. None (empty) for a store kept elsewhere."""
         return {}
 
     def close(self) -> None:
