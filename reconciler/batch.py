@@ -3,15 +3,31 @@
     BatchStatus   the server's status, and what it means to batchplan (running, terminal, failed)
     BatchFields   what a batch is made from: what specs ask for, the state records and plans diff
     BatchRecord   what we last knew of a batch on the server, with its error codes and counts in words
+    check_batch_id  a batch id a user typed, refused unless it looks like one (`batch_...`)
 
 Every module asks these instead of keeping its own set of statuses or its own phrase.
 """
 
 from __future__ import annotations
 
+import re
 from enum import Enum
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from .errors import ConfigError
+
+# The API's batch ids are `batch_` and letters and digits. An id goes into a URL path, so
+# `../files` would reach another endpoint: what does not look like an id is never sent.
+BATCH_ID = re.compile(r"batch_[A-Za-z0-9_-]{1,200}")
+
+
+def check_batch_id(raw: str) -> str:
+    """`raw` when it looks like a batch id; ConfigError (nothing sent) when it does not."""
+    if not BATCH_ID.fullmatch(raw):
+        raise ConfigError(f"{raw!r} is not a batch id: the API's batch ids look like batch_abc123 (`batchplan "
+                          "status` and the API's batch list show them); nothing was sent")
+    return raw
 
 
 SHORT_ID_CHARS = 8  # of an id's hex part: enough to tell one's batches apart, short enough for 80 columns

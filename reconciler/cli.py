@@ -7,16 +7,18 @@ from `plan --detailed-exitcode` when there are changes; 130 when interrupted.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
 import click
 
 from . import __version__, feedback, operations  # operations loads nothing heavy until a command runs
-from .errors import BatchplanError, Interrupted, PlanError
+from .errors import BatchplanError, Interrupted, Notice, PlanError
 from .options import (OFFLINE, STATE_ONLY, Group, Invocation, common_options, debug_option, global_options,
                       lock_timeout_option, names_argument, plan_options, project_options)
 
@@ -329,11 +331,27 @@ def _feedback() -> feedback.Feedback:
     return feedback.ProgressBars(notice) if _is_terminal(sys.stderr) else feedback.Feedback(notice)
 
 
+@contextlib.contextmanager
+def _notices():
+    """Print each Notice the work issues as `Note: ...` on standard error, as it happens."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", Notice)
+        other = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None) -> None:
+            if issubclass(category, Notice):
+                echo(f"Note: {message}", err=True)
+            else:
+                other(message, category, filename, lineno, file, line)
+        warnings.showwarning = show
+        yield
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: runs the CLI and maps every outcome to an exit code."""
     invocation = Invocation()  # one per run: tests call main() many times in one process
     try:
-        with feedback.use(_feedback()):
+        with feedback.use(_feedback()), _notices():
             code = cli.main(args=argv, prog_name="batchplan", standalone_mode=False, obj=invocation)
     except click.exceptions.Exit as exc:
         code = exc.exit_code

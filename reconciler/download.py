@@ -2,29 +2,34 @@
 
 Where: every batch's files to `<results>/<name>/<batch id>/output.jsonl` and
 `errors.jsonl`, so a replace never overwrites the results of the run before it; and the
-latest batch's also to the spec's `output:` / `errors:` paths (relative to the repo root,
-and kept inside it), else `<results>/<name>/output.jsonl` and `<results>/<name>/errors.jsonl`
-(a copy, not a link: editing the latest never changes the kept one). Each file is
-streamed to a temp file and renamed into place (api.download_file), and recorded in a
-small manifest (`<results>/.batchplan-downloads.json`: file id, size, sha256 per
-destination), so a second run skips files already on disk intact without sending a
-single request.
+latest batch's also to the spec's `output:` / `errors:` paths (relative to the repo root),
+else `<results>/<name>/output.jsonl` and `<results>/<name>/errors.jsonl` (a copy, not a
+link: editing the latest never changes the kept one). Every destination is checked before
+anything is fetched (Project.results_area): symlinks resolved, it must be under the
+results directory and never over a spec, an input, the state, its lock or a cache. Each
+file is streamed to a temp file and renamed into place (api.download_file), and recorded
+in a small manifest (`<results>/.batchplan-downloads.json`: file id, size, sha256 per
+destination), so a second run skips files whose bytes are still the ones downloaded
+without sending a single request.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .api import Api
-from .errors import BatchplanError, ConfigError, NotFound
-from .fsutil import atomic_write, atomic_writer
+from .errors import BatchplanError, ConfigError, NotFound, PathError
+from .fsutil import atomic_writer
+from .inputs import CacheFile, hash_file
+from .paths import Area, confine, shown
 from .spec import LoadedSpec
 from .batch import BatchRecord
+
+if TYPE_CHECKING:
+    from .api import Api
 
 MANIFEST = ".batchplan-downloads.json"
 KINDS = (("output", "output_file_id", "output.jsonl"), ("errors", "error_file_id", "errors.jsonl"))
@@ -63,8 +68,8 @@ class Report:
         return not (self.written or self.skipped or self.notes or self.failed)
 
 
-def destinations(specs: list[LoadedSpec], names: list[str], root: Path, results: Path) -> dict[str, dict[str, Path]]:
-    """name -> {"output": path, "errors": path}; spec paths are repo-relative and must stay in the repo."""
+def destinations(specs: list[LoadedSpec], names: list[str], area: Area) -> dict[str, dict[str, Path]]:
+    """name -> {"output": path, "errors": path}, each checked against `area` (ConfigError, nothing fetched)."""
     by_name = {s.spec.name: s for s in specs}
     out: dict[str, dict[str, Path]] = {}
     for name in names:
@@ -72,18 +77,33 @@ def destinations(specs: list[LoadedSpec], names: list[str], root: Path, results:
         out[name] = {}
         for kind, _, default in KINDS:
             raw = getattr(loaded.spec, kind) if loaded else None
-            out[name][kind] = _inside(root, raw, loaded, kind) if raw else results / name / default
-    _ensure_distinct(out, root)
+            out[name][kind] = _destination(area, raw or area.directory / name / default, loaded if raw else None,
+                                           kind)
+    _ensure_distinct(out, area.root)
     return out
 
 
-def _inside(root: Path, raw: str, loaded: LoadedSpec, kind: str) -> Path:
-    path = (root / raw).resolve()
-    if not path.is_relative_to(root.resolve()):
+def _destination(area: Area, raw: str | Path, loaded: LoadedSpec | None, kind: str) -> Path:
+    try:
+        return area.check(raw)
+    except PathError as exc:
+        if loaded is None:  # the default path: say it, relative to the repo
+            raise ConfigError(f"{shown(Path(raw), area.root)}: {exc}") from None
         where = f"{loaded.source.file}:{loaded.source.line((kind,)) or '?'}: {kind}"
-        raise ConfigError(f"{where}: {raw!r} resolves to {path}, outside the repository; download writes only "
-                          "inside the repository (output: and errors: are relative to the repo root, input: to the spec file)")
-    return path
+        raise ConfigError(f"{where}: {raw!r} {exc} (output: and errors: are relative to the repo root, input: to "
+                          "the spec file)") from None
+
+
+def spec_inputs(specs: list[LoadedSpec], root: Path) -> dict[Path, str]:
+    """Each local input the specs read (resolved) -> "the input of NAME": download never writes over one."""
+    inputs = {}
+    for loaded in specs:
+        if loaded.spec.input is not None:
+            try:
+                inputs[confine(loaded.spec.input, loaded.source.path.parent, root)] = f"the input of {loaded.spec.name}"
+            except PathError:
+                continue  # outside the repo: no write can land there anyway
+    return inputs
 
 
 def _ensure_distinct(out: dict[str, dict[str, Path]], root: Path) -> None:
@@ -138,50 +158,37 @@ def _missing_files(name: str, rec: BatchRecord) -> list[str]:
 
 
 def _rel(path: Path, root: Path) -> str:
-    try:
-        return str(path.relative_to(root.resolve()))
-    except ValueError:
-        return str(path)
+    return shown(path, root.resolve())
 
 
-class Manifest:
-    """What was downloaded where: rel path -> {file_id, bytes, sha256, mtime_ns}."""
+class Manifest(CacheFile):
+    """What was downloaded where: rel path -> {file_id, bytes, sha256} of the bytes written.
 
-    def __init__(self, path: Path):
-        self.path = path
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            self.files: dict[str, dict] = data["files"] if isinstance(data.get("files"), dict) else {}
-        except (OSError, ValueError, AttributeError, KeyError):
-            self.files = {}  # a lost or damaged manifest only costs a download again
+    A lost or damaged manifest only costs a download again."""
+
+    VERSION = 2  # 2: keyed like every CacheFile; no mtime (a file is intact when its sha256 is)
+    SAVES = "downloading result files again"
+    FIELDS = (("file_id", str), ("bytes", int), ("sha256", str))
+
+    @property
+    def files(self) -> dict[str, dict]:
+        return self.entries
 
     def intact(self, target: Target) -> bool:
-        """Whether `target.dest` already holds exactly `target.file_id` as downloaded."""
+        """Whether `target.dest` holds exactly the bytes of `target.file_id` downloaded before.
+
+        The sha256 decides, never the size and mtime alone: a file damaged in place keeps both."""
         known = self.files.get(target.rel)
-        if not known or known.get("file_id") != target.file_id:
+        if not known or known["file_id"] != target.file_id:
             return False
         try:
-            stat = target.dest.stat()
+            return target.dest.stat().st_size == known["bytes"] and hash_file(target.dest) == known["sha256"]
         except OSError:
             return False
-        if stat.st_size != known.get("bytes"):
-            return False
-        return stat.st_mtime_ns == known.get("mtime_ns") or _sha256(target.dest) == known.get("sha256")
 
     def add(self, target: Target, size: int) -> None:
-        self.files[target.rel] = {"file_id": target.file_id, "bytes": size, "sha256": _sha256(target.dest),
-                                  "mtime_ns": target.dest.stat().st_mtime_ns}
-
-    def save(self) -> None:
-        atomic_write(self.path, json.dumps({"format_version": 1, "files": self.files}, indent=2, sort_keys=True) + "\n")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        self.files[target.rel] = {"file_id": target.file_id, "bytes": size, "sha256": hash_file(target.dest)}
+        self.dirty = True
 
 
 def notes_on_earlier_files(records: dict[str, BatchRecord | None], dests: dict[str, dict[str, Path]], root: Path,
@@ -242,6 +249,8 @@ async def download_files(api: Api, todo: list[Target], manifest: Manifest, repor
                                  f"nothing was written to {target.latest_rel or target.rel}")
         elif isinstance(result, BatchplanError):
             report.failed.append(f"{target.name}: {target.kind} file {target.file_id}: {result}")
+        elif isinstance(result, OSError):  # a full disk, a directory made meanwhile: said, the rest go on
+            report.failed.append(f"{target.name}: cannot write {target.rel}: {result.strerror or result}")
         elif isinstance(result, BaseException):
             raise result
         else:

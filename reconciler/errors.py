@@ -2,6 +2,7 @@
 
     BatchplanError                  anything the user can act on; cli.py prints it, exit 1
      ├── ConfigError                flags, environment, batchplan.yaml
+     │    └── PathError             a path a user named leaves the repository or lands on our own files
      ├── ValidationFailed           one or more Problems in specs or input files
      ├── InputError                 an input file changed while apply was uploading it
      ├── StateError                 the state file cannot be read, or is newer than us
@@ -13,6 +14,9 @@
      │    └── AmbiguousWrite        a create whose outcome is unknown (sent, no answer)
      ├── TransportError             the server could not be reached
      └── Interrupted                Ctrl-C / SIGTERM stopped an apply
+
+    Notice (a UserWarning, never raised): something the user should know that stopped
+    nothing, e.g. a damaged cache that is rebuilt; cli.py prints it as a note.
 
 Foreign exceptions (httpx, yaml, pydantic, OSError) are translated where they are
 raised, chained with `from exc`; only cli.py turns these into text and exit codes.
@@ -29,6 +33,18 @@ class BatchplanError(Exception):
 
 class ConfigError(BatchplanError):
     pass
+
+
+class PathError(ConfigError):
+    """A path that leaves the repository, or would be written over batchplan's own files.
+
+    Its message says what is wrong (`resolves to /x, outside the repository /repo`); the
+    caller, who knows where the path was named, puts that in front (see paths.py)."""
+
+
+class Notice(UserWarning):
+    """Issued with warnings.warn where something went wrong that stopped nothing (a damaged
+    cache, rebuilt); cli.py shows it as `Note: ...`, so the operations still print nothing."""
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ import hashlib
 import json
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING, BinaryIO
 import orjson
 
 from . import feedback
+from .errors import Notice
 
 if TYPE_CHECKING:
     from .shards import Shard, Splitter
@@ -335,23 +337,41 @@ def hash_file(path: Path) -> str:
 class CacheFile:
     """A per-machine cache kept as one JSON file, `{"version": VERSION, "entries": {...}}`.
 
-    Never precious: a file that is missing, damaged or of another VERSION is started
-    again, and one that cannot be written is simply not kept.
+    Never precious: a file of another VERSION is started again, and one that cannot be
+    written is simply not kept. A damaged one (not JSON, not that shape, an entry that is
+    not one we wrote, a directory) is started again with a Notice, so that a cache that
+    is damaged on every run does not go unseen.
     """
 
     VERSION = 0
+    SAVES = "work done before"  # what the cache saves, for the notice
+    FIELDS: tuple[tuple[str, type], ...] = ()  # when set, each entry is a dict with these keys and types
 
     def __init__(self, path: Path | None):
         self.path = path
         self.entries: dict = {}
         self.dirty = False
-        if path is not None and path.exists():
-            try:
-                data = json.loads(path.read_text())
-                if data.get("version") == self.VERSION and isinstance(data.get("entries"), dict):
-                    self.entries = data["entries"]
-            except (OSError, ValueError, AttributeError):
-                self.entries = {}
+        if path is not None and (path.exists() or path.is_symlink()):
+            self.entries = self._load(path)
+
+    def _load(self, path: Path) -> dict:
+        try:
+            data = orjson.loads(path.read_bytes())  # orjson refuses nesting over 1024 deep: no RecursionError
+            if isinstance(data, dict) and data.get("version") != self.VERSION:
+                return {}  # another format: rebuilt without a word
+            entries = data["entries"]
+            if isinstance(entries, dict) and all(self.usable(value) for value in entries.values()):
+                return entries
+        except (OSError, ValueError, TypeError, KeyError):
+            pass
+        warnings.warn(Notice(f"{path} was damaged and is rebuilt (it only saves {self.SAVES})"), stacklevel=2)
+        self.dirty = True  # written again whole, even when nothing new is added
+        return {}
+
+    def usable(self, entry: object) -> bool:
+        """Whether an entry read from the file is one this cache wrote."""
+        return not self.FIELDS or isinstance(entry, dict) and all(
+            isinstance(entry.get(key), kind) for key, kind in self.FIELDS)
 
     def save(self) -> None:
         """Best effort, atomic."""
@@ -377,6 +397,9 @@ class HashCache(CacheFile):
 
     VERSION = 2
     RACY_SECONDS = 2.0
+    SAVES = "re-reading inputs"
+    FIELDS = (("size", int), ("mtime_ns", int), ("endpoint", str), ("sha256", str), ("requests", int),
+              ("models", list))
 
     def scan(self, path: Path, endpoint: str) -> InputReport:
         """The report for one file: from the cache when unchanged, else from `scan_input` (then cached)."""

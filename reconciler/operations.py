@@ -296,7 +296,7 @@ def download(project: Project, names: tuple[str, ...], *, batch_id: str | None =
 
     `batch_id`: that batch of the one name instead of its latest. `join`: also joined.jsonl."""
     from .download import (MANIFEST, Manifest, Report, destinations, download_files, files_to_download,
-                           not_yet_downloaded, notes_on_earlier_files, restore_latest)
+                           not_yet_downloaded, notes_on_earlier_files, restore_latest, spec_inputs)
     from .spec import load_specs
 
     specs, problems = load_specs(project.specs_dir, project.root)
@@ -305,7 +305,7 @@ def download(project: Project, names: tuple[str, ...], *, batch_id: str | None =
     manifest = Manifest(project.results_dir / MANIFEST)
     with Session(project) as session:
         records, state, latest = _download_records(project, session, names, batch_id)
-        dests = destinations(specs, list(records), project.root, project.results_dir)
+        dests = destinations(specs, list(records), project.results_area(spec_inputs(specs, project.root)))
         wanted, notes = files_to_download(records, dests, project.root, project.results_dir, latest)
         if latest:
             notes += notes_on_earlier_files(records, dests, project.root, manifest)
@@ -383,8 +383,10 @@ async def _fetch_for_import(api, want: Desired, batch_id: str) -> tuple[dict, di
 
 def import_batch(project: Project, name: str, batch_id: str) -> ImportedBatch:
     """Record a batch made elsewhere as the batch of the spec `name`. Changes nothing on the server."""
+    from .batch import check_batch_id
     from .importer import import_entry
 
+    check_batch_id(batch_id)
     want = next((d for d in _load_desired(project) if d.name == name), None)
     if want is None:
         raise ConfigError(f"no spec named {name} under {project.specs_dir}; write its spec first, then import")

@@ -4,6 +4,9 @@ A saved plan is a versioned JSON document: the tool version, the lineage and ser
 the state it was made against, every change with what apply needs to carry it out,
 and the content hash of every input it planned to upload. Applying it refuses, as
 stale, a plan whose state moved on or whose inputs changed since: nothing is sent.
+
+A plan file may have been edited by hand, so it is read like a spec: its shape is
+checked, and every input path in it is confined to the repository again (paths.confine).
 """
 
 from __future__ import annotations
@@ -12,16 +15,34 @@ import dataclasses
 import json
 from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict
+
 from . import __version__
 from .desired import Desired
-from .errors import PlanError, StalePlanError
+from .errors import PathError, PlanError, StalePlanError
 from .fsutil import atomic_write
 from .inputs import hash_file
+from .paths import confine
 from .plan import Action, Change, FieldChange, Plan, ReasonCode
 from .batch import BatchFields, BatchRecord
 from .state import State
 
 PLANFILE_VERSION = 2  # 2: before/after hold only the batch fields; reason_code
+
+
+class _Document(BaseModel):
+    """The top of a plan file, checked before any change in it is read."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format_version: int
+    batchplan_version: str
+    sandbox: bool
+    lineage: str | None
+    serial: int
+    inputs: dict[str, str]
+    changes: list[dict]
+    refreshed: dict[str, dict]
 
 
 def _change_to_json(change: Change) -> dict:
@@ -84,12 +105,35 @@ def load_plan(path: Path, project) -> tuple[Plan, dict]:
         where = "the sandbox" if document.get("sandbox") else "the real server"
         raise PlanError(f"{path}: this plan was made against {where}; apply it the same way")
     try:
-        plan = Plan(changes=tuple(_change_from_json(c) for c in document["changes"]),
-                    lineage=document["lineage"], serial=document["serial"],
-                    refreshed={n: BatchRecord.model_validate(r) for n, r in document["refreshed"].items()})
-    except (KeyError, TypeError, ValueError) as exc:
-        raise PlanError(f"{path}: damaged plan file ({exc}); plan again") from exc
-    return plan, document["inputs"]
+        checked = _Document.model_validate(document)
+        plan = Plan(changes=tuple(_change_from_json(c) for c in checked.changes),
+                    lineage=checked.lineage, serial=checked.serial,
+                    refreshed={n: BatchRecord.model_validate(r) for n, r in checked.refreshed.items()})
+    except (KeyError, TypeError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
+        raise PlanError(f"{path}: damaged plan file ({_first_line(exc)}); plan again") from exc
+    _confine_inputs(path, plan, checked.inputs, project.root.resolve())
+    return plan, checked.inputs
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def _confine_inputs(path: Path, plan: Plan, inputs: dict[str, str], root: Path) -> None:
+    """Refuse a plan that names an input outside the repo, or uploads one it did not hash."""
+    named = set(inputs) | {c.desired.input for c in plan.changes if c.desired and c.desired.input}
+    for rel in sorted(named):
+        try:
+            confine(rel, root, root)
+        except PathError as exc:
+            raise PlanError(f"{path}: input: {rel!r} {exc}; a plan uploads only files inside the repository. "
+                            "Nothing was sent; plan again") from None
+    for change in plan.changes:
+        want = change.desired
+        uploads = want and want.input and change.action in (Action.CREATE, Action.REPLACE)
+        if uploads and inputs.get(want.input) != want.input_sha256:
+            raise PlanError(f"{path}: damaged plan file: {want.name}'s input {want.input} is not among the plan's "
+                            "inputs with its sha256; nothing was sent. Plan again")
 
 
 def check_fresh(path: Path, plan: Plan, inputs: dict, state: State | None, root: Path) -> None:

@@ -15,7 +15,8 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, StringConstraints, ValidationError
 
-from .errors import Problem
+from .errors import PathError, Problem
+from .paths import confine, not_a_file
 
 ENDPOINTS = (
     "/v1/responses", "/v1/chat/completions", "/v1/embeddings", "/v1/completions",
@@ -308,6 +309,11 @@ def load_specs(specs_dir: Path, repo_root: Path) -> tuple[list[LoadedSpec], list
         return [], [Problem(_relative(specs_dir, repo_root), "no such directory; create it, pass --specs DIR, or "
                             "run batchplan from the repo root (or with -C DIR)")]
     for path in find_spec_files(specs_dir):
+        try:
+            confine(path, repo_root, repo_root)
+        except PathError as exc:  # read nothing of it: its values would show in messages
+            problems.append(Problem(_relative(path, repo_root), f"{exc}; spec files are read only from inside it"))
+            continue
         found, bad = load_spec_file(path, repo_root)
         specs += found
         problems += bad
@@ -331,16 +337,16 @@ def resolve_input(loaded: LoadedSpec, repo_root: Path) -> tuple[Path | None, Pro
     """
     raw = loaded.spec.input
     assert raw is not None
-    path = (loaded.source.path.parent / raw).resolve()
-    if not path.is_relative_to(repo_root):
+    try:
+        path = confine(raw, loaded.source.path.parent, repo_root)
+    except PathError as exc:
         return None, loaded.source.problem(
-            f"{raw!r} resolves to {path}, outside the repository {repo_root} (input: is relative to the spec "
-            "file, output: and errors: to the repo root); batchplan only uploads files inside the repository so "
-            "that a spec cannot send local secrets to the server", ("input",), "outside_repo")
-    if not path.is_file():
-        what = "is a directory, not a file" if path.is_dir() else "does not exist"
+            f"{raw!r} {exc} (input: is relative to the spec file, output: and errors: to the repo root); "
+            "batchplan only uploads files inside the repository so that a spec cannot send local secrets to the "
+            "server", ("input",), "outside_repo")
+    if why := not_a_file(path):
         return None, loaded.source.problem(
-            f"{raw!r} {what} (looked for {_relative(path, repo_root)}: input: is relative to the spec file "
+            f"{raw!r} {why} (looked for {_relative(path, repo_root)}: input: is relative to the spec file "
             f"{loaded.source.file}, not to the repo root)",
             ("input",), "missing_input")
     return path, None

@@ -7,14 +7,16 @@ see stores/base.py and stores/file.py.
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .batch import BatchFields, BatchRecord, BatchStatus
 from .errors import ConfigError
+from .spec import NAME_PATTERN
 
 __all__ = ["FORMAT_VERSION", "BatchFields", "BatchRecord", "BatchStatus", "Entry", "HistoryItem", "Intent", "State",
            "Upload", "select_entries"]
@@ -72,6 +74,15 @@ class State(BaseModel):
     scan_floor: int | None = None
     uploads: dict[str, Upload] = Field(default_factory=dict)
     entries: dict[str, Entry] = Field(default_factory=dict)
+
+    @field_validator("entries")
+    @classmethod
+    def _spec_names(cls, entries: dict[str, Entry]) -> dict[str, Entry]:
+        """Names become paths (`results/<name>/`): a hand-edited `../../x` must not."""
+        for name in entries:
+            if not re.fullmatch(NAME_PATTERN, name):
+                raise ValueError(f"{name!r} is not a name batchplan gives a spec (letters, digits, '.', '_', '-')")
+        return entries
 
     def record_batches(self, records: dict[str, BatchRecord]) -> list[str]:
         """Copy newer records of the batches the entries name (same id only); the names that changed."""

@@ -371,6 +371,7 @@ class TokenCache(CacheFile):
     """
 
     VERSION = 1
+    SAVES = "counting tokens again"
 
     def __init__(self, path: Path | None):
         super().__init__(path)

@@ -258,7 +258,7 @@ def test_download_writes_a_line_for_every_request_then_skips(repo, emulator_serv
 def test_download_to_the_spec_paths_and_skips_running_batches(repo, emulator_server_factory, env_for):
     server = emulator_server_factory(timing=STEP)
     env = env_for(server)
-    repo.spec("a", output="out/a-results.jsonl", errors="out/a-errors.jsonl")
+    repo.spec("a", output="results/out/a-results.jsonl", errors="results/out/a-errors.jsonl")
     applied(repo, env)
     early = cli(repo, env, "download")
     assert early.code == 0
@@ -267,11 +267,11 @@ def test_download_to_the_spec_paths_and_skips_running_batches(repo, emulator_ser
 
     result = cli(repo, env, "download")
     assert result.code == 0
-    assert len((repo.root / "out/a-results.jsonl").read_text().splitlines()) == 3
-    assert not (repo.root / "out/a-errors.jsonl").exists()  # no request failed: the batch has no error file
+    assert len((repo.root / "results/out/a-results.jsonl").read_text().splitlines()) == 3
+    assert not (repo.root / "results/out/a-errors.jsonl").exists()  # no request failed: the batch has no error file
     kept = repo.root / "results/a" / batch_of(repo, "a")  # each batch's own copy, whatever the spec's paths
     assert sorted(p.name for p in kept.iterdir()) == ["output.jsonl"]
-    assert (kept / "output.jsonl").read_bytes() == (repo.root / "out/a-results.jsonl").read_bytes()
+    assert (kept / "output.jsonl").read_bytes() == (repo.root / "results/out/a-results.jsonl").read_bytes()
 
 
 def test_download_says_clearly_when_the_results_expired(repo, emulator_server, api_env):

@@ -31,6 +31,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import LockError, StateError
@@ -130,6 +131,11 @@ class StateStore(ABC):
     def force_unlock(self, lock_id: str | None) -> LockInfo | None:
         """Remove the lock whose holder note has `lock_id` (None: whoever holds it); the removed note.
         Raises LockError when the id does not match the holder's, or when the holder is still alive."""
+
+    def local_files(self) -> dict[Path, str]:
+        """The files this store keeps on this machine, each with what it is ("the state file"):
+        download never writes over them. None (empty) for a store kept elsewhere."""
+        return {}
 
     def close(self) -> None:
         """Release connections and the lock (idempotent)."""

@@ -8,7 +8,9 @@ On disk, next to `<state>` (default `state/batchplan.state.json`):
   second process prints.
 
 Every write is atomic (fsutil.atomic_write). A state file that cannot be read, or that
-a newer batchplan wrote, is reported and never overwritten.
+a newer batchplan wrote, is reported and never overwritten. A state file that is a
+symlink is resolved first: it is written through (the link stays a link) and locked as
+its target, so two links to one state share one lock.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class FileStore(StateStore):
     """One state file, its backup and its lock."""
 
     def __init__(self, path: Path):
+        path = path.resolve() if path.is_symlink() else path  # the target: one lock per state, not per link
         self.path = path
         self.location = str(path)
         self.backup_path = path.with_name(path.name + ".backup")
@@ -49,8 +52,12 @@ class FileStore(StateStore):
         except filelock.Timeout:
             raise lock_error(self.location, self._holder_note(), timeout) from None
         self._lock = lock
-        # atomic: a process that finds the lock taken never reads half a note
-        atomic_write(self.info_path, json.dumps(info.to_dict(), sort_keys=True))
+        try:  # atomic: a process that finds the lock taken never reads half a note
+            atomic_write(self.info_path, json.dumps(info.to_dict(), sort_keys=True))
+        except OSError as exc:  # a full disk: let the lock go, change nothing
+            self.unlock()
+            raise StateError(f"{self.info_path}: cannot write the lock note ({exc.strerror or exc}); nothing was "
+                             "sent or changed. Free some space (or make the directory writable) and run again") from exc
 
     def unlock(self) -> None:
         if self._lock is not None:
@@ -91,6 +98,10 @@ class FileStore(StateStore):
         self.info_path.unlink(missing_ok=True)
         self.lock_path.unlink(missing_ok=True)
         return held
+
+    def local_files(self) -> dict[Path, str]:
+        return {self.path: "the state file", self.backup_path: "the state's backup",
+                self.lock_path: "the state lock", self.info_path: "the state lock's note"}
 
     # -- the state -----------------------------------------------------------------------
 
@@ -145,6 +156,8 @@ class FileStore(StateStore):
             data = json.loads(text)
         except ValueError as exc:
             raise StateError(f"{self.path}: not valid JSON ({exc}); {fix}") from exc
+        except RecursionError:  # arrays in arrays, thousands deep: no state is shaped like that
+            raise StateError(f"{self.path}: nested too deeply to be a batchplan state; {fix}") from None
         version = data.get("format_version") if isinstance(data, dict) else None
         if isinstance(version, int) and version > FORMAT_VERSION:
             raise StateError(f"{self.path}: written by a newer batchplan (state format {version}, this one "
@@ -154,4 +167,4 @@ class FileStore(StateStore):
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(map(str, first["loc"])) or "top level"
-            raise StateError(f"{self.path}: {where}: {first['msg']}; {fix}") from exc
+            raise StateError(f"{self.path}: {where}: {first['msg'].removeprefix('Value error, ')}; {fix}") from exc
