@@ -46,7 +46,9 @@ debug_option = click.option("--debug", is_flag=True, expose_value=False, callbac
 COMMON_OPTIONS = (
     _option("-C", "--chdir", metavar="DIR", help="Run as if batchplan was started in DIR (the repo root)."),
     _option("--specs", metavar="DIR", help="Spec directory [default: specs, or batchplan.yaml]."),
-    _option("--state", metavar="FILE", help="State file [default: state/batchplan.state.json]."),
+    _option("--state", metavar="FILE|URL",
+            help="State file, or postgresql://USER@HOST:PORT/DATABASE (also BATCHPLAN_STATE_URL) "
+                 "[default: state/batchplan.state.json]."),
     _option("--sandbox", is_flag=True, envvar="BATCHPLAN_SANDBOX",
             help="Use the embedded emulator: no key, no network, its own state (also BATCHPLAN_SANDBOX=1)."),
     _option("--parallelism", type=click.IntRange(1, 64), help="Concurrent requests [default: 16]."),
