@@ -340,3 +340,16 @@ def test_the_file_store_commands_never_import_psycopg():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(CHECKOUT)}).stdout
     assert out == "False\n"
+
+
+def test_both_stores_word_a_held_lock_the_same_way(pg_store, tmp_path):
+    from reconciler.stores.file import FileStore
+
+    messages = []
+    for holder, other in [(pg_store(), pg_store()), (FileStore(tmp_path / "s.json"), FileStore(tmp_path / "s.json"))]:
+        holder.lock(HOLDER, 0)
+        with pytest.raises(LockError) as caught:
+            other.lock(LockInfo.new("batchplan apply"), 0)
+        messages.append(str(caught.value).replace(other.location, "LOCATION"))
+        holder.unlock()
+    assert messages[0] == messages[1]
