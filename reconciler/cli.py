@@ -250,7 +250,7 @@ def import_cmd(project, name, batch_id) -> None:
 
 @cli.group("state")
 def state_group() -> None:
-    """Read or edit the state file by hand; never calls the server.
+    """Read, edit or move the state by hand; never calls the server.
 
     For the sandbox's state: `batchplan --sandbox state list`.
     """
@@ -285,15 +285,30 @@ def state_rm(project, name) -> None:
     emit(_render().render_removed(name, operations.remove_entry(project, name)))
 
 
+@state_group.command("migrate")
+@project_options(*STATE_ONLY)
+@lock_timeout_option
+@click.option("--to", "to", required=True, metavar="URL|FILE",
+              help="Where to copy the state: postgresql://USER@HOST:PORT/DATABASE, or a state file path.")
+@click.option("--workspace", metavar="NAME", help="The target's workspace in PostgreSQL [default: this one's].")
+@click.option("--force", is_flag=True, help="Replace a state the target already holds (kept as its backup).")
+def state_migrate(project, to, workspace, force) -> None:
+    """Copy the state, lineage and serial kept, to another place: a state file into PostgreSQL
+    or back. Prints the batchplan.yaml lines that switch to it. Never calls the server."""
+    emit(_render().render_migrated(operations.migrate_state(project, to, workspace, force)))
+
+
 # -- locks and the sandbox -----------------------------------------------------------------
 
 
 @cli.command("force-unlock")
 @project_options(*STATE_ONLY)
 @click.argument("lock_id", required=False)
-def force_unlock_cmd(project, lock_id) -> None:
+@click.option("--force", is_flag=True,
+              help="State in PostgreSQL: end the holder's database session even though it is alive.")
+def force_unlock_cmd(project, lock_id, force) -> None:
     """Remove the state lock left by a process that is gone. LOCK_ID is the id the lock error printed."""
-    location, held = operations.force_unlock(project, lock_id)
+    location, held = operations.force_unlock(project, lock_id, force)
     echo(f"Removed the lock on {location}{f' (held by {held.describe()})' if held else ''}.")
 
 

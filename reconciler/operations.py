@@ -12,9 +12,11 @@ plan made and the lock held, never while a request is waiting.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,15 +34,33 @@ if TYPE_CHECKING:
     from .scaffold import Scaffolded
     from .batch import BatchRecord
     from .state import Entry, State
-    from .stores.base import LockInfo
+    from .stores.base import LockInfo, Transaction
     from .remote import Snapshot
     from .status import StatusRow
     from .watch import Display, WaitResult
 
 
 def _command() -> str:
-    """This command line, for the note of who holds the state lock."""
-    return " ".join(["batchplan", *sys.argv[1:]])[:200]
+    """This command line, for the note of who holds the state lock (any database password masked:
+    the note is stored and shown to others)."""
+    from .stores.postgres import masked_url
+
+    line = " ".join(["batchplan", *sys.argv[1:]])
+    return re.sub(r"postgres(?:ql)?://\S+", lambda url: masked_url(url.group()), line)[:200]
+
+
+def _load_state(project: Project) -> State | None:
+    """The stored state, read without the lock (None: none yet)."""
+    with closing(project.store()) as store:
+        return store.load()
+
+
+@contextmanager
+def _transaction(project: Project) -> Iterator[Transaction]:
+    """The state under the lock, for a command that changes it; the store is closed after (its
+    database connection, for a PostgreSQL state). See stores/base.py."""
+    with closing(project.store()) as store, store.transaction(_command(), project.lock_timeout) as txn:
+        yield txn
 
 
 def _load_desired(project: Project) -> list[Desired]:
@@ -81,7 +101,7 @@ def init(project: Project) -> Scaffolded:
 def sandbox_hint(project: Project) -> str | None:
     """For a command that found the state empty: a sentence when the sandbox's state holds batches
     (the user most likely forgot --sandbox), else None."""
-    if project.sandbox:
+    if project.sandbox or project.state_url:  # a PostgreSQL state keeps its sandbox in another workspace
         return None
     from .stores.file import FileStore
 
@@ -132,7 +152,7 @@ async def _make_plan(project: Project, api, desired: list[Desired], state: State
 def plan(project: Project, request: PlanRequest, out: Path | None = None) -> Plan:
     """What apply would change. Reads the server; writes only the input hash cache (and `out`)."""
     desired = _load_desired(project)
-    state = project.store().load()
+    state = _load_state(project)
     with Session(project) as session:
         the_plan = session.run(lambda api: _make_plan(project, api, desired, state, request))
     if out is not None:
@@ -160,7 +180,7 @@ def apply(project: Project, request: PlanRequest, *, planfile: Path | None, revi
         saved = load_plan(planfile, project)
     desired = None if saved else _load_desired(project)
     project.credentials()  # before taking the lock: a missing key is said at once
-    with Session(project) as session, project.store().transaction(_command(), project.lock_timeout) as txn:
+    with Session(project) as session, _transaction(project) as txn:  # the client is made on first use: after
         state = txn.state if txn.existed else None
         if saved:
             from .planfile import check_fresh
@@ -177,10 +197,20 @@ def apply(project: Project, request: PlanRequest, *, planfile: Path | None, revi
     return Applied(the_plan, result)
 
 
-def force_unlock(project: Project, lock_id: str | None) -> tuple[str, LockInfo | None]:
-    """Remove the state lock a process that is gone left; where it was, and whose it was."""
-    store = project.store()
-    return store.location, store.force_unlock(lock_id)
+def force_unlock(project: Project, lock_id: str | None, force: bool = False) -> tuple[str, LockInfo | None]:
+    """Remove the state lock a process that is gone left; where it was, and whose it was.
+
+    `force` (PostgreSQL only) ends a live holder's database session, which releases its lock;
+    a file lock held by a live process cannot be taken from it."""
+    from .stores.postgres import PostgresStore
+
+    with closing(project.store()) as store:
+        if isinstance(store, PostgresStore):
+            return store.location, store.force_unlock(lock_id, terminate=force)
+        if force:
+            raise ConfigError("force-unlock --force ends the lock holder's database session, which only a state in "
+                              "PostgreSQL has; for a state file, stop the process that holds the lock")
+        return store.location, store.force_unlock(lock_id)
 
 
 # -- status, wait, refresh, download ---------------------------------------------------
@@ -196,7 +226,7 @@ def status(project: Project, names: tuple[str, ...]) -> StatusReport:
     """Every batch in the state (or the names) as the server says now. Writes nothing."""
     from .status import status_rows
 
-    entries = _entries(project.store().load(), names)
+    entries = _entries(_load_state(project), names)
     with Session(project) as session:
         snapshot = _snapshot(session, entries)
     return StatusReport(status_rows(entries, snapshot), time.time())
@@ -215,7 +245,7 @@ def wait(project: Project, names: tuple[str, ...], *, interval: float | None, ti
     from .remote import any_unfinished
     from .watch import WaitResult, wait_until_finished
 
-    entries = _entries(project.store().load(), names)
+    entries = _entries(_load_state(project), names)
     if not entries:
         return Waited([], None)
     interval = interval or (1.0 if project.sandbox else 15.0)
@@ -229,7 +259,7 @@ def wait(project: Project, names: tuple[str, ...], *, interval: float | None, ti
         finally:
             shown.close()
     try:
-        with project.store().transaction(_command(), project.lock_timeout) as txn:
+        with _transaction(project) as txn:
             txn.state.record_batches(result.snapshot.records)
     except LockError as exc:
         return Waited(list(entries), result, not_recorded=exc)
@@ -246,7 +276,7 @@ def refresh(project: Project) -> Refreshed:
     """Record in the state what the server says now about batches still running."""
     from .remote import any_unfinished
 
-    with Session(project) as session, project.store().transaction(_command(), project.lock_timeout) as txn:
+    with Session(project) as session, _transaction(project) as txn:
         entries = _entries(txn.state, ())
         if not any_unfinished(entries):
             return Refreshed([], None)
@@ -277,7 +307,7 @@ def _download_records(project: Project, session: Session, names: tuple[str, ...]
     from .batch import BatchRecord
     from .state import select_entries
 
-    state = project.store().load()
+    state = _load_state(project)
     if batch_id is None:
         entries = _entries(state, names)
         snapshot = _snapshot(session, entries)
@@ -390,23 +420,23 @@ def import_batch(project: Project, name: str, batch_id: str) -> ImportedBatch:
     want = next((d for d in _load_desired(project) if d.name == name), None)
     if want is None:
         raise ConfigError(f"no spec named {name} under {project.specs_dir}; write its spec first, then import")
-    with Session(project) as session:
-        batch, input_file = session.run(lambda api: _fetch_for_import(api, want, batch_id))
-    imported = import_entry(want, batch, input_file, project.root / want.input if want.input else None)
-    with project.store().transaction(_command(), project.lock_timeout) as txn:
+    with _transaction(project) as txn:  # the state first: a state that cannot be read sends nothing
         holder = next((n for n, e in txn.state.entries.items() if e.batch and e.batch.id == batch_id), None)
         if holder:
             raise StateError(f"batch {batch_id} is already in the state, as {holder}; nothing was changed")
         if name in txn.state.entries:
             raise StateError(f"the state already has an entry for {name}; `batchplan state rm {name}` first "
                              "(it leaves its batch alone on the server), then import")
+        with Session(project) as session:
+            batch, input_file = session.run(lambda api: _fetch_for_import(api, want, batch_id))
+        imported = import_entry(want, batch, input_file, project.root / want.input if want.input else None)
         txn.state.entries[name] = imported.entry
     return ImportedBatch(batch_id, batch["status"], imported)
 
 
 def state_entries(project: Project, names: tuple[str, ...] = ()) -> dict[str, Entry]:
     """The state's entries (or the names'), sorted by name. Never calls the server."""
-    return _entries(project.store().load(), names)
+    return _entries(_load_state(project), names)
 
 
 @dataclass(frozen=True)
@@ -417,8 +447,35 @@ class Removed:
 
 def remove_entry(project: Project, name: str) -> Removed:
     """Stop tracking `name`. Its batch is left alone on the server."""
-    store = project.store()
-    with store.transaction(_command(), project.lock_timeout) as txn:
+    with closing(project.store()) as store, store.transaction(_command(), project.lock_timeout) as txn:
         _entries(txn.state, (name,))
         entry = txn.state.entries.pop(name)
     return Removed(entry, store.backup_location)
+
+
+@dataclass(frozen=True)
+class Migrated:
+    source: str   # where the state was (any password masked)
+    target: str   # where it is now
+    state: State
+    settings: str  # the batchplan.yaml lines that switch to the target
+
+
+def migrate_state(project: Project, to: str, workspace: str | None, force: bool) -> Migrated:
+    """Copy the state, lineage and serial kept, to another store (`to`: a postgresql:// URL or a file
+    path); a target that holds a state is replaced only when `force`. See stores/migrate.py."""
+    from .project import check_state_location, is_state_url
+    from .stores.migrate import migrate
+    from .stores.postgres import url_without_password
+
+    check_state_location(to, "--to")
+    if workspace and not is_state_url(to):
+        raise ConfigError(f"--workspace {workspace}: a workspace is for a PostgreSQL target (--to postgresql://...); "
+                          "a state file has none")
+    with closing(project.store()) as source, closing(project.store(to, workspace)) as target:
+        state = migrate(source, target, force=force, lock_timeout=project.lock_timeout)
+    if is_state_url(to):
+        settings = f"state: {url_without_password(to)}\nworkspace: {workspace or project.workspace}\n"
+    else:
+        settings = f"state: {to}\n"
+    return Migrated(source.location, target.location, state, settings)

@@ -92,7 +92,9 @@ debug_option = click.option("--debug", is_flag=True, expose_value=False, callbac
 SHARED_OPTIONS = {
     "chdir": _option("-C", "--chdir", metavar="DIR", help="Run as if batchplan was started in DIR (the repo root)."),
     "specs": _option("--specs", metavar="DIR", help="Spec directory [default: specs, or batchplan.yaml]."),
-    "state": _option("--state", metavar="FILE", help="State file [default: state/batchplan.state.json]."),
+    "state": _option("--state", metavar="FILE|URL",
+                     help="State file, or postgresql://USER@HOST:PORT/DATABASE (also BATCHPLAN_STATE_URL) "
+                          "[default: state/batchplan.state.json]."),
     "sandbox": _option("--sandbox", is_flag=True, envvar="BATCHPLAN_SANDBOX",
                        help="Use the embedded emulator: no key, no network, its own state under state/sandbox/ "
                             "(also BATCHPLAN_SANDBOX=1)."),

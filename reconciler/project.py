@@ -7,6 +7,13 @@ with its lock and caches next to it. The API key and base URL come from the envi
 exactly as the official SDK reads them (OPENAI_API_KEY, OPENAI_BASE_URL); the key is never
 written anywhere. `--sandbox` swaps the server for the embedded emulator, with its own
 state file and world under `state/sandbox/`.
+
+The state is a file, or a workspace in PostgreSQL when its location is a
+`postgresql://` URL (`--state URL`, else BATCHPLAN_STATE_URL, else `state:` in
+batchplan.yaml); `workspace:` (or BATCHPLAN_WORKSPACE) names the workspace, and the
+sandbox uses `<workspace>-sandbox` there. Either way the per-machine caches stay in
+the directory of the state file (`state/`, `state/sandbox/`). `store()` is the one
+place a store is chosen.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,6 +36,15 @@ if TYPE_CHECKING:
     from .stores.base import StateStore
 
 CONFIG_FILE = "batchplan.yaml"
+DEFAULT_STATE = "state/batchplan.state.json"
+STATE_URL_ENV = "BATCHPLAN_STATE_URL"
+WORKSPACE_ENV = "BATCHPLAN_WORKSPACE"
+PG_SCHEMES = ("postgresql://", "postgres://")
+
+
+def is_state_url(location: str) -> bool:
+    """Whether a state location names a PostgreSQL database rather than a file."""
+    return location.startswith(PG_SCHEMES)
 
 
 class Settings(BaseModel):
@@ -37,7 +53,8 @@ class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     specs: str = "specs"
-    state: str = "state/batchplan.state.json"
+    state: str = DEFAULT_STATE  # a file, or postgresql://USER@HOST:PORT/DATABASE
+    workspace: str = "default"  # the state's workspace in PostgreSQL
     results: str = "results"
     parallelism: int = Field(default=16, ge=1, le=64)
     timeout: float = Field(default=60.0, gt=0)
@@ -79,6 +96,46 @@ def _inside(root: Path, settings: Settings, key: str, flag: str | None) -> Path:
                           "(-C DIR says where it is)") from None
 
 
+def _state_location(given: str | None, settings: Settings) -> str:
+    """The state's file path or URL: the flag, else the environment, else batchplan.yaml."""
+    from_env = os.environ.get(STATE_URL_ENV, "").strip()
+    location, source = ((given, "--state") if given else (from_env, STATE_URL_ENV) if from_env
+                        else (settings.state, f"{CONFIG_FILE}: state"))
+    if source == STATE_URL_ENV and not is_state_url(location):
+        raise ConfigError(f"{STATE_URL_ENV}: not a PostgreSQL URL; write postgresql://USER@HOST:PORT/DATABASE "
+                          "(a state file is set with --state FILE or `state:` in batchplan.yaml)")
+    check_state_location(location, source)
+    if source.startswith(CONFIG_FILE) and is_state_url(location):
+        from .stores.postgres import url_password
+
+        if url_password(location):  # the file is committed: the password would be published
+            raise ConfigError(f"{source}: the URL holds a password, and this file is committed; remove it from "
+                              f"the URL and give it in PGPASSWORD or ~/.pgpass (or the whole URL in {STATE_URL_ENV}, "
+                              "kept as a secret)")
+    return location
+
+
+def check_state_location(location: str, source: str) -> None:
+    """Refuse a URL that is not PostgreSQL's (it would become a strange file name)."""
+    if "://" in location and not is_state_url(location):
+        from .stores.postgres import masked_url
+
+        raise ConfigError(f"{source}: {masked_url(location)} is not a PostgreSQL URL; write "
+                          "postgresql://USER@HOST:PORT/DATABASE, or a file path for a state file")
+
+
+def _workspace(settings: Settings) -> str:
+    """The PostgreSQL workspace: BATCHPLAN_WORKSPACE, else batchplan.yaml's `workspace:`, else `default`."""
+    from .stores.postgres import workspace_problem
+
+    from_env = os.environ.get(WORKSPACE_ENV, "").strip()
+    name, source = (from_env, WORKSPACE_ENV) if from_env else (settings.workspace, f"{CONFIG_FILE}: workspace")
+    problem = workspace_problem(name)
+    if problem:
+        raise ConfigError(f"{source}: {problem}")
+    return name
+
+
 @dataclass(frozen=True)
 class Project:
     root: Path
@@ -91,6 +148,10 @@ class Project:
     max_retries: int
     lock_timeout: float = 0.0
     allow_insecure_http: bool = False
+    # The state in PostgreSQL (None: in the file state_path). May hold a password: never print it,
+    # show store().location instead. state_path's directory keeps the per-machine caches either way.
+    state_url: str | None = field(default=None, repr=False)
+    workspace: str = "default"
 
     @classmethod
     def open(cls, chdir: str | None = None, specs: str | None = None, state: str | None = None,
@@ -100,22 +161,39 @@ class Project:
         if not root.is_dir():
             raise ConfigError(f"-C {chdir}: no such directory")
         settings = _read_settings(root)
-        # --state on the command line may name a file anywhere: the user chose it, not a reviewed file
-        state_path = root / state if state else _inside(root, settings, "state", None)
+        location = _state_location(state, settings)
+        state_url = location if is_state_url(location) else None
+        if state_url:  # the per-machine caches stay in state/ whatever the backend
+            state_path = root / DEFAULT_STATE
+        elif state:  # --state on the command line may name a file anywhere: the user chose it, not a reviewed file
+            state_path = root / state
+        else:
+            state_path = _inside(root, settings, "state", None)
         if sandbox:  # the sandbox keeps its own state, apart from the real one
             state_path = state_path.parent / "sandbox" / state_path.name
         return cls(root=root, specs_dir=_inside(root, settings, "specs", specs), state_path=state_path,
                    results_dir=_inside(root, settings, "results", None), sandbox=sandbox,
                    parallelism=parallelism or settings.parallelism, timeout=settings.timeout,
                    max_retries=settings.max_retries, lock_timeout=lock_timeout,
-                   allow_insecure_http=allow_insecure_http)
+                   allow_insecure_http=allow_insecure_http, state_url=state_url,
+                   workspace=_workspace(settings))
 
-    def store(self) -> StateStore:
+    def store(self, location: str | None = None, workspace: str | None = None) -> StateStore:
         """Where this project's state lives: every command reads and changes the state through it.
-        (The PostgreSQL store will be chosen here, by the `state:` URL.)"""
+
+        The one place a store is chosen: PostgreSQL for a `postgresql://` URL (the sandbox in
+        `<workspace>-sandbox`, so its batches never mix with real ones), else the state file.
+        `location` and `workspace` name another store instead (the target of `state migrate`;
+        a path is relative to the repo root). Nothing is connected until the store is used."""
+        location = location or self.state_url or str(self.state_path)
+        if is_state_url(location):
+            from .stores.postgres import PostgresStore
+
+            workspace = workspace or self.workspace
+            return PostgresStore(location, workspace=f"{workspace}-sandbox" if self.sandbox else workspace)
         from .stores.file import FileStore  # here: `validate` never loads the state models
 
-        return FileStore(self.state_path)
+        return FileStore(self.root / location)
 
     def results_area(self, inputs: dict[Path, str]) -> Area:
         """Where download may write: under the results directory, never over the state, its lock,

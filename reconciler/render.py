@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from .ledger import ApplyResult
     from .desired import Desired
     from .download import Report
-    from .operations import ImportedBatch, Refreshed, Removed, StatusReport, Waited
+    from .operations import ImportedBatch, Migrated, Refreshed, Removed, StatusReport, Waited
     from .scaffold import Scaffolded
     from .state import Entry
 
@@ -293,3 +293,12 @@ def render_removed(name: str, removed: Removed) -> str:
     batch = removed.entry.batch
     left = f"batch {batch.id} ({batch.status}) was not touched on the server" if batch else "it had no batch"
     return f"Removed {name} from the state; {left}. The previous state is in {removed.backup}.\n"
+
+
+def render_migrated(migrated: Migrated) -> str:
+    """What `state migrate` copied, and the batchplan.yaml lines that switch to it."""
+    state = migrated.state
+    lines = "".join(f"  {line}\n" for line in migrated.settings.splitlines())
+    return (f"Copied the state (lineage {state.lineage}, serial {state.serial}, {len(state.entries)} entries) from "
+            f"{migrated.source} to {migrated.target}.\nTo use it, set in batchplan.yaml:\n{lines}"
+            "The source is left as it was: remove it once the new state is in use.\n")

@@ -101,3 +101,26 @@ def spawn_cli(*args: str, env: dict | None = None, **kw) -> subprocess.Popen:
     full_env = {**os.environ, "NO_COLOR": "1", **(env or {})}
     return subprocess.Popen([sys.executable, "-m", "reconciler", *args], env=full_env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, **kw)
+
+
+class PgRepo(Repo):
+    """A repo whose state is a workspace in PostgreSQL: `settings()` gives the batchplan.yaml lines
+    that say so, and `state()` reads the state from the database."""
+
+    def __init__(self, root: Path, url: str, workspace: str = "default"):
+        super().__init__(root)
+        self.url, self.workspace = url, workspace
+
+    def settings(self, extra: str = "") -> str:
+        return f"state: {self.url}\nworkspace: {self.workspace}\n{extra}"
+
+    def state(self) -> dict:
+        from reconciler.stores.postgres import PostgresStore
+
+        store = PostgresStore(self.url, self.workspace)
+        try:
+            state = store.load()
+        finally:
+            store.close()
+        assert state is not None, f"no state in workspace {self.workspace}"
+        return json.loads(state.to_json())

@@ -134,9 +134,11 @@ def test_help_lists_commands_in_workflow_order_and_own_options_first():
         "  -h, --help  Show this message and exit.\n"
         "\n"
         "Global options (also before the command):\n"
-        "  -C, --chdir DIR  Run as if batchplan was started in DIR (the repo root).\n"
-        "  --state FILE     State file [default: state/batchplan.state.json].\n"
-        "  --debug          Show Python tracebacks for errors.\n")
+        "  -C, --chdir DIR   Run as if batchplan was started in DIR (the repo root).\n"
+        "  --state FILE|URL  State file, or postgresql://USER@HOST:PORT/DATABASE (also\n"
+        "                    BATCHPLAN_STATE_URL) [default:\n"
+        "                    state/batchplan.state.json].\n"
+        "  --debug           Show Python tracebacks for errors.\n")
     validate = run_cli("validate", "--help").out
     assert "--parallelism" not in validate and "--sandbox" not in validate
     status = run_cli("status", "--help").out

@@ -9,6 +9,9 @@ random times.
 After each kill, apply is re-run until it succeeds; then the server must hold exactly
 one batch per spec and each input uploaded once, the state must name those batches,
 and `plan --detailed-exitcode` must find nothing to do.
+
+Both tests run on each state backend: the state file, and a workspace of its own per
+kill point in PostgreSQL (a killed apply's database session ends, and its lock with it).
 """
 
 from __future__ import annotations
@@ -17,8 +20,10 @@ import random
 import signal
 import time
 
+import pytest
+
 from reconciler.sandbox import Fault
-from tests.helpers import Repo, run_cli, spawn_cli
+from tests.helpers import PgRepo, Repo, run_cli, spawn_cli
 from tests.test_reliability import (KEY, apply, assert_converged, batches_by_name, make_repo, state_ids,
                                     uploads_by_name, wait_for)
 
@@ -29,11 +34,24 @@ RANDOM_KILLS = 4
 STALLED = [("/v1/files", 2), ("/v1/batches", 1), ("/v1/batches", 3), ("/v1/batches", 5)]  # (path, nth)
 
 
-def start(tmp_path, make_server, label: str):
+@pytest.fixture(params=["file", "postgresql"])
+def new_repo(request, tmp_path):
+    """Make a fresh repo per kill point: `new_repo(label)`, its state a file or a PostgreSQL workspace."""
+    if request.param == "file":
+        return lambda label: Repo(tmp_path / label)
+    url = request.getfixturevalue("pg_url")
+    return lambda label: PgRepo(tmp_path / label, url, workspace=label.replace("/", "-"))
+
+
+def settings_of(repo: Repo) -> str:
+    return repo.settings(SETTINGS) if isinstance(repo, PgRepo) else SETTINGS
+
+
+def start(new_repo, make_server, label: str):
     server = make_server(latency=LATENCY)
     env = {"OPENAI_BASE_URL": server.url, "OPENAI_API_KEY": KEY, "NO_COLOR": "1"}
-    repo = Repo(tmp_path / label)
-    names = make_repo(repo, SPECS, settings=SETTINGS, shared=1)
+    repo = new_repo(label)
+    names = make_repo(repo, SPECS, settings=settings_of(repo), shared=1)
     return repo, server, env, names
 
 
@@ -65,9 +83,9 @@ def kill(proc) -> bool:
     return proc.returncode == -signal.SIGKILL
 
 
-def test_sigkill_at_every_request_and_at_random_times(tmp_path, emulator_server_factory, record_property):
+def test_sigkill_at_every_request_and_at_random_times(new_repo, emulator_server_factory, record_property):
     started = time.monotonic()
-    repo, server, env, names = start(tmp_path, emulator_server_factory, "clean")
+    repo, server, env, names = start(new_repo, emulator_server_factory, "clean")
     clean = spawn_apply(repo, env, "--parallelism", "1")
     out, err = clean.communicate(timeout=30)
     assert clean.returncode == 0, out + err
@@ -76,7 +94,7 @@ def test_sigkill_at_every_request_and_at_random_times(tmp_path, emulator_server_
 
     covered = []
     for k in range(1, full + 1):
-        repo, server, env, names = start(tmp_path, emulator_server_factory, f"k{k}")
+        repo, server, env, names = start(new_repo, emulator_server_factory, f"k{k}")
         proc = spawn_apply(repo, env, "--parallelism", "1")
         wait_for(lambda: len(server.requests) >= k or proc.poll() is not None)
         if kill(proc):
@@ -84,7 +102,7 @@ def test_sigkill_at_every_request_and_at_random_times(tmp_path, emulator_server_
         converge(repo, server, env, names)
 
     for path, nth in STALLED:
-        repo, server, env, names = start(tmp_path, emulator_server_factory, f"stalled{path[4:]}{nth}")
+        repo, server, env, names = start(new_repo, emulator_server_factory, f"stalled{path[4:]}{nth}")
         server.add_fault(Fault(action="stall", method="POST", path_regex=f"^{path}$", nth=nth, seconds=0.3))
         proc = spawn_apply(repo, env, "--parallelism", "1")
         wait_for(lambda: server.fault_status()[0]["fired"] or proc.poll() is not None)
@@ -94,7 +112,7 @@ def test_sigkill_at_every_request_and_at_random_times(tmp_path, emulator_server_
 
     rng = random.Random(4)
     for i in range(RANDOM_KILLS):
-        repo, server, env, names = start(tmp_path, emulator_server_factory, f"random{i}")
+        repo, server, env, names = start(new_repo, emulator_server_factory, f"random{i}")
         proc = spawn_apply(repo, env)  # full parallelism: several requests in flight at once
         wait_for(lambda: len(server.requests) >= 1 or proc.poll() is not None)
         time.sleep(rng.uniform(0, LATENCY * 6))
@@ -108,15 +126,15 @@ def test_sigkill_at_every_request_and_at_random_times(tmp_path, emulator_server_
     assert time.monotonic() - started < 60
 
 
-def test_sigkill_at_every_request_of_a_replace(tmp_path, emulator_server_factory, record_property):
+def test_sigkill_at_every_request_of_a_replace(new_repo, emulator_server_factory, record_property):
     """Replacing running batches: the new batch made once, the old one cancelled, whatever the kill."""
     from reconciler.sandbox import Timing
 
     def start_replace(label: str):
         server = emulator_server_factory(latency=LATENCY, timing=Timing.uniform(60))  # batches stay running
         env = {"OPENAI_BASE_URL": server.url, "OPENAI_API_KEY": KEY, "NO_COLOR": "1"}
-        repo = Repo(tmp_path / label)
-        names = make_repo(repo, 2, settings=SETTINGS)
+        repo = new_repo(label)
+        names = make_repo(repo, 2, settings=settings_of(repo))
         assert apply(repo, env).code == 0
         old = {n: ids[0] for n, ids in batches_by_name(server).items()}
         for name in names:

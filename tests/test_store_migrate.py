@@ -1,5 +1,5 @@
-"""`migrate(source, target, force)` between real stores: PostgreSQL workspaces here (the file
-store joins these tests once stores/file.py lands)."""
+"""`migrate(source, target, force)` between real stores: PostgreSQL workspaces, and a state file
+into PostgreSQL and back."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import pytest
 from reconciler.errors import LockError, StateError
 from reconciler.state import Entry, State
 from reconciler.stores.base import LockInfo
+from reconciler.stores.file import FileStore
 from reconciler.stores.migrate import migrate
 
 
@@ -58,7 +59,20 @@ def test_migrate_waits_for_no_one_and_writes_nothing_while_the_target_is_locked(
     source, target, busy = pg_store("dev"), pg_store("prod"), pg_store("prod")
     stored_state(source, entries=1, serial=1)
     busy.lock(LockInfo.new("batchplan apply"), 0)
-    with pytest.raises(LockError, match=r"the state is locked by .*batchplan apply"):
+    with pytest.raises(LockError, match=r"the state .* is locked by .*batchplan apply"):
         migrate(source, target)
     assert target.load() is None
     assert source.holder() is None  # the source's lock was given back
+
+
+def test_migrate_a_state_file_into_postgresql_and_back_keeps_it_byte_for_byte(pg_store, tmp_path):
+    source, database, back = FileStore(tmp_path / "s.json"), pg_store("prod"), FileStore(tmp_path / "back.json")
+    original = stored_state(source, entries=3, serial=4)
+    written = source.path.read_bytes()
+    assert migrate(source, database) == original
+    assert pg_store("prod").load() == original
+    assert migrate(database, back) == original
+    assert back.path.read_bytes() == written  # lineage, serial and every field: the same file
+    with pytest.raises(StateError, match=r"back.json: already holds a state \(lineage .*, serial 4\)"):
+        migrate(database, back)
+    assert not back.info_path.exists() and database.holder() is None

@@ -190,9 +190,9 @@ def test_a_held_lock_blocks_another_store_with_a_message_naming_the_holder(pg_st
     with pytest.raises(LockError) as caught:
         other.lock(LockInfo.new("batchplan apply"), 0)
     assert str(caught.value) == (
-        f"{other.location}: the state is locked by pid 4711 of ci@runner-3 (batchplan apply) since "
-        "2026-11-27T12:04:11Z (lock id lock-1). Wait for it to finish, or retry with --lock-timeout SECONDS; "
-        "the lock ends with its holder's database session, so a killed holder never leaves it behind")
+        f"the state {other.location} is locked by pid 4711 of ci@runner-3 (batchplan apply) since "
+        "2026-11-27T12:04:11Z. Wait for it to finish, retry with --lock-timeout SECONDS to wait, or, if that "
+        "process is gone, run `batchplan force-unlock lock-1`")
     assert other.holder() == HOLDER and other.holder_alive(HOLDER)
 
 
@@ -241,7 +241,7 @@ def test_the_note_of_a_killed_holder_is_stale_and_force_unlock_removes_it(pg_sto
     other = pg_store()
     assert other.holder() == HOLDER
     assert not other.holder_alive(HOLDER)
-    assert other.force_unlock("lock-1") == HOLDER
+    assert other.force_unlock(None) == HOLDER  # None: whoever holds it
     assert other.holder() is None
     assert other.force_unlock("lock-1") is None
 
@@ -257,7 +257,10 @@ def test_force_unlock_refuses_a_wrong_id_and_a_live_holder(pg_store):
     assert str(live.value) == (
         f"{other.location}: the state lock is held by pid 4711 of ci@runner-3 (batchplan apply) since "
         "2026-11-27T12:04:11Z, whose database session is alive: it is not stale, and a PostgreSQL lock cannot "
-        "be taken over. Stop that process, or force the unlock to end its database session; nothing was changed")
+        "be taken over. Wait for it to finish, stop that process, or run `batchplan force-unlock --force` to end "
+        "its database session; nothing was changed")
+    with pytest.raises(LockError, match="whose database session is alive"):
+        other.force_unlock(None)  # whoever holds it: still refused while it lives
     assert other.holder() == HOLDER and other.holder_alive(HOLDER)
 
 
@@ -337,3 +340,16 @@ def test_the_file_store_commands_never_import_psycopg():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(CHECKOUT)}).stdout
     assert out == "False\n"
+
+
+def test_both_stores_word_a_held_lock_the_same_way(pg_store, tmp_path):
+    from reconciler.stores.file import FileStore
+
+    messages = []
+    for holder, other in [(pg_store(), pg_store()), (FileStore(tmp_path / "s.json"), FileStore(tmp_path / "s.json"))]:
+        holder.lock(HOLDER, 0)
+        with pytest.raises(LockError) as caught:
+            other.lock(LockInfo.new("batchplan apply"), 0)
+        messages.append(str(caught.value).replace(other.location, "LOCATION"))
+        holder.unlock()
+    assert messages[0] == messages[1]

@@ -42,7 +42,7 @@ import orjson
 from pydantic import ValidationError
 
 from ..errors import LockError, StateError
-from .base import LockInfo, StateConflict, StateStore
+from .base import LockInfo, StateConflict, StateStore, lock_error
 
 if TYPE_CHECKING:
     import psycopg
@@ -125,14 +125,30 @@ def masked_url(url: str) -> str:
     return parts._replace(netloc=netloc, query=urlencode(query, safe="*")).geturl()
 
 
-def _password(url: str) -> str | None:
-    """The password written in the URL, to scrub it from messages."""
+def url_password(url: str) -> str | None:
+    """The password written in the URL (user part or `password=` parameter), to scrub it from messages."""
     try:
         parts = urlsplit(url)
     except ValueError:
         return None
     in_query = dict(parse_qsl(parts.query)).get("password")
     return parts.password or in_query
+
+
+def url_without_password(url: str) -> str:
+    """The URL with any password left out: what to write in batchplan.yaml (the password goes in PGPASSWORD)."""
+    parts = urlsplit(url)
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    query = [(key, value) for key, value in parse_qsl(parts.query) if key != "password"]
+    netloc = f"{userinfo.partition(':')[0]}{at}{hosts}"
+    return parts._replace(netloc=netloc, query=urlencode(query)).geturl()
+
+
+def workspace_problem(workspace: str) -> str | None:
+    """What is wrong with a workspace name, or None when it is a good one."""
+    if _WORKSPACE.fullmatch(workspace):
+        return None
+    return f"{workspace!r}: use 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit"
 
 
 def lock_key(workspace: str) -> int:
@@ -154,13 +170,13 @@ class PostgresStore(StateStore):
             shown = masked_url(url) if "://" in url else "the state location"  # `key=value` text may hold a password
             raise StateError(f"{shown}: not a PostgreSQL URL; write postgresql://USER@HOST:PORT/DATABASE "
                              "and give the password in PGPASSWORD or ~/.pgpass")
-        if not _WORKSPACE.fullmatch(workspace):
-            raise StateError(f"workspace {workspace!r}: use 1 to 64 letters, digits, '.', '_' or '-', "
-                             "starting with a letter or digit")
+        if workspace_problem(workspace):
+            raise StateError(f"workspace {workspace_problem(workspace)}")
         self._url = url  # private: it may hold the password; show `location`
         self.workspace = workspace
         self.location = f"{masked_url(url)} (workspace {workspace})"
-        self._secret = _password(url)
+        self.backup_location = f"the table batchplan.backup (workspace {workspace})"
+        self._secret = url_password(url)
         self._key = lock_key(workspace)
         self._conn: psycopg.Connection | None = None
         self._held: LockInfo | None = None
@@ -254,7 +270,7 @@ class PostgresStore(StateStore):
         while not self._try_lock():
             left = deadline - time.monotonic()
             if left <= 0:
-                raise LockError(self._held_message(timeout))
+                raise lock_error(self.location, self.holder(), timeout)
             time.sleep(min(LOCK_POLL_SECONDS, left))
         try:
             with self._sql("write the lock note") as cur:
@@ -273,15 +289,6 @@ class PostgresStore(StateStore):
     def _release_advisory(self) -> None:
         with self._sql("release the state lock") as cur:
             cur.execute("SELECT pg_advisory_unlock(%s)", (self._key,))
-
-    def _held_message(self, timeout: float) -> str:
-        note = self.holder()
-        who = f"by {note.describe()}" if note else "by another database session"
-        waited = f" after waiting {timeout:g}s" if timeout else ""
-        lock_id = f" (lock id {note.id})" if note else ""
-        return self._message(f"the state is locked {who}{waited}{lock_id}. Wait for it to finish, or retry with "
-                             "--lock-timeout SECONDS; the lock ends with its holder's database session, so a "
-                             "killed holder never leaves it behind")
 
     def unlock(self) -> None:
         if self._held is None:
@@ -314,20 +321,20 @@ class PostgresStore(StateStore):
             cur.execute(_HOLDS_ADVISORY, (row[0], unsigned >> 32, unsigned & 0xFFFF_FFFF))
             return cur.fetchone()[0]
 
-    def force_unlock(self, lock_id: str, *, terminate: bool = False) -> LockInfo | None:
-        """Remove the lock note `lock_id` whose session is gone; a live holder is refused, unless
-        `terminate` ends its database session (which releases its lock). The removed note."""
+    def force_unlock(self, lock_id: str | None, *, terminate: bool = False) -> LockInfo | None:
+        """Remove the lock note `lock_id` (None: whoever's) whose session is gone; a live holder is refused,
+        unless `terminate` ends its database session (which releases its lock). The removed note."""
         note = self.holder()
         if note is None:
             return None
-        if note.id != lock_id:
+        if lock_id and note.id != lock_id:
             raise LockError(self._message(f"the state lock has id {note.id}, not {lock_id}; nothing was changed"))
         if self.holder_alive(note):
             if not terminate:
                 raise LockError(self._message(
                     f"the state lock is held by {note.describe()}, whose database session is alive: it is not "
-                    "stale, and a PostgreSQL lock cannot be taken over. Stop that process, or force the unlock "
-                    "to end its database session; nothing was changed"))
+                    "stale, and a PostgreSQL lock cannot be taken over. Wait for it to finish, stop that process, "
+                    "or run `batchplan force-unlock --force` to end its database session; nothing was changed"))
             self._terminate_holder(note)
         with self._sql("remove the lock note") as cur:
             cur.execute("DELETE FROM batchplan.lock WHERE workspace = %s AND lock_id = %s", (self.workspace, note.id))
