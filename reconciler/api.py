@@ -17,36 +17,24 @@ import asyncio
 import ipaddress
 import os
 import random
-import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextvars import ContextVar
 from email.utils import parsedate_to_datetime
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 from . import __version__
 from .errors import AmbiguousWrite, ApiError, ConfigError, Interrupted, NotFound, TransportError
+from .startup import httpx
 
+T = TypeVar("T")
 
-@contextmanager
-def _without(*names: str) -> Iterator[None]:
-    """Make `import name` fail for these modules while the block runs (a None in sys.modules)."""
-    hidden = [name for name in names if name not in sys.modules]
-    sys.modules.update(dict.fromkeys(hidden))
-    try:
-        yield
-    finally:
-        for name in hidden:
-            del sys.modules[name]
-
-
-# Whenever they are installed, httpcore imports trio and httpx imports its own command line
-# (rich and pygments): 0.3 s of every start here, for code batchplan never runs.
-with _without("trio", "httpx._main"):
-    import httpcore  # noqa: E402,F401
-    import httpx  # noqa: E402
+# Tests set this to run every Api of the current context (a whole CLI run, say) against an
+# in-process transport such as sandbox.EmulatorTransport; an Api given a transport ignores it.
+TEST_TRANSPORT: ContextVar[httpx.AsyncBaseTransport | None] = ContextVar("TEST_TRANSPORT", default=None)
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
@@ -112,11 +100,21 @@ def _api_error(response: httpx.Response, what: str) -> ApiError:
                code=error.get("code"), request=what)
 
 
+async def _read_whole(response: httpx.Response) -> httpx.Response:
+    await response.aread()
+    return response
+
+
 class Api:
-    """One client per command run. Use as `async with Api(...) as api:`."""
+    """One client per command run. Use as `async with Api(...) as api:`.
+
+    `transport` replaces the network (the in-process sandbox, a test's); when None, the
+    TEST_TRANSPORT of the current context, else real HTTP.
+    """
 
     def __init__(self, base_url: str, api_key: str, *, parallelism: int = 16, timeout: float = 60.0,
-                 max_retries: int = 5, max_retry_seconds: float = 120.0, backoff: float = 0.5):
+                 max_retries: int = 5, max_retry_seconds: float = 120.0, backoff: float = 0.5,
+                 transport: httpx.AsyncBaseTransport | None = None):
         self.base_url = base_url
         self.timeout = timeout
         self.max_retries = max_retries
@@ -131,6 +129,7 @@ class Api:
             headers={"Authorization": f"Bearer {api_key}", "User-Agent": f"batchplan/{__version__}"},
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
             limits=httpx.Limits(max_connections=parallelism, max_keepalive_connections=parallelism),
+            transport=transport or TEST_TRANSPORT.get(),
             trust_env=False,
         )
 
@@ -153,8 +152,13 @@ class Api:
 
     async def _request(self, method: str, path: str, *, write: bool = False,
                        retry_statuses: frozenset[int] = RETRY_STATUSES,
-                       body: Callable[[], dict] | None = None, **kwargs) -> httpx.Response:
-        """Send one request, retrying what is safe to retry; `write` marks a create."""
+                       body: Callable[[], dict] | None = None,
+                       receive: Callable[[httpx.Response], Awaitable[T]] = _read_whole, **kwargs) -> T:
+        """Send one request, retrying what is safe to retry; `write` marks a create.
+
+        `receive` takes a successful answer as it streams in (by default it reads it whole);
+        a connection lost while it runs is retried like one lost before the answer.
+        """
         what = f"{method} {_route(path)}"
         started = time.monotonic()
         for attempt in range(self.max_retries + 1):
@@ -165,7 +169,10 @@ class Api:
                     if write and self.stopping.is_set():
                         raise Interrupted(f"{what}: not sent, apply is stopping")
                     self.calls[what] += 1
-                    response = await self._client.request(method, path, **(body() if body else {}), **kwargs)
+                    async with self._client.stream(method, path, **(body() if body else {}), **kwargs) as response:
+                        if response.is_success:
+                            return await receive(response)
+                        await response.aread()
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
                 failure: ApiError | TransportError = TransportError(
                     f"{what}: cannot reach {self.base_url}: {exc or type(exc).__name__}")
@@ -177,8 +184,6 @@ class Api:
                 failure = TransportError(reason)
                 failure.__cause__ = exc
             else:
-                if response.is_success:
-                    return response
                 failure = _api_error(response, what)
                 if response.status_code not in retry_statuses:
                     raise failure
@@ -204,6 +209,18 @@ class Api:
             raise ApiError(response.status_code, "the answer is not a JSON object", request=f"{method} /{path}")
         return data
 
+    async def _pages(self, path: str, params: dict) -> AsyncIterator[dict]:
+        """Every item of a list endpoint, one page request at a time (cursor: the last id seen)."""
+        after = None
+        while True:
+            page = await self._json("GET", path, params={**params, **({"after": after} if after else {})})
+            items = page.get("data") or []
+            for item in items:
+                yield item
+            if not page.get("has_more") or not items:
+                return
+            after = items[-1]["id"]
+
     # -- batches -------------------------------------------------------------------------
 
     async def create_batch(self, params: dict) -> dict:
@@ -215,30 +232,14 @@ class Api:
     async def cancel_batch(self, batch_id: str) -> dict:
         return await self._json("POST", f"batches/{batch_id}/cancel", retry_statuses=RETRY_STATUSES - {409})
 
-    async def iter_batches(self, page_size: int = 100) -> AsyncIterator[dict]:
+    def iter_batches(self, page_size: int = 100) -> AsyncIterator[dict]:
         """Every batch in the account, newest first, one page request at a time."""
-        after = None
-        while True:
-            params = {"limit": page_size, **({"after": after} if after else {})}
-            page = await self._json("GET", "batches", params=params)
-            for batch in page.get("data") or []:
-                yield batch
-            if not page.get("has_more") or not page.get("data"):
-                return
-            after = page["data"][-1]["id"]
+        return self._pages("batches", {"limit": page_size})
 
     # -- files ---------------------------------------------------------------------------
 
     async def list_files(self, purpose: str = "batch") -> list[dict]:
-        files: list[dict] = []
-        after = None
-        while True:
-            params = {"purpose": purpose, "limit": 10_000, **({"after": after} if after else {})}
-            page = await self._json("GET", "files", params=params)
-            files += page.get("data") or []
-            if not page.get("has_more") or not page.get("data"):
-                return files
-            after = page["data"][-1]["id"]
+        return [file async for file in self._pages("files", {"purpose": purpose, "limit": 10_000})]
 
     async def upload_file(self, path: Path, filename: str) -> dict:
         """Upload streamed from disk (httpx reads the file in chunks as it sends)."""
@@ -251,38 +252,24 @@ class Api:
         return await self._json("GET", f"files/{file_id}")
 
     async def download_file(self, file_id: str, dest: Path) -> int:
-        """Stream a file's content to `dest` atomically (temp + rename); returns the byte count."""
+        """Stream a file's content to `dest` atomically (temp + rename); returns the byte count.
+
+        A connection lost mid-file is retried from the start, like any read.
+        """
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")
-        what = f"GET /files/{file_id}/content"
+
+        async def save(response: httpx.Response) -> int:
+            size = 0
+            with tmp.open("wb") as fh:
+                async for chunk in response.aiter_bytes(1 << 16):
+                    fh.write(chunk)
+                    size += len(chunk)
+            return size
+
         try:
-            for attempt in range(self.max_retries + 1):
-                try:
-                    size = await self._stream_once(f"files/{file_id}/content", tmp, what)
-                    os.replace(tmp, dest)
-                    return size
-                except (httpx.TransportError, ApiError) as exc:
-                    retryable = not isinstance(exc, ApiError) or exc.status in RETRY_STATUSES
-                    if not retryable or attempt == self.max_retries:
-                        if isinstance(exc, ApiError):
-                            raise
-                        raise TransportError(f"{what}: download failed: {exc}") from exc
-                    await asyncio.sleep(self._delay(attempt, None))
+            size = await self._request("GET", f"files/{file_id}/content", receive=save)
+            os.replace(tmp, dest)
+            return size
         finally:
             tmp.unlink(missing_ok=True)
-        raise AssertionError("unreachable")
-
-    async def _stream_once(self, path: str, tmp: Path, what: str) -> int:
-        async with self._slots:
-            await self._pause()
-            self.calls["GET /files/{id}/content"] += 1
-            async with self._client.stream("GET", path) as response:
-                if not response.is_success:
-                    await response.aread()
-                    raise _api_error(response, what)
-                size = 0
-                with tmp.open("wb") as fh:
-                    async for chunk in response.aiter_bytes(1 << 16):
-                        fh.write(chunk)
-                        size += len(chunk)
-                return size

@@ -27,18 +27,18 @@ from typing import BinaryIO, Callable, Iterator
 import orjson
 from filelock import FileLock
 
-from reconciler.errors import StateError
+from reconciler.errors import ConfigError, StateError
 from reconciler.inputs import scan_input
-from reconciler.sandbox import responses
+from reconciler.sandbox import results
+from reconciler.spec import ENDPOINTS
 
-ENDPOINTS = ("/v1/responses", "/v1/chat/completions", "/v1/embeddings", "/v1/completions",
-             "/v1/moderations", "/v1/images/generations", "/v1/images/edits", "/v1/videos")
 UPLOAD_PURPOSES = ("assistants", "batch", "fine-tune", "vision", "user_data", "evals")
 COMPLETION_WINDOWS = ("24h",)
 ACTIVE = ("validating", "in_progress", "finalizing")
 BATCH_LIFETIME = 86400
 EXPIRY_SECONDS = (3600, 2592000)
 WORLD_VERSION = 1
+STEP_SECONDS_ENV = "BATCHPLAN_SANDBOX_STEP_SECONDS"
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,20 @@ class Timing:
     @classmethod
     def uniform(cls, seconds: float) -> Timing:
         return cls(seconds, seconds, seconds, seconds)
+
+
+def timing_from_env() -> Timing:
+    """`BATCHPLAN_SANDBOX_STEP_SECONDS` (one float for every step), else the default Timing."""
+    value = os.environ.get(STEP_SECONDS_ENV)
+    if value is None or not value.strip():
+        return Timing()
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ConfigError(f"{STEP_SECONDS_ENV} must be a number of seconds (e.g. 0.5), not {value!r}") from None
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ConfigError(f"{STEP_SECONDS_ENV} must be zero or more seconds, not {value!r}")
+    return Timing.uniform(seconds)
 
 
 class EmulatorError(Exception):
@@ -389,7 +403,7 @@ class Emulator:
             return
         batch["model"] = report.models[0] if report.models else None
         batch["total"] = report.requests
-        batch["planned_failures"] = sum(responses.request_fails(cid, batch["fail_rate"])
+        batch["planned_failures"] = sum(results.request_fails(cid, batch["fail_rate"])
                                         for cid, _ in self._requests(batch)) if batch["fail_rate"] else 0
         batch["status"], batch["in_progress_at"] = "in_progress", at
 
@@ -433,35 +447,35 @@ class Emulator:
         """Write the output and error files of the requests processed so far, and sum their usage."""
         if batch["total"] == 0 or batch["input_file_id"] not in world["files"]:
             return
-        results = _Results(self.staging_dir)
+        files = _Results(self.staging_dir)
         try:
-            self._replay(batch, int(at), expired, results)
+            self._replay(batch, int(at), expired, files)
         finally:
-            paths = results.close()
-        batch["counts"]["failed"] += results.expired
-        batch["usage"] = results.usage or responses.batch_usage(0, 0)
+            paths = files.close()
+        batch["counts"]["failed"] += files.expired
+        batch["usage"] = files.usage or results.batch_usage(0, 0)
         for kind in ("output", "error"):
-            batch[f"{kind}_file_id"] = self._adopt_result(world, batch, paths[kind], kind, results.lines[kind], at)
+            batch[f"{kind}_file_id"] = self._adopt_result(world, batch, paths[kind], kind, files.lines[kind], at)
 
-    def _replay(self, batch: dict, created: int, expired: bool, results: _Results) -> None:
+    def _replay(self, batch: dict, created: int, expired: bool, files: _Results) -> None:
         """Answer the requests that ran: `counts` says how many successes and failures did.
 
         The rest never ran: an expired batch reports each of them as `batch_expired`.
         """
         left = {"ok": batch["counts"]["completed"], "failed": batch["counts"]["failed"]}
         for custom_id, body in self._requests(batch):
-            kind = "failed" if responses.request_fails(custom_id, batch["fail_rate"]) else "ok"
+            kind = "failed" if results.request_fails(custom_id, batch["fail_rate"]) else "ok"
             if left[kind] == 0:
                 if expired:
-                    results.write("error", responses.expired_line(batch["id"], custom_id))
-                    results.expired += 1
+                    files.write("error", results.expired_line(batch["id"], custom_id))
+                    files.expired += 1
                 continue
             left[kind] -= 1
             if kind == "ok":
-                results.write("output", *responses.success_line(batch["id"], batch["endpoint"], custom_id,
+                files.write("output", *results.success_line(batch["id"], batch["endpoint"], custom_id,
                                                                 body, created))
             else:
-                results.write("error", responses.failure_line(batch["id"], custom_id))
+                files.write("error", results.failure_line(batch["id"], custom_id))
 
     def _adopt_result(self, world: dict, batch: dict, staged: Path, kind: str, lines: int,
                       at: float) -> str | None:
@@ -499,7 +513,7 @@ class _Results:
     def write(self, kind: str, line: dict, usage: dict | None = None) -> None:
         self.files[kind].write(orjson.dumps(line) + b"\n")
         self.lines[kind] += 1
-        self.usage = responses.add_usage(self.usage, usage)
+        self.usage = results.add_usage(self.usage, usage)
 
     def close(self) -> dict[str, Path]:
         for fh in self.files.values():
