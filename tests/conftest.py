@@ -12,6 +12,14 @@ from tests.helpers import env_for
 
 FAST = Timing.uniform(0.05)
 
+# Most of the suite's time is spent waiting (timeouts, settling, kills), so it runs on several
+# workers (pyproject: -n); these take a third of it, and start first so they never start last.
+LONGEST = ("tests/test_kill.py",)
+
+
+def pytest_collection_modifyitems(items) -> None:
+    items.sort(key=lambda item: not item.nodeid.startswith(LONGEST))
+
 
 @pytest.fixture
 def emulator_factory(tmp_path) -> Iterator[Callable[..., Emulator]]:
