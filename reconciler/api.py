@@ -1,14 +1,18 @@
 """The Files + Batches API client: async httpx, bounded concurrency, careful retries.
 
-Reads, lists and cancels are retried on 429, 408/409, 5xx and connection errors, with
-exponential backoff and jitter, honouring `Retry-After` and `retry-after-ms`, bounded
-in count and in time. A 429 pauses every request of this client, not only its own.
+Every request goes through one retry loop (`_request`). Reads, lists, cancels and
+downloads are retried on 429, 408/409, 5xx and connection errors, with exponential
+backoff and jitter, honouring `Retry-After` and `retry-after-ms`, bounded in count and
+in time. A 429 pauses every request of this client, not only its own.
 
 Creates (of batches and uploads) are never blindly retried: once a create may have
 reached the server (a timeout, a dropped connection, a 5xx), it raises AmbiguousWrite
 and the caller looks for the result on the server before trying again. Once `stopping`
 is set (Ctrl-C, SIGTERM), no new create is sent: one still waiting for a connection
 slot, a pause or a retry raises Interrupted, so the caller knows it was never sent.
+
+The network is an httpx transport: real HTTP by default, or one the caller hands in
+(`Api(transport=...)`; the sandbox's EmulatorTransport runs the emulator in process).
 """
 
 from __future__ import annotations
