@@ -12,8 +12,8 @@ from tests.helpers import env_for
 
 FAST = Timing.uniform(0.05)
 
-# Most of the suite's time is spent waiting (timeouts, settling, kills), so it runs on several
-# workers (pyproject: -n); these take a third of it, and start first so they never start last.
+# The suite runs on several workers (pyproject.toml: -n); these tests take a third of its time,
+# so they start first: the longest last would hold up the whole run.
 LONGEST = ("tests/test_kill.py",)
 
 

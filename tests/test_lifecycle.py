@@ -13,7 +13,6 @@ import json
 import time
 
 import httpx
-import pytest
 from rich.console import Console
 
 from reconciler.sandbox import Timing
