@@ -1,14 +1,18 @@
 """The Files + Batches API client: async httpx, bounded concurrency, careful retries.
 
-Reads, lists and cancels are retried on 429, 408/409, 5xx and connection errors, with
-exponential backoff and jitter, honouring `Retry-After` and `retry-after-ms`, bounded
-in count and in time. A 429 pauses every request of this client, not only its own.
+Every request goes through one retry loop (`_request`). Reads, lists, cancels and
+downloads are retried on 429, 408/409, 5xx and connection errors, with exponential
+backoff and jitter, honouring `Retry-After` and `retry-after-ms`, bounded in count and
+in time. A 429 pauses every request of this client, not only its own.
 
 Creates (of batches and uploads) are never blindly retried: once a create may have
 reached the server (a timeout, a dropped connection, a 5xx), it raises AmbiguousWrite
 and the caller looks for the result on the server before trying again. Once `stopping`
 is set (Ctrl-C, SIGTERM), no new create is sent: one still waiting for a connection
 slot, a pause or a retry raises Interrupted, so the caller knows it was never sent.
+
+The network is an httpx transport: real HTTP by default, or one the caller hands in
+(`Api(transport=...)`; the sandbox's EmulatorTransport runs the emulator in process).
 """
 
 from __future__ import annotations
@@ -17,36 +21,24 @@ import asyncio
 import ipaddress
 import os
 import random
-import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextvars import ContextVar
 from email.utils import parsedate_to_datetime
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 from . import __version__, feedback
 from .errors import AmbiguousWrite, ApiError, ConfigError, Interrupted, NotFound, TransportError
+from .startup import httpx
 
+T = TypeVar("T")
 
-@contextmanager
-def _without(*names: str) -> Iterator[None]:
-    """Make `import name` fail for these modules while the block runs (a None in sys.modules)."""
-    hidden = [name for name in names if name not in sys.modules]
-    sys.modules.update(dict.fromkeys(hidden))
-    try:
-        yield
-    finally:
-        for name in hidden:
-            del sys.modules[name]
-
-
-# Whenever they are installed, httpcore imports trio and httpx imports its own command line
-# (rich and pygments): 0.3 s of every start here, for code batchplan never runs.
-with _without("trio", "httpx._main"):
-    import httpcore  # noqa: E402,F401
-    import httpx  # noqa: E402
+# Tests set this to run every Api of the current context (a whole CLI run, say) against an
+# in-process transport such as sandbox.EmulatorTransport; an Api given a transport ignores it.
+TEST_TRANSPORT: ContextVar[httpx.AsyncBaseTransport | None] = ContextVar("TEST_TRANSPORT", default=None)
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
@@ -117,11 +109,21 @@ def _api_error(response: httpx.Response, what: str) -> ApiError:
                code=error.get("code"), request=what)
 
 
+async def _read_whole(response: httpx.Response) -> httpx.Response:
+    await response.aread()
+    return response
+
+
 class Api:
-    """One client per command run. Use as `async with Api(...) as api:`."""
+    """One client per command run. Use as `async with Api(...) as api:`.
+
+    `transport` replaces the network (the in-process sandbox, a test's); when None, the
+    TEST_TRANSPORT of the current context, else real HTTP.
+    """
 
     def __init__(self, base_url: str, api_key: str, *, parallelism: int = 16, timeout: float = 60.0,
-                 max_retries: int = 5, max_retry_seconds: float = 120.0, backoff: float = 0.5):
+                 max_retries: int = 5, max_retry_seconds: float = 120.0, backoff: float = 0.5,
+                 transport: httpx.AsyncBaseTransport | None = None):
         self.base_url = base_url
         self.timeout = timeout
         self.max_retries = max_retries
@@ -136,6 +138,7 @@ class Api:
             headers={"Authorization": f"Bearer {api_key}", "User-Agent": f"batchplan/{__version__}"},
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
             limits=httpx.Limits(max_connections=parallelism, max_keepalive_connections=parallelism),
+            transport=transport or TEST_TRANSPORT.get(),
             trust_env=False,
         )
 
@@ -158,8 +161,13 @@ class Api:
 
     async def _request(self, method: str, path: str, *, write: bool = False,
                        retry_statuses: frozenset[int] = RETRY_STATUSES,
-                       body: Callable[[], dict] | None = None, **kwargs) -> httpx.Response:
-        """Send one request, retrying what is safe to retry; `write` marks a create."""
+                       body: Callable[[], dict] | None = None,
+                       receive: Callable[[httpx.Response], Awaitable[T]] = _read_whole, **kwargs) -> T:
+        """Send one request, retrying what is safe to retry; `write` marks a create.
+
+        `receive` takes a successful answer as it streams in (by default it reads it whole);
+        a connection lost while it runs is retried like one lost before the answer.
+        """
         what = f"{method} {_route(path)}"
         started = time.monotonic()
         for attempt in range(self.max_retries + 1):
@@ -170,7 +178,10 @@ class Api:
                     if write and self.stopping.is_set():
                         raise Interrupted(f"{what}: not sent, apply is stopping")
                     self.calls[what] += 1
-                    response = await self._client.request(method, path, **(body() if body else {}), **kwargs)
+                    async with self._client.stream(method, path, **(body() if body else {}), **kwargs) as response:
+                        if response.is_success:
+                            return await receive(response)
+                        await response.aread()
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
                 failure: ApiError | TransportError = TransportError(
                     f"{what}: cannot reach {self.base_url}: {exc or type(exc).__name__}")
@@ -184,8 +195,6 @@ class Api:
                 failure.__cause__ = exc
                 why = f"no answer ({type(exc).__name__})"
             else:
-                if response.is_success:
-                    return response
                 failure = _api_error(response, what)
                 if response.status_code not in retry_statuses:
                     raise failure
@@ -213,6 +222,18 @@ class Api:
             raise ApiError(response.status_code, "the answer is not a JSON object", request=f"{method} /{path}")
         return data
 
+    async def _pages(self, path: str, params: dict) -> AsyncIterator[dict]:
+        """Every item of a list endpoint, one page request at a time (cursor: the last id seen)."""
+        after = None
+        while True:
+            page = await self._json("GET", path, params={**params, **({"after": after} if after else {})})
+            items = page.get("data") or []
+            for item in items:
+                yield item
+            if not page.get("has_more") or not items:
+                return
+            after = items[-1]["id"]
+
     # -- batches -------------------------------------------------------------------------
 
     async def create_batch(self, params: dict) -> dict:
@@ -224,30 +245,14 @@ class Api:
     async def cancel_batch(self, batch_id: str) -> dict:
         return await self._json("POST", f"batches/{batch_id}/cancel", retry_statuses=RETRY_STATUSES - {409})
 
-    async def iter_batches(self, page_size: int = 100) -> AsyncIterator[dict]:
+    def iter_batches(self, page_size: int = 100) -> AsyncIterator[dict]:
         """Every batch in the account, newest first, one page request at a time."""
-        after = None
-        while True:
-            params = {"limit": page_size, **({"after": after} if after else {})}
-            page = await self._json("GET", "batches", params=params)
-            for batch in page.get("data") or []:
-                yield batch
-            if not page.get("has_more") or not page.get("data"):
-                return
-            after = page["data"][-1]["id"]
+        return self._pages("batches", {"limit": page_size})
 
     # -- files ---------------------------------------------------------------------------
 
     async def list_files(self, purpose: str = "batch") -> list[dict]:
-        files: list[dict] = []
-        after = None
-        while True:
-            params = {"purpose": purpose, "limit": 10_000, **({"after": after} if after else {})}
-            page = await self._json("GET", "files", params=params)
-            files += page.get("data") or []
-            if not page.get("has_more") or not page.get("data"):
-                return files
-            after = page["data"][-1]["id"]
+        return [file async for file in self._pages("files", {"purpose": purpose, "limit": 10_000})]
 
     async def upload_file(self, path: Path, filename: str) -> dict:
         """Upload streamed from disk (httpx reads the file in chunks as it sends)."""
@@ -263,43 +268,26 @@ class Api:
         return await self._json("DELETE", f"files/{file_id}")
 
     async def download_file(self, file_id: str, dest: Path) -> int:
-        """Stream a file's content to `dest` atomically (temp + rename); returns the byte count."""
+        """Stream a file's content to `dest` atomically (temp + rename); returns the byte count.
+
+        A connection lost mid-file is retried from the start, like any read.
+        """
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")
-        what = f"GET /files/{file_id}/content"
+
+        async def save(response: httpx.Response) -> int:
+            size = 0
+            total = int(response.headers.get("content-length") or 0)
+            with tmp.open("wb") as fh, feedback.current().transfer(f"download {file_id}", total) as done:
+                async for chunk in response.aiter_bytes(1 << 16):
+                    fh.write(chunk)
+                    size += len(chunk)
+                    done(len(chunk))
+            return size
+
         try:
-            for attempt in range(self.max_retries + 1):
-                try:
-                    size = await self._stream_once(f"files/{file_id}/content", tmp, what)
-                    os.replace(tmp, dest)
-                    return size
-                except (httpx.TransportError, ApiError) as exc:
-                    retryable = not isinstance(exc, ApiError) or exc.status in RETRY_STATUSES
-                    if not retryable or attempt == self.max_retries:
-                        if isinstance(exc, ApiError):
-                            raise
-                        raise TransportError(f"{what}: download failed: {exc}") from exc
-                    delay = self._delay(attempt, None)
-                    why = f"server answered {exc.status}" if isinstance(exc, ApiError) else type(exc).__name__
-                    _say_retry(what, why, delay, attempt + 1, self.max_retries)
-                    await asyncio.sleep(delay)
+            size = await self._request("GET", f"files/{file_id}/content", receive=save)
+            os.replace(tmp, dest)
+            return size
         finally:
             tmp.unlink(missing_ok=True)
-        raise AssertionError("unreachable")
-
-    async def _stream_once(self, path: str, tmp: Path, what: str) -> int:
-        async with self._slots:
-            await self._pause()
-            self.calls["GET /files/{id}/content"] += 1
-            async with self._client.stream("GET", path) as response:
-                if not response.is_success:
-                    await response.aread()
-                    raise _api_error(response, what)
-                size = 0
-                total = int(response.headers.get("content-length") or 0)
-                with tmp.open("wb") as fh, feedback.current().transfer(f"download {what.split('/')[2]}", total) as done:
-                    async for chunk in response.aiter_bytes(1 << 16):
-                        fh.write(chunk)
-                        size += len(chunk)
-                        done(len(chunk))
-                return size

@@ -230,20 +230,16 @@ class Project:
 
     @asynccontextmanager
     async def connect(self) -> AsyncIterator[Api]:
-        """An Api client for the real server, or for a sandbox emulator started here."""
+        """An Api client for the real server, or for the sandbox emulator in this process."""
         from .api import Api
 
         base, key = self.credentials()
-        server = None
-        if self.sandbox:
-            from .sandbox import start_sandbox
+        transport = None
+        if self.sandbox:  # in this process: no server, no port; closing the Api closes it
+            from .sandbox import open_sandbox
 
-            server = start_sandbox(self.sandbox_world)
-            base = server.url
-        try:
-            async with Api(base, key, parallelism=self.parallelism, timeout=self.timeout,
-                           max_retries=self.max_retries) as api:
-                yield api
-        finally:
-            if server is not None:
-                server.stop()
+            transport = open_sandbox(self.sandbox_world)
+            base = transport.url
+        async with Api(base, key, parallelism=self.parallelism, timeout=self.timeout,
+                       max_retries=self.max_retries, transport=transport) as api:
+            yield api

@@ -10,7 +10,7 @@ import dataclasses
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, StringConstraints, ValidationError
@@ -18,10 +18,6 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr, StringConstraints,
 from .errors import PathError, Problem
 from .paths import confine, not_a_file
 
-ENDPOINTS = (
-    "/v1/responses", "/v1/chat/completions", "/v1/embeddings", "/v1/completions",
-    "/v1/moderations", "/v1/images/generations", "/v1/images/edits", "/v1/videos",
-)
 RESERVED_PREFIX = "batchplan_"
 TAG_NAME = "batchplan_name"
 TAG_SPEC = "batchplan_spec"
@@ -38,10 +34,12 @@ SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 MetadataKey = Annotated[StrictStr, StringConstraints(max_length=MAX_KEY_LENGTH)]
 MetadataValue = Annotated[StrictStr, StringConstraints(max_length=MAX_VALUE_LENGTH)]
 
+# The endpoints the Batch API accepts: the one list (the sandbox checks creates against it too).
 Endpoint = Literal[
     "/v1/responses", "/v1/chat/completions", "/v1/embeddings", "/v1/completions",
     "/v1/moderations", "/v1/images/generations", "/v1/images/edits", "/v1/videos",
 ]
+ENDPOINTS: tuple[str, ...] = get_args(Endpoint)
 
 
 class OutputExpiry(BaseModel):

@@ -16,6 +16,7 @@ import yaml
 from reconciler.cli import main
 
 ENDPOINT = "/v1/chat/completions"
+KEY = "sk-test-secret-key"
 
 
 @dataclass
@@ -70,6 +71,11 @@ class Repo:
 
     def remove_spec(self, name: str) -> None:
         (self.root / "specs" / f"{name}.yaml").unlink()
+
+
+def env_for(sandbox) -> dict:
+    """The environment that points batchplan at a sandbox (either door: EmulatorTransport or EmulatorServer)."""
+    return {"OPENAI_BASE_URL": sandbox.url, "OPENAI_API_KEY": KEY, "NO_COLOR": "1"}
 
 
 def run_cli(*args: str, env: dict | None = None) -> Result:

@@ -24,7 +24,7 @@ from openapi_core.datatypes import RequestParameters
 from werkzeug.datastructures import Headers, ImmutableMultiDict
 
 from reconciler.sandbox import Emulator, EmulatorError, EmulatorServer, Timing
-from reconciler.sandbox import responses
+from reconciler.sandbox import results
 from reconciler.sandbox.emulator import ENDPOINTS
 
 SPEC_PATH = Path(__file__).resolve().parent / "openapi" / "openai-batches-files.openapi.yaml"  # see its README
@@ -417,9 +417,9 @@ def _is_png(b64: str) -> bool:
 
 @pytest.mark.parametrize("endpoint", ENDPOINTS)
 def test_result_bodies_are_endpoint_shaped_and_deterministic(endpoint):
-    line, usage = responses.success_line("batch_x", endpoint, "c-1", BODIES[endpoint], 1_700_000_000)
-    again, _ = responses.success_line("batch_x", endpoint, "c-1", BODIES[endpoint], 1_700_000_000)
-    other, _ = responses.success_line("batch_x", endpoint, "c-2", BODIES[endpoint], 1_700_000_000)
+    line, usage = results.success_line("batch_x", endpoint, "c-1", BODIES[endpoint], 1_700_000_000)
+    again, _ = results.success_line("batch_x", endpoint, "c-1", BODIES[endpoint], 1_700_000_000)
+    other, _ = results.success_line("batch_x", endpoint, "c-2", BODIES[endpoint], 1_700_000_000)
     assert line == again and line != other
     assert line["id"].startswith("batch_req_") and line["error"] is None
     assert SHAPES[endpoint](line["response"]["body"])
@@ -433,10 +433,10 @@ def test_result_bodies_are_endpoint_shaped_and_deterministic(endpoint):
 
 def test_fail_rate_decisions_are_stable_and_proportional():
     ids = [f"id-{i}" for i in range(2000)]
-    picks = [responses.request_fails(i, 0.3) for i in ids]
-    assert picks == [responses.request_fails(i, 0.3) for i in ids]
+    picks = [results.request_fails(i, 0.3) for i in ids]
+    assert picks == [results.request_fails(i, 0.3) for i in ids]
     assert 500 < sum(picks) < 700
-    assert not any(responses.request_fails(i, 0.0) for i in ids)
+    assert not any(results.request_fails(i, 0.0) for i in ids)
 
 
 def test_emulator_error_envelope():

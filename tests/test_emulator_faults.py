@@ -19,8 +19,7 @@ import httpx
 import pytest
 
 from reconciler.errors import ConfigError, StateError
-from reconciler.sandbox import Emulator, EmulatorServer, Fault, LoggedRequest, Timing, start_sandbox
-from reconciler.sandbox.server import timing_from_env
+from reconciler.sandbox import Emulator, EmulatorServer, Fault, LoggedRequest, Timing, start_sandbox, timing_from_env
 
 AUTH = {"Authorization": "Bearer test"}
 REPO = Path(__file__).resolve().parents[1]

@@ -1,18 +1,18 @@
 """Issue 6 end to end: saved plans, status, wait, download, cancel/forget, import, state, PR output.
 
-Every test drives the CLI in-process against the emulator on 127.0.0.1, with steps of a
-fraction of a second, and checks what the server says, not only what batchplan prints.
+Every test drives the CLI and the emulator in this process (the sandbox transport), with
+steps of a fraction of a second, and checks what the server says, not only what batchplan prints.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import json
 import time
 
 import httpx
-import pytest
 from rich.console import Console
 
 from reconciler.sandbox import Timing
@@ -20,7 +20,7 @@ from reconciler.state import BatchRecord
 from reconciler.stores.file import FileStore
 from reconciler.remote import Snapshot
 from reconciler.watch import ProgressDisplay
-from tests.helpers import ENDPOINT, request_line, run_cli, write_jsonl
+from tests.helpers import ENDPOINT, env_for, request_line, run_cli, write_jsonl
 
 STEP = Timing(validating=0.3, in_progress=0.2, finalizing=0.1, cancelling=0.05)
 SLOW = Timing(validating=0.05, in_progress=60.0, finalizing=0.05, cancelling=0.05)
@@ -36,12 +36,6 @@ def until(predicate, seconds: float = 5.0):
 
 def in_progress(server, batch_id: str) -> None:
     until(lambda: server.emulator.get_batch(batch_id)["status"] == "in_progress")
-
-
-@pytest.fixture
-def env_for():
-    """env_for(server) -> the environment that points batchplan at that emulator server."""
-    return lambda server: {"OPENAI_BASE_URL": server.url, "OPENAI_API_KEY": "sk-test", "NO_COLOR": "1"}
 
 
 def cli(repo, env, *args):
@@ -67,43 +61,43 @@ def wait_all(repo, env, *names):
 # -- saved plans ----------------------------------------------------------------------------
 
 
-def test_saved_plan_applies_exactly_its_actions_then_is_refused_as_stale(repo, emulator_server, api_env):
+def test_saved_plan_applies_exactly_its_actions_then_is_refused_as_stale(repo, sandbox, sandbox_env):
     repo.spec("a")
-    planned = cli(repo, api_env, "plan", "--out", "plan.bin", "--detailed-exitcode")
+    planned = cli(repo, sandbox_env, "plan", "--out", "plan.bin", "--detailed-exitcode")
     assert planned.code == 2 and "Saved the plan to plan.bin" in planned.err
     assert (repo.root / "plan.bin").is_file()  # -C DIR: relative paths are relative to DIR
     repo.spec("b")  # added after the plan was saved: not in it
 
-    result = cli(repo, api_env, "apply", "plan.bin")
+    result = cli(repo, sandbox_env, "apply", "plan.bin")
     assert result.code == 0, result.err
     assert sorted(repo.state()["entries"]) == ["a"]
-    assert emulator_server.count("POST", "/v1/batches") == 1
+    assert sandbox.count("POST", "/v1/batches") == 1
 
-    sent = emulator_server.count()
-    again = cli(repo, api_env, "apply", "plan.bin")
+    sent = sandbox.count()
+    again = cli(repo, sandbox_env, "apply", "plan.bin")
     assert again.code == 1
     assert "stale plan: it was made against no state but the state is now at serial" in again.err
     assert "nothing was sent" in again.err and "Traceback" not in again.err
-    assert emulator_server.count() == sent
+    assert sandbox.count() == sent
 
 
-def test_saved_plan_is_stale_when_its_input_changed(repo, emulator_server, api_env):
+def test_saved_plan_is_stale_when_its_input_changed(repo, sandbox, sandbox_env):
     repo.spec("a")
-    assert cli(repo, api_env, "plan", "--out", "plan.bin").code == 0
+    assert cli(repo, sandbox_env, "plan", "--out", "plan.bin").code == 0
     repo.data("a.jsonl", count=4)  # the same file, one more request
 
-    sent = emulator_server.count()
-    result = cli(repo, api_env, "apply", "plan.bin")
+    sent = sandbox.count()
+    result = cli(repo, sandbox_env, "apply", "plan.bin")
     assert result.code == 1
     assert "stale plan: input data/a.jsonl changed since the plan was made" in result.err
-    assert emulator_server.count() == sent and not repo.state_path.exists()
+    assert sandbox.count() == sent and not repo.state_path.exists()
 
 
 # -- wait and status ------------------------------------------------------------------------
 
 
-def test_wait_returns_0_once_every_batch_completed_and_not_before(repo, emulator_server_factory, env_for):
-    server = emulator_server_factory(timing=STEP)
+def test_wait_returns_0_once_every_batch_completed_and_not_before(repo, sandbox_factory):
+    server = sandbox_factory(timing=STEP)
     env = env_for(server)
     repo.spec("a")
     repo.spec("b")
@@ -120,25 +114,25 @@ def test_wait_returns_0_once_every_batch_completed_and_not_before(repo, emulator
     assert {n: recorded[n]["batch"]["status"] for n in ids} == {"a": "completed", "b": "completed"}
 
 
-def test_wait_that_cannot_take_the_state_lock_still_reports_and_says_so(repo, emulator_server, api_env):
+def test_wait_that_cannot_take_the_state_lock_still_reports_and_says_so(repo, sandbox, sandbox_env):
     repo.spec("a")
-    applied(repo, api_env)
+    applied(repo, sandbox_env)
     before = repo.state_path.read_bytes()
     with FileStore(repo.state_path).transaction("another batchplan"):
-        result = cli(repo, api_env, "wait", "--interval", "0.05", "--timeout", "10")
+        result = cli(repo, sandbox_env, "wait", "--interval", "0.05", "--timeout", "10")
     assert result.code == 0 and "All 1 batch(es) completed." in result.out
     assert "Note: the final statuses were not recorded in the state" in result.err
     assert "locked by pid" in result.err and "`batchplan refresh` records them later" in result.err
     assert repo.state_path.read_bytes() == before
 
 
-def test_wait_exits_1_naming_a_batch_that_expired(repo, emulator_server_factory, env_for):
-    server = emulator_server_factory(timing=Timing(validating=0.3, in_progress=0.3, finalizing=0.1))
+def test_wait_exits_1_naming_a_batch_that_expired(repo, sandbox_factory):
+    server = sandbox_factory(timing=Timing(validating=0.3, in_progress=0.3, finalizing=0.1))
     env = env_for(server)
     repo.spec("a")
     repo.spec("b")
     applied(repo, env)
-    httpx.post(f"{server.control_url}/batches/{batch_of(repo, 'b')}/expire").raise_for_status()
+    server.emulator.expire_batch(batch_of(repo, "b"))
 
     result = cli(repo, env, "wait", "--interval", "0.05", "--timeout", "10")
     assert result.code == 1
@@ -148,8 +142,8 @@ def test_wait_exits_1_naming_a_batch_that_expired(repo, emulator_server_factory,
     assert repo.state()["entries"]["b"]["batch"]["status"] == "expired"
 
 
-def test_wait_exits_1_when_the_timeout_passes(repo, emulator_server_factory, env_for):
-    server = emulator_server_factory(timing=SLOW)
+def test_wait_exits_1_when_the_timeout_passes(repo, sandbox_factory):
+    server = sandbox_factory(timing=SLOW)
     env = env_for(server)
     repo.spec("a")
     applied(repo, env)
@@ -160,37 +154,37 @@ def test_wait_exits_1_when_the_timeout_passes(repo, emulator_server_factory, env
     assert f"a: batch {batch_of(repo, 'a')} still in_progress" in result.err
 
 
-def test_wait_and_status_refuse_an_unknown_name(repo, emulator_server, api_env):
+def test_wait_and_status_refuse_an_unknown_name(repo, sandbox, sandbox_env):
     repo.spec("a")
-    applied(repo, api_env)
+    applied(repo, sandbox_env)
     for command in ("wait", "status", "download"):
-        result = cli(repo, api_env, command, "a", "nope")
+        result = cli(repo, sandbox_env, command, "a", "nope")
         assert result.code == 1
         assert "no batch named nope in the state (known: a)" in result.err
 
 
-def test_status_json_lists_each_batch_as_completed(repo, emulator_server, api_env):
+def test_status_json_lists_each_batch_as_completed(repo, sandbox, sandbox_env):
     repo.spec("a")
     repo.spec("b", input=repo.data("b.jsonl", count=5))
-    applied(repo, api_env)
-    wait_all(repo, api_env)
+    applied(repo, sandbox_env)
+    wait_all(repo, sandbox_env)
 
-    document = cli(repo, api_env, "status", "--json").json
+    document = cli(repo, sandbox_env, "status", "--json").json
     assert document["format_version"] == "1"
     assert [(b["name"], b["status"], b["request_counts"]) for b in document["batches"]] == [
         ("a", "completed", {"completed": 3, "failed": 0, "total": 3}),
         ("b", "completed", {"completed": 5, "failed": 0, "total": 5})]
     assert all(b["output_file_id"].startswith("file-") and b["error_file_id"] is None for b in document["batches"])
-    table = cli(repo, api_env, "status").out
+    table = cli(repo, sandbox_env, "status").out
     assert table.splitlines()[0].split() == ["name", "batch", "status", "done", "failed", "age"]
     assert table.splitlines()[2].split()[:5] == ["a", batch_of(repo, "a")[:14] + "…", "completed", "3/3", "0"]
-    wide = cli(repo, api_env, "status", "-o", "wide").out
+    wide = cli(repo, sandbox_env, "status", "-o", "wide").out
     assert wide.splitlines()[0].split() == ["name", "batch", "status", "done", "failed", "age", "output", "errors"]
     assert wide.splitlines()[2].split()[:2] == ["a", batch_of(repo, "a")]
 
 
-def test_status_asks_the_server_but_writes_nothing(repo, emulator_server_factory, env_for):
-    server = emulator_server_factory(timing=SLOW)
+def test_status_asks_the_server_but_writes_nothing(repo, sandbox_factory):
+    server = sandbox_factory(timing=SLOW)
     env = env_for(server)
     repo.spec("a")
     applied(repo, env)
@@ -220,8 +214,8 @@ def test_progress_display_draws_a_bar_per_batch_and_an_overall_bar():
 # -- download -------------------------------------------------------------------------------
 
 
-def test_download_writes_a_line_for_every_request_then_skips(repo, emulator_server_factory, env_for):
-    server = emulator_server_factory(timing=Timing.uniform(0.05), fail_rate=0.3)
+def test_download_writes_a_line_for_every_request_then_skips(repo, sandbox_factory):
+    server = sandbox_factory(timing=Timing.uniform(0.05), fail_rate=0.3)
     env = env_for(server)
     repo.spec("a", input=repo.data("a.jsonl", count=20))
     applied(repo, env)
@@ -255,8 +249,8 @@ def test_download_writes_a_line_for_every_request_then_skips(repo, emulator_serv
     assert len((repo.root / "results/a/output.jsonl").read_text().splitlines()) == 20
 
 
-def test_download_to_the_spec_paths_and_skips_running_batches(repo, emulator_server_factory, env_for):
-    server = emulator_server_factory(timing=STEP)
+def test_download_to_the_spec_paths_and_skips_running_batches(repo, sandbox_factory):
+    server = sandbox_factory(timing=STEP)
     env = env_for(server)
     repo.spec("a", output="results/out/a-results.jsonl", errors="results/out/a-errors.jsonl")
     applied(repo, env)
@@ -274,21 +268,21 @@ def test_download_to_the_spec_paths_and_skips_running_batches(repo, emulator_ser
     assert (kept / "output.jsonl").read_bytes() == (repo.root / "results/out/a-results.jsonl").read_bytes()
 
 
-def test_download_says_clearly_when_the_results_expired(repo, emulator_server, api_env):
+def test_download_says_clearly_when_the_results_expired(repo, sandbox, sandbox_env):
     repo.spec("a")
-    applied(repo, api_env)
-    wait_all(repo, api_env)
+    applied(repo, sandbox_env)
+    wait_all(repo, sandbox_env)
     output_id = repo.state()["entries"]["a"]["batch"]["output_file_id"]
-    emulator_server.emulator.expire_file(output_id)
+    sandbox.emulator.expire_file(output_id)
 
-    result = cli(repo, api_env, "download")
+    result = cli(repo, sandbox_env, "download")
     assert result.code == 1
     assert f"a: the output file {output_id} is gone from the server: results expire" in result.err
     assert not (repo.root / "results/a/output.jsonl").exists()
 
 
-def test_download_of_a_batch_whose_every_request_failed(repo, emulator_server_factory, env_for):
-    server = emulator_server_factory(timing=Timing.uniform(0.05), fail_rate=1.0)
+def test_download_of_a_batch_whose_every_request_failed(repo, sandbox_factory):
+    server = sandbox_factory(timing=Timing.uniform(0.05), fail_rate=1.0)
     env = env_for(server)
     repo.spec("a")
     applied(repo, env)
@@ -304,21 +298,21 @@ def test_download_of_a_batch_whose_every_request_failed(repo, emulator_server_fa
 # -- changing course ------------------------------------------------------------------------
 
 
-def test_removing_the_spec_of_a_finished_batch_forgets_it_and_sends_no_cancel(repo, emulator_server, api_env):
+def test_removing_the_spec_of_a_finished_batch_forgets_it_and_sends_no_cancel(repo, sandbox, sandbox_env):
     repo.spec("a")
-    applied(repo, api_env)
-    wait_all(repo, api_env)
+    applied(repo, sandbox_env)
+    wait_all(repo, sandbox_env)
     repo.remove_spec("a")
 
-    plan = cli(repo, api_env, "plan")
+    plan = cli(repo, sandbox_env, "plan")
     assert f"# a  forget   spec removed; batch {batch_of(repo, 'a')} is completed" in plan.out
-    applied(repo, api_env)
+    applied(repo, sandbox_env)
     assert "a" not in repo.state()["entries"]
-    assert emulator_server.count("POST", "/v1/batches/") == 0  # no /cancel
+    assert sandbox.count("POST", "/v1/batches/") == 0  # no /cancel
 
 
-def test_removing_the_spec_of_a_running_batch_cancels_it(repo, emulator_server_factory, env_for):
-    server = emulator_server_factory(timing=SLOW)
+def test_removing_the_spec_of_a_running_batch_cancels_it(repo, sandbox_factory):
+    server = sandbox_factory(timing=SLOW)
     env = env_for(server)
     repo.spec("a")
     applied(repo, env)
@@ -334,8 +328,8 @@ def test_removing_the_spec_of_a_running_batch_cancels_it(repo, emulator_server_f
     assert "a" not in repo.state()["entries"]
 
 
-def test_prevent_cancel_turns_that_plan_into_an_error(repo, emulator_server_factory, env_for):
-    server = emulator_server_factory(timing=SLOW)
+def test_prevent_cancel_turns_that_plan_into_an_error(repo, sandbox_factory):
+    server = sandbox_factory(timing=SLOW)
     env = env_for(server)
     repo.spec("a", lifecycle={"prevent_cancel": True})
     applied(repo, env)
@@ -349,8 +343,8 @@ def test_prevent_cancel_turns_that_plan_into_an_error(repo, emulator_server_fact
     assert server.count("POST", "/v1/batches/") == 0
 
 
-def test_a_failed_batch_is_drift_and_replace_makes_a_new_one(repo, emulator_server_factory, env_for):
-    server = emulator_server_factory(timing=SLOW)
+def test_a_failed_batch_is_drift_and_replace_makes_a_new_one(repo, sandbox_factory):
+    server = sandbox_factory(timing=SLOW)
     env = env_for(server)
     repo.spec("a")
     repo.spec("b")
@@ -373,90 +367,95 @@ def test_a_failed_batch_is_drift_and_replace_makes_a_new_one(repo, emulator_serv
 # -- import and state -----------------------------------------------------------------------
 
 
-def _hand_made_batch(server, repo, metadata: dict) -> str:
+def _hand_made_batch(sandbox, repo, metadata: dict) -> str:
     """A batch made with the openai SDK directly, the way a user would outside batchplan."""
-    from openai import OpenAI
+    from openai import AsyncOpenAI
 
-    client = OpenAI(base_url=server.url, api_key="sk-test", max_retries=0)
-    with (repo.root / "data" / "a.jsonl").open("rb") as fh:
-        uploaded = client.files.create(file=fh, purpose="batch")
-    return client.batches.create(input_file_id=uploaded.id, endpoint=ENDPOINT, completion_window="24h",
-                                 metadata=metadata).id
+    async def make() -> str:
+        async with AsyncOpenAI(base_url=sandbox.url, api_key="sk-test", max_retries=0,
+                               http_client=httpx.AsyncClient(transport=sandbox)) as client:
+            with (repo.root / "data" / "a.jsonl").open("rb") as fh:
+                uploaded = await client.files.create(file=fh, purpose="batch")
+            batch = await client.batches.create(input_file_id=uploaded.id, endpoint=ENDPOINT,
+                                                completion_window="24h", metadata=metadata)
+            return batch.id
+
+    return asyncio.run(make())
 
 
-def test_import_records_a_hand_made_batch_so_the_next_plan_is_a_noop(repo, emulator_server, api_env):
+def test_import_records_a_hand_made_batch_so_the_next_plan_is_a_noop(repo, sandbox, sandbox_env):
     repo.spec("a", metadata={"team": "research"})
-    batch_id = _hand_made_batch(emulator_server, repo, {"team": "research"})
+    batch_id = _hand_made_batch(sandbox, repo, {"team": "research"})
 
-    result = cli(repo, api_env, "import", "a", batch_id)
+    result = cli(repo, sandbox_env, "import", "a", batch_id)
     assert result.code == 0, result.err
     assert f"Imported {batch_id} (" in result.out and ") as a." in result.out
     assert "It matches the spec: the next plan leaves it as it is." in result.out
     assert "only checked to be as large as data/a.jsonl" in result.out
     assert batch_of(repo, "a") == batch_id
 
-    plan = cli(repo, api_env, "plan", "--detailed-exitcode")
+    plan = cli(repo, sandbox_env, "plan", "--detailed-exitcode")
     assert plan.code == 0 and plan.out.startswith("No changes."), plan.out
-    assert emulator_server.count("POST", "/v1/batches") == 1
+    assert sandbox.count("POST", "/v1/batches") == 1
 
 
-def test_import_of_a_batch_that_differs_plans_a_replace_with_the_diff(repo, emulator_server, api_env):
+def test_import_of_a_batch_that_differs_plans_a_replace_with_the_diff(repo, sandbox, sandbox_env):
     repo.spec("a", metadata={"team": "research"})
-    batch_id = _hand_made_batch(emulator_server, repo, {"team": "ml"})
+    batch_id = _hand_made_batch(sandbox, repo, {"team": "ml"})
 
-    result = cli(repo, api_env, "import", "a", batch_id)
+    result = cli(repo, sandbox_env, "import", "a", batch_id)
     assert result.code == 0, result.err
     assert "It differs from the spec in: metadata; the next plan replaces it" in result.out
-    plan = cli(repo, api_env, "plan")
+    plan = cli(repo, sandbox_env, "plan")
     assert "± a  replace  changed: metadata.team" in plan.out
     assert '~ metadata.team: "ml" -> "research"' in plan.out
 
 
-def test_import_refuses_an_unknown_spec_or_batch(repo, emulator_server, api_env):
+def test_import_refuses_an_unknown_spec_or_batch(repo, sandbox, sandbox_env):
     repo.spec("a")
-    unknown_spec = cli(repo, api_env, "import", "nope", "batch_123")
+    unknown_spec = cli(repo, sandbox_env, "import", "nope", "batch_123")
     assert unknown_spec.code == 1 and "no spec named nope" in unknown_spec.err
-    unknown_batch = cli(repo, api_env, "import", "a", "batch_doesnotexist")
+    unknown_batch = cli(repo, sandbox_env, "import", "a", "batch_doesnotexist")
     assert unknown_batch.code == 1 and "the server has no batch batch_doesnotexist" in unknown_batch.err
     assert not repo.state_path.exists()
 
 
-def test_state_list_show_and_rm(repo, emulator_server, api_env):
+def test_state_list_show_and_rm(repo, sandbox, sandbox_env):
     repo.spec("a")
     repo.spec("bb")
-    applied(repo, api_env)
+    applied(repo, sandbox_env)
     a, bb = batch_of(repo, "a"), batch_of(repo, "bb")
-    sent = emulator_server.count()
+    sent = sandbox.count()
 
-    assert cli(repo, api_env, "state", "list").out == f"a   {a}  validating\nbb  {bb}  validating\n"
-    shown = json.loads(cli(repo, api_env, "state", "show", "bb").out)
+    assert cli(repo, sandbox_env, "state", "list").out == f"a   {a}  validating\nbb  {bb}  validating\n"
+    shown = json.loads(cli(repo, sandbox_env, "state", "show", "bb").out)
     assert shown["batch"]["id"] == bb and shown == repo.state()["entries"]["bb"]
 
-    removed = cli(repo, api_env, "state", "rm", "bb")
+    removed = cli(repo, sandbox_env, "state", "rm", "bb")
     assert removed.code == 0
     assert f"Removed bb from the state; batch {bb} (validating) was not touched on the server" in removed.out
     assert sorted(repo.state()["entries"]) == ["a"]
     backup = json.loads((repo.state_path.parent / "batchplan.state.json.backup").read_text())
     assert "bb" in backup["entries"]
-    assert cli(repo, api_env, "state", "rm", "bb").code == 1
-    assert emulator_server.count() == sent
+    assert cli(repo, sandbox_env, "state", "rm", "bb").code == 1
+    assert sandbox.count() == sent
 
 
 # -- output for reviews ---------------------------------------------------------------------
 
 
-def test_plan_markdown_for_a_pull_request_as_a_whole_string(repo, emulator_server, api_env):
+def test_plan_markdown_for_a_pull_request_as_a_whole_string(repo, sandbox, sandbox_env):
     repo.spec("edit", metadata={"team": "research"})
     repo.spec("gone")
-    applied(repo, api_env)
-    wait_all(repo, api_env)
+    applied(repo, sandbox_env)
+    wait_all(repo, sandbox_env)
     repo.spec("edit", metadata={"team": "ml"})
     repo.remove_spec("gone")
     write_jsonl(repo.root / "data" / "new.jsonl", [request_line(f"n-{i}") for i in range(2)])
     repo.spec("new", input="../data/new.jsonl")
     sha = hashlib.sha256((repo.root / "data" / "new.jsonl").read_bytes()).hexdigest()[:12]
 
-    result = cli(repo, api_env, "plan", "--format", "markdown", "--detailed-exitcode")
+    result = cli(repo, sandbox_env, "plan", "--format", "markdown", "--detailed-exitcode")
     assert result.code == 2
     assert result.out == (
         "## batchplan plan\n"

@@ -34,26 +34,26 @@ def write_specs(repo: Repo, specs: dict) -> None:
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(first=spec_sets, second=spec_sets, edited=st.sampled_from([None, "one", "two"]))
-def test_apply_then_plan_is_empty(tmp_path_factory, emulator_server, api_env, first, second, edited):
+def test_apply_then_plan_is_empty(tmp_path_factory, sandbox, sandbox_env, first, second, edited):
     repo = Repo(tmp_path_factory.mktemp(f"prop{next(_counter)}"))
     for data in ("one", "two", "three"):
         repo.data(f"{data}.jsonl", count=2, prefix=data)
     args = ("-C", str(repo.root))
 
     write_specs(repo, first)
-    assert run_cli("apply", "--auto-approve", *args, env=api_env).code == 0
-    assert run_cli("plan", "--detailed-exitcode", *args, env=api_env).code == 0
+    assert run_cli("apply", "--auto-approve", *args, env=sandbox_env).code == 0
+    assert run_cli("plan", "--detailed-exitcode", *args, env=sandbox_env).code == 0
 
     if edited:  # an input's content changes between the two applies
         repo.data(f"{edited}.jsonl", count=3, prefix=edited)
     write_specs(repo, second)
-    result = run_cli("apply", "--auto-approve", *args, env=api_env)
+    result = run_cli("apply", "--auto-approve", *args, env=sandbox_env)
     assert result.code == 0, result.out + result.err
-    after = run_cli("plan", "--detailed-exitcode", *args, env=api_env)
+    after = run_cli("plan", "--detailed-exitcode", *args, env=sandbox_env)
     assert after.code == 0, after.out
 
     state = repo.state()["entries"] if repo.state_path.exists() else {}  # no specs ever: no state
     assert sorted(state) == sorted(second)
-    live = {b["id"]: b for b in emulator_server.emulator.list_batches(limit=100)["data"]}
+    live = {b["id"]: b for b in sandbox.emulator.list_batches(limit=100)["data"]}
     for name, entry in state.items():
         assert live[entry["batch"]["id"]]["metadata"]["batchplan_name"] == name

@@ -1,9 +1,10 @@
 """Never a duplicate batch, never a lost or corrupt state (issue 4).
 
-Every test drives the real CLI against the emulator on 127.0.0.1 and injects the
-server's faults: answers lost after a commit, 5xx, 429s, stalls past the client
-timeout, a locked or broken state, signals. The server's own listing is the truth
-each test checks: exactly one batch per spec, and a state that matches it.
+Every test drives the real CLI against the emulator: on 127.0.0.1 where it injects the
+server's faults (answers lost after a commit, 5xx, 429s, stalls past the client
+timeout) or signals another process, in this process (the sandbox transport) for a
+locked or broken state. The server's own listing is the truth each test checks:
+exactly one batch per spec, and a state that matches it.
 """
 
 from __future__ import annotations
@@ -21,19 +22,18 @@ import pytest
 
 from reconciler.api import check_base_url
 from reconciler.errors import ConfigError
-from reconciler.sandbox import EmulatorServer, Fault
+from reconciler.sandbox import EmulatorService, Fault
 from reconciler.state import FORMAT_VERSION
 from reconciler.stores.file import FileStore
-from tests.helpers import Repo, run_cli, spawn_cli
+from tests.helpers import KEY, Repo, run_cli, spawn_cli
 
-KEY = "sk-test-secret-key"
 FAST_SETTINGS = "timeout: 1\nmax_retries: 2\n"
 
 
 # --- what the server holds ------------------------------------------------------------------
 
 
-def server_batches(server: EmulatorServer) -> list[dict]:
+def server_batches(server: EmulatorService) -> list[dict]:
     """Every batch on the server, newest first (read from the emulator, not over HTTP)."""
     batches, after = [], None
     while True:
@@ -44,7 +44,7 @@ def server_batches(server: EmulatorServer) -> list[dict]:
         after = page["data"][-1]["id"]
 
 
-def batches_by_name(server: EmulatorServer) -> dict[str, list[str]]:
+def batches_by_name(server: EmulatorService) -> dict[str, list[str]]:
     """Spec name -> ids of every batch on the server carrying batchplan's tags for it."""
     named: dict[str, list[str]] = {}
     for batch in server_batches(server):
@@ -54,7 +54,7 @@ def batches_by_name(server: EmulatorServer) -> dict[str, list[str]]:
     return named
 
 
-def uploads_by_name(server: EmulatorServer) -> Counter:
+def uploads_by_name(server: EmulatorService) -> Counter:
     """How many times each input was uploaded (its name carries its content hash)."""
     return Counter(f["filename"] for f in server.emulator.list_files(purpose="batch")["data"]
                    if ".batchplan-" in f["filename"])
@@ -64,7 +64,7 @@ def state_ids(repo: Repo) -> dict[str, str | None]:
     return {name: (entry["batch"] or {}).get("id") for name, entry in repo.state()["entries"].items()}
 
 
-def assert_converged(repo: Repo, server: EmulatorServer, env: dict, names: list[str]) -> None:
+def assert_converged(repo: Repo, server: EmulatorService, env: dict, names: list[str]) -> None:
     """Exactly one batch per spec on the server, the state holds those ids, and plan is empty."""
     assert server.wait_idle(), "a request is still being handled"
     named = batches_by_name(server)
@@ -91,7 +91,7 @@ def apply(repo: Repo, env: dict, *extra: str):
     return run_cli("apply", "--auto-approve", "-C", str(repo.root), *extra, env=env)
 
 
-def writes_to(server: EmulatorServer, path: str) -> int:
+def writes_to(server: EmulatorService, path: str) -> int:
     return sum(1 for r in server.requests if r.method == "POST" and r.path == path)
 
 
@@ -132,40 +132,40 @@ def test_a_lost_upload_answer_is_found_again_by_its_hash(repo, emulator_server, 
 # --- 2. a lost state ------------------------------------------------------------------------
 
 
-def test_a_lost_state_is_rebuilt_by_adopting_with_no_write(repo, emulator_server, api_env):
+def test_a_lost_state_is_rebuilt_by_adopting_with_no_write(repo, sandbox, sandbox_env):
     names = make_repo(repo, 3, shared=1)
-    assert apply(repo, api_env).code == 0
+    assert apply(repo, sandbox_env).code == 0
     made = state_ids(repo)
     repo.state_path.unlink()
-    writes = emulator_server.writes()
+    writes = sandbox.writes()
 
-    plan = run_cli("plan", "--json", "-C", str(repo.root), env=api_env)
+    plan = run_cli("plan", "--json", "-C", str(repo.root), env=sandbox_env)
     assert plan.code == 0, plan.err
     assert {a["name"]: a["action"] for a in plan.json["actions"]} == {n: "adopt" for n in names}
-    assert emulator_server.writes() == writes
+    assert sandbox.writes() == writes
 
-    rebuilt = apply(repo, api_env)
+    rebuilt = apply(repo, sandbox_env)
     assert rebuilt.code == 0, rebuilt.out + rebuilt.err
-    assert emulator_server.writes() == writes
+    assert sandbox.writes() == writes
     assert state_ids(repo) == made
-    assert_converged(repo, emulator_server, api_env, names)
+    assert_converged(repo, sandbox, sandbox_env, names)
 
 
-def test_a_state_older_than_the_server_adopts_the_replacement_it_missed(repo, emulator_server, api_env):
+def test_a_state_older_than_the_server_adopts_the_replacement_it_missed(repo, sandbox, sandbox_env):
     """A state restored from a backup or an old commit: the replace it lacks already happened."""
     names = make_repo(repo, 1)
-    assert apply(repo, api_env).code == 0
+    assert apply(repo, sandbox_env).code == 0
     old_state = repo.state_path.read_text()
     repo.spec("s0", metadata={"team": "ml"}, input="../data/s0.jsonl")
-    assert apply(repo, api_env).code == 0
+    assert apply(repo, sandbox_env).code == 0
     repo.state_path.write_text(old_state)
 
-    again = apply(repo, api_env)
+    again = apply(repo, sandbox_env)
     assert again.code == 0, again.out + again.err
     assert "already exists" in again.out
-    assert len(batches_by_name(emulator_server)["s0"]) == 2  # the original and its one replacement
-    assert writes_to(emulator_server, "/v1/batches") == 2
-    check = run_cli("plan", "--detailed-exitcode", "-C", str(repo.root), env=api_env)
+    assert len(batches_by_name(sandbox)["s0"]) == 2  # the original and its one replacement
+    assert writes_to(sandbox, "/v1/batches") == 2
+    check = run_cli("plan", "--detailed-exitcode", "-C", str(repo.root), env=sandbox_env)
     assert check.code == 0, check.out
 
 
@@ -201,16 +201,16 @@ def test_a_429_pauses_every_request_for_as_long_as_the_server_asked(repo, emulat
     assert_converged(repo, emulator_server, api_env, names)
 
 
-def test_a_400_is_not_retried_and_shows_message_type_and_param(repo, emulator_server, api_env):
+def test_a_400_is_not_retried_and_shows_message_type_and_param(repo, sandbox, sandbox_env):
     (repo.root / "batchplan.yaml").write_text(FAST_SETTINGS)
     repo.spec("bad", input_file_id="file-doesnotexist")
-    result = apply(repo, api_env)
+    result = apply(repo, sandbox_env)
     assert result.code == 1
     output = result.out + result.err
     assert "Cannot find input file file-doesnotexist" in output
     assert "type=invalid_request_error" in output and "param=input_file_id" in output
     assert "Traceback" not in output
-    assert writes_to(emulator_server, "/v1/batches") == 1
+    assert writes_to(sandbox, "/v1/batches") == 1
 
 
 @pytest.mark.parametrize("fault", [dict(action="reject", status=503, times=2), dict(action="drop_after_commit")],
@@ -278,12 +278,12 @@ def hold_lock_in_a_process(state_path: Path):
     return proc
 
 
-def test_a_second_apply_fails_fast_saying_who_holds_the_lock(repo, emulator_server, api_env):
+def test_a_second_apply_fails_fast_saying_who_holds_the_lock(repo, sandbox, sandbox_env):
     make_repo(repo, 1)
     holder = hold_lock_in_a_process(repo.state_path)
     try:
         started = time.monotonic()
-        result = apply(repo, api_env)
+        result = apply(repo, sandbox_env)
         took = time.monotonic() - started
     finally:
         holder.kill()
@@ -293,10 +293,10 @@ def test_a_second_apply_fails_fast_saying_who_holds_the_lock(repo, emulator_serv
     assert "locked" in message and f"pid {holder.pid}" in message and os.uname().nodename in message
     assert "(batchplan apply --auto-approve)" in message and "since 20" in message
     assert "--lock-timeout" in message and "batchplan force-unlock" in message
-    assert took < 2 and emulator_server.requests == []
+    assert took < 2 and sandbox.requests == []
 
 
-def test_lock_timeout_waits_for_the_holder_to_finish(repo, emulator_server, api_env):
+def test_lock_timeout_waits_for_the_holder_to_finish(repo, sandbox, sandbox_env):
     names = make_repo(repo, 1)
     held = threading.Event()
 
@@ -308,13 +308,13 @@ def test_lock_timeout_waits_for_the_holder_to_finish(repo, emulator_server, api_
     holder = threading.Thread(target=hold)
     holder.start()
     held.wait()
-    result = apply(repo, api_env, "--lock-timeout", "10")
+    result = apply(repo, sandbox_env, "--lock-timeout", "10")
     holder.join()
     assert result.code == 0, result.err
-    assert_converged(repo, emulator_server, api_env, names)
+    assert_converged(repo, sandbox, sandbox_env, names)
 
 
-def test_a_lock_left_by_a_killed_process_blocks_nothing_and_force_unlock_clears_it(repo, emulator_server, api_env):
+def test_a_lock_left_by_a_killed_process_blocks_nothing_and_force_unlock_clears_it(repo, sandbox, sandbox_env):
     names = make_repo(repo, 1)
     holder = hold_lock_in_a_process(repo.state_path)
     holder.kill()
@@ -332,9 +332,9 @@ def test_a_lock_left_by_a_killed_process_blocks_nothing_and_force_unlock_clears_
     holder = hold_lock_in_a_process(repo.state_path)
     holder.kill()
     holder.wait()
-    result = apply(repo, api_env)  # a dead holder's lock does not block
+    result = apply(repo, sandbox_env)  # a dead holder's lock does not block
     assert result.code == 0, result.err
-    assert_converged(repo, emulator_server, api_env, names)
+    assert_converged(repo, sandbox, sandbox_env, names)
 
 
 def test_two_applies_at_once_make_one_batch_per_spec_and_the_loser_says_locked(repo, emulator_server_factory):
@@ -353,40 +353,40 @@ def test_two_applies_at_once_make_one_batch_per_spec_and_the_loser_says_locked(r
 # --- 5. state integrity ---------------------------------------------------------------------
 
 
-def test_a_truncated_state_is_refused_untouched_and_nothing_is_sent(repo, emulator_server, api_env):
+def test_a_truncated_state_is_refused_untouched_and_nothing_is_sent(repo, sandbox, sandbox_env):
     make_repo(repo, 2)
-    assert apply(repo, api_env).code == 0
+    assert apply(repo, sandbox_env).code == 0
     text = repo.state_path.read_bytes()
     repo.state_path.write_bytes(text[: len(text) // 2])
     broken = repo.state_path.read_bytes()
-    emulator_server.reset_log()
+    sandbox.reset_log()
     for command in (["plan"], ["apply", "--auto-approve"], ["plan", "--json"]):
-        result = run_cli(*command, "-C", str(repo.root), env=api_env)
+        result = run_cli(*command, "-C", str(repo.root), env=sandbox_env)
         assert result.code == 1, command
         assert str(repo.state_path) in result.err and "not valid JSON" in result.err
         assert "backup" in result.err and "Traceback" not in result.err
         assert repo.state_path.read_bytes() == broken
-    assert emulator_server.requests == []
+    assert sandbox.requests == []
 
 
-def test_a_state_from_a_newer_batchplan_asks_for_an_upgrade(repo, emulator_server, api_env):
+def test_a_state_from_a_newer_batchplan_asks_for_an_upgrade(repo, sandbox, sandbox_env):
     make_repo(repo, 1)
-    assert apply(repo, api_env).code == 0
+    assert apply(repo, sandbox_env).code == 0
     newer = {**repo.state(), "format_version": FORMAT_VERSION + 1}
     repo.state_path.write_text(json.dumps(newer))
     before = repo.state_path.read_bytes()
-    emulator_server.reset_log()
-    result = apply(repo, api_env)
+    sandbox.reset_log()
+    result = apply(repo, sandbox_env)
     assert result.code == 1 and "upgrade batchplan" in result.err and str(repo.state_path) in result.err
-    assert repo.state_path.read_bytes() == before and emulator_server.requests == []
+    assert repo.state_path.read_bytes() == before and sandbox.requests == []
 
 
-def test_the_backup_holds_the_state_as_it_was_before_the_last_apply(repo, emulator_server, api_env):
+def test_the_backup_holds_the_state_as_it_was_before_the_last_apply(repo, sandbox, sandbox_env):
     make_repo(repo, 1)
-    assert apply(repo, api_env).code == 0
+    assert apply(repo, sandbox_env).code == 0
     before = repo.state_path.read_bytes()
     repo.spec("s1")
-    assert apply(repo, api_env).code == 0  # saves several times: the intent, the batch, the end
+    assert apply(repo, sandbox_env).code == 0  # saves several times: the intent, the batch, the end
     assert repo.state_path.with_name("batchplan.state.json.backup").read_bytes() == before
     assert repo.state()["serial"] > json.loads(before)["serial"] + 1
     assert json.loads(before)["lineage"] == repo.state()["lineage"]

@@ -16,7 +16,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -193,16 +192,16 @@ MISTAKES = [
 
 @pytest.mark.parametrize("command", COMMANDS)
 @pytest.mark.parametrize("mistake", MISTAKES, ids=str)
-def test_every_mistake_fails_before_anything_is_sent(mistake, command, repo, emulator_server, api_env):
+def test_every_mistake_fails_before_anything_is_sent(mistake, command, repo, sandbox, sandbox_env):
     mistake.make(repo)
-    result = run_cli(*COMMANDS[command], "-C", str(repo.root), env=api_env)
+    result = run_cli(*COMMANDS[command], "-C", str(repo.root), env=sandbox_env)
     text = result.out + result.err
     assert result.code == 1, text
     for fragment in mistake.expect:
         assert fragment in text
     assert "nothing was sent or written" in text
     assert "Traceback" not in text and "Internal error" not in text
-    assert emulator_server.count() == 0
+    assert sandbox.count() == 0
     assert not repo.state_path.exists()
 
 
@@ -234,13 +233,13 @@ def test_a_file_shared_by_two_specs_is_reported_once(repo):
 
 
 @pytest.mark.parametrize("command", ["plan", "apply"])
-def test_a_missing_api_key_names_the_variable_and_sends_nothing(command, repo, emulator_server, api_env):
+def test_a_missing_api_key_names_the_variable_and_sends_nothing(command, repo, sandbox, sandbox_env):
     repo.spec("a")
-    result = run_cli(*COMMANDS[command], "-C", str(repo.root), env={**api_env, "OPENAI_API_KEY": None})
+    result = run_cli(*COMMANDS[command], "-C", str(repo.root), env={**sandbox_env, "OPENAI_API_KEY": None})
     assert result.code == 1
     assert "OPENAI_API_KEY is not set" in result.err and "--sandbox" in result.err
     assert "Traceback" not in result.err
-    assert emulator_server.count() == 0
+    assert sandbox.count() == 0
     assert not repo.state_path.exists()
 
 
@@ -275,23 +274,23 @@ def _apply(repo: Repo, env: dict) -> None:
     assert result.code == 0, result.out + result.err
 
 
-def test_a_file_shared_by_two_specs_is_uploaded_once(repo, emulator_server, api_env):
+def test_a_file_shared_by_two_specs_is_uploaded_once(repo, sandbox, sandbox_env):
     repo.spec("one", input=repo.data("shared.jsonl"))
     repo.spec("two", input="../data/shared.jsonl")
     write_jsonl(repo.root / "data" / "copy.jsonl", [request_line(f"shared-{i}") for i in range(3)])
     repo.spec("three", input="../data/copy.jsonl")  # another path, the same content
-    _apply(repo, api_env)
-    assert emulator_server.count("POST", "/v1/files") == 1
-    assert emulator_server.count("POST", "/v1/batches") == 3
+    _apply(repo, sandbox_env)
+    assert sandbox.count("POST", "/v1/files") == 1
+    assert sandbox.count("POST", "/v1/batches") == 3
     state = repo.state()
     assert len(state["uploads"]) == 1
 
 
-def test_a_changed_input_file_plans_replace(repo, emulator_server, api_env):
+def test_a_changed_input_file_plans_replace(repo, sandbox, sandbox_env):
     repo.spec("a")
-    _apply(repo, api_env)
+    _apply(repo, sandbox_env)
     write_jsonl(repo.root / "data" / "a.jsonl", [request_line(f"a-{i}") for i in range(4)])
-    result = run_cli("plan", "--json", "-C", str(repo.root), env=api_env)
+    result = run_cli("plan", "--json", "-C", str(repo.root), env=sandbox_env)
     assert result.code == 0, result.err
     (action,) = result.json["actions"]
     assert action["action"] == "replace"
@@ -302,11 +301,11 @@ def _set_old_mtime(path: Path, ns: int = 1_600_000_000 * 10**9) -> None:
     os.utime(path, ns=(ns, ns))
 
 
-def test_the_hash_cache_keys_on_path_size_and_mtime(repo, emulator_server, api_env):
+def test_the_hash_cache_keys_on_path_size_and_mtime(repo, sandbox, sandbox_env):
     repo.spec("a")
     data = repo.root / "data" / "a.jsonl"
     _set_old_mtime(data)  # as after a checkout; a file written this instant is not cached (racy)
-    _apply(repo, api_env)
+    _apply(repo, sandbox_env)
     cache = json.loads((repo.root / "state" / "cache.json").read_text())
     entry = cache["entries"][str(data.resolve())]
     assert entry["sha256"] == hash_file(data) and entry["size"] == data.stat().st_size
@@ -317,11 +316,11 @@ def test_the_hash_cache_keys_on_path_size_and_mtime(repo, emulator_server, api_e
     original = data.read_bytes()
     data.write_bytes(original.replace(b"a-0", b"z-0"))
     _set_old_mtime(data)
-    assert run_cli("plan", "--detailed-exitcode", "-C", str(repo.root), env=api_env).code == 0
+    assert run_cli("plan", "--detailed-exitcode", "-C", str(repo.root), env=sandbox_env).code == 0
 
     # A real edit moves the mtime: the file is read again and the spec plans replace.
     os.utime(data)
-    result = run_cli("plan", "--json", "-C", str(repo.root), env=api_env)
+    result = run_cli("plan", "--json", "-C", str(repo.root), env=sandbox_env)
     assert [a["action"] for a in result.json["actions"]] == ["replace"]
 
 
@@ -414,29 +413,26 @@ def _upload_as_a_crashed_run_would(server, path: Path, content: bytes | None = N
     """Upload `path` under the name apply gives it (its content hash inside), as a run that died
     before recording the upload would have left it."""
     name = f"{path.stem}.batchplan-{hash_file(path)}.jsonl"
-    with httpx.Client(base_url=server.url + "/", headers={"Authorization": "Bearer sk-test"}) as client:
-        answer = client.post("files", files={"file": (name, content if content is not None else path.read_bytes())},
-                             data={"purpose": "batch"})
-    return answer.raise_for_status().json()["id"]
+    return server.emulator.upload_bytes(content if content is not None else path.read_bytes(), name, "batch")["id"]
 
 
-def test_an_upload_left_by_a_crashed_run_is_found_by_hash_and_reused(repo, emulator_server, api_env):
+def test_an_upload_left_by_a_crashed_run_is_found_by_hash_and_reused(repo, sandbox, sandbox_env):
     repo.spec("a")
-    file_id = _upload_as_a_crashed_run_would(emulator_server, repo.root / "data" / "a.jsonl")
-    emulator_server.reset_log()
-    _apply(repo, api_env)
-    assert emulator_server.count("POST", "/v1/files") == 0
-    assert emulator_server.count("GET", "/v1/files") == 1  # one listing finds it
+    file_id = _upload_as_a_crashed_run_would(sandbox, repo.root / "data" / "a.jsonl")
+    sandbox.reset_log()
+    _apply(repo, sandbox_env)
+    assert sandbox.count("POST", "/v1/files") == 0
+    assert sandbox.count("GET", "/v1/files") == 1  # one listing finds it
     (upload,) = repo.state()["uploads"].values()
     assert upload["file_id"] == file_id
 
 
-def test_a_file_with_the_hash_in_its_name_but_another_size_is_not_reused(repo, emulator_server, api_env):
+def test_a_file_with_the_hash_in_its_name_but_another_size_is_not_reused(repo, sandbox, sandbox_env):
     repo.spec("a")
     data = repo.root / "data" / "a.jsonl"
-    _upload_as_a_crashed_run_would(emulator_server, data, content=data.read_bytes()[:-40] + b"\n")
-    emulator_server.reset_log()
-    _apply(repo, api_env)
-    assert emulator_server.count("POST", "/v1/files") == 1
+    _upload_as_a_crashed_run_would(sandbox, data, content=data.read_bytes()[:-40] + b"\n")
+    sandbox.reset_log()
+    _apply(repo, sandbox_env)
+    assert sandbox.count("POST", "/v1/files") == 1
     (upload,) = repo.state()["uploads"].values()
     assert upload["bytes"] == data.stat().st_size

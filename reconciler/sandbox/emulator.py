@@ -29,14 +29,13 @@ from typing import BinaryIO, Callable, Iterable, Iterator, Mapping
 import orjson
 from filelock import FileLock
 
-from reconciler.errors import StateError
+from reconciler.errors import ConfigError, StateError
 from reconciler.inputs import MAX_REQUESTS, scan_input
-from reconciler.sandbox import capacity, files, line_errors, responses
+from reconciler.sandbox import capacity, files, line_errors, results
 from reconciler.sandbox.line_errors import RequestError
 from reconciler.sandbox.outcomes import FAIL_RATE_ANSWER, BatchFaults, RequestFault, plan_failures
+from reconciler.spec import ENDPOINTS
 
-ENDPOINTS = ("/v1/responses", "/v1/chat/completions", "/v1/embeddings", "/v1/completions",
-             "/v1/moderations", "/v1/images/generations", "/v1/images/edits", "/v1/videos")
 UPLOAD_PURPOSES = ("assistants", "batch", "fine-tune", "vision", "user_data", "evals")
 COMPLETION_WINDOWS = ("24h",)
 ACTIVE = ("validating", "in_progress", "finalizing")
@@ -44,6 +43,7 @@ BATCH_LIFETIME = 86400
 EXPIRY_SECONDS = (3600, 2592000)
 WORLD_VERSION = 1
 SHUFFLE_BLOCK = 1000  # output lines are shuffled within blocks this long: out of order, in bounded memory
+STEP_SECONDS_ENV = "BATCHPLAN_SANDBOX_STEP_SECONDS"
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,20 @@ class Timing:
     @classmethod
     def uniform(cls, seconds: float) -> Timing:
         return cls(seconds, seconds, seconds, seconds)
+
+
+def timing_from_env() -> Timing:
+    """`BATCHPLAN_SANDBOX_STEP_SECONDS` (one float for every step), else the default Timing."""
+    value = os.environ.get(STEP_SECONDS_ENV)
+    if value is None or not value.strip():
+        return Timing()
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ConfigError(f"{STEP_SECONDS_ENV} must be a number of seconds (e.g. 0.5), not {value!r}") from None
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ConfigError(f"{STEP_SECONDS_ENV} must be zero or more seconds, not {value!r}")
+    return Timing.uniform(seconds)
 
 
 class EmulatorError(Exception):
@@ -495,17 +509,17 @@ class Emulator:
         """Write the output and error files of the requests processed so far, and sum their usage."""
         if batch["total"] == 0 or batch["input_file_id"] not in world["files"]:
             return
-        results = _Results(self.staging_dir, batch.get("seed", 0))
+        written = _Results(self.staging_dir, batch.get("seed", 0))
         try:
-            self._replay(batch, int(at), expired, results)
+            self._replay(batch, int(at), expired, written)
         finally:
-            paths = results.close()
-        batch["counts"]["failed"] += results.expired
-        batch["usage"] = results.usage or responses.batch_usage(0, 0)
+            paths = written.close()
+        batch["counts"]["failed"] += written.expired
+        batch["usage"] = written.usage or results.batch_usage(0, 0)
         for kind in ("output", "error"):
-            batch[f"{kind}_file_id"] = self._adopt_result(world, batch, paths[kind], kind, results.lines[kind], at)
+            batch[f"{kind}_file_id"] = self._adopt_result(world, batch, paths[kind], kind, written.lines[kind], at)
 
-    def _replay(self, batch: dict, created: int, expired: bool, results: _Results) -> None:
+    def _replay(self, batch: dict, created: int, expired: bool, written: _Results) -> None:
         """Answer the requests that ran: `counts` says how many successes and failures did.
 
         The rest never ran: an expired batch reports each of them as `batch_expired`.
@@ -516,16 +530,16 @@ class Emulator:
             kind = "failed" if failure else "ok"
             if left[kind] == 0:
                 if expired:
-                    results.write("error", responses.expired_line(batch["id"], custom_id))
-                    results.expired += 1
+                    written.write("error", results.expired_line(batch["id"], custom_id))
+                    written.expired += 1
                 continue
             left[kind] -= 1
             if kind == "ok":
-                results.write("output", *responses.success_line(batch["id"], batch["endpoint"], custom_id,
-                                                                body, created))
+                written.write("output", *results.success_line(batch["id"], batch["endpoint"], custom_id,
+                                                               body, created))
             else:
-                results.write("error", responses.failure_line(batch["id"], custom_id, failure.status,
-                                                              failure.error_object()))
+                written.write("error", results.failure_line(batch["id"], custom_id, failure.status,
+                                                             failure.error_object()))
 
     def _adopt_result(self, world: dict, batch: dict, staged: Path, kind: str, lines: int,
                       at: float) -> str | None:
@@ -572,7 +586,7 @@ class _Results:
         if len(self.pending[kind]) >= SHUFFLE_BLOCK:
             self._flush(kind)
         self.lines[kind] += 1
-        self.usage = responses.add_usage(self.usage, usage)
+        self.usage = results.add_usage(self.usage, usage)
 
     def _flush(self, kind: str) -> None:
         self.rng.shuffle(self.pending[kind])
@@ -592,7 +606,7 @@ def _failure_of(batch: dict, custom_id: str) -> RequestError | None:
     """How this request of the batch fails, or None; decided in the validating step."""
     failures = batch.get("failures")
     if failures is None:  # a batch validated by an older sandbox: only fail_rate existed
-        return FAIL_RATE_ANSWER if responses.request_fails(custom_id, batch["fail_rate"]) else None
+        return FAIL_RATE_ANSWER if results.request_fails(custom_id, batch["fail_rate"]) else None
     record = failures.get(custom_id)
     return None if record is None else RequestError.from_record(record)
 

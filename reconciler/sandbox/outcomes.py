@@ -15,7 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from reconciler.sandbox import responses
+from reconciler.sandbox import results
 from reconciler.sandbox.bodies import check_body
 from reconciler.sandbox.line_errors import RequestError
 from reconciler.sandbox.models import model_error
@@ -58,7 +58,7 @@ class RequestFault(BaseModel):
     def hits(self, rule_index: int, custom_id: str) -> bool:
         if self.custom_id is not None and re.search(self.custom_id, custom_id) is None:
             return False
-        return self.share >= 1 or responses.request_fails(f"{rule_index}\0{custom_id}", self.share)
+        return self.share >= 1 or results.request_fails(f"{rule_index}\0{custom_id}", self.share)
 
     def answer(self) -> RequestError:
         answer = FAULT_ANSWERS[self.status]
@@ -89,7 +89,7 @@ def request_failure(endpoint: str, custom_id: str, body: dict, *, models: Iterab
     for index, rule in enumerate(faults):
         if rule.hits(index, custom_id):
             return rule.answer()
-    return FAIL_RATE_ANSWER if responses.request_fails(custom_id, fail_rate) else None
+    return FAIL_RATE_ANSWER if results.request_fails(custom_id, fail_rate) else None
 
 
 def plan_failures(endpoint: str, requests: Iterable[tuple[str, dict]], *, models: Iterable[str] | None,

@@ -1,0 +1,216 @@
+"""The sandbox's HTTP behaviour with no socket: auth, latency, faults, routes, the request log.
+
+`EmulatorService.respond` is the one request dispatch. The sandbox has two doors
+onto it, never two emulators: `EmulatorServer` (server.py) serves it on loopback
+sockets, for other processes and for faults that need a real connection;
+`EmulatorTransport` (transport.py) hands it httpx requests in this process.
+
+Control requests (`/_sandbox/...`) are never delayed, faulted or logged: the log is
+what clients did to the API.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, NamedTuple, TextIO
+
+from reconciler.sandbox.emulator import Emulator, EmulatorError
+from reconciler.sandbox.faults import ArmedFault, Fault
+from reconciler.sandbox.routes import API_ROUTES, CONTROL_ROUTES, Reply, Request, Route, error_reply, route
+
+
+class LoggedRequest(NamedTuple):
+    method: str
+    path: str
+    status: int | str  # "dropped" when the client got no answer
+
+
+class TimedRequest(NamedTuple):
+    """A logged request with when it arrived and when it was answered (time.monotonic())."""
+
+    arrived: float
+    answered: float
+    request: LoggedRequest
+
+
+class EmulatorService:
+    """An `Emulator` behind HTTP semantics, with latency, faults and a request log.
+
+    `requests` lists `(method, path, status)` for every API request, "dropped" as the
+    status when no answer was sent. Thread safe: each door calls `respond` from the
+    thread that handles the request.
+    """
+
+    def __init__(self, emulator: Emulator, latency: float = 0.0, require_auth: bool = True, *,
+                 log_stream: TextIO | None = None, owns_emulator: bool = False):
+        self.emulator = emulator
+        self.latency = latency
+        self.require_auth = require_auth
+        self.log_stream = log_stream
+        self.owns_emulator = owns_emulator  # closing the door also closes the emulator
+        self._lock = threading.Lock()
+        self._log: list[LoggedRequest] = []
+        self._times: list[tuple[float, float]] = []  # (arrived, answered), one per log entry
+        self._in_flight = 0  # API requests being handled right now
+        self._faults: list[ArmedFault] = []
+
+    @property
+    def is_open(self) -> bool:
+        """Whether the door still answers; a request that stalled past its closing is dropped."""
+        return True
+
+    # faults and log
+
+    def add_fault(self, fault: Fault) -> None:
+        with self._lock:
+            self._faults.append(ArmedFault(fault))
+
+    def set_faults(self, faults: list[Fault]) -> None:
+        with self._lock:
+            self._faults = [ArmedFault(f) for f in faults]
+
+    def clear_faults(self) -> None:
+        self.set_faults([])
+
+    def fault_status(self) -> list[dict]:
+        with self._lock:
+            return [{**armed.fault.model_dump(), "seen": armed.seen, "fired": armed.fired}
+                    for armed in self._faults]
+
+    def _fault_for(self, method: str, path: str) -> Fault | None:
+        """The first fault (in order added) that fires on this request; later ones never see it."""
+        with self._lock:
+            for armed in self._faults:
+                if armed.trigger(method, path):
+                    return armed.fault
+        return None
+
+    @property
+    def requests(self) -> list[LoggedRequest]:
+        with self._lock:
+            return list(self._log)
+
+    def timeline(self) -> list[TimedRequest]:
+        """The request log with arrival and answer times, in the order answered."""
+        with self._lock:
+            return [TimedRequest(a, b, r) for (a, b), r in zip(self._times, self._log)]
+
+    def wait_idle(self, timeout: float = 10.0) -> bool:
+        """Wait until no API request is being handled (a stalled one may finish after its client left)."""
+        deadline = time.monotonic() + timeout
+        while self._in_flight:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
+    def count(self, method: str | None = None, path_prefix: str | None = None) -> int:
+        return sum(1 for entry in self.requests
+                   if (method is None or entry.method == method.upper())
+                   and entry.path.startswith(path_prefix or ""))
+
+    def writes(self) -> int:
+        """POST and DELETE requests to the API: what a no-op plan must not send."""
+        return sum(1 for entry in self.requests
+                   if entry.method in ("POST", "DELETE") and not entry.path.startswith("/_sandbox"))
+
+    def reset_log(self) -> None:
+        with self._lock:
+            self._log.clear()
+            self._times.clear()
+
+    def _record(self, method: str, path: str, status: int | str, started: float) -> None:
+        # Recorded before the answer is written, so a client that has its answer sees it logged.
+        with self._lock:
+            self._log.append(LoggedRequest(method, path, status))
+            self._times.append((started, time.monotonic()))
+        if self.log_stream is not None:
+            elapsed = (time.monotonic() - started) * 1000
+            print(f"{method} {path} {status} {elapsed:.0f}ms", file=self.log_stream, flush=True)
+
+    # one request
+
+    def respond(self, req: Request) -> Reply | None:
+        """The reply to send, or None when a fault loses it (the door hangs up without an answer).
+
+        Blocks for latency and stalls. The body is read to its end before this returns;
+        ConnectionError means the client went away (or the door closed mid-stall) and
+        nothing is logged. The caller sends the reply and closes it.
+        """
+        if req.path.startswith("/_sandbox/"):
+            return _drained(req, self._dispatch(CONTROL_ROUTES, req))
+        started = time.monotonic()
+        with self._counted_in_flight():
+            reply = _drained(req, self._api_reply(req))
+            self._record(req.method, req.path, "dropped" if reply is None else reply.status, started)
+        return reply
+
+    @contextmanager
+    def _counted_in_flight(self) -> Iterator[None]:
+        with self._lock:
+            self._in_flight += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+
+    def _api_reply(self, req: Request) -> Reply | None:
+        if self.latency:
+            time.sleep(self.latency)
+        if self.require_auth and not _authorized(req.headers):
+            return error_reply(_unauthorized())
+        fault = self._fault_for(req.method, req.path)
+        if fault is None:
+            return self._dispatch(API_ROUTES, req)
+        if fault.action == "reject":
+            return error_reply(fault.error(429), fault.retry_headers())
+        if fault.action == "stall":
+            time.sleep(fault.seconds)
+            if not self.is_open:  # closed while we slept: the world may be gone
+                raise ConnectionAbortedError("the sandbox closed while a request stalled")
+        reply = self._dispatch(API_ROUTES, req)  # the request is done, whatever the client hears
+        if fault.action == "error_after_commit":
+            reply.close()
+            return error_reply(fault.error(500))
+        if fault.action == "drop_after_commit" or fault.then == "drop":
+            reply.close()
+            return None
+        return reply
+
+    def _dispatch(self, routes: list[Route], req: Request) -> Reply:
+        try:
+            return route(routes, self, req)
+        except EmulatorError as exc:
+            return error_reply(exc)
+        except (ConnectionError, TimeoutError):
+            raise
+        except Exception:  # a bug in the sandbox: say so like the API would, and show it
+            traceback.print_exc()
+            return error_reply(EmulatorError(500, "The sandbox failed on this request (see its stderr).",
+                                             type="server_error"))
+
+
+def _drained(req: Request, reply: Reply | None) -> Reply | None:
+    """Read what is left of the body, so the next request on this connection starts clean."""
+    try:
+        req.body.drain()
+    except BaseException:
+        if reply is not None:
+            reply.close()
+        raise
+    return reply
+
+
+def _authorized(headers: Any) -> bool:
+    scheme, _, key = headers.get("Authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and bool(key.strip())
+
+
+def _unauthorized() -> EmulatorError:
+    return EmulatorError(401, "You didn't provide an API key. You need to provide your API key in an "
+                              "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).")
