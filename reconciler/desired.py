@@ -37,6 +37,7 @@ class Desired:
     output: str | None
     errors: str | None
     input_bytes: int | None = None  # the local input's size: an upload is reused only when its size matches
+    budget_usd: float | None = None  # the spec's own budget (budget.py); not part of the batch's fields
 
     def fields(self) -> BatchFields:
         """What the batch is made from: the view that plans diff and state records."""
@@ -118,7 +119,7 @@ def _resolve(loaded: LoadedSpec, repo_root: Path, cache: HashCache,
         output_expires_after=expiry, input=rel_input, input_sha256=report.sha256 if report else None,
         input_file_id=spec.input_file_id, requests=report.requests if report else None,
         prevent_cancel=spec.lifecycle.prevent_cancel, output=spec.output, errors=spec.errors,
-        input_bytes=report.size if report else None,
+        input_bytes=report.size if report else None, budget_usd=spec.budget_usd,
     ), []
 
 

@@ -21,7 +21,7 @@ from .plan import Action, Change, FieldChange, Plan, ReasonCode
 from .batch import BatchFields, BatchRecord
 from .state import State
 
-PLANFILE_VERSION = 2  # 2: before/after hold only the batch fields; reason_code
+PLANFILE_VERSION = 3  # 2: before/after hold only the batch fields; reason_code. 3: estimates, budget_usd
 
 
 def _change_to_json(change: Change) -> dict:
@@ -34,6 +34,7 @@ def _change_to_json(change: Change) -> dict:
         "batch": change.batch.model_dump(mode="json") if change.batch else None,
         "found": change.found, "diff": [dataclasses.asdict(d) for d in change.diff],
         "warnings": list(change.warnings),
+        "estimate": change.estimate.model_dump(mode="json") if change.estimate else None,
     }
 
 
@@ -47,7 +48,16 @@ def _change_from_json(data: dict) -> Change:
         batch=BatchRecord.model_validate(data["batch"]) if data["batch"] else None,
         found=data["found"], diff=tuple(FieldChange(**d) for d in data["diff"]),
         warnings=tuple(data["warnings"]),
+        estimate=_estimate_from_json(data["estimate"]),
     )
+
+
+def _estimate_from_json(data: dict | None):
+    if data is None:
+        return None
+    from .estimate import Estimate  # here: a saved plan without creates needs no prices
+
+    return Estimate.model_validate(data)
 
 
 def save_plan(path: Path, plan: Plan, project) -> None:
