@@ -121,6 +121,7 @@ class Plan:
     serial: int
     refreshed: dict[str, BatchRecord] = field(default_factory=dict)  # name -> record seen now
     budget_usd: float | None = None  # the most this apply may cost (batchplan.yaml); see budget.py
+    estimated: bool = False  # with_estimates was applied: a change's estimate None means "cannot be known"
 
     def summary(self) -> dict[str, int]:
         counts = {action.value: 0 for action in ORDER}
@@ -141,7 +142,7 @@ class Plan:
         """This plan with each sending change's estimate (by name) and the budget it is held to. Pure."""
         changes = tuple(replace(c, estimate=estimates.get(c.name)) if c.sends_requests else c
                         for c in self.changes)
-        return replace(self, changes=changes, budget_usd=budget_usd)
+        return replace(self, changes=changes, budget_usd=budget_usd, estimated=True)
 
 
 def build_plan(desired: list[Desired], state: State | None, remote: RemoteView, *,

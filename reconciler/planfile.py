@@ -69,6 +69,7 @@ def save_plan(path: Path, plan: Plan, project) -> None:
         "inputs": dict(sorted(inputs.items())),
         "changes": [_change_to_json(c) for c in plan.changes],
         "refreshed": {n: r.model_dump(mode="json") for n, r in sorted(plan.refreshed.items())},
+        "estimated": plan.estimated,
     }
     try:
         atomic_write(path, json.dumps(document, indent=2, sort_keys=True) + "\n")
@@ -96,7 +97,8 @@ def load_plan(path: Path, project) -> tuple[Plan, dict]:
     try:
         plan = Plan(changes=tuple(_change_from_json(c) for c in document["changes"]),
                     lineage=document["lineage"], serial=document["serial"],
-                    refreshed={n: BatchRecord.model_validate(r) for n, r in document["refreshed"].items()})
+                    refreshed={n: BatchRecord.model_validate(r) for n, r in document["refreshed"].items()},
+                    estimated=document["estimated"])
     except (KeyError, TypeError, ValueError) as exc:
         raise PlanError(f"{path}: damaged plan file ({exc}); plan again") from exc
     return plan, document["inputs"]

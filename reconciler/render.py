@@ -48,17 +48,18 @@ def _detail_lines(change: Change) -> list[str]:
     return []
 
 
-def _estimate_lines(change: Change) -> list[str]:
+def _estimate_lines(change: Change, estimated: bool) -> list[str]:
     """What a change that sends requests may cost: its requests, tokens and cost range."""
-    if not change.sends_requests:
+    if not change.sends_requests or not estimated:
         return []
     from .estimate import unknown_cost, usd_range
 
     found, why = change.estimate, unknown_cost(change.desired, change.estimate)
     if found is None:
         return [f"estimate: unknown ({why})"]
-    output = {None: " + unbounded output tokens", 0: " tokens, no output"}.get(
-        found.output_tokens_max, f" + ≤ {found.output_tokens_max:,} output tokens")
+    bound = found.output_tokens_max
+    output = " + unbounded output tokens" if bound is None else \
+        " tokens, no output" if bound == 0 else f" + ≤ {bound:,} output tokens"
     cost = usd_range(found.cost_usd_min, found.cost_usd_max)
     notes = [why] if why else []
     if found.lower_bound:
@@ -80,6 +81,8 @@ def total_line(plan: Plan) -> str:
 
 
 def _budget_problems(plan: Plan) -> list[str]:
+    if not plan.estimated:  # a plan made without costs (tests, tools): nothing to hold to a budget yet
+        return []
     from .budget import over_budget
 
     return over_budget(plan)
@@ -109,11 +112,11 @@ def render_text(plan: Plan, colour: bool = False) -> str:
         head = f"  {change.action.symbol} {change.name.ljust(width)}  {change.action.value:<7}  {change.reason}"
         lines.append(style(head, fg=_COLOURS[change.action]))
         lines += [f"      {d}" for d in _detail_lines(change)]
-        lines += [f"      {d}" for d in _estimate_lines(change)]
+        lines += [f"      {d}" for d in _estimate_lines(change, plan.estimated)]
         lines += [style(f"      ! {w}", fg="yellow") for w in change.warnings]
     body = ["batchplan will perform these actions:", "", *lines, ""] if plan.has_changes else \
         ([*lines, ""] if lines else [])
-    costs = [total_line(plan)] if plan.sending else []
+    costs = [total_line(plan)] if plan.sending and plan.estimated else []
     if problems := _budget_problems(plan):
         costs += [style(line, fg="yellow") for line in (OVER_BUDGET, *(f"  ! {p}" for p in problems))]
     return "\n".join([*body, style(summary_line(plan), bold=True), *costs]) + "\n"
@@ -177,7 +180,7 @@ def _md_cost(plan: Plan, action: Action | None = None) -> str:
     from .estimate import cost_range, usd_range
 
     sending = [c.estimate for c in plan.sending if action in (None, c.action)]
-    return usd_range(*cost_range(sending)) if sending else ""
+    return usd_range(*cost_range(sending)) if sending and plan.estimated else ""
 
 
 def render_markdown(plan: Plan) -> str:
@@ -187,14 +190,14 @@ def render_markdown(plan: Plan) -> str:
     lines += [f"| {f'{a.symbol} {a.value}'.strip()} | {counts[a.value]} | {_md_cost(plan, a)} |" for a in ORDER]
     total = _md_cost(plan)
     lines += [f"| **total** | | **≈ {total}** |"] if total else []
-    lines += ["", f"**{summary_line(plan)}**", ""] + ([total_line(plan), ""] if plan.sending else [])
+    lines += ["", f"**{summary_line(plan)}**", ""] + ([total_line(plan), ""] if total else [])
     if problems := _budget_problems(plan):
         lines += [f"**{OVER_BUDGET}**", "", *(f"- {p}" for p in problems), ""]
     for change in plan.changes:
         if change.action is Action.NOOP and not change.warnings:
             continue
         lines += [f"### {_md_heading(change.action, change.name)}", "", change.reason, ""]
-        details = _detail_lines(change) + _estimate_lines(change) + [f"! {w}" for w in change.warnings]
+        details = _detail_lines(change) + _estimate_lines(change, plan.estimated) + [f"! {w}" for w in change.warnings]
         if details:
             lines += ["```diff" if change.action is Action.REPLACE else "```", *details, "```", ""]
     return "\n".join(lines).rstrip() + "\n"

@@ -15,6 +15,7 @@ import httpx
 import pytest
 from rich.console import Console
 
+from reconciler.prices import PRICES_AS_OF
 from reconciler.sandbox import Timing
 from reconciler.state import BatchRecord
 from reconciler.stores.file import FileStore
@@ -441,6 +442,10 @@ def test_state_list_show_and_rm(repo, emulator_server, api_env):
 # -- output for reviews ---------------------------------------------------------------------
 
 
+UNBOUNDED = ("some requests set no max_tokens, max_completion_tokens or max_output_tokens; set one, or "
+             "default_max_output_tokens in batchplan.yaml")
+
+
 def test_plan_markdown_for_a_pull_request_as_a_whole_string(repo, emulator_server, api_env):
     repo.spec("edit", metadata={"team": "research"})
     repo.spec("gone")
@@ -457,16 +462,19 @@ def test_plan_markdown_for_a_pull_request_as_a_whole_string(repo, emulator_serve
     assert result.out == (
         "## batchplan plan\n"
         "\n"
-        "| action | count |\n"
-        "| --- | ---: |\n"
-        "| + create | 1 |\n"
-        "| = adopt | 0 |\n"
-        "| ± replace | 1 |\n"
-        "| - cancel | 0 |\n"
-        "| # forget | 1 |\n"
-        "| noop | 0 |\n"
+        "| action | count | cost |\n"
+        "| --- | ---: | ---: |\n"
+        "| + create | 1 | $0.000002 – ? |\n"
+        "| = adopt | 0 |  |\n"
+        "| ± replace | 1 | $0.000002 – ? |\n"
+        "| - cancel | 0 |  |\n"
+        "| # forget | 1 |  |\n"
+        "| noop | 0 |  |\n"
+        "| **total** | | **≈ $0.000004 – ?** |\n"
         "\n"
         "**Plan: 1 to create, 1 to replace, 1 to forget, 0 unchanged.**\n"
+        "\n"
+        f"Cost: ≈ $0.000004 – ? for 2 batches (batch prices as of {PRICES_AS_OF}).\n"
         "\n"
         "### `±` edit: replace\n"
         "\n"
@@ -474,6 +482,7 @@ def test_plan_markdown_for_a_pull_request_as_a_whole_string(repo, emulator_serve
         "\n"
         "```diff\n"
         '~ metadata.team: "research" -> "ml"\n'
+        f"estimate: gpt-4o-mini, 3 requests, 30 input + unbounded output tokens: $0.000002 – ? ({UNBOUNDED})\n"
         "```\n"
         "\n"
         "### `#` gone: forget\n"
@@ -487,5 +496,6 @@ def test_plan_markdown_for_a_pull_request_as_a_whole_string(repo, emulator_serve
         "```\n"
         "endpoint: /v1/chat/completions\n"
         f"input: data/new.jsonl (sha256 {sha}, 2 requests)\n"
+        f"estimate: gpt-4o-mini, 2 requests, 20 input + unbounded output tokens: $0.000002 – ? ({UNBOUNDED})\n"
         "```\n"
     )
