@@ -42,18 +42,19 @@ def _spec_problem(change: Change) -> str | None:
     want = change.desired
     if want is None or want.budget_usd is None:
         return None
-    budget = f"budget_usd {usd(want.budget_usd)} ({want.file})"
+    budget = f"budget_usd {usd(want.budget_usd)}"
     why = unknown_cost(want, change.estimate)
     if why:
-        return f"{change.name}: its cost is unknown ({why}), and its spec sets {budget}"
+        return f"{change.name}: its cost is unknown ({why}), and its spec ({want.file}) sets {budget}"
     most = change.estimate.cost_usd_max
-    return f"{change.name}: may cost up to {usd(most)}, over its {budget}" if most > want.budget_usd else None
+    return (f"{change.name}: may cost up to {usd(most)}, over the {budget} of its spec ({want.file})"
+            if most > want.budget_usd else None)
 
 
 def _apply_problems(plan: Plan) -> list[str]:
     if plan.budget_usd is None or not plan.sending:
         return []
-    budget = f"budget_usd {usd(plan.budget_usd)} (batchplan.yaml)"
+    budget = f"budget_usd {usd(plan.budget_usd)}"
     unknown = [f"{c.name}: its cost is unknown ({why}), and batchplan.yaml sets {budget}"
                for c in plan.sending if (why := unknown_cost(c.desired, c.estimate))]
     if unknown:
@@ -65,4 +66,4 @@ def _apply_problems(plan: Plan) -> list[str]:
     parts = [f"{c.name} {usd(c.estimate.cost_usd_max)}" for c in dearest[:NAMED_IN_TOTAL]]
     if len(dearest) > NAMED_IN_TOTAL:
         parts.append(f"and {len(dearest) - NAMED_IN_TOTAL} more")
-    return [f"this apply may cost up to {usd(most)} ({', '.join(parts)}), over the {budget}"]
+    return [f"this apply may cost up to {usd(most)} ({', '.join(parts)}), over the {budget} of batchplan.yaml"]

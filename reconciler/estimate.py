@@ -13,6 +13,7 @@ estimated from that part and can be summed (`combine`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -120,12 +121,15 @@ def cost_range(estimates: Iterable[Estimate | None]) -> tuple[float | None, floa
 
 
 def usd(amount: float | None) -> str:
-    """$1,234.50, $0.42; under a cent every digit we have ($0.00046): small batches stay readable."""
+    """$1,234.50 from a dollar up; below, three significant digits ($0.426, $0.0121, $0.000155),
+    so that the small batches of a first try do not all read $0.00."""
     if amount is None:
         return "?"
-    if amount == 0 or amount >= 0.01:
+    if amount == 0 or amount >= 1:
         return f"${amount:,.2f}"
-    return "$" + f"{amount:.6f}".rstrip("0")
+    decimals = 2 - math.floor(math.log10(amount))
+    digits = f"{amount:.{decimals}f}".rstrip("0")
+    return "$" + digits.ljust(max(len(digits), 4), "0")  # at least cents: $0.30, not $0.3
 
 
 def usd_range(low: float | None, high: float | None) -> str:

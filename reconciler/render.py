@@ -69,6 +69,11 @@ def _estimate_lines(change: Change, estimated: bool) -> list[str]:
             f"{cost}{note}"]
 
 
+def _about(cost: str) -> str:
+    """≈ before a cost range, not before "unknown"."""
+    return cost if cost == "unknown" else f"≈ {cost}"
+
+
 def total_line(plan: Plan) -> str:
     """`Cost: ≈ $0.42 – $1.10 for 3 batches ...`: what the changes that send requests may cost."""
     from .estimate import cost_range, usd, usd_range
@@ -76,7 +81,8 @@ def total_line(plan: Plan) -> str:
 
     batches = len(plan.sending)
     budget = f"; budget {usd(plan.budget_usd)}" if plan.budget_usd is not None else ""
-    return (f"Cost: ≈ {usd_range(*cost_range(c.estimate for c in plan.sending))} for {batches} "
+    total = _about(usd_range(*cost_range(c.estimate for c in plan.sending)))
+    return (f"Cost: {total} for {batches} "
             f"batch{'es' if batches != 1 else ''}{budget} (batch prices as of {PRICES_AS_OF}).")
 
 
@@ -189,7 +195,7 @@ def render_markdown(plan: Plan) -> str:
     lines = ["## batchplan plan", "", "| action | count | cost |", "| --- | ---: | ---: |"]
     lines += [f"| {f'{a.symbol} {a.value}'.strip()} | {counts[a.value]} | {_md_cost(plan, a)} |" for a in ORDER]
     total = _md_cost(plan)
-    lines += [f"| **total** | | **≈ {total}** |"] if total else []
+    lines += [f"| **total** | | **{_about(total)}** |"] if total else []
     lines += ["", f"**{summary_line(plan)}**", ""] + ([total_line(plan), ""] if total else [])
     if problems := _budget_problems(plan):
         lines += [f"**{OVER_BUDGET}**", "", *(f"- {p}" for p in problems), ""]
