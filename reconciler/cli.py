@@ -101,7 +101,7 @@ def _hint_if_empty(project, empty: bool) -> None:
 @click.option("--out", type=click.Path(dir_okay=False), help="Also save the plan to FILE for `apply FILE`.")
 @click.option("--detailed-exitcode", is_flag=True, help="Exit 0 when nothing changes, 2 when something would.")
 def plan(project, request, as_json, fmt, out, detailed_exitcode) -> int:
-    """Show what apply would change. Reads the server; writes nothing but the input hash cache."""
+    """Show what apply would change and what it may cost. Reads the server; writes nothing but the caches."""
     the_plan = operations.plan(project, request, project.root / out if out else None)  # -C DIR: relative to DIR
     emit(_render().render_plan(the_plan, "json" if as_json else (fmt or "text"), colour=colour_on()))
     _hint_if_empty(project, the_plan.serial == 0)

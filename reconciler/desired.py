@@ -39,6 +39,7 @@ class Desired:
     input_bytes: int | None = None  # the local input's size: an upload is reused only when its size matches
     models: tuple[str, ...] = ()    # the models the input's requests name, for the plan's create lines
     ignore_changes: tuple[str, ...] = ()  # lifecycle.ignore_changes: fields whose edit only updates the state
+    budget_usd: float | None = None  # the spec's own budget (budget.py); not part of the batch's fields
 
     def fields(self) -> BatchFields:
         """What the batch is made from: the view that plans diff and state records."""
@@ -122,6 +123,7 @@ def _resolve(loaded: LoadedSpec, repo_root: Path, cache: HashCache, scanned: dic
         prevent_cancel=spec.lifecycle.prevent_cancel, output=spec.output or f"{results}/{spec.name}/output.jsonl",
         errors=spec.errors, input_bytes=report.size if report else None,
         models=tuple(sorted(report.models)) if report else (), ignore_changes=spec.lifecycle.ignore_changes,
+        budget_usd=spec.budget_usd,
     ), []
 
 

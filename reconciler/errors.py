@@ -8,7 +8,8 @@
      ├── StateError                 the state file cannot be read, or is newer than us
      │    └── LockError             another process holds the state lock
      ├── PlanError                  a plan that cannot be made or carried out
-     │    └── StalePlanError        a saved plan whose state or inputs moved on
+     │    ├── StalePlanError        a saved plan whose state or inputs moved on
+     │    └── OverBudget            a plan that may cost more than a budget, or an unknown amount under one
      ├── ApiError                   the server answered with an error
      │    ├── NotFound              404 for a batch or file id
      │    └── AmbiguousWrite        a create whose outcome is unknown (sent, no answer)
@@ -93,6 +94,10 @@ class PlanError(BatchplanError):
 
 class StalePlanError(PlanError):
     pass
+
+
+class OverBudget(PlanError):
+    """Apply refused a plan over a budget (or of unknown cost under one); nothing was sent."""
 
 
 class ApiError(BatchplanError):

@@ -11,6 +11,7 @@ plan made and the lock held, never while a request is waiting.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import sys
@@ -149,12 +150,31 @@ async def _make_plan(project: Project, api, desired: list[Desired], state: State
     return build_plan(desired, state, remote, targets=request.targets, force_replace=request.replace)
 
 
+def _with_estimates(project: Project, the_plan: Plan) -> Plan:
+    """The plan with what each change that sends requests may cost, and the apply's budget.
+
+    Only inputs that would be sent are counted, offline, each content once ever on this
+    machine (the token cache, `state/tokens.json`): a plan with nothing to create counts nothing.
+    """
+    if not the_plan.sending:
+        return the_plan.with_estimates({}, project.budget_usd)
+    from .estimate import estimate_desired
+
+    cache, prices = project.token_cache(), project.price_table()
+    estimates = {c.name: estimate_desired(c.desired, project.root, cache, prices, project.default_max_output_tokens)
+                 for c in the_plan.sending}
+    cache.save()
+    return the_plan.with_estimates(estimates, project.budget_usd)
+
+
 def plan(project: Project, request: PlanRequest, out: Path | None = None) -> Plan:
-    """What apply would change. Reads the server; writes only the input hash cache (and `out`)."""
+    """What apply would change, with its cost. Reads the server; writes only the per-machine
+    caches (input hashes, token counts) and `out`."""
     desired = _load_desired(project)
     state = _load_state(project)
     with Session(project) as session:
         the_plan = session.run(lambda api: _make_plan(project, api, desired, state, request))
+    the_plan = _with_estimates(project, the_plan)
     if out is not None:
         from .planfile import save_plan
 
@@ -170,14 +190,21 @@ class Applied:
 
 def apply(project: Project, request: PlanRequest, *, planfile: Path | None, review: Callable[[Plan], None],
           report: Callable[[str, str], None]) -> Applied:
-    """Plan (or load a saved plan), let `review` see it (and refuse it), then carry it out, under the lock."""
+    """Plan (or load a saved plan), let `review` see it (and refuse it), then carry it out, under the lock.
+
+    A plan over a budget is refused (OverBudget) before `review` and before anything is written or
+    sent: a saved plan, which carries its estimates, before connecting; a new one once planned.
+    """
     from .apply import Applier, apply_plan
+    from .budget import check_budget
 
     saved = None
     if planfile is not None:
         from .planfile import load_plan
 
-        saved = load_plan(planfile, project)
+        saved_plan, inputs = load_plan(planfile, project)
+        saved = dataclasses.replace(saved_plan, budget_usd=project.budget_usd), inputs  # today's budget
+        check_budget(saved[0])
     desired = None if saved else _load_desired(project)
     project.credentials()  # before taking the lock: a missing key is said at once
     with Session(project) as session, _transaction(project) as txn:  # the client is made on first use: after
@@ -187,7 +214,8 @@ def apply(project: Project, request: PlanRequest, *, planfile: Path | None, revi
 
             check_fresh(planfile, *saved, state, project.root)
         the_plan = saved[0] if saved else \
-            session.run(lambda api: _make_plan(project, api, desired, state, request))
+            _with_estimates(project, session.run(lambda api: _make_plan(project, api, desired, state, request)))
+        check_budget(the_plan)
         review(the_plan)  # the loop is idle here: asking the user holds up no request
         if not the_plan.has_changes:
             txn.state.record_batches(the_plan.refreshed)  # newly seen statuses; saved if any changed

@@ -10,14 +10,19 @@ state − desired = cancel or forget, and the intersection is compared by spec h
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from enum import Enum
+from typing import TYPE_CHECKING
 
 from .batch import BatchFields, BatchRecord
 from .desired import Desired
 from .errors import PlanError
 from .remote import RemoteView, find_tagged
 from .state import Entry, State
+
+if TYPE_CHECKING:
+    from .estimate import Estimate
 
 
 class Action(str, Enum):
@@ -84,6 +89,8 @@ class Change:
     found:  a batch already on the server that satisfies the desired spec (made by an
         earlier, interrupted apply, or before the state was lost): apply records it
         instead of creating one.
+    estimate: what the requests this change sends may cost (estimate.py), for a change that
+        sends requests; None for the others, and where batchplan cannot count the input.
     """
 
     name: str
@@ -97,10 +104,16 @@ class Change:
     found: dict | None = None
     diff: tuple[FieldChange, ...] = ()
     warnings: tuple[str, ...] = ()
+    estimate: Estimate | None = None
 
     @property
     def cancels_old(self) -> bool:
         return self.action is Action.REPLACE and self.batch is not None and self.batch.running
+
+    @property
+    def sends_requests(self) -> bool:
+        """It makes a batch, so its requests are billed: a create or replace that adopts nothing."""
+        return self.action in (Action.CREATE, Action.REPLACE) and not self.found
 
 
 @dataclass(frozen=True)
@@ -109,6 +122,8 @@ class Plan:
     lineage: str | None
     serial: int
     refreshed: dict[str, BatchRecord] = field(default_factory=dict)  # name -> record seen now
+    budget_usd: float | None = None  # the most this apply may cost (batchplan.yaml); see budget.py
+    estimated: bool = False  # with_estimates was applied: a change's estimate None means "cannot be known"
 
     def summary(self) -> dict[str, int]:
         counts = {action.value: 0 for action in ORDER}
@@ -119,6 +134,17 @@ class Plan:
     @property
     def has_changes(self) -> bool:
         return any(c.action is not Action.NOOP for c in self.changes)
+
+    @property
+    def sending(self) -> tuple[Change, ...]:
+        """The changes that send requests, whose estimates add up to what this plan may cost."""
+        return tuple(c for c in self.changes if c.sends_requests)
+
+    def with_estimates(self, estimates: Mapping[str, Estimate | None], budget_usd: float | None) -> Plan:
+        """This plan with each sending change's estimate (by name) and the budget it is held to. Pure."""
+        changes = tuple(replace(c, estimate=estimates.get(c.name)) if c.sends_requests else c
+                        for c in self.changes)
+        return replace(self, changes=changes, budget_usd=budget_usd, estimated=True)
 
 
 def build_plan(desired: list[Desired], state: State | None, remote: RemoteView, *,

@@ -27,7 +27,7 @@ from .plan import Action, Change, FieldChange, Plan, ReasonCode
 from .batch import BatchFields, BatchRecord
 from .state import State
 
-PLANFILE_VERSION = 2  # 2: before/after hold only the batch fields; reason_code
+PLANFILE_VERSION = 3  # 2: before/after hold only the batch fields; reason_code. 3: estimates, budget_usd
 
 
 class _Document(BaseModel):
@@ -43,6 +43,7 @@ class _Document(BaseModel):
     inputs: dict[str, str]
     changes: list[dict]
     refreshed: dict[str, dict]
+    estimated: bool
 
 
 def _change_to_json(change: Change) -> dict:
@@ -55,6 +56,7 @@ def _change_to_json(change: Change) -> dict:
         "batch": change.batch.model_dump(mode="json") if change.batch else None,
         "found": change.found, "diff": [dataclasses.asdict(d) for d in change.diff],
         "warnings": list(change.warnings),
+        "estimate": change.estimate.model_dump(mode="json") if change.estimate else None,
     }
 
 
@@ -68,7 +70,16 @@ def _change_from_json(data: dict) -> Change:
         batch=BatchRecord.model_validate(data["batch"]) if data["batch"] else None,
         found=data["found"], diff=tuple(FieldChange(**d) for d in data["diff"]),
         warnings=tuple(data["warnings"]),
+        estimate=_estimate_from_json(data["estimate"]),
     )
+
+
+def _estimate_from_json(data: dict | None):
+    if data is None:
+        return None
+    from .estimate import Estimate  # here: a saved plan without creates needs no prices
+
+    return Estimate.model_validate(data)
 
 
 def save_plan(path: Path, plan: Plan, project) -> None:
@@ -80,6 +91,7 @@ def save_plan(path: Path, plan: Plan, project) -> None:
         "inputs": dict(sorted(inputs.items())),
         "changes": [_change_to_json(c) for c in plan.changes],
         "refreshed": {n: r.model_dump(mode="json") for n, r in sorted(plan.refreshed.items())},
+        "estimated": plan.estimated,
     }
     try:
         atomic_write(path, json.dumps(document, indent=2, sort_keys=True) + "\n")
@@ -108,7 +120,8 @@ def load_plan(path: Path, project) -> tuple[Plan, dict]:
         checked = _Document.model_validate(document)
         plan = Plan(changes=tuple(_change_from_json(c) for c in checked.changes),
                     lineage=checked.lineage, serial=checked.serial,
-                    refreshed={n: BatchRecord.model_validate(r) for n, r in checked.refreshed.items()})
+                    refreshed={n: BatchRecord.model_validate(r) for n, r in checked.refreshed.items()},
+                    estimated=checked.estimated)
     except (KeyError, TypeError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
         raise PlanError(f"{path}: damaged plan file ({_first_line(exc)}); plan again") from exc
     _confine_inputs(path, plan, checked.inputs, project.root.resolve())

@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -33,7 +33,9 @@ from .inputs import HashCache
 from .paths import Area, confine, not_a_file, shown
 if TYPE_CHECKING:
     from .api import Api
+    from .prices import ModelPrice, PriceTable
     from .stores.base import StateStore
+    from .tokens import TokenCache
 
 CONFIG_FILE = "batchplan.yaml"
 DEFAULT_STATE = "state/batchplan.state.json"
@@ -59,6 +61,11 @@ class Settings(BaseModel):
     parallelism: int = Field(default=16, ge=1, le=64)
     timeout: float = Field(default=60.0, gt=0)
     max_retries: int = Field(default=5, ge=0, le=20)
+    # Cost (see README "Cost"): the most one apply may cost, the output bound of requests that
+    # set none, and prices that override or add to the built-in table (checked by prices.py).
+    budget_usd: float | None = Field(default=None, ge=0, allow_inf_nan=False, strict=True)
+    default_max_output_tokens: int | None = Field(default=None, ge=1, strict=True)
+    prices: Any = None
 
 
 def _read_settings(root: Path) -> Settings:
@@ -136,6 +143,15 @@ def _workspace(settings: Settings) -> str:
     return name
 
 
+def _price_overrides(data: object) -> dict[str, ModelPrice]:
+    """batchplan.yaml's `prices:`, checked (ConfigError names the model and field)."""
+    if data is None:
+        return {}
+    from .prices import parse_overrides  # here: most projects set no prices
+
+    return parse_overrides(data, CONFIG_FILE)
+
+
 @dataclass(frozen=True)
 class Project:
     root: Path
@@ -152,6 +168,9 @@ class Project:
     # show store().location instead. state_path's directory keeps the per-machine caches either way.
     state_url: str | None = field(default=None, repr=False)
     workspace: str = "default"
+    budget_usd: float | None = None
+    default_max_output_tokens: int | None = None
+    price_overrides: dict[str, ModelPrice] = field(default_factory=dict)
 
     @classmethod
     def open(cls, chdir: str | None = None, specs: str | None = None, state: str | None = None,
@@ -176,7 +195,9 @@ class Project:
                    parallelism=parallelism or settings.parallelism, timeout=settings.timeout,
                    max_retries=settings.max_retries, lock_timeout=lock_timeout,
                    allow_insecure_http=allow_insecure_http, state_url=state_url,
-                   workspace=_workspace(settings))
+                   workspace=_workspace(settings), budget_usd=settings.budget_usd,
+                   default_max_output_tokens=settings.default_max_output_tokens,
+                   price_overrides=_price_overrides(settings.prices))
 
     def store(self, location: str | None = None, workspace: str | None = None) -> StateStore:
         """Where this project's state lives: every command reads and changes the state through it.
@@ -214,6 +235,16 @@ class Project:
 
     def hash_cache(self) -> HashCache:
         return HashCache(self.state_path.parent / "cache.json")
+
+    def token_cache(self) -> TokenCache:
+        from .tokens import TokenCache  # here: only plans with something to create count tokens
+
+        return TokenCache(self.state_path.parent / "tokens.json")
+
+    def price_table(self) -> PriceTable:
+        from .prices import PriceTable
+
+        return PriceTable(self.price_overrides)
 
     def credentials(self) -> tuple[str, str]:
         """(base_url, api_key), checked before anything is sent."""

@@ -97,6 +97,55 @@ def _detail_lines(change: Change) -> list[str]:
     return []
 
 
+def _estimate_lines(change: Change, estimated: bool) -> list[str]:
+    """What a change that sends requests may cost: its requests, tokens and cost range."""
+    if not change.sends_requests or not estimated:
+        return []
+    from .estimate import unknown_cost, usd_range
+
+    found, why = change.estimate, unknown_cost(change.desired, change.estimate)
+    if found is None:
+        return [f"estimate: unknown ({why})"]
+    bound = found.output_tokens_max
+    output = " + unbounded output tokens" if bound is None else \
+        " tokens, no output" if bound == 0 else f" + ≤ {bound:,} output tokens"
+    cost = usd_range(found.cost_usd_min, found.cost_usd_max)
+    notes = [why] if why else []
+    if found.lower_bound:
+        notes.append("at least: some input (images, tools, ...) is not counted")
+    note = f" ({'; '.join(notes)})" if notes else ""
+    return [f"estimate: {found.model}, {found.requests:,} requests, {found.input_tokens:,} input{output}: "
+            f"{cost}{note}"]
+
+
+def _about(cost: str) -> str:
+    """≈ before a cost range, not before "unknown"."""
+    return cost if cost == "unknown" else f"≈ {cost}"
+
+
+def total_line(plan: Plan) -> str:
+    """`Cost: ≈ $0.42 – $1.10 for 3 batches ...`: what the changes that send requests may cost."""
+    from .estimate import cost_range, usd, usd_range
+    from .prices import PRICES_AS_OF
+
+    batches = len(plan.sending)
+    budget = f"; budget {usd(plan.budget_usd)}" if plan.budget_usd is not None else ""
+    total = _about(usd_range(*cost_range(c.estimate for c in plan.sending)))
+    return (f"Cost: {total} for {batches} "
+            f"batch{'es' if batches != 1 else ''}{budget} (batch prices as of {PRICES_AS_OF}).")
+
+
+def _budget_problems(plan: Plan) -> list[str]:
+    if not plan.estimated:  # a plan made without costs (tests, tools): nothing to hold to a budget yet
+        return []
+    from .budget import over_budget
+
+    return over_budget(plan)
+
+
+OVER_BUDGET = "Warning: over budget; apply will refuse this plan:"
+
+
 def summary_line(plan: Plan) -> str:
     counts = plan.summary()
     if not plan.has_changes:
@@ -118,10 +167,14 @@ def render_text(plan: Plan, colour: bool = False) -> str:
         head = f"  {change.action.symbol} {change.name.ljust(width)}  {change.action.value:<7}  {change.reason}"
         lines.append(style(head, fg=_COLOURS[change.action]))
         lines += [f"      {d}" for d in _detail_lines(change)]
+        lines += [f"      {d}" for d in _estimate_lines(change, plan.estimated)]
         lines += [style(f"      ! {w}", fg="yellow") for w in change.warnings]
     body = ["batchplan will perform these actions:", "", *lines, ""] if plan.has_changes else \
         ([*lines, ""] if lines else [])
-    return "\n".join([*body, style(summary_line(plan), bold=True)]) + "\n"
+    costs = [total_line(plan)] if plan.sending and plan.estimated else []
+    if problems := _budget_problems(plan):
+        costs += [style(line, fg="yellow") for line in (OVER_BUDGET, *(f"  ! {p}" for p in problems))]
+    return "\n".join([*body, style(summary_line(plan), bold=True), *costs]) + "\n"
 
 
 def _before(change: Change) -> dict | None:
@@ -140,14 +193,23 @@ def _after(change: Change) -> dict | None:
     return {**change.after.model_dump(mode="json"), **adopted}
 
 
+def _cost_summary(plan: Plan) -> dict:
+    """The plan's cost range: the sum over the changes that send requests (null when any is unknown)."""
+    from .estimate import cost_range
+
+    low, high = cost_range(c.estimate for c in plan.sending) if plan.sending else (0.0, 0.0)
+    return {"cost_usd_min": low, "cost_usd_max": high}
+
+
 def plan_document(plan: Plan) -> dict:
     """The public JSON plan (format_version 1): documented in the README; keep it stable."""
     return {
         "format_version": JSON_FORMAT_VERSION,
         "actions": [{"name": c.name, "action": c.action.value, "reason": c.reason,
-                     "reason_code": c.reason_code.value, "before": _before(c), "after": _after(c)}
+                     "reason_code": c.reason_code.value, "before": _before(c), "after": _after(c),
+                     "estimate": c.estimate.model_dump(mode="json") if c.estimate else None}
                     for c in plan.changes],
-        "summary": plan.summary(),
+        "summary": {**plan.summary(), **_cost_summary(plan)},
     }
 
 
@@ -168,17 +230,29 @@ def _md_heading(action: Action, name: str) -> str:
     return f"{symbol}{name}: {action.value}"
 
 
+def _md_cost(plan: Plan, action: Action | None = None) -> str:
+    """The cost column: what the changes of one action (or of all) that send requests may cost."""
+    from .estimate import cost_range, usd_range
+
+    sending = [c.estimate for c in plan.sending if action in (None, c.action)]
+    return usd_range(*cost_range(sending)) if sending and plan.estimated else ""
+
+
 def render_markdown(plan: Plan) -> str:
-    """A pull-request comment: a summary table, then one section per change."""
+    """A pull-request comment: a summary table with costs, then one section per change."""
     counts = plan.summary()
-    lines = ["## batchplan plan", "", "| action | count |", "| --- | ---: |"]
-    lines += [f"| {f'{a.symbol} {a.value}'.strip()} | {counts[a.value]} |" for a in ORDER]
-    lines += ["", f"**{summary_line(plan)}**", ""]
+    lines = ["## batchplan plan", "", "| action | count | cost |", "| --- | ---: | ---: |"]
+    lines += [f"| {f'{a.symbol} {a.value}'.strip()} | {counts[a.value]} | {_md_cost(plan, a)} |" for a in ORDER]
+    total = _md_cost(plan)
+    lines += [f"| **total** | | **{_about(total)}** |"] if total else []
+    lines += ["", f"**{summary_line(plan)}**", ""] + ([total_line(plan), ""] if total else [])
+    if problems := _budget_problems(plan):
+        lines += [f"**{OVER_BUDGET}**", "", *(f"- {p}" for p in problems), ""]
     for change in plan.changes:
         if change.action is Action.NOOP and not change.warnings:
             continue
         lines += [f"### {_md_heading(change.action, change.name)}", "", change.reason, ""]
-        details = _detail_lines(change) + [f"! {w}" for w in change.warnings]
+        details = _detail_lines(change) + _estimate_lines(change, plan.estimated) + [f"! {w}" for w in change.warnings]
         if details:
             lines += ["```diff" if change.action in (Action.REPLACE, Action.UPDATE) else "```", *details, "```", ""]
     return "\n".join(lines).rstrip() + "\n"

@@ -80,6 +80,9 @@ class Spec(BaseModel):
     output: str | None = None
     errors: str | None = None
     lifecycle: Lifecycle = Field(default_factory=Lifecycle)
+    # USD this spec's batch may cost at most (its estimate's maximum); not a batch parameter, so
+    # changing it replaces nothing. Checked by apply (budget.py).
+    budget_usd: float | None = Field(default=None, ge=0, allow_inf_nan=False, strict=True)
 
 
 FIELDS = tuple(Spec.model_fields)

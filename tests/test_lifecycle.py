@@ -15,6 +15,7 @@ import time
 import httpx
 from rich.console import Console
 
+from reconciler.prices import PRICES_AS_OF
 from reconciler.sandbox import Timing
 from reconciler.state import BatchRecord
 from reconciler.stores.file import FileStore
@@ -444,6 +445,10 @@ def test_state_list_show_and_rm(repo, sandbox, sandbox_env):
 # -- output for reviews ---------------------------------------------------------------------
 
 
+UNBOUNDED = ("some requests set no max_tokens, max_completion_tokens or max_output_tokens; set one, or "
+             "default_max_output_tokens in batchplan.yaml")
+
+
 def test_plan_markdown_for_a_pull_request_as_a_whole_string(repo, sandbox, sandbox_env):
     repo.spec("edit", metadata={"team": "research"})
     repo.spec("gone")
@@ -460,17 +465,20 @@ def test_plan_markdown_for_a_pull_request_as_a_whole_string(repo, sandbox, sandb
     assert result.out == (
         "## batchplan plan\n"
         "\n"
-        "| action | count |\n"
-        "| --- | ---: |\n"
-        "| + create | 1 |\n"
-        "| = adopt | 0 |\n"
-        "| ~ update | 0 |\n"
-        "| ± replace | 1 |\n"
-        "| - cancel | 0 |\n"
-        "| # forget | 1 |\n"
-        "| noop | 0 |\n"
+        "| action | count | cost |\n"
+        "| --- | ---: | ---: |\n"
+        "| + create | 1 | $0.000002 – ? |\n"
+        "| = adopt | 0 |  |\n"
+        "| ~ update | 0 |  |\n"
+        "| ± replace | 1 | $0.000002 – ? |\n"
+        "| - cancel | 0 |  |\n"
+        "| # forget | 1 |  |\n"
+        "| noop | 0 |  |\n"
+        "| **total** | | **≈ $0.000004 – ?** |\n"
         "\n"
         "**Plan: 1 to create, 1 to replace, 1 to forget, 0 unchanged.**\n"
+        "\n"
+        f"Cost: ≈ $0.000004 – ? for 2 batches (batch prices as of {PRICES_AS_OF}).\n"
         "\n"
         "### `±` edit: replace\n"
         "\n"
@@ -479,6 +487,7 @@ def test_plan_markdown_for_a_pull_request_as_a_whole_string(repo, sandbox, sandb
         "```diff\n"
         '~ metadata.team: "research" -> "ml"\n'
         f"re-runs 3 requests: batch {batch_of(repo, 'edit')} already completed\n"
+        f"estimate: gpt-4o-mini, 3 requests, 30 input + unbounded output tokens: $0.000002 – ? ({UNBOUNDED})\n"
         "```\n"
         "\n"
         "### `#` gone: forget\n"
@@ -494,5 +503,6 @@ def test_plan_markdown_for_a_pull_request_as_a_whole_string(repo, sandbox, sandb
         "model: gpt-4o-mini\n"
         f"input: data/new.jsonl (sha256 {sha}, 2 requests)\n"
         "output: results/new/output.jsonl\n"
+        f"estimate: gpt-4o-mini, 2 requests, 20 input + unbounded output tokens: $0.000002 – ? ({UNBOUNDED})\n"
         "```\n"
     )
