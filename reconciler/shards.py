@@ -19,14 +19,13 @@ Nothing here holds a whole file: memory is bounded by one shard's custom_ids at 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import os
 import queue
 import re
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -35,8 +34,9 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import Problem, StalePlanError, ValidationFailed
-from .inputs import (CHUNK, MAX_BYTES, MAX_EMBEDDING_INPUTS, MAX_REQUESTS, MAX_REPORTED, InputReport,
-                     LineProblem, _lines, scan_input)
+from .fsutil import atomic_writer
+from .inputs import (CHUNK, MAX_BYTES, MAX_EMBEDDING_INPUTS, MAX_REQUESTS, InputReport, _lines,
+                     scan_input)
 
 MB = 2**20
 # Why a shard was cut where it was: the limit its next line would have broken.
@@ -383,21 +383,6 @@ def open_shard(path: Path, shard: Shard) -> ShardReader:
 
 # -- merging results ---------------------------------------------------------------------
 
-@contextlib.contextmanager
-def _atomic_writer(dest: Path) -> Iterator[BinaryIO]:
-    """A file that appears at `dest` complete or not at all (temp file, fsync, rename)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")
-    try:
-        with tmp.open("wb") as out:
-            yield out
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _write_line(out: BinaryIO, data: bytes) -> None:
     out.write(data)
     if data and not data.endswith(b"\n"):
@@ -406,7 +391,7 @@ def _write_line(out: BinaryIO, data: bytes) -> None:
 
 def merge_jsonl(parts: list[Path], dest: Path) -> int:
     """Concatenate JSONL files in the given (shard) order into `dest`, atomically; returns its size."""
-    with _atomic_writer(dest) as out:
+    with atomic_writer(dest) as out:
         for part in parts:
             with part.open("rb") as fh:
                 last = b""
@@ -433,7 +418,7 @@ def merge_in_input_order(input_path: Path, shards: list[Shard], result_files: li
     if len(result_files) != len(shards):
         raise ValueError(f"{len(shards)} shards but {len(result_files)} result files")
     written = 0
-    with _atomic_writer(dest) as out:
+    with atomic_writer(dest) as out:
         for shard, results in zip(shards, result_files):
             if results is not None:
                 written += _merge_shard(input_path, shard, results, out)

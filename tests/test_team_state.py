@@ -72,7 +72,7 @@ def test_every_command_works_on_a_postgresql_workspace(pg_repo, emulator_server,
     assert cli(pg_repo, "force-unlock", env=api_env).code == 0  # nothing held: nothing to do
 
     # the state is only in the database; the per-machine caches stay in the repo's state/
-    assert sorted(p.name for p in (pg_repo.root / "state").iterdir()) == ["cache.json"]
+    assert sorted(p.name for p in (pg_repo.root / "state").iterdir()) == ["cache.json", "tokens.json"]
     assert query(pg_repo.url, "SELECT workspace FROM batchplan.state") == [("team",)]
 
 
