@@ -156,15 +156,17 @@ def request_lines(path: Path) -> Iterator[tuple[str | None, int, int, bytes]]:
     with path.open("rb") as fh:
         for start, stop, raw in _numbered_lines(fh):
             if raw.strip():
-                yield _custom_id(raw), start, stop, raw
+                yield custom_id_of(raw), start, stop, raw
 
 
-# The custom_id of a request line that starts with it, as most do, without parsing the
-# body that follows (most of a line); any other line is parsed whole.
-_LEADING_CUSTOM_ID = re.compile(rb'\s*\{\s*"custom_id"\s*:\s*"([^"\\]*)"')
+# The custom_id of a line that starts with it (a request line), or with an `id` and then it
+# (a result line), as the API writes them, without parsing the body that follows (most of a
+# line); any other line is parsed whole.
+_LEADING_CUSTOM_ID = re.compile(rb'\s*\{\s*(?:"id"\s*:\s*"[^"\\]*"\s*,\s*)?"custom_id"\s*:\s*"([^"\\]*)"')
 
 
-def _custom_id(raw: bytes) -> str | None:
+def custom_id_of(raw: bytes | bytearray | memoryview) -> str | None:
+    """The custom_id of a request or result line; None when it has none."""
     if found := _LEADING_CUSTOM_ID.match(raw):
         with contextlib.suppress(UnicodeDecodeError):
             return found.group(1).decode()

@@ -23,20 +23,19 @@ import hashlib
 import io
 import os
 import queue
-import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import Problem, StalePlanError, ValidationFailed
 from .fsutil import atomic_writer
 from .inputs import (CHUNK, MAX_BYTES, MAX_EMBEDDING_INPUTS, MAX_REQUESTS, InputReport, _lines,
                      scan_input)
+from .results import custom_id_of
 
 MB = 2**20
 # Why a shard was cut where it was: the limit its next line would have broken.
@@ -431,7 +430,7 @@ def _merge_shard(input_path: Path, shard: Shard, results: Path, out: BinaryIO) -
     with results.open("rb", buffering=0) as fh:
         with open_range(input_path, shard.start, shard.end) as requests:
             for raw, _, _ in _lines(requests, CHUNK, None):
-                place = where.pop(_custom_id(raw), None)
+                place = where.pop(custom_id_of(raw), None)
                 if place is not None:
                     _write_line(out, _read_at(fh, *place))
                     written += 1
@@ -447,32 +446,12 @@ def _index_results(results: Path) -> tuple[dict[str, tuple[int, int]], list[tupl
     strays: list[tuple[int, int]] = []
     with results.open("rb", buffering=0) as fh:
         for raw, start, stop in _lines(fh, CHUNK, None):
-            custom_id = _custom_id(raw)
+            custom_id = custom_id_of(raw)
             if custom_id is None or custom_id in where:
                 strays.append((start, stop))
             else:
                 where[custom_id] = (start, stop)
     return where, strays
-
-
-# The custom_id of a line that starts with it (as request lines usually do), or with the
-# API's "id" then it (as result lines do), without parsing the rest: a merge reads every
-# input line again, and most of a line is its body.
-_LEADING_CUSTOM_ID = re.compile(rb'\{\s*(?:"id"\s*:\s*"[^"\\]*"\s*,\s*)?"custom_id"\s*:\s*"([^"\\]*)"')
-
-
-def _custom_id(raw: bytes | bytearray | memoryview) -> str | None:
-    if found := _LEADING_CUSTOM_ID.match(raw):
-        try:
-            return found.group(1).decode()
-        except UnicodeDecodeError:
-            return None
-    try:
-        line = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return None
-    custom_id = line.get("custom_id") if type(line) is dict else None
-    return custom_id if type(custom_id) is str else None
 
 
 def _read_at(fh: BinaryIO, start: int, stop: int) -> bytes:
