@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, BinaryIO, NamedTuple
 import orjson
 
 from .errors import StateError
+from .fsutil import atomic_writer
 from .inputs import hash_file
 
 if TYPE_CHECKING:  # the client (httpx) is loaded only by commands that talk to the server
@@ -250,23 +251,6 @@ class _ResultReader:
 
     def __call__(self, ref: LineRef) -> bytes:
         return os.pread(self.fds[ref.file], ref.stop - ref.start, ref.start)
-
-
-# Written here until reconciler/fsutil.py (the `core` branch) is on main: its atomic_writer
-# does the same, temp file next to the target, fsync, rename, and is meant to replace this.
-@contextlib.contextmanager
-def atomic_writer(path: Path) -> Iterator[BinaryIO]:
-    """A binary file that replaces `path` when the block ends without an error."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with tmp.open("wb") as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # -- the cache of downloaded result files -------------------------------------------------
