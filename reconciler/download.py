@@ -174,12 +174,18 @@ def merge_results(name: str, records: list[BatchRecord], source: Path, dests: di
     if any(path not in here for pair in files for path in pair if path):
         report.notes.append(f"{name}: its {len(records)} attempts were not merged: not every result file is here")
         return
+    # In the manifest under the attempts' batch ids, so that an intact merge of the same attempts is kept
+    key = "merged:" + ",".join(rec.id for rec in records)
+    targets = [Target(name, kind, key, dests[kind], _rel(dests[kind], root)) for kind, _, _ in KINDS]
+    shown = f"{targets[0].rel} and {targets[1].rel}"
+    if all(manifest.intact(target) for target in targets):
+        report.skipped.append(f"{name}: {shown} already merged from {len(records)} attempts")
+        return
     merged = merge_attempts(source, files, dests["output"], dests["errors"])
-    for path in dests.values():  # the merged files are no download of one file id
-        manifest.dirty |= manifest.files.pop(_rel(path, root), None) is not None
-    report.written.append(f"{name}: wrote {_rel(dests['output'], root)} ({merged.outputs:,} results) and "
-                          f"{_rel(dests['errors'], root)} ({merged.errors:,} without a result), merged from "
-                          f"{len(records)} attempts")
+    for target in targets:
+        manifest.add(target, target.dest.stat().st_size)
+    report.written.append(f"{name}: wrote {targets[0].rel} ({merged.outputs:,} results) and {targets[1].rel} "
+                          f"({merged.errors:,} without a result), merged from {len(records)} attempts")
 
 
 def _missing_files(name: str, rec: BatchRecord) -> list[str]:

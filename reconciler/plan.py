@@ -183,7 +183,7 @@ def build_plan(desired: list[Desired], state: State | None, remote: RemoteView, 
         if name in wanted:
             change = _plan_desired(wanted[name], entry, remote, name in force_replace)
             if change.action is Action.NOOP and name in attempts:
-                change = _plan_retry(wanted[name], entry, attempts[name]) or change
+                change = _plan_retry(wanted[name], entry, attempts[name], change)
             changes.append(change)
         else:
             changes.append(_plan_removed(name, entry, remote))
@@ -277,15 +277,19 @@ def _plan_replace(want: Desired, entry: Entry, record: BatchRecord, remote: Remo
                   batch=record, found=found, diff=tuple(diff), warnings=_orphan_warning(want, entry, record, remote))
 
 
-def _plan_retry(want: Desired, entry: Entry, view: AttemptsView) -> Change | None:
+def _plan_retry(want: Desired, entry: Entry, view: AttemptsView, noop: Change) -> Change:
     """A follow-up batch of the requests without a result, once the latest attempt has ended
-    and attempts are left (retries.next_attempt); None when none is due."""
+    and attempts are left (retries.next_attempt); else the noop, about the latest attempt."""
     from .retries import next_attempt, retry_reason
 
     selection = view.selection
     attempt = next_attempt(view.latest.status, view.made, want.retry, selection) if selection else None
     if attempt is None or want.retry is None or selection is None:
-        return None
+        if view.made == 1:
+            return noop
+        latest = view.latest
+        return replace(noop, reason=f"retry batch {latest.id} (attempt {view.made}) is {latest.status}",
+                       batch=latest, warnings=_drift(want.name, latest))
     planned = PlannedRetry(attempt, selection)
     if view.found:
         return Change(want.name, Action.RETRY, f"retry batch {view.found['id']} (attempt {attempt}) on the server "

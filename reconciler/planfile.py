@@ -73,8 +73,11 @@ def _desired_from_json(data: dict) -> Desired:
 
 
 def _retry_to_json(retry: PlannedRetry) -> dict:
-    return {"attempt": retry.attempt, "selection": {**dataclasses.asdict(retry.selection),
-                                                    "spans": [list(span) for span in retry.selection.spans]}}
+    chosen = retry.selection  # field by field: dataclasses.asdict would count a Counter's pairs
+    return {"attempt": retry.attempt, "selection": {
+        "total": chosen.total, "succeeded": chosen.succeeded, "reasons": dict(chosen.reasons),
+        "kept": dict(chosen.kept), "spans": [list(span) for span in chosen.spans], "sha256": chosen.sha256,
+        "size": chosen.size}}
 
 
 def _retry_from_json(data: dict | None) -> PlannedRetry | None:

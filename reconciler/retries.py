@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from .errors import StalePlanError
@@ -76,6 +76,14 @@ class RetryPolicy(BaseModel):
     # None is never kept: the validator turns a missing value into a message that says what to write.
     max_attempts: int = Field(None, validate_default=True)
     on: tuple[Annotated[ErrorClass, BeforeValidator(_retry_reason)], ...] = REASONS
+
+    @model_validator(mode="before")
+    @classmethod
+    def _on_as_written(cls, data: object) -> object:
+        """YAML 1.1 (pyyaml) reads a bare `on:` key as the boolean true: it is the `on` written."""
+        if isinstance(data, dict) and True in data and "on" not in data:
+            return {("on" if key is True else key): value for key, value in data.items()}
+        return data
 
     @field_validator("max_attempts", mode="before")
     @classmethod
