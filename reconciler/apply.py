@@ -2,13 +2,13 @@
 
 The stages (see `Applier.run`): record the intent of every create (one atomic state
 write), upload missing inputs (uploader.py), record what the plan found already made,
-create, make the follow-up batches of retries (retrier.py), then cancel and forget. A create whose answer is lost is never sent again
-blindly: its tags are looked up on the server first, and again after a settling delay
-(a request that timed out may still land), and only one still absent is sent again. An
-intent left moments ago by an apply that was killed may belong to a create still in
-flight, so it gets the same settling delay and look before anything is sent. The ledger
-(ledger.py) saves the state as work completes and once more at the end, whatever
-happened, so a re-run converges.
+create, make the follow-up batches of retries (retrier.py), then cancel and forget. A
+create whose answer is lost is never sent again blindly: its tags are looked up on the
+server first, and again after a settling delay (a request that timed out may still land),
+and only one still absent is sent again. An intent left moments ago by an apply that was
+killed may belong to a create still in flight, so it gets the same settling delay and
+look before anything is sent. The ledger (ledger.py) saves the state as work completes
+and once more at the end, whatever happened, so a re-run converges.
 """
 
 from __future__ import annotations

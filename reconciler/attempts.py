@@ -35,8 +35,8 @@ from .batch import BatchRecord
 from .inputs import hash_file
 from .remote import fetch_batches, find_tagged, tagged_since
 from .results import AttemptFiles, ResultsCache, classify_results
-from .retries import (MAX_ATTEMPTS, RETRY_ENDS, RetryPolicy, RetrySelection, attempt_tag, retry_candidates, status_phrase,
-                      write_retry_input)
+from .retries import (MAX_ATTEMPTS, RETRY_ENDS, RetryPolicy, RetrySelection, attempt_tag, retry_candidates,
+                      status_phrase, write_retry_input)
 
 if TYPE_CHECKING:
     from .api import Api
