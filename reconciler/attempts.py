@@ -169,10 +169,16 @@ async def _selection(api: Api, want: Desired, records: tuple[BatchRecord, ...], 
                      cache: ResultsCache) -> RetrySelection | None:
     """The lines to send again, once the latest attempt has ended and attempts are left; else None."""
     assert want.retry is not None and want.input is not None
-    if records[-1].status not in RETRY_ENDS or len(records) >= want.retry.max_attempts:
+    if records[-1].status not in RETRY_ENDS or len(records) >= want.retry.max_attempts or _all_done(records):
         return None
     files = await asyncio.gather(*(_attempt_files(api, rec, cache) for rec in records))
     return retry_candidates(root / want.input, classify_results(files), want.retry)
+
+
+def _all_done(records: tuple[BatchRecord, ...]) -> bool:
+    """Whether the batches' own counts say every request succeeded: then no result file is read."""
+    total = (records[0].request_counts or {}).get("total")
+    return bool(total) and sum((rec.request_counts or {}).get("completed", 0) for rec in records) >= total
 
 
 async def _attempt_files(api: Api, record: BatchRecord, cache: ResultsCache) -> AttemptFiles:

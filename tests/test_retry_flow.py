@@ -204,3 +204,50 @@ def test_a_kill_between_the_retry_upload_and_its_create_makes_exactly_one_retry(
     assert len(ids) == 2 and [b["id"] for b in retries["batches"]] == [ids[0]] and retries["intent"] is None
     assert sum(".attempt-2." in name for name in uploads_by_name(server)) == 1  # the retry input, uploaded once
     assert cli(repo, env, "plan", "--detailed-exitcode").code == 0
+
+
+# --- the pure planner, given what the results stage read -------------------------------------
+
+def test_the_planner_adopts_a_lost_retry_and_names_the_latest_attempt_once_none_is_due():
+    from collections import Counter
+
+    from reconciler.attempts import AttemptsView
+    from reconciler.desired import Desired
+    from reconciler.plan import RemoteView, build_plan
+    from reconciler.render import render_json, render_text
+    from reconciler.retries import RetryPolicy, RetrySelection, attempt_tag
+    from reconciler.state import BatchRecord, Entry, Retries, RetryIntent, State
+
+    want = Desired(name=NAME, file="specs/x.yaml", endpoint="/v1/chat/completions", completion_window="24h",
+                   metadata={}, output_expires_after=None, input="data/x.jsonl", input_sha256="a" * 64,
+                   input_file_id=None, requests=4, prevent_cancel=False, output=None, errors=None,
+                   retry=RetryPolicy(max_attempts=2))
+
+    def record(batch_id: str, status: str, completed: int) -> BatchRecord:
+        return BatchRecord(id=batch_id, status=status, created_at=1, input_file_id="file-1",
+                           request_counts={"total": 4, "completed": completed, "failed": 4 - completed})
+
+    first = record("batch_1", "expired", 3)
+    tag = attempt_tag(want.spec_hash, 2)
+    entry = Entry(spec_hash=want.spec_hash, fields=want.fields(), batch=first,
+                  retries=Retries(first="batch_1", intent=RetryIntent(attempt=2, tag=tag, input_sha256="b" * 64,
+                                                                      at=1)))
+    state = State(lineage="L", serial=3, entries={NAME: entry})
+    one_left = RetrySelection(total=4, succeeded=3, reasons=Counter({"expired": 1}), kept=Counter(),
+                              spans=((10, 20),), sha256="b" * 64, size=10)
+    made = {"id": "batch_2", "status": "validating", "metadata": {"batchplan_name": NAME, "batchplan_spec": tag}}
+    found = build_plan([want], state, RemoteView(), attempts={NAME: AttemptsView((first,), one_left, made)})
+    assert render_text(found) == (
+        "batchplan will perform these actions:\n\n"
+        f"  ↻ {NAME}  retry    retry batch batch_2 (attempt 2) on the server was made for this spec but is not in "
+        "the state; recording it, creating nothing\n\n"
+        "Plan: 1 to retry, 0 unchanged.\n")
+    action = json.loads(render_json(found))["actions"][0]
+    assert (action["reason_code"], action["attempt"], action["requests"], found.sending) == (
+        "found_untracked", 2, 1, ())
+
+    second = record("batch_2", "completed", 0)
+    used_up = build_plan([want], state, RemoteView(), attempts={NAME: AttemptsView((first, second))})
+    assert render_text(used_up) == "No changes. 1 batch(es) match their specs.\n"
+    assert json.loads(render_json(used_up))["actions"][0]["reason"] == "retry batch batch_2 (attempt 2) is completed"
+    assert used_up.refreshed == {NAME: second}  # apply and a no-change plan record its latest status
