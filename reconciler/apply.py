@@ -2,13 +2,13 @@
 
 The stages (see `Applier.run`): record the intent of every create (one atomic state
 write), upload missing inputs (uploader.py), record what the plan found already made,
-create, then cancel and forget. A create whose answer is lost is never sent again
-blindly: its tags are looked up on the server first, and again after a settling delay
-(a request that timed out may still land), and only one still absent is sent again. An
-intent left moments ago by an apply that was killed may belong to a create still in
-flight, so it gets the same settling delay and look before anything is sent. The ledger
-(ledger.py) saves the state as work completes and once more at the end, whatever
-happened, so a re-run converges.
+create, make the follow-up batches of retries (retrier.py), then cancel and forget. A
+create whose answer is lost is never sent again blindly: its tags are looked up on the
+server first, and again after a settling delay (a request that timed out may still land),
+and only one still absent is sent again. An intent left moments ago by an apply that was
+killed may belong to a create still in flight, so it gets the same settling delay and
+look before anything is sent. The ledger (ledger.py) saves the state as work completes
+and once more at the end, whatever happened, so a re-run converges.
 """
 
 from __future__ import annotations
@@ -39,8 +39,9 @@ class Applier:
     """Walks a plan's changes in stages, one handler per action (see `run`)."""
 
     def __init__(self, api: Api, txn: Transaction, plan: Plan, *, repo_root: Path,
-                 report: Callable[[str, str], None] = lambda name, text: None):
+                 report: Callable[[str, str], None] = lambda name, text: None, work_dir: Path | None = None):
         self.api = api
+        self.work_dir = work_dir or repo_root / "state" / "retries"  # per machine: retry inputs (retrier.py)
         self.plan = plan
         self.report = report
         self.ledger = Ledger(txn, report)
@@ -57,10 +58,11 @@ class Applier:
             creates = await self._record_intents(creates)
             file_ids = await self._ensure_uploads(creates)
             for change in self.plan.changes:
-                if change.found:
+                if change.found and change.action is not Action.RETRY:  # a found retry is the retry stage's
                     self.ledger.record_batch(change, change.found)
             result = self.ledger.result
             await self._create_all([c for c in creates if c.name not in result.failed], file_ids)
+            await self._retry_all([c for c in self.plan.changes if c.action is Action.RETRY])
             await self._cancel_all([c for c in self.plan.changes
                                     if c.action is Action.CANCEL or c.cancels_old and c.name in result.done])
             for change in self.plan.changes:
@@ -224,6 +226,15 @@ class Applier:
             else:
                 absent.append(change)
         return absent
+
+    # -- stage 3b: retries (retrier.py) --------------------------------------------------
+
+    async def _retry_all(self, retries: list[Change]) -> None:
+        """Each planned retry's follow-up batch, made once, with the creates' guarantees."""
+        if retries and not self.stopping.is_set():
+            from .retrier import Retrier
+
+            await Retrier(self).run(retries)
 
     # -- stage 4: cancels ----------------------------------------------------------------
 

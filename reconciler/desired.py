@@ -16,6 +16,7 @@ from pathlib import Path
 from .batch import BatchFields
 from .errors import Problem, ValidationFailed
 from .inputs import HashCache, InputReport
+from .retries import RetryPolicy
 from .spec import TAG_NAME, TAG_SPEC, LoadedSpec, load_specs, resolve_input
 
 
@@ -40,6 +41,7 @@ class Desired:
     models: tuple[str, ...] = ()    # the models the input's requests name, for the plan's create lines
     ignore_changes: tuple[str, ...] = ()  # lifecycle.ignore_changes: fields whose edit only updates the state
     budget_usd: float | None = None  # the spec's own budget (budget.py); not part of the batch's fields
+    retry: RetryPolicy | None = None  # the spec's retry: (else batchplan.yaml's); not part of the batch's fields
 
     def fields(self) -> BatchFields:
         """What the batch is made from: the view that plans diff and state records."""
@@ -107,7 +109,7 @@ def _read_input(loaded: LoadedSpec, repo_root: Path, cache: HashCache,
 
 
 def _resolve(loaded: LoadedSpec, repo_root: Path, cache: HashCache, scanned: dict,
-             results: str) -> tuple[Desired | None, list[Problem]]:
+             results: str, default_retry: RetryPolicy | None = None) -> tuple[Desired | None, list[Problem]]:
     spec = loaded.spec
     rel_input = report = None
     if spec.input is not None:
@@ -124,19 +126,22 @@ def _resolve(loaded: LoadedSpec, repo_root: Path, cache: HashCache, scanned: dic
         errors=spec.errors, input_bytes=report.size if report else None,
         models=tuple(sorted(report.models)) if report else (), ignore_changes=spec.lifecycle.ignore_changes,
         budget_usd=spec.budget_usd,
+        retry=spec.retry_policy(default_retry),
     ), []
 
 
-def load_desired(specs_dir: Path, repo_root: Path, cache: HashCache, results: str = "results") -> list[Desired]:
+def load_desired(specs_dir: Path, repo_root: Path, cache: HashCache, results: str = "results",
+                 default_retry: RetryPolicy | None = None) -> list[Desired]:
     """Every spec, validated with its input file; raises ValidationFailed listing all problems.
 
-    `results`: the results directory (repo-relative), for the output path of a spec that names none."""
+    `results`: the results directory (repo-relative), for the output path of a spec that names none.
+    `default_retry`: batchplan.yaml's `retry:`, for the specs with a local input and none of their own."""
     repo_root = repo_root.resolve()
     loaded, problems = load_specs(specs_dir, repo_root)
     scanned: dict = {}
     desired = []
     for item in loaded:
-        found, bad = _resolve(item, repo_root, cache, scanned, results)
+        found, bad = _resolve(item, repo_root, cache, scanned, results, default_retry)
         problems += bad
         if found:
             desired.append(found)

@@ -1,5 +1,9 @@
 """Download: each finished batch's output and error files, written to disk once.
 
+A spec that has retried (retries.py) has several batches, its attempts: each one's files go
+to its own directory, and the name's output and errors files hold every attempt merged
+(merge_results), not a copy of the latest's.
+
 Where: every batch's files to `<results>/<name>/<batch id>/output.jsonl` and
 `errors.jsonl`, so a replace never overwrites the results of the run before it; and the
 latest batch's also to the spec's `output:` / `errors:` paths (relative to the repo root),
@@ -17,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -144,6 +148,44 @@ def files_to_download(records: dict[str, BatchRecord | None], dests: dict[str, d
                                     _rel(last, root) if last else ""))
         notes += _missing_files(name, rec)
     return found, notes
+
+
+def every_attempt(wanted: list[Target], earlier: dict[str, list[BatchRecord]], dests: dict[str, dict[str, Path]],
+                  root: Path, results: Path) -> list[Target]:
+    """`wanted` and, for each name in `earlier` (its earlier attempts: it has retried), their files too,
+    each only to its batch's own directory: the latest places get every attempt merged (merge_results)."""
+    out = [replace(t, latest=None, latest_rel="") if t.name in earlier else t for t in wanted]
+    for name, records in earlier.items():
+        for rec in records:
+            out += files_to_download({name: rec}, dests, root, results, latest=False)[0]
+    return out
+
+
+def merge_results(name: str, records: list[BatchRecord], source: Path, dests: dict[str, Path], root: Path,
+                  results: Path, manifest: Manifest, report: Report) -> None:
+    """Merge every attempt's files (in their own directories) into the name's output and errors files:
+    one line per request that succeeded in any attempt, and the latest error of each that never did,
+    in the order of `source`, the input (results.merge_attempts)."""
+    from .results import AttemptFiles, merge_attempts
+
+    files = [AttemptFiles(*(batch_dir(results, name, rec.id) / default if getattr(rec, key) else None
+                            for _, key, default in KINDS)) for rec in records]
+    here = {t.dest for t in report.fetched}
+    if any(path not in here for pair in files for path in pair if path):
+        report.notes.append(f"{name}: its {len(records)} attempts were not merged: not every result file is here")
+        return
+    # In the manifest under the attempts' batch ids, so that an intact merge of the same attempts is kept
+    key = "merged:" + ",".join(rec.id for rec in records)
+    targets = [Target(name, kind, key, dests[kind], _rel(dests[kind], root)) for kind, _, _ in KINDS]
+    shown = f"{targets[0].rel} and {targets[1].rel}"
+    if all(manifest.intact(target) for target in targets):
+        report.skipped.append(f"{name}: {shown} already merged from {len(records)} attempts")
+        return
+    merged = merge_attempts(source, files, dests["output"], dests["errors"])
+    for target in targets:
+        manifest.add(target, target.dest.stat().st_size)
+    report.written.append(f"{name}: wrote {targets[0].rel} ({merged.outputs:,} results) and {targets[1].rel} "
+                          f"({merged.errors:,} without a result), merged from {len(records)} attempts")
 
 
 def _missing_files(name: str, rec: BatchRecord) -> list[str]:

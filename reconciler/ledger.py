@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from .batch import BatchRecord
 from .plan import Action, Change
-from .state import Entry, HistoryItem, Intent, Upload
+from .state import Entry, HistoryItem, Intent, Retries, RetryIntent, Upload
 
 if TYPE_CHECKING:
     from .desired import Desired
@@ -147,6 +147,47 @@ class Ledger:
             entry = Entry(spec_hash=want.spec_hash, fields=want.fields(), prevent_cancel=want.prevent_cancel)
             self.state.entries[want.name] = entry
         return entry
+
+    # -- retries: the follow-up batches of an entry's batch (retries.py) ----------------
+
+    def record_retry_intent(self, change: Change, tag: str, sha256: str, now: int) -> RetryIntent | None:
+        """Record the retry batch about to be made; the earlier intent for the same attempt, if any
+        (it keeps its time: the look for its batch must reach back that far)."""
+        assert change.retry is not None
+        retries = self._retries_of(change.name)
+        known = retries.intent
+        earlier = known if known and (known.attempt, known.tag) == (change.retry.attempt, tag) else None
+        retries.intent = RetryIntent(attempt=change.retry.attempt, tag=tag, input_sha256=sha256,
+                                     at=earlier.at if earlier else now)
+        return earlier
+
+    def retry_intent(self, name: str) -> RetryIntent:
+        intent = self._retries_of(name).intent
+        assert intent is not None, name
+        return intent
+
+    def drop_retry_intent(self, name: str) -> None:
+        """The retry batch was certainly not made: the next apply need not look for it."""
+        self._retries_of(name).intent = None
+
+    def record_retry(self, change: Change, batch: dict, verb: str = "created retry") -> None:
+        """Record a retry batch made (or found) for a change, after the attempt it follows."""
+        assert change.retry is not None and change.batch is not None
+        retries = self._retries_of(change.name)
+        self.state.record_batches({change.name: change.batch})  # the attempt it follows, as the plan saw it
+        if all(known.id != batch["id"] for known in retries.batches):
+            retries.batches.append(BatchRecord.from_api(batch))
+        retries.intent = None
+        self.done(change.name, f"{verb} {batch['id']} (attempt {change.retry.attempt}, "
+                               f"{change.retry.selection.requests:,} requests)")
+
+    def _retries_of(self, name: str) -> Retries:
+        """The entry's retries, started afresh when none are recorded for its current batch."""
+        entry = self.state.entries[name]
+        assert entry.batch is not None, name
+        if entry.retries is None or entry.retries.first != entry.batch.id:
+            entry.retries = Retries(first=entry.batch.id)
+        return entry.retries
 
     # -- what the user is told -----------------------------------------------------------
 

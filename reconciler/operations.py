@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from .desired import Desired
     from .download import Report
     from .importer import Imported
-    from .plan import Plan
+    from .plan import Change, Plan
     from .project import Project
     from .scaffold import Scaffolded
     from .batch import BatchRecord
@@ -69,7 +69,8 @@ def _load_desired(project: Project) -> list[Desired]:
     from .desired import load_desired
 
     cache = project.hash_cache()
-    desired = load_desired(project.specs_dir, project.root, cache, os.path.relpath(project.results_dir, project.root))
+    desired = load_desired(project.specs_dir, project.root, cache, os.path.relpath(project.results_dir, project.root),
+                           project.retry)
     cache.save()
     return desired
 
@@ -143,11 +144,16 @@ class PlanRequest:
 
 async def _make_plan(project: Project, api, desired: list[Desired], state: State | None,
                      request: PlanRequest) -> Plan:
+    from .attempts import read_attempts
     from .plan import build_plan
     from .remote import read_remote
+    from .results import ResultsCache
 
     remote = await read_remote(api, desired, state, parallelism=project.parallelism, full_scan=request.scan_all)
-    return build_plan(desired, state, remote, targets=request.targets, force_replace=request.replace)
+    attempts = await read_attempts(api, desired, state, remote, root=project.root,
+                                   cache=ResultsCache(project.retries_dir / "results"))
+    return build_plan(desired, state, remote, targets=request.targets, force_replace=request.replace,
+                      attempts=attempts)
 
 
 def _with_estimates(project: Project, the_plan: Plan) -> Plan:
@@ -161,10 +167,21 @@ def _with_estimates(project: Project, the_plan: Plan) -> Plan:
     from .estimate import estimate_desired
 
     cache, prices = project.token_cache(), project.price_table()
-    estimates = {c.name: estimate_desired(c.desired, project.root, cache, prices, project.default_max_output_tokens)
+    estimates = {c.name: estimate_desired(_sent_input(project, c), project.root, cache, prices,
+                                          project.default_max_output_tokens)
                  for c in the_plan.sending}
     cache.save()
     return the_plan.with_estimates(estimates, project.budget_usd)
+
+
+def _sent_input(project: Project, change: Change) -> Desired:
+    """What a change sends: its spec's input, or for a retry the lines it sends again."""
+    if change.retry is None:
+        return change.desired
+    from .attempts import retry_desired
+
+    return retry_desired(change.desired, change.retry.attempt, change.retry.selection, project.root,
+                         project.retries_dir)
 
 
 def plan(project: Project, request: PlanRequest, out: Path | None = None) -> Plan:
@@ -221,7 +238,7 @@ def apply(project: Project, request: PlanRequest, *, planfile: Path | None, revi
             txn.state.record_batches(the_plan.refreshed)  # newly seen statuses; saved if any changed
             return Applied(the_plan, None)
         result = session.run(lambda api: apply_plan(Applier(api, txn, the_plan, repo_root=project.root,
-                                                            report=report)))
+                                                            report=report, work_dir=project.retries_dir)))
     return Applied(the_plan, result)
 
 
@@ -252,12 +269,36 @@ class StatusReport:
 
 def status(project: Project, names: tuple[str, ...]) -> StatusReport:
     """Every batch in the state (or the names) as the server says now. Writes nothing."""
-    from .status import status_rows
+    from .status import status_rows, with_attempts
 
     entries = _entries(_load_state(project), names)
+    latest = _latest(entries)
     with Session(project) as session:
-        snapshot = _snapshot(session, entries)
-    return StatusReport(status_rows(entries, snapshot), time.time())
+        snapshot = _snapshot(session, latest)
+    return StatusReport(with_attempts(status_rows(latest, snapshot), _attempt_phrases(project, entries, snapshot)),
+                        time.time())
+
+
+def _latest(entries: dict[str, Entry]) -> dict[str, Entry]:
+    """The entries with each one's latest attempt as its batch: a retry batch once one is made."""
+    from .attempts import latest_entries
+
+    return latest_entries(entries)
+
+
+def _attempt_phrases(project: Project, entries: dict[str, Entry], snapshot: Snapshot) -> dict[str, str]:
+    """name -> what its attempts came to, for the specs that retry or have retried (`status`)."""
+    from .attempts import attempts_phrase
+    from .spec import load_specs
+
+    loaded, _ = load_specs(project.specs_dir, project.root)  # status works with a broken spec: its policy is unknown
+    policies = {item.spec.name: item.spec.retry_policy(project.retry) for item in loaded}
+    phrases = {}
+    for name, entry in entries.items():
+        latest = snapshot.records.get(name)
+        if latest and (phrase := attempts_phrase(entry, latest, policies.get(name))):
+            phrases[name] = phrase
+    return phrases
 
 
 @dataclass(frozen=True)
@@ -273,7 +314,7 @@ def wait(project: Project, names: tuple[str, ...], *, interval: float | None, ti
     from .remote import any_unfinished
     from .watch import WaitResult, wait_until_finished
 
-    entries = _entries(_load_state(project), names)
+    entries = _latest(_entries(_load_state(project), names))
     if not entries:
         return Waited([], None)
     interval = interval or (1.0 if project.sandbox else 15.0)
@@ -305,7 +346,7 @@ def refresh(project: Project) -> Refreshed:
     from .remote import any_unfinished
 
     with Session(project) as session, _transaction(project) as txn:
-        entries = _entries(txn.state, ())
+        entries = _latest(_entries(txn.state, ()))
         if not any_unfinished(entries):
             return Refreshed([], None)
         snapshot = _snapshot(session, entries)
@@ -337,7 +378,7 @@ def _download_records(project: Project, session: Session, names: tuple[str, ...]
 
     state = _load_state(project)
     if batch_id is None:
-        entries = _entries(state, names)
+        entries = _latest(_entries(state, names))
         snapshot = _snapshot(session, entries)
         return {n: snapshot.records.get(n) for n in entries}, state, True
     (name,) = names
@@ -353,8 +394,9 @@ def download(project: Project, names: tuple[str, ...], *, batch_id: str | None =
     """Write each finished batch's result files, skipping those already on disk intact.
 
     `batch_id`: that batch of the one name instead of its latest. `join`: also joined.jsonl."""
-    from .download import (MANIFEST, Manifest, Report, destinations, download_files, files_to_download,
-                           not_yet_downloaded, notes_on_earlier_files, restore_latest, spec_inputs)
+    from .download import (MANIFEST, Manifest, Report, destinations, download_files, every_attempt,
+                           files_to_download, not_yet_downloaded, notes_on_earlier_files, restore_latest,
+                           spec_inputs)
     from .spec import load_specs
 
     specs, problems = load_specs(project.specs_dir, project.root)
@@ -365,19 +407,50 @@ def download(project: Project, names: tuple[str, ...], *, batch_id: str | None =
         records, state, latest = _download_records(project, session, names, batch_id)
         dests = destinations(specs, list(records), project.results_area(spec_inputs(specs, project.root)))
         wanted, notes = files_to_download(records, dests, project.root, project.results_dir, latest)
+        earlier = _earlier_attempts(state, records) if latest else {}
+        wanted = every_attempt(wanted, earlier, dests, project.root, project.results_dir)
         if latest:
-            notes += notes_on_earlier_files(records, dests, project.root, manifest)
+            notes += notes_on_earlier_files({n: r for n, r in records.items() if n not in earlier}, dests,
+                                            project.root, manifest)
         report = Report(notes=notes)
         todo, restore = not_yet_downloaded(wanted, manifest, report)
         try:
             restore_latest(restore, manifest, report)
             if todo:
                 session.run(lambda api: download_files(api, todo, manifest, report))
+            _merge_attempts(project, state, earlier, records, dests, manifest, report)
         finally:
             manifest.save()
     if join:
         _join_all(project, state, records, report)
     return report
+
+
+def _earlier_attempts(state: State | None, records: dict[str, BatchRecord | None]) -> dict[str, list[BatchRecord]]:
+    """name -> the attempts before its latest, for each name that has retried and whose latest has ended."""
+    from .attempts import attempt_records
+
+    earlier = {}
+    for name, rec in records.items():
+        attempts = attempt_records(state.entries[name]) if state and name in state.entries else []
+        if rec is not None and rec.terminal and len(attempts) > 1:
+            earlier[name] = attempts[:-1]
+    return earlier
+
+
+def _merge_attempts(project: Project, state: State | None, earlier: dict[str, list[BatchRecord]],
+                    records: dict[str, BatchRecord | None], dests: dict, manifest, report: Report) -> None:
+    """Each retried name's output and errors files: every attempt merged, in the order of its input."""
+    from .download import merge_results
+
+    for name, before in earlier.items():
+        first = before[0]
+        source, why = _input_of(project, state, name, first)
+        if source is None:
+            report.notes.append(f"{name}: its {len(before) + 1} attempts were not merged: {why}")
+            continue
+        merge_results(name, [*before, records[name]], source, dests[name], project.root, project.results_dir,
+                      manifest, report)
 
 
 def _join_all(project: Project, state: State | None, records: dict[str, BatchRecord | None], report: Report) -> None:

@@ -22,7 +22,9 @@ from .remote import RemoteView, find_tagged
 from .state import Entry, State
 
 if TYPE_CHECKING:
+    from .attempts import AttemptsView
     from .estimate import Estimate
+    from .retries import RetrySelection
 
 
 class Action(str, Enum):
@@ -33,6 +35,7 @@ class Action(str, Enum):
     REPLACE = "replace"
     CANCEL = "cancel"
     FORGET = "forget"
+    RETRY = "retry"  # a follow-up batch of the requests the spec's ended batches left without a result
 
     @property
     def symbol(self) -> str:
@@ -40,8 +43,9 @@ class Action(str, Enum):
 
 
 _SYMBOLS = {Action.CREATE: "+", Action.ADOPT: "=", Action.UPDATE: "~", Action.NOOP: " ", Action.REPLACE: "±",
-            Action.CANCEL: "-", Action.FORGET: "#"}
-ORDER = (Action.CREATE, Action.ADOPT, Action.UPDATE, Action.REPLACE, Action.CANCEL, Action.FORGET, Action.NOOP)
+            Action.CANCEL: "-", Action.FORGET: "#", Action.RETRY: "↻"}
+ORDER = (Action.CREATE, Action.ADOPT, Action.UPDATE, Action.REPLACE, Action.RETRY, Action.CANCEL, Action.FORGET,
+         Action.NOOP)
 
 
 class ReasonCode(str, Enum):
@@ -63,6 +67,8 @@ class ReasonCode(str, Enum):
     INTERRUPTED_REPLACE = "interrupted_replace"      # replace: finishing one an apply left half done
     SPEC_REMOVED = "spec_removed"                    # cancel / forget: the spec is gone
     CHANGES_IGNORED = "changes_ignored"              # update: only fields lifecycle.ignore_changes lists
+    WITHOUT_RESULT = "without_result"                # retry: requests the ended batches left without a result
+    #                                                  (found_untracked: the retry batch is already made)
 
 
 _INPUT_FIELDS = frozenset({"input", "input_sha256", "input_file_id"})
@@ -73,6 +79,14 @@ class FieldChange:
     path: str
     before: object
     after: object
+
+
+@dataclass(frozen=True)
+class PlannedRetry:
+    """A retry's attempt number (2 and up) and the input lines it sends (retries.RetrySelection)."""
+
+    attempt: int
+    selection: RetrySelection
 
 
 @dataclass(frozen=True)
@@ -91,6 +105,8 @@ class Change:
         instead of creating one.
     estimate: what the requests this change sends may cost (estimate.py), for a change that
         sends requests; None for the others, and where batchplan cannot count the input.
+    retry:  for a retry, its attempt and the lines it sends (`batch` is then the latest attempt,
+        `found` a retry batch an interrupted apply made).
     """
 
     name: str
@@ -105,6 +121,7 @@ class Change:
     diff: tuple[FieldChange, ...] = ()
     warnings: tuple[str, ...] = ()
     estimate: Estimate | None = None
+    retry: PlannedRetry | None = None
 
     @property
     def cancels_old(self) -> bool:
@@ -112,8 +129,8 @@ class Change:
 
     @property
     def sends_requests(self) -> bool:
-        """It makes a batch, so its requests are billed: a create or replace that adopts nothing."""
-        return self.action in (Action.CREATE, Action.REPLACE) and not self.found
+        """It makes a batch, so its requests are billed: a create, replace or retry that adopts nothing."""
+        return self.action in (Action.CREATE, Action.REPLACE, Action.RETRY) and not self.found
 
 
 @dataclass(frozen=True)
@@ -148,8 +165,12 @@ class Plan:
 
 
 def build_plan(desired: list[Desired], state: State | None, remote: RemoteView, *,
-               targets: frozenset[str] = frozenset(), force_replace: frozenset[str] = frozenset()) -> Plan:
-    """Decide one action per spec name. Pure: reads its arguments, writes nothing."""
+               targets: frozenset[str] = frozenset(), force_replace: frozenset[str] = frozenset(),
+               attempts: Mapping[str, AttemptsView] | None = None) -> Plan:
+    """Decide one action per spec name. Pure: reads its arguments, writes nothing.
+
+    `attempts`: what the result files of the specs that retry say (attempts.read_attempts)."""
+    attempts = attempts or {}
     state = state or State(serial=0, lineage="")
     wanted = {d.name: d for d in desired}
     _ensure_known(targets | force_replace, wanted, state)
@@ -160,12 +181,16 @@ def build_plan(desired: list[Desired], state: State | None, remote: RemoteView, 
     for name in names:
         entry = state.entries.get(name)
         if name in wanted:
-            changes.append(_plan_desired(wanted[name], entry, remote, name in force_replace))
+            change = _plan_desired(wanted[name], entry, remote, name in force_replace)
+            if change.action is Action.NOOP and name in attempts:
+                change = _plan_retry(wanted[name], entry, attempts[name], change)
+            changes.append(change)
         else:
             changes.append(_plan_removed(name, entry, remote))
     refreshed = {name: BatchRecord.from_api(remote.batches[entry.batch.id])
                  for name, entry in state.entries.items()
                  if entry.batch and entry.batch.id in remote.batches}
+    refreshed.update({name: view.latest for name, view in attempts.items() if view.made > 1})  # a retry batch
     return Plan(tuple(changes), state.lineage or None, state.serial, refreshed)
 
 
@@ -250,6 +275,29 @@ def _plan_replace(want: Desired, entry: Entry, record: BatchRecord, remote: Remo
         reason += f"; batch {record.id} is {record.status} and will be cancelled"
     return Change(want.name, Action.REPLACE, reason, code, before=entry.fields, after=want.fields(), desired=want,
                   batch=record, found=found, diff=tuple(diff), warnings=_orphan_warning(want, entry, record, remote))
+
+
+def _plan_retry(want: Desired, entry: Entry, view: AttemptsView, noop: Change) -> Change:
+    """A follow-up batch of the requests without a result, once the latest attempt has ended
+    and attempts are left (retries.next_attempt); else the noop, about the latest attempt."""
+    from .retries import next_attempt, retry_reason
+
+    selection = view.selection
+    attempt = next_attempt(view.latest.status, view.made, want.retry, selection) if selection else None
+    if attempt is None or want.retry is None or selection is None:
+        if view.made == 1:
+            return noop
+        latest = view.latest
+        return replace(noop, reason=f"retry batch {latest.id} (attempt {view.made}) is {latest.status}",
+                       batch=latest, warnings=_drift(want.name, latest))
+    planned = PlannedRetry(attempt, selection)
+    if view.found:
+        return Change(want.name, Action.RETRY, f"retry batch {view.found['id']} (attempt {attempt}) on the server "
+                      "was made for this spec but is not in the state; recording it, creating nothing",
+                      ReasonCode.FOUND_UNTRACKED, before=entry.fields, after=want.fields(), desired=want,
+                      batch=view.latest, found=view.found, retry=planned)
+    return Change(want.name, Action.RETRY, retry_reason(selection, attempt, want.retry), ReasonCode.WITHOUT_RESULT,
+                  before=entry.fields, after=want.fields(), desired=want, batch=view.latest, retry=planned)
 
 
 def _plan_update(want: Desired, entry: Entry, record: BatchRecord) -> Change | None:

@@ -23,11 +23,12 @@ from .errors import PathError, PlanError, StalePlanError
 from .fsutil import atomic_write
 from .inputs import hash_file
 from .paths import confine
-from .plan import Action, Change, FieldChange, Plan, ReasonCode
+from .plan import Action, Change, FieldChange, Plan, PlannedRetry, ReasonCode
 from .batch import BatchFields, BatchRecord
 from .state import State
 
-PLANFILE_VERSION = 3  # 2: before/after hold only the batch fields; reason_code. 3: estimates, budget_usd
+PLANFILE_VERSION = 4  # 2: before/after hold only the batch fields; reason_code. 3: estimates, budget_usd. 4: retries
+_READS_INPUT = (Action.CREATE, Action.REPLACE, Action.RETRY)  # the actions that send lines of a local input
 
 
 class _Document(BaseModel):
@@ -52,12 +53,44 @@ def _change_to_json(change: Change) -> dict:
         "reason_code": change.reason_code.value,
         "before": change.before.model_dump(mode="json") if change.before else None,
         "after": change.after.model_dump(mode="json") if change.after else None,
-        "desired": dataclasses.asdict(change.desired) if change.desired else None,
+        "desired": _desired_to_json(change.desired) if change.desired else None,
         "batch": change.batch.model_dump(mode="json") if change.batch else None,
         "found": change.found, "diff": [dataclasses.asdict(d) for d in change.diff],
         "warnings": list(change.warnings),
         "estimate": change.estimate.model_dump(mode="json") if change.estimate else None,
+        "retry": _retry_to_json(change.retry) if change.retry else None,
     }
+
+
+def _desired_to_json(want: Desired) -> dict:
+    return {**dataclasses.asdict(want), "retry": want.retry.model_dump(mode="json") if want.retry else None}
+
+
+def _desired_from_json(data: dict) -> Desired:
+    from .retries import RetryPolicy
+
+    return Desired(**{**data, "retry": RetryPolicy.model_validate(data["retry"]) if data.get("retry") else None})
+
+
+def _retry_to_json(retry: PlannedRetry) -> dict:
+    chosen = retry.selection  # field by field: dataclasses.asdict would count a Counter's pairs
+    return {"attempt": retry.attempt, "selection": {
+        "total": chosen.total, "succeeded": chosen.succeeded, "reasons": dict(chosen.reasons),
+        "kept": dict(chosen.kept), "spans": [list(span) for span in chosen.spans], "sha256": chosen.sha256,
+        "size": chosen.size}}
+
+
+def _retry_from_json(data: dict | None) -> PlannedRetry | None:
+    if data is None:
+        return None
+    from collections import Counter
+
+    from .retries import RetrySelection
+
+    chosen = data["selection"]
+    selection = RetrySelection(**{**chosen, "reasons": Counter(chosen["reasons"]), "kept": Counter(chosen["kept"]),
+                                  "spans": tuple((int(a), int(b)) for a, b in chosen["spans"])})
+    return PlannedRetry(attempt=int(data["attempt"]), selection=selection)
 
 
 def _change_from_json(data: dict) -> Change:
@@ -66,11 +99,11 @@ def _change_from_json(data: dict) -> Change:
         reason_code=ReasonCode(data["reason_code"]),
         before=BatchFields.model_validate(data["before"]) if data["before"] else None,
         after=BatchFields.model_validate(data["after"]) if data["after"] else None,
-        desired=Desired(**data["desired"]) if data["desired"] else None,
+        desired=_desired_from_json(data["desired"]) if data["desired"] else None,
         batch=BatchRecord.model_validate(data["batch"]) if data["batch"] else None,
         found=data["found"], diff=tuple(FieldChange(**d) for d in data["diff"]),
         warnings=tuple(data["warnings"]),
-        estimate=_estimate_from_json(data["estimate"]),
+        estimate=_estimate_from_json(data["estimate"]), retry=_retry_from_json(data.get("retry")),
     )
 
 
@@ -84,7 +117,7 @@ def _estimate_from_json(data: dict | None):
 
 def save_plan(path: Path, plan: Plan, project) -> None:
     inputs = {c.desired.input: c.desired.input_sha256 for c in plan.changes
-              if c.desired and c.desired.input and c.action in (Action.CREATE, Action.REPLACE)}
+              if c.desired and c.desired.input and c.action in _READS_INPUT}
     document = {
         "format_version": PLANFILE_VERSION, "batchplan_version": __version__,
         "sandbox": project.sandbox, "lineage": plan.lineage, "serial": plan.serial,
@@ -143,7 +176,7 @@ def _confine_inputs(path: Path, plan: Plan, inputs: dict[str, str], root: Path) 
                             "Nothing was sent; plan again") from None
     for change in plan.changes:
         want = change.desired
-        uploads = want and want.input and change.action in (Action.CREATE, Action.REPLACE)
+        uploads = want and want.input and change.action in _READS_INPUT
         if uploads and inputs.get(want.input) != want.input_sha256:
             raise PlanError(f"{path}: damaged plan file: {want.name}'s input {want.input} is not among the plan's "
                             "inputs with its sha256; nothing was sent. Plan again")

@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .errors import ConfigError, PathError
 from .inputs import HashCache
 from .paths import Area, confine, not_a_file, shown
+from .retries import RetryPolicy
 if TYPE_CHECKING:
     from .api import Api
     from .prices import ModelPrice, PriceTable
@@ -66,6 +67,7 @@ class Settings(BaseModel):
     budget_usd: float | None = Field(default=None, ge=0, allow_inf_nan=False, strict=True)
     default_max_output_tokens: int | None = Field(default=None, ge=1, strict=True)
     prices: Any = None
+    retry: RetryPolicy | None = None  # every spec's `retry:` unless the spec has its own (retries.py)
 
 
 def _read_settings(root: Path) -> Settings:
@@ -171,6 +173,7 @@ class Project:
     budget_usd: float | None = None
     default_max_output_tokens: int | None = None
     price_overrides: dict[str, ModelPrice] = field(default_factory=dict)
+    retry: RetryPolicy | None = None  # batchplan.yaml's `retry:`, for the specs that have none
 
     @classmethod
     def open(cls, chdir: str | None = None, specs: str | None = None, state: str | None = None,
@@ -197,7 +200,7 @@ class Project:
                    allow_insecure_http=allow_insecure_http, state_url=state_url,
                    workspace=_workspace(settings), budget_usd=settings.budget_usd,
                    default_max_output_tokens=settings.default_max_output_tokens,
-                   price_overrides=_price_overrides(settings.prices))
+                   price_overrides=_price_overrides(settings.prices), retry=settings.retry)
 
     def store(self, location: str | None = None, workspace: str | None = None) -> StateStore:
         """Where this project's state lives: every command reads and changes the state through it.
@@ -235,6 +238,12 @@ class Project:
 
     def hash_cache(self) -> HashCache:
         return HashCache(self.state_path.parent / "cache.json")
+
+    @property
+    def retries_dir(self) -> Path:
+        """Per-machine work of retries (git-ignored): downloaded result files by file id, and the
+        inputs of retry batches by content (see retries.py and attempts.py)."""
+        return self.state_path.parent / "retries"
 
     def token_cache(self) -> TokenCache:
         from .tokens import TokenCache  # here: only plans with something to create count tokens

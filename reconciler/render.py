@@ -26,9 +26,10 @@ if TYPE_CHECKING:
 
 JSON_FORMAT_VERSION = "1"
 _COLOURS = {Action.CREATE: "green", Action.ADOPT: "cyan", Action.UPDATE: "yellow", Action.REPLACE: "yellow",
-            Action.CANCEL: "red", Action.FORGET: "magenta", Action.NOOP: None}
+            Action.CANCEL: "red", Action.FORGET: "magenta", Action.RETRY: "blue", Action.NOOP: None}
 _PHRASES = {Action.CREATE: "to create", Action.ADOPT: "to adopt", Action.UPDATE: "to update (state only)",
-            Action.REPLACE: "to replace", Action.CANCEL: "to cancel", Action.FORGET: "to forget",
+            Action.REPLACE: "to replace", Action.RETRY: "to retry", Action.CANCEL: "to cancel",
+            Action.FORGET: "to forget",
             Action.NOOP: "unchanged"}
 SHORT_HASH = 12  # hex digits of a sha256 shown in plans: enough to tell two contents apart
 
@@ -94,6 +95,10 @@ def _detail_lines(change: Change) -> list[str]:
         return _diff_lines(change)
     if change.action is Action.CREATE and change.desired:
         return _create_lines(change.desired)
+    if change.action is Action.RETRY and change.retry and change.desired and not change.found:
+        sent = change.retry.selection
+        return [f"input: {sent.requests:,} of the {sent.total:,} lines of {change.desired.input}, as they are there "
+                f"(sha256 {_short_hash(sent.sha256)})"]
     return []
 
 
@@ -201,13 +206,20 @@ def _cost_summary(plan: Plan) -> dict:
     return {"cost_usd_min": low, "cost_usd_max": high}
 
 
+def _retry_fields(change: Change) -> dict:
+    """A retry's `requests` (sent again) and `attempt` (2 and up); nothing for other actions."""
+    if change.retry is None:
+        return {}
+    return {"requests": change.retry.selection.requests, "attempt": change.retry.attempt}
+
+
 def plan_document(plan: Plan) -> dict:
     """The public JSON plan (format_version 1): documented in the README; keep it stable."""
     return {
         "format_version": JSON_FORMAT_VERSION,
         "actions": [{"name": c.name, "action": c.action.value, "reason": c.reason,
                      "reason_code": c.reason_code.value, "before": _before(c), "after": _after(c),
-                     "estimate": c.estimate.model_dump(mode="json") if c.estimate else None}
+                     "estimate": c.estimate.model_dump(mode="json") if c.estimate else None, **_retry_fields(c)}
                     for c in plan.changes],
         "summary": {**plan.summary(), **_cost_summary(plan)},
     }

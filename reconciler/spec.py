@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr, StringConstraints,
 
 from .errors import PathError, Problem
 from .paths import confine, not_a_file
+from .retries import RetryPolicy
 
 RESERVED_PREFIX = "batchplan_"
 TAG_NAME = "batchplan_name"
@@ -83,6 +84,13 @@ class Spec(BaseModel):
     # USD this spec's batch may cost at most (its estimate's maximum); not a batch parameter, so
     # changing it replaces nothing. Checked by apply (budget.py).
     budget_usd: float | None = Field(default=None, ge=0, allow_inf_nan=False, strict=True)
+    # Follow-up batches for the requests that end without a result (retries.py); None: the
+    # default of batchplan.yaml, if any. Not a batch parameter: changing it replaces nothing.
+    retry: RetryPolicy | None = None
+
+    def retry_policy(self, default: RetryPolicy | None) -> RetryPolicy | None:
+        """Its own `retry:`, else batchplan.yaml's (`default`) when it has a local input to send again."""
+        return self.retry or (default if self.input is not None else None)
 
 
 FIELDS = tuple(Spec.model_fields)
@@ -176,6 +184,8 @@ def _message(err: dict, loc: tuple) -> str:
     kind, value = err["type"], err.get("input")
     if kind == "extra_forbidden":
         return _unknown_field_message(loc)
+    if kind == "missing" and loc[:1] == ("retry",):
+        return err["msg"]  # RetryPolicy's own: it says what to write
     if kind == "missing":
         return {("endpoint",): f"missing; say which endpoint the requests go to, one of: {', '.join(ENDPOINTS)}",
                 ("output_expires_after", "anchor"): "missing; write anchor: created_at",
@@ -218,7 +228,8 @@ def _short(value: object) -> str:
 
 def _unknown_field_message(loc: tuple) -> str:
     parent_fields = {(): FIELDS, ("output_expires_after",): ("anchor", "seconds"),
-                     ("lifecycle",): ("prevent_cancel", "ignore_changes")}.get(loc[:-1], ())
+                     ("lifecycle",): ("prevent_cancel", "ignore_changes"),
+                     ("retry",): tuple(RetryPolicy.model_fields)}.get(loc[:-1], ())
     guess = difflib.get_close_matches(str(loc[-1]), parent_fields, n=1)
     if guess:
         return f"unknown field; did you mean {guess[0]!r}?"
@@ -235,6 +246,14 @@ def _input_problem(data: dict, source: SpecSource) -> Problem | None:
                               "(a file already uploaded), not both", ("input_file_id",), "input")
     return source.problem("missing; give input (a JSONL file in this repo) or input_file_id (a file already "
                           "uploaded)", ("input",), "input")
+
+
+def _retry_problem(data: dict, source: SpecSource) -> Problem | None:
+    """A retry sends some lines of the input again: batchplan must be able to read them."""
+    if data.get("retry") is None or data.get("input_file_id") is None:
+        return None
+    return source.problem("needs input: (a JSONL file in this repo): with input_file_id batchplan cannot read the "
+                          "requests to send again; use input:, or remove retry:", ("retry",), "retry")
 
 
 def _metadata_limits(data: dict, source: SpecSource) -> list[Problem]:
@@ -268,6 +287,8 @@ def _check_document(doc: _Document, source: SpecSource, index: int) -> tuple[Loa
     except ValidationError as exc:
         problems += [p for p in _pydantic_problems(exc, source) if p.field != "name" or "name" in data]
     if problem := _input_problem(data, source):
+        problems.append(problem)
+    if problem := _retry_problem(data, source):
         problems.append(problem)
     problems += _metadata_limits(data, source)
     if problems:

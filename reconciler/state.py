@@ -18,8 +18,8 @@ from .batch import BatchFields, BatchRecord, BatchStatus
 from .errors import ConfigError
 from .spec import NAME_PATTERN
 
-__all__ = ["FORMAT_VERSION", "BatchFields", "BatchRecord", "BatchStatus", "Entry", "HistoryItem", "Intent", "State",
-           "Upload", "select_entries"]
+__all__ = ["FORMAT_VERSION", "BatchFields", "BatchRecord", "BatchStatus", "Entry", "HistoryItem", "Intent",
+           "Retries", "RetryIntent", "State", "Upload", "select_entries"]
 
 FORMAT_VERSION = 1
 
@@ -44,6 +44,42 @@ class HistoryItem(BaseModel):
     replaced_at: int
 
 
+class RetryIntent(BaseModel):
+    """A retry batch about to be made: recorded first, so a lost answer is found by its tag.
+
+    `tag`: the `batchplan_spec` value the batch carries (the spec hash and the attempt, see
+    retries.attempt_tag); `input_sha256`: the retry input's content address."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    attempt: int
+    tag: str
+    input_sha256: str
+    at: int
+
+
+class Retries(BaseModel):
+    """The follow-up batches of an entry's batch: attempts 2 and up, oldest first.
+
+    `first` is the id of the batch they follow (attempt 1). When the entry's batch is no
+    longer that one (a replace made a new batch), these retries are of the old one and count
+    for nothing (retries.py: `attempt_records`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    first: str
+    batches: list[BatchRecord] = Field(default_factory=list)
+    intent: RetryIntent | None = None
+
+    def record(self, fresh: BatchRecord) -> bool:
+        """Replace the record of the batch with fresh's id, if it is one of these; whether it changed."""
+        for index, known in enumerate(self.batches):
+            if known.id == fresh.id and known != fresh:
+                self.batches[index] = fresh
+                return True
+        return False
+
+
 class Entry(BaseModel):
     """One spec name: the batch made for it, from which fields, and what came before."""
 
@@ -55,6 +91,7 @@ class Entry(BaseModel):
     intent: Intent | None = None
     history: list[HistoryItem] = Field(default_factory=list)
     prevent_cancel: bool = False
+    retries: Retries | None = None  # follow-up batches of `batch` (a spec's `retry:`); None: none made
 
 
 class Upload(BaseModel):
@@ -91,6 +128,8 @@ class State(BaseModel):
             entry = self.entries.get(name)
             if entry and entry.batch and entry.batch.id == fresh.id and entry.batch != fresh:
                 entry.batch = fresh
+                changed.append(name)
+            elif entry and entry.retries and entry.retries.record(fresh):  # the latest is a retry batch
                 changed.append(name)
         return changed
 

@@ -6,7 +6,7 @@ batches still running); nothing here talks to the server or writes the state.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .batch import BatchStatus, short_id
 from .remote import Snapshot
@@ -46,6 +46,12 @@ def status_rows(entries: dict[str, Entry], snapshot: Snapshot) -> list[StatusRow
                        counts.get("total", 0), rec.created_at, rec.output_file_id if rec.terminal else None,
                        rec.error_file_id if rec.terminal else None, note))
     return out
+
+
+def with_attempts(rows: list[StatusRow], phrases: dict[str, str]) -> list[StatusRow]:
+    """The rows with what each name's attempts came to (attempts.attempts_phrase) added to its note."""
+    return [replace(r, note="; ".join(filter(None, (r.note, phrases[r.name])))) if r.name in phrases else r
+            for r in rows]
 
 
 def age(seconds: float) -> str:

@@ -202,8 +202,8 @@ def test_json_plan_is_the_documented_public_shape():
     assert {a["name"]: a["reason_code"] for a in document["actions"]} == {
         "done": "spec_removed", "edit": "parameters_changed", "gone": "spec_removed", "keep": "up_to_date",
         "new": "no_batch"}
-    assert document["summary"] == {"create": 1, "adopt": 0, "update": 0, "replace": 1, "cancel": 1, "forget": 1,
-                                   "noop": 1, "cost_usd_min": None, "cost_usd_max": None}  # not estimated: see test_cost.py
+    assert document["summary"] == {"create": 1, "adopt": 0, "update": 0, "replace": 1, "retry": 0, "cancel": 1,
+                                   "forget": 1, "noop": 1, "cost_usd_min": None, "cost_usd_max": None}  # not estimated: see test_cost.py
     new = document["actions"][-1]
     assert new["before"] is None and new["after"]["metadata"] == {"team": "research"}
     gone = document["actions"][2]
