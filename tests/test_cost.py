@@ -100,6 +100,7 @@ def test_markdown_plan_has_a_cost_column_and_a_total_as_a_whole_string():
         "| = adopt | 0 |  |\n"
         "| ~ update | 0 |  |\n"
         "| ± replace | 1 | $0.50 – ? |\n"
+        "| ↻ retry | 0 |  |\n"
         "| - cancel | 0 |  |\n"
         "| # forget | 0 |  |\n"
         "| noop | 1 |  |\n"
@@ -144,7 +145,8 @@ def test_json_plan_has_an_estimate_per_action_and_the_cost_in_the_summary():
         "keep": None,
         "new": {"model": "gpt-4o-mini", "requests": 1000, "input_tokens": 2_000_000, "output_tokens_max": 500_000,
                 "cost_usd_min": 0.15, "cost_usd_max": 0.3, "lower_bound": False}}
-    assert document["summary"] == {"create": 1, "adopt": 0, "update": 0, "replace": 1, "cancel": 0, "forget": 0, "noop": 1,
+    assert document["summary"] == {"create": 1, "adopt": 0, "update": 0, "replace": 1, "retry": 0, "cancel": 0, "forget": 0,
+                                   "noop": 1,
                                    "cost_usd_min": 2.65, "cost_usd_max": 5.3}
     unknown = json.loads(render_json(_costed_plan()))
     assert unknown["actions"][0]["estimate"]["cost_usd_max"] is None
