@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .errors import ConfigError, PathError
 from .inputs import HashCache
 from .paths import Area, confine, not_a_file, shown
+from .yamldoc import CONFIG_ALIAS_BUDGET, AliasBudgetExceeded, composed
 if TYPE_CHECKING:
     from .api import Api
     from .stores.base import StateStore
@@ -59,6 +60,7 @@ class Settings(BaseModel):
     parallelism: int = Field(default=16, ge=1, le=64)
     timeout: float = Field(default=60.0, gt=0)
     max_retries: int = Field(default=5, ge=0, le=20)
+    max_wait: float = Field(default=60.0, gt=0, le=3600)  # seconds: the longest wait for a server that asks to wait
 
 
 def _read_settings(root: Path) -> Settings:
@@ -68,7 +70,7 @@ def _read_settings(root: Path) -> Settings:
     try:
         if why := not_a_file(confine(CONFIG_FILE, root, root)):
             raise ConfigError(f"{CONFIG_FILE}: {why}")
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = _one_document(path.read_text(encoding="utf-8"))
         return Settings.model_validate(data)
     except PathError as exc:
         raise ConfigError(f"{CONFIG_FILE}: {exc}; batchplan reads it only from inside the repository") from None
@@ -76,12 +78,23 @@ def _read_settings(root: Path) -> Settings:
         raise ConfigError(f"{CONFIG_FILE}: not UTF-8 text (byte {exc.start}); save the file as UTF-8") from None
     except OSError as exc:
         raise ConfigError(f"{CONFIG_FILE}: cannot read: {exc.strerror or exc}") from exc
+    except AliasBudgetExceeded as exc:
+        raise ConfigError(f"{CONFIG_FILE}:{exc.line}: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{CONFIG_FILE}: YAML syntax error: {exc}") from exc
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(map(str, err["loc"])) or "top level"  # a list or a string where the settings belong
         raise ConfigError(f"{CONFIG_FILE}: {where}: {err['msg']}") from exc
+
+
+def _one_document(text: str) -> object:
+    """batchplan.yaml's settings (an empty file: none), its aliases within budget (yamldoc)."""
+    documents = [data for _, data in composed(text, CONFIG_ALIAS_BUDGET)]
+    if len(documents) > 1:
+        raise ConfigError(f"{CONFIG_FILE}: holds {len(documents)} YAML documents (separated by ---); write the "
+                          "settings as one")
+    return (documents[0] if documents else None) or {}
 
 
 def _inside(root: Path, settings: Settings, key: str, flag: str | None) -> Path:
@@ -146,6 +159,7 @@ class Project:
     parallelism: int
     timeout: float
     max_retries: int
+    max_wait: float = 60.0
     lock_timeout: float = 0.0
     allow_insecure_http: bool = False
     # The state in PostgreSQL (None: in the file state_path). May hold a password: never print it,
@@ -174,7 +188,7 @@ class Project:
         return cls(root=root, specs_dir=_inside(root, settings, "specs", specs), state_path=state_path,
                    results_dir=_inside(root, settings, "results", None), sandbox=sandbox,
                    parallelism=parallelism or settings.parallelism, timeout=settings.timeout,
-                   max_retries=settings.max_retries, lock_timeout=lock_timeout,
+                   max_retries=settings.max_retries, max_wait=settings.max_wait, lock_timeout=lock_timeout,
                    allow_insecure_http=allow_insecure_http, state_url=state_url,
                    workspace=_workspace(settings))
 
@@ -241,5 +255,5 @@ class Project:
             transport = open_sandbox(self.sandbox_world)
             base = transport.url
         async with Api(base, key, parallelism=self.parallelism, timeout=self.timeout,
-                       max_retries=self.max_retries, transport=transport) as api:
+                       max_retries=self.max_retries, max_wait=self.max_wait, transport=transport) as api:
             yield api

@@ -44,6 +44,7 @@ CONFIG_TEXT = """\
 # parallelism: 16                     # concurrent requests
 # timeout: 60                         # seconds per request
 # max_retries: 5                      # retries of a read, list or cancel on 429, 5xx and lost connections
+# max_wait: 60                        # seconds: the longest wait a server may ask for (Retry-After)
 """
 IGNORED = ("results/", "state/sandbox/", "state/cache.json", "state/tokens.json", "state/*.lock",
            "state/*.lock.info", "state/*.backup")
