@@ -251,7 +251,7 @@ class Api:
     def _too_long(self, failure: _Failure, what: str) -> ApiError:
         """A server that asks for a longer wait than `max_wait`: give up now rather than hang."""
         status = failure.error.status if isinstance(failure.error, ApiError) else 0
-        return ApiError(status, f"the server asked to wait {failure.asked:g} s before trying again (Retry-After), "
+        return ApiError(status, f"asked to wait {failure.asked:g} s before trying again (Retry-After), "
                                 f"longer than batchplan waits ({self.max_wait:g} s, `max_wait:` in batchplan.yaml); "
                                 "nothing more was sent. Try again later", request=what)
 
