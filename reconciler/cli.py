@@ -372,9 +372,13 @@ def main(argv: list[str] | None = None) -> None:
             code = cli.main(args=argv, prog_name="batchplan", standalone_mode=False, obj=invocation)
     except click.exceptions.Exit as exc:
         code = exc.exit_code
-    except click.exceptions.Abort:
-        echo("Aborted; nothing was changed.", err=True)
-        code = 1
+    except click.exceptions.Abort as exc:
+        if isinstance(exc.__context__, KeyboardInterrupt):  # click turns Ctrl-C into Abort: it is still 130
+            echo("Interrupted.", err=True)
+            code = 130
+        else:
+            echo("Aborted; nothing was changed.", err=True)
+            code = 1
     except click.ClickException as exc:
         exc.show()
         code = 1
