@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .api import Api
 from .desired import Desired
-from .errors import AmbiguousWrite, ApiError, Interrupted, TransportError
+from .errors import AmbiguousWrite, ApiError, BadAnswer, Interrupted, TransportError
 from .ledger import ApplyResult, Ledger
 from .plan import Action, Change, Plan
 from .remote import find_tagged, tagged_since
@@ -185,6 +185,10 @@ class Applier:
         except AmbiguousWrite:
             self.ledger.maybe_sent(change.name)
             return None
+        except BadAnswer as exc:  # it answered, so it may have made the batch: the intent stays for the next apply
+            self.ledger.maybe_sent(change.name)
+            self.ledger.fail(change.name, exc)
+            return True
         except (ApiError, TransportError) as exc:  # refused, or never reached: certainly not made
             self.ledger.fail(change.name, exc)
             self.ledger.not_sent(change)

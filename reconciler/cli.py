@@ -303,13 +303,15 @@ def state_migrate(project, to, workspace, force) -> None:
 
 @cli.command("force-unlock")
 @project_options(*STATE_ONLY)
-@click.argument("lock_id", required=False)
+@click.argument("lock_id")
 @click.option("--force", is_flag=True,
-              help="State in PostgreSQL: end the holder's database session even though it is alive.")
+              help="Take the lock even from a holder that is alive (a state file: the next command locks afresh; "
+                   "PostgreSQL: its database session is ended).")
 def force_unlock_cmd(project, lock_id, force) -> None:
-    """Remove the state lock left by a process that is gone. LOCK_ID is the id the lock error printed."""
+    """Remove the state lock LOCK_ID (the id the lock error and the lock note show) left by a process that
+    is gone. A holder still alive is refused, unless --force."""
     location, held = operations.force_unlock(project, lock_id, force)
-    echo(f"Removed the lock on {location}{f' (held by {held.describe()})' if held else ''}.")
+    echo(f"Removed the lock on {location} (held by {held.describe()}).")
 
 
 @cli.group()
@@ -370,9 +372,13 @@ def main(argv: list[str] | None = None) -> None:
             code = cli.main(args=argv, prog_name="batchplan", standalone_mode=False, obj=invocation)
     except click.exceptions.Exit as exc:
         code = exc.exit_code
-    except click.exceptions.Abort:
-        echo("Aborted; nothing was changed.", err=True)
-        code = 1
+    except click.exceptions.Abort as exc:
+        if isinstance(exc.__context__, KeyboardInterrupt):  # click turns Ctrl-C into Abort: it is still 130
+            echo("Interrupted.", err=True)
+            code = 130
+        else:
+            echo("Aborted; nothing was changed.", err=True)
+            code = 1
     except click.ClickException as exc:
         exc.show()
         code = 1

@@ -196,5 +196,8 @@ class Ledger:
         self.report(name, text)
 
     def fail(self, name: str, error: BatchplanError) -> None:
-        self.result.failed[name] = str(error)
+        """A name failed: it is counted failed only, even when a step of it was done before (a replacement
+        made, whose old batch then could not be cancelled), and that step is said with the failure."""
+        earlier = self.result.done.pop(name, None)
+        self.result.failed[name] = f"{earlier}, then failed: {error}" if earlier else str(error)
         self.report(name, f"failed: {error}")

@@ -242,20 +242,13 @@ def apply(project: Project, request: PlanRequest, *, planfile: Path | None, revi
     return Applied(the_plan, result)
 
 
-def force_unlock(project: Project, lock_id: str | None, force: bool = False) -> tuple[str, LockInfo | None]:
-    """Remove the state lock a process that is gone left; where it was, and whose it was.
+def force_unlock(project: Project, lock_id: str, force: bool = False) -> tuple[str, LockInfo]:
+    """Remove the state lock `lock_id` that a process that is gone left; where it was, and whose it was.
 
-    `force` (PostgreSQL only) ends a live holder's database session, which releases its lock;
-    a file lock held by a live process cannot be taken from it."""
-    from .stores.postgres import PostgresStore
-
+    A live holder is refused, unless `force` (after a Notice naming it): the file store then lets the
+    next command lock afresh, the PostgreSQL store ends the holder's database session."""
     with closing(project.store()) as store:
-        if isinstance(store, PostgresStore):
-            return store.location, store.force_unlock(lock_id, terminate=force)
-        if force:
-            raise ConfigError("force-unlock --force ends the lock holder's database session, which only a state in "
-                              "PostgreSQL has; for a state file, stop the process that holds the lock")
-        return store.location, store.force_unlock(lock_id)
+        return store.location, store.force_unlock(lock_id, force=force)
 
 
 # -- status, wait, refresh, download ---------------------------------------------------

@@ -177,16 +177,22 @@ def build_plan(desired: list[Desired], state: State | None, remote: RemoteView, 
     names = sorted(set(wanted) | set(state.entries))
     if targets:
         names = [n for n in names if n in targets]
-    changes = []
+    changes, refused = [], []
     for name in names:
         entry = state.entries.get(name)
-        if name in wanted:
-            change = _plan_desired(wanted[name], entry, remote, name in force_replace)
-            if change.action is Action.NOOP and name in attempts:
-                change = _plan_retry(wanted[name], entry, attempts[name], change)
-            changes.append(change)
-        else:
-            changes.append(_plan_removed(name, entry, remote))
+        try:
+            if name in wanted:
+                change = _plan_desired(wanted[name], entry, remote, name in force_replace)
+                if change.action is Action.NOOP and name in attempts:
+                    change = _plan_retry(wanted[name], entry, attempts[name], change)
+                changes.append(change)
+            else:
+                changes.append(_plan_removed(name, entry, remote))
+        except PlanError as exc:  # every refusal is said, not only the first (as Terraform does)
+            refused.append(str(exc))
+    if refused:
+        raise PlanError(refused[0] if len(refused) == 1 else
+                        f"{len(refused)} changes are refused; nothing was sent or written\n" + "\n".join(refused))
     refreshed = {name: BatchRecord.from_api(remote.batches[entry.batch.id])
                  for name, entry in state.entries.items()
                  if entry.batch and entry.batch.id in remote.batches}

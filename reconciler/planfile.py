@@ -25,7 +25,7 @@ from .inputs import hash_file
 from .paths import confine
 from .plan import Action, Change, FieldChange, Plan, PlannedRetry, ReasonCode
 from .batch import BatchFields, BatchRecord
-from .state import State
+from .state import State, format_verdict
 
 PLANFILE_VERSION = 4  # 2: before/after hold only the batch fields; reason_code. 3: estimates, budget_usd. 4: retries
 _READS_INPUT = (Action.CREATE, Action.REPLACE, Action.RETRY)  # the actions that send lines of a local input
@@ -140,9 +140,14 @@ def load_plan(path: Path, project) -> tuple[Plan, dict]:
         raise PlanError(f"{path}: no such plan file; make one with `batchplan plan --out {path}`") from None
     except (OSError, ValueError) as exc:
         raise PlanError(f"{path}: not a batchplan plan file ({exc})") from exc
-    if not isinstance(document, dict) or document.get("format_version") != PLANFILE_VERSION:
-        raise PlanError(f"{path}: plan file format {document.get('format_version') if isinstance(document, dict) else '?'}"
-                        f" is not {PLANFILE_VERSION}; make a new plan with this batchplan")
+    version = document.get("format_version") if isinstance(document, dict) else None
+    verdict = format_verdict(version, PLANFILE_VERSION)
+    if verdict == "newer":
+        raise PlanError(f"{path}: made by a newer batchplan (plan file format {version}, this one reads "
+                        f"{PLANFILE_VERSION}); apply it with that batchplan, or make a new plan with this one")
+    if verdict == "wrong":
+        raise PlanError(f"{path}: plan file format {version!r} is not {PLANFILE_VERSION}; make a new plan with this "
+                        "batchplan")
     if document.get("batchplan_version") != __version__:
         raise PlanError(f"{path}: made by batchplan {document.get('batchplan_version')}, this is {__version__}; "
                         "plan again with this version")

@@ -32,6 +32,7 @@ from .errors import ConfigError, PathError
 from .inputs import HashCache
 from .paths import Area, confine, not_a_file, shown
 from .retries import RetryPolicy
+from .yamldoc import CONFIG_ALIAS_BUDGET, AliasBudgetExceeded, composed
 if TYPE_CHECKING:
     from .api import Api
     from .prices import ModelPrice, PriceTable
@@ -68,6 +69,7 @@ class Settings(BaseModel):
     default_max_output_tokens: int | None = Field(default=None, ge=1, strict=True)
     prices: Any = None
     retry: RetryPolicy | None = None  # every spec's `retry:` unless the spec has its own (retries.py)
+    max_wait: float = Field(default=60.0, gt=0, le=3600)  # seconds: the longest wait for a server that asks to wait
 
 
 def _read_settings(root: Path) -> Settings:
@@ -77,7 +79,7 @@ def _read_settings(root: Path) -> Settings:
     try:
         if why := not_a_file(confine(CONFIG_FILE, root, root)):
             raise ConfigError(f"{CONFIG_FILE}: {why}")
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = _one_document(path.read_text(encoding="utf-8"))
         return Settings.model_validate(data)
     except PathError as exc:
         raise ConfigError(f"{CONFIG_FILE}: {exc}; batchplan reads it only from inside the repository") from None
@@ -85,12 +87,23 @@ def _read_settings(root: Path) -> Settings:
         raise ConfigError(f"{CONFIG_FILE}: not UTF-8 text (byte {exc.start}); save the file as UTF-8") from None
     except OSError as exc:
         raise ConfigError(f"{CONFIG_FILE}: cannot read: {exc.strerror or exc}") from exc
+    except AliasBudgetExceeded as exc:
+        raise ConfigError(f"{CONFIG_FILE}:{exc.line}: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{CONFIG_FILE}: YAML syntax error: {exc}") from exc
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(map(str, err["loc"])) or "top level"  # a list or a string where the settings belong
         raise ConfigError(f"{CONFIG_FILE}: {where}: {err['msg']}") from exc
+
+
+def _one_document(text: str) -> object:
+    """batchplan.yaml's settings (an empty file: none), its aliases within budget (yamldoc)."""
+    documents = [data for _, data in composed(text, CONFIG_ALIAS_BUDGET)]
+    if len(documents) > 1:
+        raise ConfigError(f"{CONFIG_FILE}: holds {len(documents)} YAML documents (separated by ---); write the "
+                          "settings as one")
+    return (documents[0] if documents else None) or {}
 
 
 def _inside(root: Path, settings: Settings, key: str, flag: str | None) -> Path:
@@ -164,6 +177,7 @@ class Project:
     parallelism: int
     timeout: float
     max_retries: int
+    max_wait: float = 60.0
     lock_timeout: float = 0.0
     allow_insecure_http: bool = False
     # The state in PostgreSQL (None: in the file state_path). May hold a password: never print it,
@@ -196,7 +210,7 @@ class Project:
         return cls(root=root, specs_dir=_inside(root, settings, "specs", specs), state_path=state_path,
                    results_dir=_inside(root, settings, "results", None), sandbox=sandbox,
                    parallelism=parallelism or settings.parallelism, timeout=settings.timeout,
-                   max_retries=settings.max_retries, lock_timeout=lock_timeout,
+                   max_retries=settings.max_retries, max_wait=settings.max_wait, lock_timeout=lock_timeout,
                    allow_insecure_http=allow_insecure_http, state_url=state_url,
                    workspace=_workspace(settings), budget_usd=settings.budget_usd,
                    default_max_output_tokens=settings.default_max_output_tokens,
@@ -281,5 +295,5 @@ class Project:
             transport = open_sandbox(self.sandbox_world)
             base = transport.url
         async with Api(base, key, parallelism=self.parallelism, timeout=self.timeout,
-                       max_retries=self.max_retries, transport=transport) as api:
+                       max_retries=self.max_retries, max_wait=self.max_wait, transport=transport) as api:
             yield api

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr, StringConstraints,
 from .errors import PathError, Problem
 from .paths import confine, not_a_file
 from .retries import RetryPolicy
+from .yamldoc import AliasBudgetExceeded, composed
 
 RESERVED_PREFIX = "batchplan_"
 TAG_NAME = "batchplan_name"
@@ -28,9 +29,6 @@ MAX_KEY_LENGTH = 64
 MAX_VALUE_LENGTH = 512
 EXPIRY_SECONDS = (3600, 2_592_000)  # 1 hour to 30 days
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
-
-# libyaml's loader is about 7x faster than the pure-Python one and just as safe; both give marks.
-SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 MetadataKey = Annotated[StrictStr, StringConstraints(max_length=MAX_KEY_LENGTH)]
 MetadataValue = Annotated[StrictStr, StringConstraints(max_length=MAX_VALUE_LENGTH)]
@@ -143,16 +141,12 @@ class _Document:
 
 
 def _documents(text: str) -> list[_Document]:
-    loader = SafeLoader(text)
+    """Every document with its lines; a spec with an alias is refused before anything walks it (yamldoc)."""
     docs = []
-    try:
-        while loader.check_node():
-            node = loader.get_node()
-            repeated: list = []
-            lines = _node_lines(node, repeated=repeated)
-            docs.append(_Document(loader.construct_document(node), lines, repeated))
-    finally:
-        loader.dispose()
+    for node, data in composed(text, alias_budget=0):
+        repeated: list = []
+        lines = _node_lines(node, repeated=repeated)
+        docs.append(_Document(data, lines, repeated))
     return docs
 
 
@@ -303,6 +297,8 @@ def load_spec_file(path: Path, repo_root: Path) -> tuple[list[LoadedSpec], list[
         docs = _documents(path.read_text(encoding="utf-8"))
     except yaml.MarkedYAMLError as exc:
         return [], [_yaml_problem(file, exc)]
+    except AliasBudgetExceeded as exc:
+        return [], [Problem(file, str(exc), exc.line, code="yaml")]
     except UnicodeDecodeError as exc:
         return [], [Problem(file, f"not UTF-8 text (byte {exc.start}); save the file as UTF-8", code="yaml")]
     except (OSError, yaml.YAMLError) as exc:

@@ -10,16 +10,17 @@ from __future__ import annotations
 import re
 import time
 import uuid
+from typing import Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
 from .batch import BatchFields, BatchRecord, BatchStatus
 from .errors import ConfigError
 from .spec import NAME_PATTERN
 
 __all__ = ["FORMAT_VERSION", "BatchFields", "BatchRecord", "BatchStatus", "Entry", "HistoryItem", "Intent",
-           "Retries", "RetryIntent", "State", "Upload", "select_entries"]
+           "Retries", "RetryIntent", "State", "Upload", "format_verdict", "select_entries"]
 
 FORMAT_VERSION = 1
 
@@ -104,7 +105,7 @@ class Upload(BaseModel):
 class State(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    format_version: int = FORMAT_VERSION
+    format_version: StrictInt = FORMAT_VERSION  # strict: "2" or 2.0 is never read as a format (format_verdict)
     lineage: str = Field(default_factory=lambda: str(uuid.uuid4()))
     serial: int = 0
     created_at: int = Field(default_factory=lambda: int(time.time()))
@@ -137,6 +138,21 @@ class State(BaseModel):
         # orjson: sorted and indented as json.dumps did (non-ASCII as UTF-8, not \u escapes), ~5x faster
         text = orjson.dumps(self.model_dump(mode="json"), option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
         return text.decode() + "\n"
+
+
+def format_verdict(version: object, known: int) -> Literal["ok", "newer", "wrong"]:
+    """Whether a saved document's `format_version` is exactly the int `known` ("ok"), a later one ("newer":
+    made by a newer batchplan), or anything else ("wrong").
+
+    Compared strictly: "2", 2.0 and true are not 2 (a lax read took "2" for a format it could read),
+    though a number or numeric text above `known` still says "newer" rather than "damaged"."""
+    if type(version) is int and version == known:
+        return "ok"
+    try:
+        number = float(version) if isinstance(version, int | float | str) and not isinstance(version, bool) else None
+    except ValueError:
+        number = None
+    return "newer" if number is not None and number > known else "wrong"
 
 
 def select_entries(state: State | None, names: tuple[str, ...]) -> dict[str, Entry]:

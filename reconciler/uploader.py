@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
@@ -68,7 +69,8 @@ class HashingReader(io.RawIOBase):
 
 
 class HashedSource:
-    """An input file as api.upload_file opens it (`.open("rb")`, once per attempt), hashed as it is read."""
+    """An input file as api.upload_file opens it (`.open("rb")`, once per attempt; `stat()` for its size),
+    hashed as it is read."""
 
     def __init__(self, path: Path, advance: Callable[[int], None] = lambda n: None):
         self.path = path
@@ -79,6 +81,9 @@ class HashedSource:
         self.close()
         self.reader = HashingReader(self.path.open("rb"), self.advance)
         return self.reader
+
+    def stat(self) -> os.stat_result:
+        return self.path.stat()
 
     def close(self) -> None:
         if self.reader is not None:

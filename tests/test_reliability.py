@@ -292,7 +292,7 @@ def test_a_second_apply_fails_fast_saying_who_holds_the_lock(repo, sandbox, sand
     message = result.err
     assert "locked" in message and f"pid {holder.pid}" in message and os.uname().nodename in message
     assert "(batchplan apply --auto-approve)" in message and "since 20" in message
-    assert "--lock-timeout" in message and "batchplan force-unlock" in message
+    assert "--lock-timeout" in message and "stop it: its lock is released the moment it exits" in message
     assert took < 2 and sandbox.requests == []
 
 

@@ -11,6 +11,7 @@ the emulator in process instead (transport.py).
 
 from __future__ import annotations
 
+import errno
 import signal
 import socket
 import socketserver
@@ -21,6 +22,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Callable, TextIO
 
+from reconciler.errors import ConfigError
 from reconciler.sandbox.emulator import Emulator, Timing, timing_from_env
 from reconciler.sandbox.models import models_from_env
 from reconciler.sandbox.routes import Body, Reply, Request
@@ -105,8 +107,17 @@ class EmulatorServer(EmulatorService):
         return self
 
     def serve_forever(self, announce: Callable[[str], None] | None = None) -> None:
-        """Serve in the calling thread until Ctrl-C; `announce(url)` runs once the port is bound."""
-        self._bind()
+        """Serve in the calling thread until Ctrl-C; `announce(url)` runs once the port is bound.
+
+        A port that cannot be had (in use, or privileged) is one ConfigError naming it."""
+        try:
+            self._bind()
+        except OSError as exc:
+            if self.owns_emulator:
+                self.emulator.close()
+            why = "another program is listening there" if exc.errno == errno.EADDRINUSE else exc.strerror or exc
+            raise ConfigError(f"sandbox serve: cannot listen on {self.host}:{self.port}: {why}; pick another port "
+                              "with --port (or stop that program)") from None
         if announce is not None:
             announce(self.url)
         try:

@@ -18,9 +18,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, NamedTuple, TextIO
 
+import orjson
+
 from reconciler.sandbox.emulator import Emulator, EmulatorError
-from reconciler.sandbox.faults import ArmedFault, Fault
-from reconciler.sandbox.routes import API_ROUTES, CONTROL_ROUTES, Reply, Request, Route, error_reply, route
+from reconciler.sandbox.faults import ArmedFault, DripStream, Fault, HugeListStream
+from reconciler.sandbox.routes import (API_ROUTES, CONTROL_ROUTES, Reply, Request, Route, error_reply, json_reply,
+                                       route)
 
 
 class LoggedRequest(NamedTuple):
@@ -81,12 +84,13 @@ class EmulatorService:
             return [{**armed.fault.model_dump(), "seen": armed.seen, "fired": armed.fired}
                     for armed in self._faults]
 
-    def _fault_for(self, method: str, path: str) -> Fault | None:
-        """The first fault (in order added) that fires on this request; later ones never see it."""
+    def _fault_for(self, method: str, path: str) -> tuple[Fault, int] | None:
+        """The first fault (in order added) that fires on this request, and how often it has fired
+        (this time included); later ones never see the request."""
         with self._lock:
             for armed in self._faults:
                 if armed.trigger(method, path):
-                    return armed.fault
+                    return armed.fault, armed.fired
         return None
 
     @property
@@ -164,15 +168,18 @@ class EmulatorService:
             time.sleep(self.latency)
         if self.require_auth and not _authorized(req.headers):
             return error_reply(_unauthorized())
-        fault = self._fault_for(req.method, req.path)
-        if fault is None:
+        fired = self._fault_for(req.method, req.path)
+        if fired is None:
             return self._dispatch(API_ROUTES, req)
+        fault, times = fired
         if fault.action == "reject":
             return error_reply(fault.error(429), fault.retry_headers())
         if fault.action == "stall":
             time.sleep(fault.seconds)
             if not self.is_open:  # closed while we slept: the world may be gone
                 raise ConnectionAbortedError("the sandbox closed while a request stalled")
+        if fault.action == "endless_pages":
+            req.query.pop("after", None)  # a server that ignores the cursor
         reply = self._dispatch(API_ROUTES, req)  # the request is done, whatever the client hears
         if fault.action == "error_after_commit":
             reply.close()
@@ -180,7 +187,7 @@ class EmulatorService:
         if fault.action == "drop_after_commit" or fault.then == "drop":
             reply.close()
             return None
-        return reply
+        return _misbehaving(fault, times, reply)
 
     def _dispatch(self, routes: list[Route], req: Request) -> Reply:
         try:
@@ -193,6 +200,21 @@ class EmulatorService:
             traceback.print_exc()
             return error_reply(EmulatorError(500, "The sandbox failed on this request (see its stderr).",
                                              type="server_error"))
+
+
+def _misbehaving(fault: Fault, fired: int, reply: Reply) -> Reply:
+    """The answer of an `endless_pages`, `drip`, `huge_body` or `damage` fault, made from the real `reply`."""
+    if fault.action == "huge_body":
+        reply.close()
+        return Reply(200, stream=HugeListStream(fault.size), stream_size=max(fault.size, HugeListStream.SMALLEST))
+    if fault.action == "drip":
+        body = b"".join(reply.chunks())
+        reply.close()
+        return Reply(reply.status, content_type=reply.content_type, stream=DripStream(body, fault.seconds),
+                     stream_size=len(body))
+    if fault.action in ("endless_pages", "damage") and reply.stream is None:
+        return json_reply(fault.rewrite(orjson.loads(reply.body), fired), reply.status, reply.headers)
+    return reply
 
 
 def _drained(req: Request, reply: Reply | None) -> Reply | None:
