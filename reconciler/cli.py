@@ -81,8 +81,7 @@ def init(project) -> None:
 @project_options(*OFFLINE)
 def validate(project) -> None:
     """Check every spec and input file, offline: no key, no network."""
-    checked = operations.validate(project)
-    echo(f"{checked.specs} spec(s) valid; {checked.files} input file(s), {checked.requests} request(s).")
+    emit(_render().render_validated(operations.validate(project)))
 
 
 def _hint_if_empty(project, empty: bool) -> None:

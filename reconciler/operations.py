@@ -122,13 +122,19 @@ class Validated:
     specs: int
     files: int
     requests: int
+    splits: dict[str, str] = field(default_factory=dict)  # spec name -> why it makes its shards
 
 
 def validate(project: Project) -> Validated:
-    """Check every spec and input file, offline."""
+    """Check every spec and input file, offline; say how each spec over a batch's limits is split."""
     desired = _load_desired(project)
-    by_file = {d.input: d for d in desired if d.input}
-    return Validated(len(desired), len(by_file), sum(d.requests or 0 for d in by_file.values()))
+    requests: dict[str, int] = {}  # input file -> its requests, counted once however many specs read it
+    first_reader: dict[str, str] = {}
+    for want in desired:
+        if want.input and first_reader.setdefault(want.input, want.spec) == want.spec:
+            requests[want.input] = requests.get(want.input, 0) + (want.requests or 0)
+    splits = {want.spec: want.split for want in desired if want.split}
+    return Validated(len({want.spec for want in desired}), len(requests), sum(requests.values()), splits)
 
 
 @dataclass(frozen=True)

@@ -15,12 +15,13 @@ from typing import TYPE_CHECKING
 import click
 
 from .plan import ORDER, Action, Change, Plan
+from .spec import shard_of, spec_of
 
 if TYPE_CHECKING:
     from .ledger import ApplyResult
     from .desired import Desired
     from .download import Report
-    from .operations import ImportedBatch, Migrated, Refreshed, Removed, StatusReport, Waited
+    from .operations import ImportedBatch, Migrated, Refreshed, Removed, StatusReport, Validated, Waited
     from .scaffold import Scaffolded
     from .state import Entry
 
@@ -73,7 +74,8 @@ def _rerun_lines(change: Change) -> list[str]:
 
 def _create_lines(want: Desired) -> list[str]:
     """What a create makes: endpoint, model, input, metadata, expiry, and where download puts its results."""
-    source = (f"{want.input} (sha256 {_short_hash(want.input_sha256)}, {want.requests} requests)"
+    lines_of = f" lines {want.shard.first_line:,}-{want.shard.last_line:,}" if want.shard else ""
+    source = (f"{want.input}{lines_of} (sha256 {_short_hash(want.input_sha256)}, {want.requests} requests)"
               if want.input and want.input_sha256 else want.input_file_id)
     lines = [f"endpoint: {want.endpoint}"]
     if want.models:
@@ -144,8 +146,8 @@ def plan_document(plan: Plan) -> dict:
     """The public JSON plan (format_version 1): documented in the README; keep it stable."""
     return {
         "format_version": JSON_FORMAT_VERSION,
-        "actions": [{"name": c.name, "action": c.action.value, "reason": c.reason,
-                     "reason_code": c.reason_code.value, "before": _before(c), "after": _after(c)}
+        "actions": [{"name": c.name, "spec": spec_of(c.name), "shard": shard_of(c.name), "action": c.action.value,
+                     "reason": c.reason, "reason_code": c.reason_code.value, "before": _before(c), "after": _after(c)}
                     for c in plan.changes],
         "summary": plan.summary(),
     }
@@ -226,6 +228,12 @@ def render_status(report: StatusReport, *, as_json: bool, width: int | None, col
         for note in status_notes(report.rows):
             console.print(Text(note))
     return _lines([line.rstrip() for line in captured.get().splitlines()])
+
+
+def render_validated(checked: Validated) -> str:
+    """`validate`: the counts, then how each spec over a batch's limits is split."""
+    lines = [f"{checked.specs} spec(s) valid; {checked.files} input file(s), {checked.requests:,} request(s)."]
+    return _lines(lines + [f"  {name}: {why}" for name, why in sorted(checked.splits.items())])
 
 
 def render_init(done: Scaffolded) -> str:

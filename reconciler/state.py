@@ -12,14 +12,14 @@ import time
 import uuid
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
 
 from .batch import BatchFields, BatchRecord, BatchStatus
 from .errors import ConfigError
-from .spec import NAME_PATTERN
+from .spec import ADDRESS_PATTERN, address_key, spec_of
 
-__all__ = ["FORMAT_VERSION", "BatchFields", "BatchRecord", "BatchStatus", "Entry", "HistoryItem", "Intent", "State",
-           "Upload", "select_entries"]
+__all__ = ["FORMAT_VERSION", "BatchFields", "BatchRecord", "BatchStatus", "Entry", "HistoryItem", "Intent", "ShardPart",
+           "State", "Upload", "select_entries"]
 
 FORMAT_VERSION = 1
 
@@ -44,8 +44,22 @@ class HistoryItem(BaseModel):
     replaced_at: int
 
 
+class ShardPart(BaseModel):
+    """Which part of its spec's input a shard's batch was made from: shard `index`, lines
+    first_line..last_line, bytes [start, end). Download merges shards' results by it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    index: int
+    start: int
+    end: int
+    first_line: int
+    last_line: int
+
+
 class Entry(BaseModel):
-    """One spec name: the batch made for it, from which fields, and what came before."""
+    """One address (a spec name, or NAME[K] for a shard): the batch made for it, from which
+    fields, and what came before."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -55,6 +69,15 @@ class Entry(BaseModel):
     intent: Intent | None = None
     history: list[HistoryItem] = Field(default_factory=list)
     prevent_cancel: bool = False
+    shard: ShardPart | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_shard_when_whole(self, handler) -> dict:
+        """`shard` only in a shard's entry: the entries of specs that fit one batch stay as they were."""
+        data = handler(self)
+        if data.get("shard") is None:
+            data.pop("shard", None)
+        return data
 
 
 class Upload(BaseModel):
@@ -80,8 +103,9 @@ class State(BaseModel):
     def _spec_names(cls, entries: dict[str, Entry]) -> dict[str, Entry]:
         """Names become paths (`results/<name>/`): a hand-edited `../../x` must not."""
         for name in entries:
-            if not re.fullmatch(NAME_PATTERN, name):
-                raise ValueError(f"{name!r} is not a name batchplan gives a spec (letters, digits, '.', '_', '-')")
+            if not re.fullmatch(ADDRESS_PATTERN, name):
+                raise ValueError(f"{name!r} is not a name batchplan gives a spec (letters, digits, '.', '_', '-'; "
+                                 "NAME[K] for a shard)")
         return entries
 
     def record_batches(self, records: dict[str, BatchRecord]) -> list[str]:
@@ -101,11 +125,21 @@ class State(BaseModel):
 
 
 def select_entries(state: State | None, names: tuple[str, ...]) -> dict[str, Entry]:
-    """The state entries named (all of them when none are), sorted by name."""
+    """The state entries named (all of them when none are), shards in order. A spec's name
+    names all its shards: `big` selects big[0], big[1], ..."""
     entries = state.entries if state else {}
-    unknown = sorted(set(names) - set(entries))
+    chosen = expand_names(names, entries)
+    unknown = sorted(n for n in names if n not in chosen and not any(spec_of(c) == n for c in chosen))
     if unknown:
-        known = ", ".join(sorted(entries)) or "none"
+        known = ", ".join(sorted(entries, key=address_key)) or "none"
         raise ConfigError(f"no batch named {', '.join(unknown)} in the state (known: {known}); "
                           "`batchplan state list` shows them")
-    return {name: entries[name] for name in sorted(set(names) or entries)}
+    selected = chosen if names else set(entries)
+    return {name: entries[name] for name in sorted(selected, key=address_key)}
+
+
+def expand_names(names: tuple[str, ...] | frozenset[str], addresses) -> set[str]:
+    """The addresses among `addresses` that `names` name: an address itself, or every shard of a
+    spec name (`big` -> big[0], big[1], ...)."""
+    wanted = set(names)
+    return {a for a in addresses if a in wanted or spec_of(a) in wanted}
