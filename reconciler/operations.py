@@ -228,14 +228,17 @@ class StatusReport:
     now: float
 
 
-def status(project: Project, names: tuple[str, ...]) -> StatusReport:
-    """Every batch in the state (or the names) as the server says now. Writes nothing."""
+def status(project: Project, names: tuple[str, ...], shards: bool = False) -> StatusReport:
+    """Every batch in the state (or the names) as the server says now: a spec split into shards as one
+    row, and a row per shard too when `shards` (or when a shard is named). Writes nothing."""
+    from .spec import shard_of
     from .status import status_rows
 
     entries = _entries(_load_state(project), names)
     with Session(project) as session:
         snapshot = _snapshot(session, entries)
-    return StatusReport(status_rows(entries, snapshot), time.time())
+    shards = shards or any(shard_of(name) is not None for name in names)
+    return StatusReport(status_rows(entries, snapshot, shards), time.time())
 
 
 @dataclass(frozen=True)
@@ -249,7 +252,8 @@ def wait(project: Project, names: tuple[str, ...], *, interval: float | None, ti
          display: Callable[[list[str]], Display]) -> Waited:
     """Poll until the batches have finished (or `timeout`), then record what was seen, under the lock."""
     from .remote import any_unfinished
-    from .watch import WaitResult, wait_until_finished
+    from .spec import spec_of
+    from .watch import BySpec, WaitResult, wait_until_finished
 
     entries = _entries(_load_state(project), names)
     if not entries:
@@ -258,7 +262,7 @@ def wait(project: Project, names: tuple[str, ...], *, interval: float | None, ti
     with Session(project) as session:
         if not any_unfinished(entries):
             return Waited(list(entries), WaitResult(_snapshot(session, entries), timed_out=False))
-        shown = display(list(entries))
+        shown = BySpec(display(list(dict.fromkeys(spec_of(name) for name in entries))))
         try:
             result = session.run(lambda api: wait_until_finished(
                 api, entries, shown, interval=interval, timeout=timeout, parallelism=project.parallelism))
@@ -332,8 +336,9 @@ def download(project: Project, names: tuple[str, ...], *, batch_id: str | None =
 
     `batch_id`: that batch of the one name instead of its latest. `join`: also joined.jsonl."""
     from .download import (MANIFEST, Manifest, Report, destinations, download_files, files_to_download,
-                           not_yet_downloaded, notes_on_earlier_files, restore_latest, spec_inputs)
-    from .spec import load_specs
+                           merge_shards, not_yet_downloaded, notes_on_earlier_files, restore_latest,
+                           sharded_specs, spec_inputs)
+    from .spec import load_specs, shard_of, spec_of
 
     specs, problems = load_specs(project.specs_dir, project.root)
     if problems:
@@ -341,8 +346,11 @@ def download(project: Project, names: tuple[str, ...], *, batch_id: str | None =
     manifest = Manifest(project.results_dir / MANIFEST)
     with Session(project) as session:
         records, state, latest = _download_records(project, session, names, batch_id)
-        dests = destinations(specs, list(records), project.results_area(spec_inputs(specs, project.root)))
-        wanted, notes = files_to_download(records, dests, project.root, project.results_dir, latest)
+        own = [n for n in records if shard_of(n) is None]  # a shard's latest files are its spec's, merged
+        area = project.results_area(spec_inputs(specs, project.root))
+        dests = destinations(specs, list(dict.fromkeys([*own, *map(spec_of, records)])), area)
+        wanted, notes = files_to_download(records, {n: dests[n] for n in own}, project.root, project.results_dir,
+                                          latest)
         if latest:
             notes += notes_on_earlier_files(records, dests, project.root, manifest)
         report = Report(notes=notes)
@@ -351,6 +359,9 @@ def download(project: Project, names: tuple[str, ...], *, batch_id: str | None =
             restore_latest(restore, manifest, report)
             if todo:
                 session.run(lambda api: download_files(api, todo, manifest, report))
+            for spec, shards in (sharded_specs(records, state) if latest else {}).items():
+                merge_shards(spec, shards, records, state, dests[spec], project.results_dir, project.root,
+                             manifest, report)
         finally:
             manifest.save()
     if join:

@@ -448,7 +448,9 @@ def merge_in_input_order(input_path: Path, shards: list[Shard], result_files: li
     seeking. A request with no result in the file (it failed, so it is in the error file)
     is skipped; a result whose custom_id no input line of its shard has (there should be
     none) follows that shard's ordered results, in file order, so nothing is dropped.
-    `result_files[i]` belongs to `shards[i]`; None when that shard has no such file.
+    `result_files[i]` belongs to `shards[i]`; None when that shard has no such file. A
+    shard's input lines are checked against its sha256 (when it has one) as they are read:
+    StalePlanError, and nothing written, when the input changed since.
     """
     if len(result_files) != len(shards):
         raise ValueError(f"{len(shards)} shards but {len(result_files)} result files")
@@ -464,7 +466,7 @@ def _merge_shard(input_path: Path, shard: Shard, results: Path, out: BinaryIO) -
     where, strays = _index_results(results)
     written = 0
     with results.open("rb", buffering=0) as fh:
-        with open_range(input_path, shard.start, shard.end) as requests:
+        with ShardReader(input_path, shard.start, shard.end, shard.sha256 or None) as requests:
             for raw, _, _ in _lines(requests, CHUNK, None):
                 place = where.pop(_custom_id(raw), None)
                 if place is not None:

@@ -84,7 +84,7 @@ class Uploader:
         for _ in range(UPLOAD_ROUNDS):
             try:
                 file = await self._send(want)
-                self.report(want.name, f"uploaded {want.input} as {file['id']}")
+                self.report(want.name, f"uploaded {_what(want)} as {file['id']}")
                 return file
             except AmbiguousWrite:
                 again = await self._find_lost(want.input_sha256, sizes)
@@ -97,8 +97,7 @@ class Uploader:
         """Upload the input's planned bytes, verified as httpx streams them (see VerifiedSource)."""
         path = self.repo_root / str(want.input)
         start, end = want.upload_range()
-        what = want.input if want.shard is None else f"{want.input} lines {want.shard.first_line:,}-" \
-            f"{want.shard.last_line:,} ({want.name})"
+        what = _what(want)
         with feedback.current().transfer(f"upload {what}", end - start) as advance:
             source = VerifiedSource(path, want, advance)
             try:
@@ -117,3 +116,10 @@ class Uploader:
             await self.settle()
             found = (await uploaded_files(self.api, sizes)).get(sha)
         return found
+
+
+def _what(want: Desired) -> str:
+    """What an upload sends: `data/big.jsonl`, or for a shard `data/big.jsonl lines 50,001-100,000`."""
+    if want.shard is None:
+        return str(want.input)
+    return f"{want.input} lines {want.shard.first_line:,}-{want.shard.last_line:,}"
