@@ -177,8 +177,8 @@ def _plan_desired(want: Desired, entry: Entry | None, remote: RemoteView, forced
         if entry and entry.intent:
             return Change(want.name, Action.CREATE, "an earlier apply was interrupted before its batch was created",
                           ReasonCode.INTERRUPTED_CREATE, after=after, desired=want)
-        return Change(want.name, Action.CREATE, "no batch for this spec in the state or on the server",
-                      ReasonCode.NO_BATCH, after=after, desired=want)
+        return Change(want.name, Action.CREATE, f"no batch for this {'shard' if want.shard else 'spec'} in the "
+                      "state or on the server", ReasonCode.NO_BATCH, after=after, desired=want)
     record = _current(entry, remote)
     if record.id in remote.missing:
         return Change(want.name, Action.CREATE, f"batch {record.id} no longer exists on the server",
