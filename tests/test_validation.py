@@ -175,13 +175,15 @@ MISTAKES = [
             ("data/a.jsonl:2: body.model: 'gpt-4o' differs from 'gpt-4o-mini' on line 1; a batch uses one model",)),
     Mistake("empty file", lambda r: (_data(r, "a.jsonl", []), r.spec("a", input="../data/a.jsonl")),
             ("data/a.jsonl: the file holds no requests", "(input of specs/a.yaml:2)")),
-    Mistake("shard.max_requests 0", lambda r: (r.data("a.jsonl"), _yaml(r, "a.yaml", SPEC + "shard:\n  max_requests: 0\n")),
+    Mistake("shard.max_requests 0",
+            lambda r: (r.data("a.jsonl"), _yaml(r, "a.yaml", SPEC + "shard:\n  max_requests: 0\n")),
             ("specs/a.yaml:5: shard.max_requests: 0 is out of range; use 1 to 50,000 requests, the Batch API's "
              "limit per batch",)),
     Mistake("shard.max_bytes over the API's limit",
             lambda r: (r.data("a.jsonl"), _yaml(r, "a.yaml", SPEC + f"shard:\n  max_bytes: {MAX_BYTES + 1}\n")),
             ("specs/a.yaml:5: shard.max_bytes: 209715201 is out of range; use 1 to 209,715,200 bytes (200 MB)",)),
-    Mistake("unknown key under shard", lambda r: (r.data("a.jsonl"), _yaml(r, "a.yaml", SPEC + "shard:\n  max_request: 9\n")),
+    Mistake("unknown key under shard",
+            lambda r: (r.data("a.jsonl"), _yaml(r, "a.yaml", SPEC + "shard:\n  max_request: 9\n")),
             ("specs/a.yaml:5: shard.max_request: unknown field; did you mean 'max_requests'?",)),
     Mistake("a line over 200 MB", lambda r: (_sparse_file(r, MAX_BYTES + 1), r.spec("a", input="../data/a.jsonl")),
             ("data/a.jsonl:1: the line is 209,715,201 bytes; no batch can hold a line over 200 MB (the Batch API's "
