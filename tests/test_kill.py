@@ -4,8 +4,8 @@ A clean run first counts the requests a full apply makes (N). Then, each time on
 fresh server and a fresh repo, apply runs as a separate process and is killed with
 SIGKILL as soon as the server has logged its k-th request (k = 1..N: the next request
 is usually in flight, and lands after its client is dead), while an upload or a create
-is stalled on the server (it lands while the next apply already runs), and at a few
-random times.
+is stalled on the server (it lands while the next apply already runs), at a few
+random times, and between the shards of a spec split into three (an upload and a create each).
 After each kill, apply is re-run until it succeeds; then the server must hold exactly
 one batch per spec and each input uploaded once, the state must name those batches,
 and `plan --detailed-exitcode` must find nothing to do.
