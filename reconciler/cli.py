@@ -81,7 +81,10 @@ def init(project) -> None:
 @project_options(*OFFLINE)
 def validate(project) -> None:
     """Check every spec and input file, offline: no key, no network."""
-    emit(_render().render_validated(operations.validate(project)))
+    checked = operations.validate(project)  # rendered here: render.py loads the plan's models, validate needs none
+    echo(f"{checked.specs} spec(s) valid; {checked.files} input file(s), {checked.requests:,} request(s).")
+    for name, why in sorted(checked.splits.items()):
+        echo(f"  {name}: {why}")
 
 
 def _hint_if_empty(project, empty: bool) -> None:

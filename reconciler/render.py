@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from .ledger import ApplyResult
     from .desired import Desired
     from .download import Report
-    from .operations import ImportedBatch, Migrated, Refreshed, Removed, StatusReport, Validated, Waited
+    from .operations import ImportedBatch, Migrated, Refreshed, Removed, StatusReport, Waited
     from .scaffold import Scaffolded
     from .state import Entry
 
@@ -228,12 +228,6 @@ def render_status(report: StatusReport, *, as_json: bool, width: int | None, col
         for note in status_notes(report.rows):
             console.print(Text(note))
     return _lines([line.rstrip() for line in captured.get().splitlines()])
-
-
-def render_validated(checked: Validated) -> str:
-    """`validate`: the counts, then how each spec over a batch's limits is split."""
-    lines = [f"{checked.specs} spec(s) valid; {checked.files} input file(s), {checked.requests:,} request(s)."]
-    return _lines(lines + [f"  {name}: {why}" for name, why in sorted(checked.splits.items())])
 
 
 def render_init(done: Scaffolded) -> str:
