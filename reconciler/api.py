@@ -441,7 +441,10 @@ class Api:
 
 
 def _size(path: Path) -> int:
-    """The bytes an upload will send (0 when the file cannot be asked: opening it will say why)."""
+    """The bytes an upload will send (0 when the file cannot be asked: opening it will say why);
+    a source that is a part of a file (uploader.VerifiedSource) knows its own `size`."""
+    if (size := getattr(path, "size", None)) is not None:
+        return size
     try:
         return path.stat().st_size
     except OSError:

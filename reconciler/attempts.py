@@ -200,4 +200,4 @@ def retry_desired(want: Desired, attempt: int, selection: RetrySelection, root: 
         write_retry_input(root / want.input, selection, path)
     shown = os.path.relpath(path, root) if path.is_relative_to(root) else str(path)
     return dataclasses.replace(want, input=shown, input_sha256=selection.sha256, input_bytes=selection.size,
-                               requests=selection.requests)
+                               requests=selection.requests, shard=None)  # the whole retry file, even for a shard

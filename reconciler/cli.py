@@ -81,8 +81,10 @@ def init(project) -> None:
 @project_options(*OFFLINE)
 def validate(project) -> None:
     """Check every spec and input file, offline: no key, no network."""
-    checked = operations.validate(project)
-    echo(f"{checked.specs} spec(s) valid; {checked.files} input file(s), {checked.requests} request(s).")
+    checked = operations.validate(project)  # rendered here: render.py loads the plan's models, validate needs none
+    echo(f"{checked.specs} spec(s) valid; {checked.files} input file(s), {checked.requests:,} request(s).")
+    for name, why in sorted(checked.splits.items()):
+        echo(f"  {name}: {why}")
 
 
 def _hint_if_empty(project, empty: bool) -> None:
@@ -155,13 +157,16 @@ def apply(project, request, planfile, auto_approve) -> int:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document (format_version 1).")
 @click.option("-o", "--output", "layout", type=click.Choice(["wide"]), default=None,
               help="wide: also the full batch ids and the output and error file ids.")
-def status_cmd(project, names, as_json, layout) -> int:
+@click.option("--shards", is_flag=True, help="Under a spec split into shards, also a line per shard.")
+def status_cmd(project, names, as_json, layout, shards) -> int:
     """Every batch in the state (or the NAMEs): status, request counts, age, notes.
 
-    Asks the server about batches still running. Read-only: it prints what the server says
-    and writes nothing; `batchplan refresh` records it in the state.
+    A spec split into shards is one line, its shards' counts summed (`--shards`: and a line
+    per shard; NAME[K] names one shard). Asks the server about batches still running.
+    Read-only: it prints what the server says and writes nothing; `batchplan refresh`
+    records it in the state.
     """
-    report = operations.status(project, names)
+    report = operations.status(project, names, shards)
     width = shutil.get_terminal_size().columns if _is_terminal(sys.stdout) else None
     emit(_render().render_status(report, as_json=as_json, width=width, colour=colour_on(), wide=layout == "wide"))
     _hint_if_empty(project, not report.rows and not as_json)

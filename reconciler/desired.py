@@ -3,10 +3,16 @@
 `load_desired` is the one gate every command that reads specs passes through: it
 validates every spec and every input file (streaming, with the hash cache) and
 raises ValidationFailed listing every problem, before any network is touched.
+
+A spec whose input is over a batch's limits (or its `shard:` block) makes one Desired
+per shard, addressed `NAME[K]` (spec.shard_address): each is one batch with its own
+content hash, so plan, apply and the state treat a shard like any batch. A spec that
+fits one batch keeps its plain name.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -17,12 +23,16 @@ from .batch import BatchFields
 from .errors import Problem, ValidationFailed
 from .inputs import HashCache, InputReport
 from .retries import RetryPolicy
-from .spec import TAG_NAME, TAG_SPEC, LoadedSpec, load_specs, resolve_input
+from .shards import Shard, ShardLimits, describe_split
+from .spec import TAG_NAME, TAG_SPEC, LoadedSpec, load_specs, resolve_input, shard_address, spec_of
 
 
 @dataclass(frozen=True)
 class Desired:
-    """One batch as it should exist, with its input resolved to a content hash."""
+    """One batch as it should exist, with its input resolved to a content hash.
+
+    For a shard, `name` is its address (`big[1]`), `input_sha256` and `input_bytes` are the
+    shard's own, and `shard` says which lines and bytes of the input it holds."""
 
     name: str
     file: str                      # spec file, relative to the repo root
@@ -42,6 +52,17 @@ class Desired:
     ignore_changes: tuple[str, ...] = ()  # lifecycle.ignore_changes: fields whose edit only updates the state
     budget_usd: float | None = None  # the spec's own budget (budget.py); not part of the batch's fields
     retry: RetryPolicy | None = None  # the spec's retry: (else batchplan.yaml's); not part of the batch's fields
+    shard: Shard | None = None      # the part of the input this batch holds, when the spec is split
+    split: str = ""                 # why the spec makes its shards (shards.describe_split), when split
+
+    @property
+    def spec(self) -> str:
+        """The spec's name (a shard's address less its `[K]`)."""
+        return spec_of(self.name)
+
+    def upload_range(self) -> tuple[int, int]:
+        """The bytes [start, end) of the input file to upload: a shard's, or the whole file."""
+        return (self.shard.start, self.shard.end) if self.shard else (0, self.input_bytes or 0)
 
     def fields(self) -> BatchFields:
         """What the batch is made from: the view that plans diff and state records."""
@@ -71,9 +92,10 @@ def spec_hash(fields: BatchFields) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
-def _scan(path: Path, endpoint: str, cache: HashCache, rel: str) -> InputReport | Problem:
+def _scan(path: Path, endpoint: str, cache: HashCache, rel: str,
+          limits: tuple[int, int]) -> InputReport | Problem:
     try:
-        return cache.scan(path, endpoint)
+        return cache.scan(path, endpoint, limits)
     except OSError as exc:
         return Problem(rel, f"cannot read: {exc.strerror or exc}", code="unreadable")
 
@@ -95,10 +117,11 @@ def _read_input(loaded: LoadedSpec, repo_root: Path, cache: HashCache,
     if problem:
         return None, None, [problem]
     rel = str(path.relative_to(repo_root))
-    key = (rel, loaded.spec.endpoint)
+    limits = _limits(loaded)
+    key = (rel, loaded.spec.endpoint, limits)
     seen = key in scanned  # a file shared by two specs is scanned and reported once
     if not seen:
-        scanned[key] = _scan(path, loaded.spec.endpoint, cache, rel)
+        scanned[key] = _scan(path, loaded.spec.endpoint, cache, rel, (limits.max_requests, limits.max_bytes))
     report = scanned[key]
     if isinstance(report, Problem):
         return rel, None, [] if seen else [report]
@@ -108,16 +131,21 @@ def _read_input(loaded: LoadedSpec, repo_root: Path, cache: HashCache,
     return rel, report, []
 
 
+def _limits(loaded: LoadedSpec) -> ShardLimits:
+    return loaded.spec.shard or ShardLimits()
+
+
 def _resolve(loaded: LoadedSpec, repo_root: Path, cache: HashCache, scanned: dict,
-             results: str, default_retry: RetryPolicy | None = None) -> tuple[Desired | None, list[Problem]]:
+             results: str, default_retry: RetryPolicy | None = None) -> tuple[list[Desired], list[Problem]]:
+    """The spec's batches: one, or one per shard of its input."""
     spec = loaded.spec
     rel_input = report = None
     if spec.input is not None:
         rel_input, report, problems = _read_input(loaded, repo_root, cache, scanned)
         if report is None:
-            return None, problems
+            return [], problems
     expiry = spec.output_expires_after.model_dump() if spec.output_expires_after else None
-    return Desired(
+    whole = Desired(
         name=spec.name, file=loaded.source.file, endpoint=spec.endpoint,
         completion_window=spec.completion_window, metadata=dict(sorted(spec.metadata.items())),
         output_expires_after=expiry, input=rel_input, input_sha256=report.sha256 if report else None,
@@ -127,7 +155,13 @@ def _resolve(loaded: LoadedSpec, repo_root: Path, cache: HashCache, scanned: dic
         models=tuple(sorted(report.models)) if report else (), ignore_changes=spec.lifecycle.ignore_changes,
         budget_usd=spec.budget_usd,
         retry=spec.retry_policy(default_retry),
-    ), []
+    )
+    if report is None or len(report.shards) <= 1:
+        return [whole], []
+    split = describe_split(report.shards, _limits(loaded))
+    return [dataclasses.replace(whole, name=shard_address(spec.name, s.index), input_sha256=s.sha256,
+                                requests=s.requests, input_bytes=s.size, shard=s, split=split)
+            for s in report.shards], []
 
 
 def load_desired(specs_dir: Path, repo_root: Path, cache: HashCache, results: str = "results",
@@ -143,8 +177,7 @@ def load_desired(specs_dir: Path, repo_root: Path, cache: HashCache, results: st
     for item in loaded:
         found, bad = _resolve(item, repo_root, cache, scanned, results, default_retry)
         problems += bad
-        if found:
-            desired.append(found)
+        desired += found
     if problems:
         raise ValidationFailed(problems)
     return desired

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from .batch import BatchRecord
 from .plan import Action, Change
-from .state import Entry, HistoryItem, Intent, Retries, RetryIntent, Upload
+from .state import Entry, HistoryItem, Intent, Retries, RetryIntent, ShardPart, Upload
 
 if TYPE_CHECKING:
     from .desired import Desired
@@ -31,6 +31,13 @@ SAVE_EVERY = 0.5  # seconds between state saves while creates complete
 class ApplyResult:
     done: dict[str, str] = field(default_factory=dict)      # name -> what was done
     failed: dict[str, str] = field(default_factory=dict)    # name -> why
+
+
+def shard_part(want: Desired) -> ShardPart | None:
+    """Which part of its input a shard's batch holds, as the state records it (None: the whole input)."""
+    s = want.shard
+    return None if s is None else ShardPart(index=s.index, start=s.start, end=s.end, first_line=s.first_line,
+                                            last_line=s.last_line)
 
 
 class Ledger:
@@ -124,7 +131,7 @@ class Ledger:
         # fields stay exactly the desired ones (the uploaded file id is on the batch record),
         # so the next plan's diff shows only what the user changed
         entry.spec_hash, entry.fields, entry.prevent_cancel = want.spec_hash, want.fields(), want.prevent_cancel
-        entry.batch, entry.intent = BatchRecord.from_api(batch), None
+        entry.batch, entry.intent, entry.shard = BatchRecord.from_api(batch), None, shard_part(want)
 
     def update_fields(self, change: Change) -> None:
         """Record the spec's new fields without touching its batch (lifecycle.ignore_changes: nothing is sent)."""
@@ -144,7 +151,8 @@ class Ledger:
     def _entry_for(self, want: Desired) -> Entry:
         entry = self.state.entries.get(want.name)
         if entry is None:
-            entry = Entry(spec_hash=want.spec_hash, fields=want.fields(), prevent_cancel=want.prevent_cancel)
+            entry = Entry(spec_hash=want.spec_hash, fields=want.fields(), prevent_cancel=want.prevent_cancel,
+                          shard=shard_part(want))
             self.state.entries[want.name] = entry
         return entry
 

@@ -124,13 +124,19 @@ class Validated:
     specs: int
     files: int
     requests: int
+    splits: dict[str, str] = field(default_factory=dict)  # spec name -> why it makes its shards
 
 
 def validate(project: Project) -> Validated:
-    """Check every spec and input file, offline."""
+    """Check every spec and input file, offline; say how each spec over a batch's limits is split."""
     desired = _load_desired(project)
-    by_file = {d.input: d for d in desired if d.input}
-    return Validated(len(desired), len(by_file), sum(d.requests or 0 for d in by_file.values()))
+    requests: dict[str, int] = {}  # input file -> its requests, counted once however many specs read it
+    first_reader: dict[str, str] = {}
+    for want in desired:
+        if want.input and first_reader.setdefault(want.input, want.spec) == want.spec:
+            requests[want.input] = requests.get(want.input, 0) + (want.requests or 0)
+    splits = {want.spec: want.split for want in desired if want.split}
+    return Validated(len({want.spec for want in desired}), len(requests), sum(requests.values()), splits)
 
 
 @dataclass(frozen=True)
@@ -260,16 +266,19 @@ class StatusReport:
     now: float
 
 
-def status(project: Project, names: tuple[str, ...]) -> StatusReport:
-    """Every batch in the state (or the names) as the server says now. Writes nothing."""
+def status(project: Project, names: tuple[str, ...], shards: bool = False) -> StatusReport:
+    """Every batch in the state (or the names) as the server says now: a spec split into shards as one
+    row, and a row per shard too when `shards` (or when a shard is named). Writes nothing."""
+    from .spec import shard_of
     from .status import status_rows, with_attempts
 
     entries = _entries(_load_state(project), names)
     latest = _latest(entries)
     with Session(project) as session:
         snapshot = _snapshot(session, latest)
-    return StatusReport(with_attempts(status_rows(latest, snapshot), _attempt_phrases(project, entries, snapshot)),
-                        time.time())
+    shards = shards or any(shard_of(name) is not None for name in names)
+    return StatusReport(with_attempts(status_rows(latest, snapshot, shards),
+                                      _attempt_phrases(project, entries, snapshot)), time.time())
 
 
 def _latest(entries: dict[str, Entry]) -> dict[str, Entry]:
@@ -305,7 +314,8 @@ def wait(project: Project, names: tuple[str, ...], *, interval: float | None, ti
          display: Callable[[list[str]], Display]) -> Waited:
     """Poll until the batches have finished (or `timeout`), then record what was seen, under the lock."""
     from .remote import any_unfinished
-    from .watch import WaitResult, wait_until_finished
+    from .spec import spec_of
+    from .watch import BySpec, WaitResult, wait_until_finished
 
     entries = _latest(_entries(_load_state(project), names))
     if not entries:
@@ -314,7 +324,7 @@ def wait(project: Project, names: tuple[str, ...], *, interval: float | None, ti
     with Session(project) as session:
         if not any_unfinished(entries):
             return Waited(list(entries), WaitResult(_snapshot(session, entries), timed_out=False))
-        shown = display(list(entries))
+        shown = BySpec(display(list(dict.fromkeys(spec_of(name) for name in entries))))
         try:
             result = session.run(lambda api: wait_until_finished(
                 api, entries, shown, interval=interval, timeout=timeout, parallelism=project.parallelism))
@@ -388,9 +398,9 @@ def download(project: Project, names: tuple[str, ...], *, batch_id: str | None =
 
     `batch_id`: that batch of the one name instead of its latest. `join`: also joined.jsonl."""
     from .download import (MANIFEST, Manifest, Report, destinations, download_files, every_attempt,
-                           files_to_download, not_yet_downloaded, notes_on_earlier_files, restore_latest,
-                           spec_inputs)
-    from .spec import load_specs
+                           files_to_download, merge_shards, not_yet_downloaded, notes_on_earlier_files,
+                           restore_latest, sharded_specs, spec_inputs)
+    from .spec import load_specs, shard_of, spec_of
 
     specs, problems = load_specs(project.specs_dir, project.root)
     if problems:
@@ -398,9 +408,13 @@ def download(project: Project, names: tuple[str, ...], *, batch_id: str | None =
     manifest = Manifest(project.results_dir / MANIFEST)
     with Session(project) as session:
         records, state, latest = _download_records(project, session, names, batch_id)
-        dests = destinations(specs, list(records), project.results_area(spec_inputs(specs, project.root)))
-        wanted, notes = files_to_download(records, dests, project.root, project.results_dir, latest)
-        earlier = _earlier_attempts(state, records) if latest else {}
+        own = [n for n in records if shard_of(n) is None]  # a shard's latest files are its spec's, merged
+        area = project.results_area(spec_inputs(specs, project.root))
+        dests = destinations(specs, list(dict.fromkeys([*own, *map(spec_of, records)])), area)
+        wanted, notes = files_to_download(records, {n: dests[n] for n in own}, project.root, project.results_dir,
+                                          latest)
+        # every attempt of a retried spec (a shard's retries: only its latest attempt, merged with the shards)
+        earlier = _earlier_attempts(state, {n: r for n, r in records.items() if n in own}) if latest else {}
         wanted = every_attempt(wanted, earlier, dests, project.root, project.results_dir)
         if latest:
             notes += notes_on_earlier_files({n: r for n, r in records.items() if n not in earlier}, dests,
@@ -412,6 +426,9 @@ def download(project: Project, names: tuple[str, ...], *, batch_id: str | None =
             if todo:
                 session.run(lambda api: download_files(api, todo, manifest, report))
             _merge_attempts(project, state, earlier, records, dests, manifest, report)
+            for spec, shards in (sharded_specs(records, state) if latest else {}).items():
+                merge_shards(spec, shards, records, state, dests[spec], project.results_dir, project.root,
+                             manifest, report)
         finally:
             manifest.save()
     if join:

@@ -19,7 +19,8 @@ from .batch import BatchFields, BatchRecord
 from .desired import Desired
 from .errors import PlanError
 from .remote import RemoteView, find_tagged
-from .state import Entry, State
+from .spec import address_key, spec_of
+from .state import Entry, State, expand_names
 
 if TYPE_CHECKING:
     from .attempts import AttemptsView
@@ -66,6 +67,8 @@ class ReasonCode(str, Enum):
     FORCED = "forced"                                # replace: --replace
     INTERRUPTED_REPLACE = "interrupted_replace"      # replace: finishing one an apply left half done
     SPEC_REMOVED = "spec_removed"                    # cancel / forget: the spec is gone
+    RESHARDED = "resharded"                          # cancel / forget: the spec is split otherwise now,
+    #                                                  and no longer has this address (NAME or NAME[K])
     CHANGES_IGNORED = "changes_ignored"              # update: only fields lifecycle.ignore_changes lists
     WITHOUT_RESULT = "without_result"                # retry: requests the ended batches left without a result
     #                                                  (found_untracked: the retry batch is already made)
@@ -167,27 +170,33 @@ class Plan:
 def build_plan(desired: list[Desired], state: State | None, remote: RemoteView, *,
                targets: frozenset[str] = frozenset(), force_replace: frozenset[str] = frozenset(),
                attempts: Mapping[str, AttemptsView] | None = None) -> Plan:
-    """Decide one action per spec name. Pure: reads its arguments, writes nothing.
+    """Decide one action per address (a spec name, or NAME[K] for a shard). Pure: reads its
+    arguments, writes nothing. A spec name in `targets` or `force_replace` names all its shards.
 
     `attempts`: what the result files of the specs that retry say (attempts.read_attempts)."""
     attempts = attempts or {}
     state = state or State(serial=0, lineage="")
     wanted = {d.name: d for d in desired}
-    _ensure_known(targets | force_replace, wanted, state)
-    names = sorted(set(wanted) | set(state.entries))
+    addresses = set(wanted) | set(state.entries)
+    _ensure_known(targets | force_replace, addresses)
+    names = sorted(addresses, key=address_key)
     if targets:
-        names = [n for n in names if n in targets]
+        names = [n for n in names if n in expand_names(targets, addresses)]
+    forced = expand_names(force_replace, addresses)
+    shards_of: dict[str, list[str]] = {}
+    for want in desired:
+        shards_of.setdefault(want.spec, []).append(want.name)
     changes, refused = [], []
     for name in names:
         entry = state.entries.get(name)
         try:
             if name in wanted:
-                change = _plan_desired(wanted[name], entry, remote, name in force_replace)
+                change = _plan_desired(wanted[name], entry, remote, name in forced)
                 if change.action is Action.NOOP and name in attempts:
                     change = _plan_retry(wanted[name], entry, attempts[name], change)
                 changes.append(change)
             else:
-                changes.append(_plan_removed(name, entry, remote))
+                changes.append(_plan_removed(name, entry, remote, _why_gone(name, shards_of.get(spec_of(name)))))
         except PlanError as exc:  # every refusal is said, not only the first (as Terraform does)
             refused.append(str(exc))
     if refused:
@@ -200,8 +209,9 @@ def build_plan(desired: list[Desired], state: State | None, remote: RemoteView, 
     return Plan(tuple(changes), state.lineage or None, state.serial, refreshed)
 
 
-def _ensure_known(names: frozenset[str], wanted: dict, state: State) -> None:
-    unknown = sorted(n for n in names if n not in wanted and n not in state.entries)
+def _ensure_known(names: frozenset[str], addresses: set[str]) -> None:
+    specs = {spec_of(a) for a in addresses}
+    unknown = sorted(n for n in names if n not in addresses and n not in specs)
     if unknown:
         raise PlanError(f"no spec and no state entry named {', '.join(unknown)}; "
                         "check --target / --replace against `batchplan state list`")
@@ -224,8 +234,8 @@ def _plan_desired(want: Desired, entry: Entry | None, remote: RemoteView, forced
         if entry and entry.intent:
             return Change(want.name, Action.CREATE, "an earlier apply was interrupted before its batch was created",
                           ReasonCode.INTERRUPTED_CREATE, after=after, desired=want)
-        return Change(want.name, Action.CREATE, "no batch for this spec in the state or on the server",
-                      ReasonCode.NO_BATCH, after=after, desired=want)
+        return Change(want.name, Action.CREATE, f"no batch for this {'shard' if want.shard else 'spec'} in the "
+                      "state or on the server", ReasonCode.NO_BATCH, after=after, desired=want)
     record = _current(entry, remote)
     if record.id in remote.missing:
         return Change(want.name, Action.CREATE, f"batch {record.id} no longer exists on the server",
@@ -331,28 +341,40 @@ def _replace_reason(diff: list[FieldChange], forced: bool, resumed: dict | None)
     return "changed: " + ", ".join(d.path for d in diff), code
 
 
-def _plan_removed(name: str, entry: Entry, remote: RemoteView) -> Change:
+def _why_gone(name: str, shards: list[str] | None) -> tuple[str, ReasonCode]:
+    """Why an address in the state has no desired batch: its spec is gone, or is split otherwise now."""
+    if not shards:
+        return "spec removed", ReasonCode.SPEC_REMOVED
+    spec = spec_of(name)
+    now = f"fits one batch ({spec})" if shards == [spec] else \
+        f"makes {len(shards)} shards ({shards[0]}..{shards[-1]})"
+    return f"{spec} now {now}, so {name} goes", ReasonCode.RESHARDED
+
+
+def _plan_removed(name: str, entry: Entry, remote: RemoteView, why: tuple[str, ReasonCode]) -> Change:
+    gone, code = why
     if entry.batch is None:
         intent = entry.intent
         found = intent and find_tagged(remote.tagged, name, intent.spec_hash)
         if not found:
-            return Change(name, Action.FORGET, "spec removed; its interrupted create left no batch",
+            return Change(name, Action.FORGET, f"{gone}; its interrupted create left no batch",
                           ReasonCode.INTERRUPTED_CREATE, before=entry.fields)
         entry = entry.model_copy(update={"batch": BatchRecord.from_api(found)})
     record = _current(entry, remote)
     before = entry.fields
     if record.id in remote.missing:
-        return Change(name, Action.FORGET, f"spec removed; batch {record.id} no longer exists on the server",
+        return Change(name, Action.FORGET, f"{gone}; batch {record.id} no longer exists on the server",
                       ReasonCode.BATCH_MISSING, before=before, batch=record)
     if not record.running:
-        return Change(name, Action.FORGET, f"spec removed; batch {record.id} is {record.status}, "
-                      "so only the state entry goes", ReasonCode.SPEC_REMOVED, before=before, batch=record)
+        return Change(name, Action.FORGET, f"{gone}; batch {record.id} is {record.status}, "
+                      "so only the state entry goes", code, before=before, batch=record)
     if entry.prevent_cancel:
-        raise PlanError(f"{name}: its spec was removed while batch {record.id} is {record.status}, and the spec "
+        said = "its spec was removed" if code is ReasonCode.SPEC_REMOVED else gone
+        raise PlanError(f"{name}: {said} while batch {record.id} is {record.status}, and the spec "
                         "set lifecycle.prevent_cancel; restore the spec until the batch finishes, or "
                         f"`batchplan state rm {name}` to stop tracking it without cancelling")
-    return Change(name, Action.CANCEL, f"spec removed; batch {record.id} is {record.status}",
-                  ReasonCode.SPEC_REMOVED, before=before, batch=record)
+    return Change(name, Action.CANCEL, f"{gone}; batch {record.id} is {record.status}", code,
+                  before=before, batch=record)
 
 
 def _drift(name: str, record: BatchRecord) -> tuple[str, ...]:

@@ -12,6 +12,7 @@ checked, and every input path in it is confined to the repository again (paths.c
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from .fsutil import atomic_write
 from .inputs import hash_file
 from .paths import confine
 from .plan import Action, Change, FieldChange, Plan, PlannedRetry, ReasonCode
+from .shards import Shard, open_range
 from .batch import BatchFields, BatchRecord
 from .state import State, format_verdict
 
@@ -69,7 +71,9 @@ def _desired_to_json(want: Desired) -> dict:
 def _desired_from_json(data: dict) -> Desired:
     from .retries import RetryPolicy
 
-    return Desired(**{**data, "retry": RetryPolicy.model_validate(data["retry"]) if data.get("retry") else None})
+    shard = data.get("shard")
+    return Desired(**{**data, "retry": RetryPolicy.model_validate(data["retry"]) if data.get("retry") else None,
+                      "shard": Shard(**shard) if shard else None})
 
 
 def _retry_to_json(retry: PlannedRetry) -> dict:
@@ -115,8 +119,28 @@ def _estimate_from_json(data: dict | None):
     return Estimate.model_validate(data)
 
 
+RANGE_MARK = "#bytes="  # an input key `data/big.jsonl#bytes=0-1048576`: a shard's bytes of the file
+
+
+def input_key(want: Desired) -> str:
+    """How the plan file's `inputs` names what a change uploads: the input's path, and for a
+    shard its byte range, so each is checked by its own sha256."""
+    assert want.input is not None
+    if want.shard is None:
+        return want.input
+    return f"{want.input}{RANGE_MARK}{want.shard.start}-{want.shard.end}"
+
+
+def _split_key(key: str) -> tuple[str, tuple[int, int] | None]:
+    rel, mark, span = key.rpartition(RANGE_MARK)
+    if not mark:
+        return key, None
+    start, _, end = span.partition("-")
+    return rel, (int(start), int(end))
+
+
 def save_plan(path: Path, plan: Plan, project) -> None:
-    inputs = {c.desired.input: c.desired.input_sha256 for c in plan.changes
+    inputs = {input_key(c.desired): c.desired.input_sha256 for c in plan.changes
               if c.desired and c.desired.input and c.action in _READS_INPUT}
     document = {
         "format_version": PLANFILE_VERSION, "batchplan_version": __version__,
@@ -172,7 +196,11 @@ def _first_line(exc: Exception) -> str:
 
 def _confine_inputs(path: Path, plan: Plan, inputs: dict[str, str], root: Path) -> None:
     """Refuse a plan that names an input outside the repo, or uploads one it did not hash."""
-    named = set(inputs) | {c.desired.input for c in plan.changes if c.desired and c.desired.input}
+    try:
+        named = {_split_key(key)[0] for key in inputs}
+    except ValueError:
+        raise PlanError(f"{path}: damaged plan file: an input's byte range is not two numbers; plan again") from None
+    named |= {c.desired.input for c in plan.changes if c.desired and c.desired.input}
     for rel in sorted(named):
         try:
             confine(rel, root, root)
@@ -182,7 +210,7 @@ def _confine_inputs(path: Path, plan: Plan, inputs: dict[str, str], root: Path) 
     for change in plan.changes:
         want = change.desired
         uploads = want and want.input and change.action in _READS_INPUT
-        if uploads and inputs.get(want.input) != want.input_sha256:
+        if uploads and inputs.get(input_key(want)) != want.input_sha256:
             raise PlanError(f"{path}: damaged plan file: {want.name}'s input {want.input} is not among the plan's "
                             "inputs with its sha256; nothing was sent. Plan again")
 
@@ -196,8 +224,20 @@ def check_fresh(path: Path, plan: Plan, inputs: dict, state: State | None, root:
         now = f"at serial {serial}{other}" if state else "gone"
         raise StalePlanError(f"{path}: stale plan: it was made against {then} but the state is now {now}; "
                              "nothing was sent. Run `batchplan plan --out` again")
-    for rel, sha in inputs.items():
+    for key, sha in inputs.items():
+        rel, span = _split_key(key)
         file = root / rel
-        if not file.is_file() or hash_file(file) != sha:
+        if not file.is_file() or _hash_of(file, span) != sha:
             raise StalePlanError(f"{path}: stale plan: input {rel} changed since the plan was made; nothing was "
                                  "sent. Run `batchplan plan --out` again")
+
+
+def _hash_of(file: Path, span: tuple[int, int] | None) -> str:
+    """The sha256 of a whole file, or of its bytes [start, end)."""
+    if span is None:
+        return hash_file(file)
+    try:
+        with open_range(file, *span) as reader:
+            return hashlib.file_digest(reader, "sha256").hexdigest()
+    except StalePlanError:  # the file is shorter now
+        return ""

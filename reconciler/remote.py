@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from .batch import BatchRecord
 from .errors import NotFound
-from .spec import TAG_NAME, TAG_SPEC
+from .spec import TAG_NAME, TAG_SPEC, spec_of
 
 if TYPE_CHECKING:
     from .api import Api
@@ -216,6 +216,16 @@ class Snapshot:
     def of(cls, entries: dict[str, Entry]) -> Snapshot:
         """What the state alone says (no server)."""
         return cls({n: e.batch for n, e in entries.items() if e.batch})
+
+    def by_spec(self) -> Snapshot:
+        """The same by spec name: a spec split into shards is one record (BatchRecord.combined), missing
+        when any of its shards is."""
+        groups: dict[str, list[str]] = {}
+        for name in self.records:
+            groups.setdefault(spec_of(name), []).append(name)
+        records = {spec: self.records[names[0]] if names == [spec] else
+                   BatchRecord.combined([self.records[n] for n in names]) for spec, names in groups.items()}
+        return Snapshot(records, frozenset(spec_of(n) for n in self.missing))
 
 
 def any_unfinished(entries: dict[str, Entry]) -> bool:

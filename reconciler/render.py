@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import click
 
 from .plan import ORDER, Action, Change, Plan
+from .spec import shard_of, spec_of
 
 if TYPE_CHECKING:
     from .ledger import ApplyResult
@@ -74,7 +75,8 @@ def _rerun_lines(change: Change) -> list[str]:
 
 def _create_lines(want: Desired) -> list[str]:
     """What a create makes: endpoint, model, input, metadata, expiry, and where download puts its results."""
-    source = (f"{want.input} (sha256 {_short_hash(want.input_sha256)}, {want.requests} requests)"
+    lines_of = f" lines {want.shard.first_line:,}-{want.shard.last_line:,}" if want.shard else ""
+    source = (f"{want.input}{lines_of} (sha256 {_short_hash(want.input_sha256)}, {want.requests} requests)"
               if want.input and want.input_sha256 else want.input_file_id)
     lines = [f"endpoint: {want.endpoint}"]
     if want.models:
@@ -217,8 +219,8 @@ def plan_document(plan: Plan) -> dict:
     """The public JSON plan (format_version 1): documented in the README; keep it stable."""
     return {
         "format_version": JSON_FORMAT_VERSION,
-        "actions": [{"name": c.name, "action": c.action.value, "reason": c.reason,
-                     "reason_code": c.reason_code.value, "before": _before(c), "after": _after(c),
+        "actions": [{"name": c.name, "spec": spec_of(c.name), "shard": shard_of(c.name), "action": c.action.value,
+                     "reason": c.reason, "reason_code": c.reason_code.value, "before": _before(c), "after": _after(c),
                      "estimate": c.estimate.model_dump(mode="json") if c.estimate else None, **_retry_fields(c)}
                     for c in plan.changes],
         "summary": {**plan.summary(), **_cost_summary(plan)},

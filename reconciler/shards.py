@@ -107,10 +107,17 @@ class Splitter:
         self.hashes: _ShardHashes | None = None
         self.problem: Callable[..., None] = lambda *args: None
 
-    def begin(self, path: Path, problem: Callable[..., None]) -> int:
-        """Start hashing shards of `path`; returns the longest line worth keeping (see inputs._lines)."""
+    def begin(self, path: Path, problem: Callable[..., None], hash_all: bool = False) -> int:
+        """Start hashing shards of `path`; returns the longest line worth keeping (see inputs._lines).
+
+        `hash_all`: the caller does not hash the file itself (a large file), so the shard hasher
+        follows the scan from the first byte: a file that stays one shard gets its hash from it,
+        and a split file is hashed once, shard by shard, not twice."""
         self.hashes = _ShardHashes(path)
         self.problem = problem
+        if hash_all:
+            self.publish_at = _ShardHashes.PUBLISH_EVERY
+            self._set_marks()
         return self.max_bytes
 
     def place(self, start: int, stop: int, inputs: int, line: int) -> bool:
@@ -161,16 +168,16 @@ class Splitter:
                      f"({self.max_bytes:,}); raise shard.max_bytes (at most {_size_text(MAX_BYTES)}) "
                      "or shorten the line", line)
 
-    def finish(self, file_sha256: str, lines: int, end: int) -> list[Shard]:
+    def finish(self, file_sha256: str | None, lines: int, end: int) -> list[Shard]:
         """The shards of a file of `lines` lines and `end` bytes, with their hashes.
 
-        A file that is one shard has the file's own hash.
+        A file that is one shard has the file's own hash (`file_sha256`, when the caller has it).
         """
         if not lines:
             self.cancel()
             return []
         spans = [*self.spans, _Span(self.start, end, self.first_line, lines + 1 - self.first_line, self.inputs, None)]
-        if len(spans) == 1:
+        if len(spans) == 1 and file_sha256 is not None:
             self.cancel()
             digests = [file_sha256]
         else:
@@ -190,8 +197,10 @@ class _ShardHashes:
 
     The thread reads the file itself (the page cache serves it), never past the start of
     the line the scan last placed, so the scan loop only posts offsets: one per cut and
-    one per PUBLISH_EVERY bytes. Nothing is hashed until a first cut: a file that is one
-    shard needs no hash but the file's own (inputs._BackgroundHash computes that one).
+    one per PUBLISH_EVERY bytes. For a small file, nothing is hashed until a first cut: a
+    file that is one shard needs no hash but the file's own, which the scan computes as it
+    reads. A large file is followed from its first byte (Splitter.begin's `hash_all`) and
+    is then hashed by this thread alone: its shards' hashes, or its own when it is one shard.
     """
 
     PUBLISH_EVERY = 8 * MB
@@ -304,12 +313,14 @@ class ShardReader(io.RawIOBase):
     returning them: an upload of changed bytes never completes.
     """
 
-    def __init__(self, path: Path, start: int, end: int, sha256: str | None = None):
+    def __init__(self, path: Path, start: int, end: int, sha256: str | None = None,
+                 advance: Callable[[int], None] | None = None):
         if not 0 <= start <= end:
             raise ValueError(f"not a byte range: [{start}, {end})")
         self._file = open(path, "rb", buffering=0)  # noqa: SIM115 (closed by close())
         super().__init__()
         self.path, self.start, self.end, self.sha256 = Path(path), start, end, sha256
+        self.advance = advance  # a progress bar's, for an upload
         self._pos = 0
         self._restart_hash()
 
@@ -353,6 +364,8 @@ class ShardReader(io.RawIOBase):
             self._hashed += n
             if self._hashed == self.size and self.sha256:
                 self._verify()
+            if self.advance is not None:
+                self.advance(n)
         self._pos += n
         return n
 
@@ -378,6 +391,13 @@ def open_range(path: Path, start: int, end: int) -> ShardReader:
 def open_shard(path: Path, shard: Shard) -> ShardReader:
     """A shard's bytes, checked against its sha256 as they stream (StalePlanError if changed)."""
     return ShardReader(path, shard.start, shard.end, shard.sha256)
+
+
+def open_verified(path: Path, start: int, end: int, sha256: str,
+                  advance: Callable[[int], None] | None = None) -> ShardReader:
+    """Bytes [start, end) of `path`, checked against `sha256` as they stream: an upload's source
+    (a shard, or a whole file as the range [0, size)), with a progress callback."""
+    return ShardReader(path, start, end, sha256, advance)
 
 
 # -- merging results ---------------------------------------------------------------------
@@ -412,7 +432,9 @@ def merge_in_input_order(input_path: Path, shards: list[Shard], result_files: li
     seeking. A request with no result in the file (it failed, so it is in the error file)
     is skipped; a result whose custom_id no input line of its shard has (there should be
     none) follows that shard's ordered results, in file order, so nothing is dropped.
-    `result_files[i]` belongs to `shards[i]`; None when that shard has no such file.
+    `result_files[i]` belongs to `shards[i]`; None when that shard has no such file. A
+    shard's input lines are checked against its sha256 (when it has one) as they are read:
+    StalePlanError, and nothing written, when the input changed since.
     """
     if len(result_files) != len(shards):
         raise ValueError(f"{len(shards)} shards but {len(result_files)} result files")
@@ -428,7 +450,7 @@ def _merge_shard(input_path: Path, shard: Shard, results: Path, out: BinaryIO) -
     where, strays = _index_results(results)
     written = 0
     with results.open("rb", buffering=0) as fh:
-        with open_range(input_path, shard.start, shard.end) as requests:
+        with ShardReader(input_path, shard.start, shard.end, shard.sha256 or None) as requests:
             for raw, _, _ in _lines(requests, CHUNK, None):
                 place = where.pop(custom_id_of(raw), None)
                 if place is not None:

@@ -16,9 +16,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, StringConstraints, ValidationError
 
 from .errors import PathError, Problem
+from .inputs import MAX_BYTES, MAX_REQUESTS
 from .paths import confine, not_a_file
 from .retries import RetryPolicy
 from .yamldoc import AliasBudgetExceeded, composed
+from .shards import ShardLimits
 
 RESERVED_PREFIX = "batchplan_"
 TAG_NAME = "batchplan_name"
@@ -29,6 +31,8 @@ MAX_KEY_LENGTH = 64
 MAX_VALUE_LENGTH = 512
 EXPIRY_SECONDS = (3600, 2_592_000)  # 1 hour to 30 days
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+# A batch's address: its spec's name, or NAME[K] for shard K of a spec split into several batches.
+ADDRESS_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}(\[(0|[1-9][0-9]{0,5})\])?$"
 
 MetadataKey = Annotated[StrictStr, StringConstraints(max_length=MAX_KEY_LENGTH)]
 MetadataValue = Annotated[StrictStr, StringConstraints(max_length=MAX_VALUE_LENGTH)]
@@ -79,6 +83,7 @@ class Spec(BaseModel):
     output: str | None = None
     errors: str | None = None
     lifecycle: Lifecycle = Field(default_factory=Lifecycle)
+    shard: ShardLimits | None = None  # smaller shards than the API's limits (see shards.py)
     # USD this spec's batch may cost at most (its estimate's maximum); not a batch parameter, so
     # changing it replaces nothing. Checked by apply (budget.py).
     budget_usd: float | None = Field(default=None, ge=0, allow_inf_nan=False, strict=True)
@@ -92,6 +97,30 @@ class Spec(BaseModel):
 
 
 FIELDS = tuple(Spec.model_fields)
+
+
+# -- addresses: NAME, or NAME[K] for shard K of a spec whose input is split ----------------
+
+
+def shard_address(name: str, index: int) -> str:
+    return f"{name}[{index}]"
+
+
+def spec_of(address: str) -> str:
+    """The spec name of an address: `big` for `big[2]` (and for `big`)."""
+    return address.partition("[")[0]
+
+
+def shard_of(address: str) -> int | None:
+    """K of `NAME[K]`; None for a plain name."""
+    _, bracket, rest = address.partition("[")
+    return int(rest.rstrip("]")) if bracket else None
+
+
+def address_key(address: str) -> tuple[str, int]:
+    """Sort key: by spec name, then shards in input order (`big[2]` before `big[10]`)."""
+    index = shard_of(address)
+    return spec_of(address), -1 if index is None else index
 
 
 @dataclass(frozen=True)
@@ -196,10 +225,18 @@ def _message(err: dict, loc: tuple) -> str:
     if loc == ("output_expires_after", "seconds") and kind in ("greater_than_equal", "less_than_equal"):
         low, high = EXPIRY_SECONDS
         return f"{value} is out of range; use {low} (1 hour) to {high} (30 days)"
+    if loc[:1] == ("shard",) and kind in ("greater_than_equal", "less_than_equal"):
+        return _shard_limit_message(loc, value)
     if loc == ("name",) and kind == "string_pattern_mismatch":
         return f"{_short(value)}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
     message = err["msg"].removeprefix("Value error, ")
     return f"{message}, not {_short(value)}" if kind.endswith("_type") or kind.endswith("_parsing") else message
+
+
+def _shard_limit_message(loc: tuple, value: object) -> str:
+    most = {"max_requests": f"{MAX_REQUESTS:,} requests", "max_bytes": f"{MAX_BYTES:,} bytes (200 MB)"}[loc[-1]]
+    return (f"{_short(value)} is out of range; use 1 to {most}, the Batch API's limit per batch (leave shard: "
+            "out to split at the API's limits)")
 
 
 def _metadata_problem(err: dict, loc: tuple, source: SpecSource) -> Problem:
@@ -223,7 +260,8 @@ def _short(value: object) -> str:
 def _unknown_field_message(loc: tuple) -> str:
     parent_fields = {(): FIELDS, ("output_expires_after",): ("anchor", "seconds"),
                      ("lifecycle",): ("prevent_cancel", "ignore_changes"),
-                     ("retry",): tuple(RetryPolicy.model_fields)}.get(loc[:-1], ())
+                     ("retry",): tuple(RetryPolicy.model_fields),
+                     ("shard",): tuple(ShardLimits.model_fields)}.get(loc[:-1], ())
     guess = difflib.get_close_matches(str(loc[-1]), parent_fields, n=1)
     if guess:
         return f"unknown field; did you mean {guess[0]!r}?"

@@ -13,14 +13,14 @@ import uuid
 from typing import Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_serializer
 
 from .batch import BatchFields, BatchRecord, BatchStatus
 from .errors import ConfigError
-from .spec import NAME_PATTERN
+from .spec import ADDRESS_PATTERN, address_key, spec_of
 
 __all__ = ["FORMAT_VERSION", "BatchFields", "BatchRecord", "BatchStatus", "Entry", "HistoryItem", "Intent",
-           "Retries", "RetryIntent", "State", "Upload", "format_verdict", "select_entries"]
+           "Retries", "RetryIntent", "ShardPart", "State", "Upload", "format_verdict", "select_entries"]
 
 FORMAT_VERSION = 1
 
@@ -81,8 +81,22 @@ class Retries(BaseModel):
         return False
 
 
+class ShardPart(BaseModel):
+    """Which part of its spec's input a shard's batch was made from: shard `index`, lines
+    first_line..last_line, bytes [start, end). Download merges shards' results by it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    index: int
+    start: int
+    end: int
+    first_line: int
+    last_line: int
+
+
 class Entry(BaseModel):
-    """One spec name: the batch made for it, from which fields, and what came before."""
+    """One address (a spec name, or NAME[K] for a shard): the batch made for it, from which
+    fields, and what came before."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -93,6 +107,17 @@ class Entry(BaseModel):
     history: list[HistoryItem] = Field(default_factory=list)
     prevent_cancel: bool = False
     retries: Retries | None = None  # follow-up batches of `batch` (a spec's `retry:`); None: none made
+    shard: ShardPart | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_empty_parts(self, handler) -> dict:
+        """`shard` only in a shard's entry, `retries` only once a retry was made: the entries of
+        specs that fit one batch and never retried stay as they were."""
+        data = handler(self)
+        for key in ("shard", "retries"):
+            if data.get(key) is None:
+                data.pop(key, None)
+        return data
 
 
 class Upload(BaseModel):
@@ -118,8 +143,9 @@ class State(BaseModel):
     def _spec_names(cls, entries: dict[str, Entry]) -> dict[str, Entry]:
         """Names become paths (`results/<name>/`): a hand-edited `../../x` must not."""
         for name in entries:
-            if not re.fullmatch(NAME_PATTERN, name):
-                raise ValueError(f"{name!r} is not a name batchplan gives a spec (letters, digits, '.', '_', '-')")
+            if not re.fullmatch(ADDRESS_PATTERN, name):
+                raise ValueError(f"{name!r} is not a name batchplan gives a spec (letters, digits, '.', '_', '-'; "
+                                 "NAME[K] for a shard)")
         return entries
 
     def record_batches(self, records: dict[str, BatchRecord]) -> list[str]:
@@ -156,11 +182,21 @@ def format_verdict(version: object, known: int) -> Literal["ok", "newer", "wrong
 
 
 def select_entries(state: State | None, names: tuple[str, ...]) -> dict[str, Entry]:
-    """The state entries named (all of them when none are), sorted by name."""
+    """The state entries named (all of them when none are), shards in order. A spec's name
+    names all its shards: `big` selects big[0], big[1], ..."""
     entries = state.entries if state else {}
-    unknown = sorted(set(names) - set(entries))
+    chosen = expand_names(names, entries)
+    unknown = sorted(n for n in names if n not in chosen and not any(spec_of(c) == n for c in chosen))
     if unknown:
-        known = ", ".join(sorted(entries)) or "none"
+        known = ", ".join(sorted(entries, key=address_key)) or "none"
         raise ConfigError(f"no batch named {', '.join(unknown)} in the state (known: {known}); "
                           "`batchplan state list` shows them")
-    return {name: entries[name] for name in sorted(set(names) or entries)}
+    selected = chosen if names else set(entries)
+    return {name: entries[name] for name in sorted(selected, key=address_key)}
+
+
+def expand_names(names: tuple[str, ...] | frozenset[str], addresses) -> set[str]:
+    """The addresses among `addresses` that `names` name: an address itself, or every shard of a
+    spec name (`big` -> big[0], big[1], ...)."""
+    wanted = set(names)
+    return {a for a in addresses if a in wanted or spec_of(a) in wanted}

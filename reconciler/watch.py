@@ -65,6 +65,20 @@ async def wait_until_finished(api: Api, entries: dict[str, Entry], display: Disp
         await asyncio.sleep(interval if left is None else min(interval, left))
 
 
+class BySpec:
+    """A display that shows a spec split into shards as one batch (Snapshot.by_spec): `wait` treats a
+    spec's shards as one, while it polls and judges each shard."""
+
+    def __init__(self, display: Display):
+        self.display = display
+
+    def show(self, snapshot: Snapshot) -> None:
+        self.display.show(snapshot.by_spec())
+
+    def close(self) -> None:
+        self.display.close()
+
+
 def eta_phrase(rec, now: float) -> str:
     """A rough time left for a running batch, from its rate so far (requests done since it was created):
     `~4m 10s left`; "" when it cannot be told (nothing done yet, or not running)."""

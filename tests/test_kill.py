@@ -4,8 +4,8 @@ A clean run first counts the requests a full apply makes (N). Then, each time on
 fresh server and a fresh repo, apply runs as a separate process and is killed with
 SIGKILL as soon as the server has logged its k-th request (k = 1..N: the next request
 is usually in flight, and lands after its client is dead), while an upload or a create
-is stalled on the server (it lands while the next apply already runs), and at a few
-random times.
+is stalled on the server (it lands while the next apply already runs), at a few
+random times, and between the shards of a spec split into three (an upload and a create each).
 After each kill, apply is re-run until it succeeds; then the server must hold exactly
 one batch per spec and each input uploaded once, the state must name those batches,
 and `plan --detailed-exitcode` must find nothing to do.
@@ -167,4 +167,40 @@ def test_sigkill_at_every_request_of_a_replace(new_repo, emulator_server_factory
 
     record_property("kill_points", covered)
     print(f"\n{covered} kill points covered in a replace of {len(old)} running batches")
+    assert covered >= full - 1
+
+
+def test_sigkill_between_the_shards_of_one_spec(new_repo, emulator_server_factory, record_property):
+    """A spec split into 3 shards: 3 uploads and 3 creates, each a kill point between two shards.
+    After every kill: exactly one batch per shard, each shard uploaded once, an empty plan."""
+    def start_sharded(label: str):
+        server = emulator_server_factory(latency=LATENCY, max_requests=2)  # the sandbox refuses bigger batches
+        env = {"OPENAI_BASE_URL": server.url, "OPENAI_API_KEY": KEY, "NO_COLOR": "1"}
+        repo = new_repo(label)
+        (repo.root / "batchplan.yaml").write_text(settings_of(repo))
+        repo.spec("big", input=repo.data("big.jsonl", count=6), shard={"max_requests": 2})
+        return repo, server, env
+
+    shards = ["big[0]", "big[1]", "big[2]"]
+    repo, server, env = start_sharded("clean")
+    clean = spawn_apply(repo, env, "--parallelism", "1")
+    out, err = clean.communicate(timeout=30)
+    assert clean.returncode == 0, out + err
+    full = len(server.requests)
+    assert full == 1 + 1 + 3 + 3  # list batches, list files, an upload and a create per shard
+
+    covered = 0
+    for k in range(1, full + 1):
+        repo, server, env = start_sharded(f"shards-k{k}")
+        proc = spawn_apply(repo, env, "--parallelism", "1")
+        wait_for(lambda: len(server.requests) >= k or proc.poll() is not None)
+        covered += kill(proc)
+        server.wait_idle()
+        apply_until_it_succeeds(repo, env)
+        assert_converged(repo, server, env, shards)
+        uploads = uploads_by_name(server)
+        assert len(uploads) == 3 and set(uploads.values()) == {1}, uploads
+
+    record_property("kill_points", covered)
+    print(f"\n{covered} kill points covered between the shards of one spec")
     assert covered >= full - 1
