@@ -16,7 +16,7 @@ import pytest
 
 from reconciler.sandbox import Fault, Timing
 from tests.helpers import ENDPOINT, KEY, env_for, run_cli, spawn_cli
-from tests.test_reliability import (apply, batches_by_name, make_repo, server_batches, state_ids, wait_for,
+from tests.test_reliability import (apply, assert_quiet, batches_by_name, kept, make_repo, state_ids, wait_for,
                                     writes_to)
 
 RUNNING = Timing.uniform(30)  # batches stay running for the whole test
@@ -27,37 +27,17 @@ def env_of(server) -> dict:
     return {"OPENAI_BASE_URL": server.url, "OPENAI_API_KEY": KEY, "NO_COLOR": "1"}
 
 
-def kept(server) -> dict[str, list[str]]:
-    """Spec name -> its batches that were not cancelled (running or completed), newest first."""
-    named: dict[str, list[str]] = {}
-    for batch in server_batches(server):
-        name = (batch.get("metadata") or {}).get("batchplan_name")
-        if name and batch["status"] not in ("cancelling", "cancelled"):
-            named.setdefault(name, []).append(batch["id"])
-    return named
-
-
 def plan_json(repo, env, *extra: str) -> dict:
     result = run_cli("plan", "--json", "-C", str(repo.root), *extra, env=env)
     assert result.code == 0, result.err
     return result.json
 
 
-def assert_quiet(repo, server, env, names: list[str]) -> None:
-    """Per spec one batch that is not cancelled, the state names it, no intent left, and plan is empty."""
-    assert server.wait_idle()
-    alive = kept(server)
-    assert {n: len(ids) for n, ids in alive.items()} == {n: 1 for n in names}, alive
-    assert state_ids(repo) == {n: ids[0] for n, ids in alive.items()}
-    assert not any(e["intent"] for e in repo.state()["entries"].values())
-    check = run_cli("plan", "--detailed-exitcode", "-C", str(repo.root), env=env)
-    assert check.code == 0, check.out + check.err
-
-
 # --- item 1: a 404 for a batch the state recorded is looked for, never trusted ----------------
 
 
-def test_a_404_for_a_recorded_batch_is_looked_for_in_the_list_and_nothing_is_made_again(repo, emulator_server_factory):
+def test_a_404_for_a_recorded_batch_is_looked_for_in_the_list_and_nothing_is_made_again(repo,
+                                                                                         emulator_server_factory):
     server = emulator_server_factory(timing=RUNNING)
     env = env_of(server)
     make_repo(repo, 2, settings=QUICK)

@@ -75,6 +75,29 @@ def assert_converged(repo: Repo, server: EmulatorService, env: dict, names: list
     assert check.code == 0, check.out + check.err
 
 
+def kept(server: EmulatorService) -> dict[str, list[str]]:
+    """Spec name -> its tagged batches that were not cancelled (running or completed), newest first."""
+    named: dict[str, list[str]] = {}
+    for batch in server_batches(server):
+        name = (batch.get("metadata") or {}).get("batchplan_name")
+        if name and batch["status"] not in ("cancelling", "cancelled"):
+            named.setdefault(name, []).append(batch["id"])
+    return named
+
+
+def assert_quiet(repo: Repo, server: EmulatorService, env: dict, names: list[str]) -> None:
+    """The README's promise once every create has landed and one more apply ran: per spec exactly one
+    batch that was not cancelled (a duplicate that landed late was cancelled), the state names it,
+    no intent is left, and plan is empty."""
+    assert server.wait_idle(), "a request is still being handled"
+    alive = kept(server)
+    assert {n: len(ids) for n, ids in alive.items()} == {n: 1 for n in names}, alive
+    assert state_ids(repo) == {n: ids[0] for n, ids in alive.items()}
+    assert not any(e["intent"] for e in repo.state()["entries"].values())
+    check = run_cli("plan", "--detailed-exitcode", "-C", str(repo.root), env=env)
+    assert check.code == 0, check.out + check.err
+
+
 def make_repo(repo: Repo, count: int, settings: str = FAST_SETTINGS, shared: int = 0) -> list[str]:
     """`count` specs s0..; the first `shared + 1` of them read one input file."""
     (repo.root / "batchplan.yaml").write_text(settings)
