@@ -33,6 +33,7 @@ from tests.test_reliability import (KEY, apply, assert_converged, assert_quiet, 
                                     state_ids, uploads_by_name, wait_for)
 
 SETTINGS = "timeout: 0.5\nmax_retries: 2\n"  # a short timeout keeps the settling waits short
+CLEAN_SETTINGS = "timeout: 10\nmax_retries: 2\n"
 SPECS = 5  # s0 and s1 share one input: 4 uploads, 5 creates
 LATENCY = 0.03
 RANDOM_KILLS = 4
@@ -48,15 +49,15 @@ def new_repo(request, tmp_path):
     return lambda label: PgRepo(tmp_path / label, url, workspace=label.replace("/", "-"))
 
 
-def settings_of(repo: Repo) -> str:
-    return repo.settings(SETTINGS) if isinstance(repo, PgRepo) else SETTINGS
+def settings_of(repo: Repo, settings: str = SETTINGS) -> str:
+    return repo.settings(settings) if isinstance(repo, PgRepo) else settings
 
 
-def start(new_repo, make_server, label: str):
+def start(new_repo, make_server, label: str, settings: str = SETTINGS):
     server = make_server(latency=LATENCY)
     env = {"OPENAI_BASE_URL": server.url, "OPENAI_API_KEY": KEY, "NO_COLOR": "1"}
     repo = new_repo(label)
-    names = make_repo(repo, SPECS, settings=settings_of(repo), shared=1)
+    names = make_repo(repo, SPECS, settings=settings_of(repo, settings), shared=1)
     return repo, server, env, names
 
 
@@ -95,12 +96,16 @@ def kill(proc) -> bool:
 
 def test_sigkill_at_every_request_and_at_random_times(new_repo, emulator_server_factory, record_property):
     started = time.monotonic()
-    repo, server, env, names = start(new_repo, emulator_server_factory, "clean")
+    # the clean run counts the requests of an apply with no fault: a generous timeout, so that on a
+    # loaded machine no answer comes too late (a look for a lost create would add requests)
+    repo, server, env, names = start(new_repo, emulator_server_factory, "clean", CLEAN_SETTINGS)
+    clean_started = time.monotonic()
     clean = spawn_apply(repo, env, "--parallelism", "1")
     out, err = clean.communicate(timeout=30)
     assert clean.returncode == 0, out + err
+    clean_seconds = time.monotonic() - clean_started
     full = len(server.requests)
-    assert full == 1 + 1 + (SPECS - 1) + SPECS  # list batches, list files, uploads, creates
+    assert full == 1 + 1 + (SPECS - 1) + SPECS  # list uploads (plan), list uploads (apply), uploads, creates
 
     covered = []
     for k in range(1, full + 1):
@@ -133,7 +138,8 @@ def test_sigkill_at_every_request_and_at_random_times(new_repo, emulator_server_
     record_property("kill_points", len(covered))
     print(f"\n{len(covered)} kill points covered: {', '.join(covered)}")
     assert len(covered) >= full - 1 + len(STALLED) + RANDOM_KILLS - 1
-    assert time.monotonic() - started < 60
+    # 60 s on this shared 2-core machine; more when it is busier, as measured by the clean run (~2 s)
+    assert time.monotonic() - started < max(60.0, 30 * clean_seconds)
 
 
 def test_sigkill_at_every_request_of_a_replace(new_repo, emulator_server_factory, record_property):
