@@ -2,11 +2,11 @@
 
     python bench/bench_find.py [--specs 100] [--unrelated 50000] [--latency 0.03]
 
-A sandbox server (its own process, its world on disk) already holds `--unrelated` batches
-that batchplan did not make, made an hour earlier by the server's clock; they are written
-into its world directly, as 50,000 creates over HTTP would take longer than the bench.
-batchplan applies `--specs` specs (the batches stay running), then, each as a whole
-process, with the requests counted from the server's log:
+batchplan applies `--specs` specs on a sandbox server (its own process, its world on disk;
+the batches stay running). Then `--unrelated` batches that batchplan did not make, an hour
+older than its own by the server's clock, are written into that world directly (50,000
+creates over HTTP, each saving the world, would take longer than the bench), and, each as a
+whole process, with the requests counted from the server's log:
 
   plan, with the state      a no-change plan (the net looks for duplicates of running batches)
   plan, no state            the state file deleted: every batch must be found and adopted
@@ -70,14 +70,15 @@ def actions(phase: Phase) -> dict[str, int]:
 def bench(args: argparse.Namespace) -> list[Phase]:
     root = workdir("find")
     try:
-        world = root / "world"
-        started = time.perf_counter()
-        seed_world(world, args.unrelated)
-        print(f"seeded {args.unrelated} unrelated batches in {time.perf_counter() - started:.1f} s", flush=True)
-        repo = make_repo(root / "repo", args.specs)
+        world, repo = root / "world", make_repo(root / "repo", args.specs)
         state = repo / "state" / "batchplan.state.json"
         with Server(latency=args.latency, world=world) as server:
             phases = [Phase("apply (creates)", server, repo, "apply", "--auto-approve")]
+        # written while no server runs: a world of 50,000 batches is slow to save after every create
+        started = time.perf_counter()
+        seed_world(world, args.unrelated)
+        print(f"seeded {args.unrelated} unrelated batches in {time.perf_counter() - started:.1f} s", flush=True)
+        with Server(latency=args.latency, world=world) as server:
             phases.append(Phase("plan, with the state", server, repo, "plan", "--json"))
             state.unlink()
             phases.append(Phase("plan, no state", server, repo, "plan", "--json"))
