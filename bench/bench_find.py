@@ -35,17 +35,20 @@ TARGET_REQUESTS = 20
 
 
 def seed_world(root: Path, count: int, age: float = 3600.0) -> None:
-    """`count` running batches of someone else's, `age` seconds old, written in one save of the world."""
+    """`count` running batches of someone else's, `age` seconds old, written in one save of the world, and
+    listed before batchplan's (the emulator lists by its creation counter, as the API by creation time)."""
     line = f'{{"custom_id":"x","method":"POST","url":"{ENDPOINT}","body":{{"model":"gpt-4o-mini"}}}}\n'
     emulator = Emulator(root, Timing.uniform(3600), clock=lambda: time.time() - age)
     file_id = emulator.upload_bytes(line.encode(), "other.jsonl", "batch")["id"]
     body = {"input_file_id": file_id, "endpoint": ENDPOINT, "completion_window": "24h"}
     with emulator.store.transaction() as world:
-        now = time.time() - age
+        world["files"][file_id]["seq"] = -count - 1
         for i in range(count):
             batch_id = f"batch_{secrets.token_hex(16)}"
-            world["batches"][batch_id] = emulator._new_batch(  # noqa: SLF001: the bench's shortcut, as said above
-                batch_id, {**body, "metadata": {"owner": "someone-else", "n": str(i)}}, now)
+            batch = emulator._new_batch(  # noqa: SLF001: the bench's shortcut, as said above
+                batch_id, {**body, "metadata": {"owner": "someone-else", "n": str(i)}}, time.time() - age)
+            batch["seq"] = i - count  # the list's order is creation order: before batchplan's own
+            world["batches"][batch_id] = batch
 
 
 class Phase:
