@@ -1,14 +1,18 @@
 """Apply: carry out a plan, idempotently, recording every step in the state.
 
-The stages (see `Applier.run`): record the intent of every create (one atomic state
-write), upload missing inputs (uploader.py), record what the plan found already made,
-create, make the follow-up batches of retries (retrier.py), then cancel and forget. A
-create whose answer is lost is never sent again blindly: its tags are looked up on the
-server first, and again after a settling delay (a request that timed out may still land),
-and only one still absent is sent again. An intent left moments ago by an apply that was
-killed may belong to a create still in flight, so it gets the same settling delay and
-look before anything is sent. The ledger (ledger.py) saves the state as work completes
-and once more at the end, whatever happened, so a re-run converges.
+The stages (see `Applier.run`), named as the steps of the model in model/apply.pml:
+`record_intent` for every create (one atomic state write), `cancel_duplicates` (the net:
+a second running batch of a spec is cancelled before the one kept is recorded), `upload`
+missing inputs (uploader.py), `adopt` what the plan found already made, `create_batch`, make the follow-up
+batches of retries (retrier.py), then cancel and forget. A create whose answer is lost is never sent again blindly:
+`look_for` searches the server for it (remote.find_batches, down to its input's upload:
+no clock is read), `settle` waits the client timeout (a request that timed out may still
+land), it looks again, and only one still absent is sent again. An intent that an earlier
+apply left may belong to a create still in flight (that apply was killed mid-request), so
+it gets the same settling wait and look before anything is sent: always, whatever its
+age, since its time was read on another clock (a shared state may be applied from several
+machines). The ledger (ledger.py) saves the state as work completes and once more at the
+end, whatever happened, so a re-run converges.
 """
 
 from __future__ import annotations
@@ -24,8 +28,7 @@ from .desired import Desired
 from .errors import AmbiguousWrite, ApiError, BadAnswer, Interrupted, TransportError
 from .ledger import ApplyResult, Ledger
 from .plan import Action, Change, Plan
-from .remote import find_tagged, tagged_since
-from .state import Intent
+from .remote import find_batches, keep_oldest, tagged_batches
 from .stores.base import Transaction
 from .uploader import Uploader
 
@@ -45,33 +48,31 @@ class Applier:
         self.plan = plan
         self.report = report
         self.ledger = Ledger(txn, report)
-        self.uploader = Uploader(api, repo_root, report, settle=lambda: self._wait(self._settle()))
+        self.uploader = Uploader(api, repo_root, report, settle=self.settle)
         self.stopping = api.stopping  # set by apply_plan on a signal; the Api then sends no new create
 
     # -- the table of contents -----------------------------------------------------------
 
     async def run(self) -> ApplyResult:
-        started = int(time.time())
         try:
             self.ledger.state.record_batches(self.plan.refreshed)
             creates = [c for c in self.plan.changes if c.action in (Action.CREATE, Action.REPLACE) and not c.found]
-            creates = await self._record_intents(creates)
-            file_ids = await self._ensure_uploads(creates)
+            creates = await self.record_intent(creates)
+            blocked = await self.cancel_duplicates([c for c in self.plan.changes if c.cancels_duplicate])
+            file_ids = await self.upload(creates)
             for change in self.plan.changes:
-                if change.found and change.action is not Action.RETRY:  # a found retry is the retry stage's
-                    self.ledger.record_batch(change, change.found)
+                if change.found and change.name not in blocked and change.action is not Action.RETRY:
+                    self.adopt(change, change.found)  # a found retry is the retry stage's
             result = self.ledger.result
             await self._create_all([c for c in creates if c.name not in result.failed], file_ids)
             await self._retry_all([c for c in self.plan.changes if c.action is Action.RETRY])
-            await self._cancel_all([c for c in self.plan.changes
-                                    if c.action is Action.CANCEL or c.cancels_old and c.name in result.done])
+            await self._cancel_all([c for c in self.plan.changes if c.action is Action.CANCEL
+                                    and not c.cancels_duplicate or c.cancels_old and c.name in result.done])
             for change in self.plan.changes:
                 if change.action is Action.FORGET:
                     self.ledger.remove(change.name, "forgotten (removed from the state; nothing sent)")
                 elif change.action is Action.UPDATE:
                     self.ledger.update_fields(change)
-            if not self.ledger.result.failed and not self.stopping.is_set():
-                self.ledger.state.scan_floor = started
         finally:
             self.ledger.save()
         if self.stopping.is_set():
@@ -88,47 +89,55 @@ class Applier:
         except asyncio.TimeoutError:
             pass
 
-    def _settle(self) -> float:
+    def _settle_seconds(self) -> float:
         """Seconds a create sent without an answer may still take to land: the client's timeout, capped."""
         return min(self.api.timeout, SETTLE_MAX)
 
-    def _landed_by(self, intent: Intent) -> float:
-        """When a create sent under this intent has surely landed (`at` is in whole seconds)."""
-        return intent.at + 1 + self._settle()
+    async def settle(self) -> None:
+        """Wait until every create this client sent without an answer has landed, or never will:
+        the client timeout bounds an ordinary one (one later still is caught by the next plan's net)."""
+        await self._wait(self._settle_seconds())
 
     # -- stage 1: intents ----------------------------------------------------------------
 
-    async def _record_intents(self, creates: list[Change]) -> list[Change]:
+    async def record_intent(self, creates: list[Change]) -> list[Change]:
         """Intent before action: record every create in one atomic write; return those still to make.
 
-        An intent an earlier apply left less than a settling delay ago may be a create the
-        server is still working on (that apply was killed mid-request): wait until it would
-        have landed and look for it, so it is adopted rather than made twice.
+        An intent an earlier apply left may be a create the server is still working on (that
+        apply was killed mid-request): settle, then look for it, so it is adopted rather than
+        made twice. Its age is not asked: it was read on a clock that may not be this machine's.
         """
         if not creates:
             return []
         now = int(time.time())
-        recent = []
+        earlier = []
         for change in creates:
             assert change.desired is not None
-            earlier = self.ledger.record_intent(change.desired, now)
-            if earlier and self._landed_by(earlier) > time.time():
-                recent.append(change)
+            if self.ledger.record_intent(change.desired, now):
+                earlier.append(change)
         self.ledger.save()
-        if not recent:
+        if not earlier:
             return creates
-        wait = max(0.0, max(self._landed_by(self.ledger.intent_of(c.name)) for c in recent) - time.time())
-        for change in recent:
-            self.report(change.name, f"an apply stopped moments ago may have sent this create; "
-                                     f"looking for it in {wait:.1f}s before creating")
-        await self._wait(wait)
-        absent = await self._look_for(recent)
+        for change in earlier:
+            self.report(change.name, f"an earlier apply may have sent this create; looking for it in "
+                                     f"{self._settle_seconds():g}s before creating")
+        await self.settle()
+        absent = await self.look_for(earlier)
         self.ledger.save()
-        return [c for c in creates if c not in recent or c in absent]
+        return [c for c in creates if c not in earlier or c in absent]
 
-    # -- stage 2: uploads ----------------------------------------------------------------
+    # -- stage 2: the net ----------------------------------------------------------------
 
-    async def _ensure_uploads(self, creates: list[Change]) -> dict[str, str]:
+    async def cancel_duplicates(self, duplicates: list[Change]) -> set[str]:
+        """Cancel each duplicate the plan found, before the batch kept is recorded: killed in between,
+        the next plan sees the kept one running alone and adopts it. A name whose duplicate could
+        not be cancelled records nothing new this time: returns those names."""
+        done = await self._cancel_all(duplicates)
+        return {c.name for c, ok in zip(duplicates, done) if not ok}
+
+    # -- stage 3: uploads ----------------------------------------------------------------
+
+    async def upload(self, creates: list[Change]) -> dict[str, str]:
         """sha256 -> uploaded file id, for every local input the creates need."""
         needed: dict[str, list[Change]] = {}
         for change in creates:
@@ -149,19 +158,24 @@ class Applier:
                 self.ledger.record_upload(sha, file)
         return {sha: file["id"] for sha, file in on_server.items()}
 
-    # -- stage 3: creates ----------------------------------------------------------------
+    # -- stage 4: adopt and create -------------------------------------------------------
+
+    def adopt(self, change: Change, batch: dict, verb: str | None = None) -> None:
+        """Record a batch already on the server for this change (a replacement is held until its
+        old batch is cancelled: see Ledger.record_batch)."""
+        self.ledger.record_batch(change, batch, verb)
 
     async def _create_all(self, creates: list[Change], file_ids: dict[str, str]) -> None:
         pending = creates
         for _ in range(CREATE_ROUNDS):
             if not pending:
                 return
-            results = await asyncio.gather(*(self._create(c, file_ids) for c in pending))
+            results = await asyncio.gather(*(self.create_batch(c, file_ids) for c in pending))
             unsure = [c for c, ok in zip(pending, results) if ok is None]
             pending = await self._adopt_lost(unsure) if unsure else []
-        for change in pending:
-            self.ledger.fail(change.name, TransportError("create got no answer three times; run apply again "
-                                                         "(the intent is recorded, nothing will be duplicated)"))
+        for change in pending:  # the intent stays: the next apply settles on it, looks, and finishes it
+            self.ledger.fail(change.name, TransportError(f"create got no answer {CREATE_ROUNDS} times; run apply "
+                                                         "again (the intent is recorded, nothing will be duplicated)"))
 
     def _create_params(self, want: Desired, file_ids: dict[str, str]) -> dict:
         params = {
@@ -174,8 +188,8 @@ class Applier:
             params["output_expires_after"] = want.output_expires_after
         return params
 
-    async def _create(self, change: Change, file_ids: dict[str, str]) -> bool | None:
-        """True when settled (created, failed for sure, or not sent); None when the answer was lost."""
+    async def create_batch(self, change: Change, file_ids: dict[str, str]) -> bool | None:
+        """POST /batches: True when settled (created, failed for sure, or not sent); None when the answer was lost."""
         assert change.desired is not None
         try:
             batch = await self.api.create_batch(self._create_params(change.desired, file_ids))
@@ -201,22 +215,24 @@ class Applier:
         """Look for the batches of creates whose answers were lost; return those certainly absent.
 
         Dropped connections and 5xx after a commit are found at once. A timed-out create may
-        still be queued on the server, so what is not found is looked for once more after a
-        settling delay before it counts as absent.
+        still be queued on the server, so what is not found is looked for once more after
+        settling before it counts as absent.
         """
-        absent = await self._look_for(unsure)
+        absent = await self.look_for(unsure)
         if absent and not self.stopping.is_set():
             for change in absent:
                 self.report(change.name, f"create got no answer and is not on the server yet; "
-                                         f"looking again in {self._settle():g}s before sending it again")
-            await self._wait(self._settle())
-            absent = await self._look_for(absent)
+                                         f"looking again in {self._settle_seconds():g}s before sending it again")
+            await self.settle()
+            absent = await self.look_for(absent)
         self.ledger.save()
         return absent
 
-    async def _look_for(self, changes: list[Change]) -> list[Change]:
-        """Adopt the batch each change's intent may have made; return the changes with none on the server."""
-        tagged = await tagged_since(self.api, min(self.ledger.intent_of(c.name).at for c in changes))
+    async def look_for(self, changes: list[Change]) -> list[Change]:
+        """The search for what each change's create may have made (remote.find_batches, down to its
+        input's upload): the batch kept (keep_oldest: running, else completed) is adopted and its
+        duplicates are cancelled. Returns the changes with no batch on the server."""
+        found = await find_batches(self.api, [c.desired.fields() for c in changes if c.desired])
         absent = []
         for change in changes:
             want = change.desired
@@ -224,14 +240,16 @@ class Applier:
             skip = {h.batch_id for h in self.ledger.state.entries[want.name].history}
             if change.batch:  # the batch this change replaces (or that is gone) is not its lost create
                 skip.add(change.batch.id)
-            batch = find_tagged(tagged, want.name, want.spec_hash, skip)
-            if batch:
-                self.ledger.record_batch(change, batch, verb="found its lost create on the server:")
-            else:
+            keeper, duplicates = keep_oldest(tagged_batches(found.tagged, want.name, want.spec_hash, skip))
+            if keeper is None:
                 absent.append(change)
+                continue
+            cancelled = await asyncio.gather(*(self._send_cancel(want.name, d["id"]) for d in duplicates))
+            if None not in cancelled:  # else: nothing recorded; the next apply cancels them, then adopts
+                self.adopt(change, keeper, verb="found its lost create on the server:")
         return absent
 
-    # -- stage 3b: retries (retrier.py) --------------------------------------------------
+    # -- stage 4b: retries (retrier.py) --------------------------------------------------
 
     async def _retry_all(self, retries: list[Change]) -> None:
         """Each planned retry's follow-up batch, made once, with the creates' guarantees."""
@@ -240,33 +258,42 @@ class Applier:
 
             await Retrier(self).run(retries)
 
-    # -- stage 4: cancels ----------------------------------------------------------------
+    # -- stage 5: cancels ----------------------------------------------------------------
 
-    async def _cancel_all(self, changes: list[Change]) -> None:
-        await asyncio.gather(*(self._cancel(c) for c in changes))
+    async def _cancel_all(self, changes: list[Change]) -> list[bool]:
+        return list(await asyncio.gather(*(self._cancel(c) for c in changes)))
 
-    async def _cancel(self, change: Change) -> None:
+    async def _send_cancel(self, name: str, batch_id: str) -> str | None:
+        """POST /batches/{id}/cancel: the batch's status after it ("finished" when it had already
+        finished); None when it was not sent (stopping) or failed (recorded as `name`'s failure)."""
+        if self.stopping.is_set():
+            return None
+        try:
+            return (await self.api.cancel_batch(batch_id))["status"]
+        except ApiError as exc:
+            if exc.status == 409:  # it finished meanwhile; nothing left to cancel
+                return "finished"
+            self.ledger.fail(name, exc)
+        except TransportError as exc:
+            self.ledger.fail(name, exc)
+        return None
+
+    async def _cancel(self, change: Change) -> bool:
+        """Carry out a change's cancel (a spec removed, a replaced batch, a duplicate); whether it was done."""
         assert change.batch is not None
         batch_id = change.batch.id
-        if self.stopping.is_set():
-            return
-        try:
-            batch = await self.api.cancel_batch(batch_id)
-        except ApiError as exc:
-            if exc.status != 409:  # 409: it finished meanwhile; nothing left to cancel
-                self.ledger.fail(change.name, exc)
-                return
-            batch = None
-        except TransportError as exc:
-            self.ledger.fail(change.name, exc)
-            return
-        status = batch["status"] if batch else "finished"
-        if change.action is Action.CANCEL:
+        status = await self._send_cancel(change.name, batch_id)
+        if status is None:
+            return False
+        if change.cancels_duplicate:
+            self.ledger.done(change.name, f"cancelled duplicate {batch_id} ({status})")
+        elif change.action is Action.CANCEL:
             self.ledger.remove(change.name, f"cancelled {batch_id} ({status})")
         else:
             self.ledger.replaced(change, old_status=status)
             self.report(change.name, f"cancelled old batch {batch_id} ({status})")
         self.ledger.save_soon()
+        return True
 
 
 async def apply_plan(applier: Applier) -> ApplyResult:

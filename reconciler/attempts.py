@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 
 from .batch import BatchRecord
 from .inputs import hash_file
-from .remote import fetch_batches, find_tagged, tagged_since
+from .remote import fetch_batches, find_batches, find_tagged
 from .results import AttemptFiles, ResultsCache, classify_results
 from .retries import (MAX_ATTEMPTS, RETRY_ENDS, RetryPolicy, RetrySelection, attempt_tag, retry_candidates,
                       status_phrase, write_retry_input)
@@ -156,7 +156,10 @@ async def _lost_retries(api: Api, entries: dict[str, Entry]) -> dict[str, dict]:
     intents = {name: e.retries.intent for name, e in entries.items() if e.retries and e.retries.intent}
     if not intents:
         return {}
-    tagged = await tagged_since(api, min(intent.at for intent in intents.values()))
+    # found through the retry inputs' uploads, down to the oldest of them: no clock is read (remote.find_batches)
+    inputs = [entries[name].fields.model_copy(update={"input_sha256": intent.input_sha256, "input_file_id": None})
+              for name, intent in intents.items()]
+    tagged = (await find_batches(api, inputs)).tagged
     found = {}
     for name, intent in intents.items():
         known = {rec.id for rec in attempt_records(entries[name])}

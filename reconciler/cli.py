@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import shutil
 import sys
+import threading
 import traceback
 import warnings
 from pathlib import Path
@@ -369,11 +371,25 @@ def _notices():
         yield
 
 
+@contextlib.contextmanager
+def _sigterm_as_ctrl_c():
+    """SIGTERM ends any command as Ctrl-C does (exit 130, the state saved), not silently mid-write;
+    apply installs its own handlers for both while it carries a plan out."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: runs the CLI and maps every outcome to an exit code."""
     invocation = Invocation()  # one per run: tests call main() many times in one process
     try:
-        with feedback.use(_feedback()), _notices():
+        with feedback.use(_feedback()), _notices(), _sigterm_as_ctrl_c():
             code = cli.main(args=argv, prog_name="batchplan", standalone_mode=False, obj=invocation)
     except click.exceptions.Exit as exc:
         code = exc.exit_code

@@ -69,7 +69,8 @@ class Ledger:
     def record_intent(self, want: Desired, now: int) -> Intent | None:
         """Record the create about to be sent for `want`; the earlier intent for the same spec, if any.
 
-        An earlier intent keeps its time: the look for its batch must reach back that far."""
+        An earlier intent keeps its time, as a record of when it was first sent; nothing compares
+        it with a clock (apply settles on every earlier intent, see Applier.record_intent)."""
         entry = self._entry_for(want)
         earlier = entry.intent if entry.intent and entry.intent.spec_hash == want.spec_hash else None
         if entry.intent is None:

@@ -6,6 +6,9 @@ sends nothing. Apply walks the plan's changes; renderers print them.
 
 The diff is set arithmetic over spec names: desired − state = create or adopt,
 state − desired = cancel or forget, and the intersection is compared by spec hash.
+Where the server holds more than one running batch of a spec (a create whose answer was
+lost and that landed late, or two checkouts), the oldest is kept (remote.keep_oldest) and
+every other one gets a change of its own: a cancel with reason_code `duplicate`.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import TYPE_CHECKING
 from .batch import BatchFields, BatchRecord
 from .desired import Desired
 from .errors import PlanError
-from .remote import RemoteView, find_tagged
+from .remote import RemoteView, find_tagged, keep_oldest, tagged_batches
 from .spec import address_key, spec_of
 from .state import Entry, State, expand_names
 
@@ -72,6 +75,9 @@ class ReasonCode(str, Enum):
     CHANGES_IGNORED = "changes_ignored"              # update: only fields lifecycle.ignore_changes lists
     WITHOUT_RESULT = "without_result"                # retry: requests the ended batches left without a result
     #                                                  (found_untracked: the retry batch is already made)
+    KEEP_OLDEST = "keep_oldest"                      # adopt: an older running batch of this spec is kept,
+    #                                                  and the state's is cancelled as its duplicate
+    DUPLICATE = "duplicate"                          # cancel: a second running batch of the same spec
 
 
 _INPUT_FIELDS = frozenset({"input", "input_sha256", "input_file_id"})
@@ -102,7 +108,8 @@ class Change:
         None for cancel and forget (the name leaves the state).
     reason: why, for people; apply never reads it. reason_code: the same, for machines.
     batch:  the existing batch this change is about (to keep, replace, cancel or forget; for a
-        create, the batch the server no longer has).
+        create, the batch the server no longer has; for a cancel of a duplicate, the duplicate,
+        while the name's entry stays).
     found:  a batch already on the server that satisfies the desired spec (made by an
         earlier, interrupted apply, or before the state was lost): apply records it
         instead of creating one.
@@ -134,6 +141,10 @@ class Change:
     def sends_requests(self) -> bool:
         """It makes a batch, so its requests are billed: a create, replace or retry that adopts nothing."""
         return self.action in (Action.CREATE, Action.REPLACE, Action.RETRY) and not self.found
+
+    @property
+    def cancels_duplicate(self) -> bool:
+        return self.action is Action.CANCEL and self.reason_code is ReasonCode.DUPLICATE
 
 
 @dataclass(frozen=True)
@@ -191,10 +202,10 @@ def build_plan(desired: list[Desired], state: State | None, remote: RemoteView, 
         entry = state.entries.get(name)
         try:
             if name in wanted:
-                change = _plan_desired(wanted[name], entry, remote, name in forced)
-                if change.action is Action.NOOP and name in attempts:
-                    change = _plan_retry(wanted[name], entry, attempts[name], change)
-                changes.append(change)
+                planned = _plan_desired(wanted[name], entry, remote, name in forced)
+                if planned[0].action is Action.NOOP and name in attempts:
+                    planned[0] = _plan_retry(wanted[name], entry, attempts[name], planned[0])
+                changes += planned
             else:
                 changes.append(_plan_removed(name, entry, remote, _why_gone(name, shards_of.get(spec_of(name)))))
         except PlanError as exc:  # every refusal is said, not only the first (as Terraform does)
@@ -223,32 +234,72 @@ def _current(entry: Entry, remote: RemoteView) -> BatchRecord:
     return BatchRecord.from_api(fresh) if fresh else entry.batch
 
 
-def _plan_desired(want: Desired, entry: Entry | None, remote: RemoteView, forced: bool) -> Change:
-    after = want.fields()
+def _plan_desired(want: Desired, entry: Entry | None, remote: RemoteView, forced: bool) -> list[Change]:
+    """The change for a spec, then a cancel for each duplicate of the batch it keeps."""
     if entry is None or entry.batch is None:
-        found = find_tagged(remote.tagged, want.name, want.spec_hash)
-        if found:
-            return Change(want.name, Action.ADOPT, f"batch {found['id']} on the server was made for this spec "
-                          "but is not in the state; recording it, creating nothing", ReasonCode.FOUND_UNTRACKED,
-                          after=after, desired=want, found=found)
-        if entry and entry.intent:
-            return Change(want.name, Action.CREATE, "an earlier apply was interrupted before its batch was created",
-                          ReasonCode.INTERRUPTED_CREATE, after=after, desired=want)
-        return Change(want.name, Action.CREATE, f"no batch for this {'shard' if want.shard else 'spec'} in the "
-                      "state or on the server", ReasonCode.NO_BATCH, after=after, desired=want)
+        return _plan_new(want, entry, remote)
+    after = want.fields()
     record = _current(entry, remote)
     if record.id in remote.missing:
-        return Change(want.name, Action.CREATE, f"batch {record.id} no longer exists on the server",
-                      ReasonCode.BATCH_MISSING, before=entry.fields, after=after, desired=want, batch=record)
+        return [Change(want.name, Action.CREATE, f"batch {record.id} no longer exists on the server",
+                       ReasonCode.BATCH_MISSING, before=entry.fields, after=after, desired=want, batch=record)]
     resumed = _interrupted_replacement(want, entry, record, remote)
     if not forced and not resumed and entry.spec_hash != want.spec_hash and (update := _plan_update(want, entry,
                                                                                                    record)):
-        return update
+        return [update]
     if forced or entry.spec_hash != want.spec_hash or resumed:
         return _plan_replace(want, entry, record, remote, forced, resumed)
-    return Change(want.name, Action.NOOP, f"batch {record.id} is {record.status}", ReasonCode.UP_TO_DATE,
-                  before=entry.fields, after=after, desired=want, batch=record,
-                  warnings=_drift(want.name, record) + _orphan_warning(want, entry, record, remote))
+    return _plan_kept(want, entry, record, remote)
+
+
+def _plan_new(want: Desired, entry: Entry | None, remote: RemoteView) -> list[Change]:
+    """A spec with no batch in the state: adopt the one the server has (keep_oldest), else create."""
+    after = want.fields()
+    earlier = {h.batch_id for h in entry.history} if entry else set()
+    found, duplicates = keep_oldest(tagged_batches(remote.tagged, want.name, want.spec_hash, earlier))
+    if found:
+        return [Change(want.name, Action.ADOPT, f"batch {found['id']} on the server was made for this spec "
+                       "but is not in the state; recording it, creating nothing", ReasonCode.FOUND_UNTRACKED,
+                       after=after, desired=want, found=found), *_duplicates(want, found, duplicates)]
+    if entry and entry.intent:
+        return [Change(want.name, Action.CREATE, "an earlier apply was interrupted before its batch was created",
+                       ReasonCode.INTERRUPTED_CREATE, after=after, desired=want)]
+    return [Change(want.name, Action.CREATE, f"no batch for this {'shard' if want.shard else 'spec'} in the "
+                   "state or on the server", ReasonCode.NO_BATCH, after=after, desired=want)]
+
+
+def _plan_kept(want: Desired, entry: Entry, record: BatchRecord, remote: RemoteView) -> list[Change]:
+    """The state's batch matches the spec: keep it, unless an older batch of the same spec runs too
+    (keep_oldest: every checkout keeps that one); each other running batch is a duplicate."""
+    found = duplicates = None
+    if record.running:  # a batch of a spec that finished is not looked for (see remote._search_inputs)
+        running = tagged_batches(remote.tagged, want.name, want.spec_hash, {h.batch_id for h in entry.history})
+        if record.id not in {b["id"] for b in running}:
+            running.append(remote.batches.get(record.id) or _listed(record))
+        found, duplicates = keep_oldest(running)
+    if found and found["id"] != record.id:
+        return [Change(want.name, Action.ADOPT, f"batch {found['id']} is the oldest running batch of this spec, so "
+                       f"it is kept; the state's batch {record.id} is cancelled as its duplicate",
+                       ReasonCode.KEEP_OLDEST, before=entry.fields, after=want.fields(), desired=want,
+                       batch=record, found=found), *_duplicates(want, found, duplicates or [])]
+    return [Change(want.name, Action.NOOP, f"batch {record.id} is {record.status}", ReasonCode.UP_TO_DATE,
+                   before=entry.fields, after=want.fields(), desired=want, batch=record,
+                   warnings=_drift(want.name, record) + _orphan_warning(want, entry, record, remote)),
+            *_duplicates(want, found, duplicates or [])]
+
+
+def _listed(record: BatchRecord) -> dict:
+    """A state's batch record as the batch list shows a batch (what keep_oldest reads)."""
+    return {"id": record.id, "status": record.status, "created_at": record.created_at,
+            "input_file_id": record.input_file_id, "request_counts": record.request_counts}
+
+
+def _duplicates(want: Desired, keeper: dict | None, duplicates: list[dict]) -> list[Change]:
+    """A cancel of each duplicate of `keeper`: same name, same spec, also running."""
+    return [Change(want.name, Action.CANCEL, f"duplicate batch {dup['id']} ({dup['status']}): same spec as "
+                   f"{keeper['id']}, which is kept (made by a create whose answer was lost, or by another checkout)",
+                   ReasonCode.DUPLICATE, before=want.fields(), desired=want, batch=BatchRecord.from_api(dup))
+            for dup in duplicates if keeper]
 
 
 def _earlier(entry: Entry, record: BatchRecord) -> set[str]:
@@ -276,21 +327,25 @@ def _orphan_warning(want: Desired, entry: Entry, record: BatchRecord, remote: Re
 
 
 def _plan_replace(want: Desired, entry: Entry, record: BatchRecord, remote: RemoteView, forced: bool,
-                  resumed: dict | None = None) -> Change:
+                  resumed: dict | None = None) -> list[Change]:
+    """Replace the state's batch. The new batch may already exist (an interrupted apply made it): it is
+    adopted, with its duplicates cancelled. The replaced batch and the entry's history carry this
+    spec's tags too after a forced --replace: they are never counted as the new batch."""
     diff = field_diff(entry.fields, want.fields())
     reason, code = _replace_reason(diff, forced, resumed)
     if record.running and entry.prevent_cancel:
         raise PlanError(f"{want.name}: replacing it would cancel batch {record.id}, which is {record.status}, "
                         f"and its spec sets lifecycle.prevent_cancel; wait until it finishes "
                         f"(`batchplan wait {want.name}`) or remove prevent_cancel")
-    found = resumed or (None if forced else
-                        find_tagged(remote.tagged, want.name, want.spec_hash, _earlier(entry, record)))
+    found, duplicates = (None, []) if forced and not resumed else \
+        keep_oldest(tagged_batches(remote.tagged, want.name, want.spec_hash, _earlier(entry, record)))
     if found:
         reason += f"; its new batch {found['id']} already exists (an earlier apply was interrupted): adopting it"
     if record.running:
         reason += f"; batch {record.id} is {record.status} and will be cancelled"
-    return Change(want.name, Action.REPLACE, reason, code, before=entry.fields, after=want.fields(), desired=want,
-                  batch=record, found=found, diff=tuple(diff), warnings=_orphan_warning(want, entry, record, remote))
+    return [Change(want.name, Action.REPLACE, reason, code, before=entry.fields, after=want.fields(), desired=want,
+                   batch=record, found=found, diff=tuple(diff), warnings=_orphan_warning(want, entry, record, remote)),
+            *_duplicates(want, found, duplicates)]
 
 
 def _plan_retry(want: Desired, entry: Entry, view: AttemptsView, noop: Change) -> Change:

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING
 
 from .attempts import retry_desired
 from .errors import AmbiguousWrite, ApiError, BatchplanError, Interrupted, TransportError
-from .remote import find_tagged, tagged_since
+from .batch import BatchFields
+from .remote import find_batches, find_tagged
 from .retries import attempt_tag
 from .spec import TAG_SPEC
 
@@ -55,31 +56,31 @@ class Retrier:
     # -- intents ---------------------------------------------------------------------------
 
     async def _record_intents(self, changes: list[Change]) -> list[Change]:
-        """Intent before action; an intent an apply left moments ago may be a create still landing:
-        wait until it would have landed and look for it. Returns the retries still to make."""
+        """Intent before action; an intent an earlier apply left may be a retry still landing (that
+        apply was killed mid-request): settle, then look for it, whatever its age (as apply.record_intent).
+        Returns the retries still to make."""
         now = int(time.time())
-        recent = []
+        earlier = []
         for change in changes:
             assert change.retry is not None
-            earlier = self.ledger.record_retry_intent(change, self._tag(change), change.retry.selection.sha256, now)
-            if earlier and self.applier._landed_by(earlier) > time.time():
-                recent.append(change)
+            if self.ledger.record_retry_intent(change, self._tag(change), change.retry.selection.sha256, now):
+                earlier.append(change)
         self.ledger.save()
-        if not recent:
+        if not earlier:
             return changes
-        landed = max(self.applier._landed_by(self.ledger.retry_intent(c.name)) for c in recent)
-        for change in recent:
-            self.applier.report(change.name, "an apply stopped moments ago may have made this retry; looking for it "
-                                             f"in {max(0.0, landed - time.time()):.1f}s before making it")
-        await self.applier._wait(max(0.0, landed - time.time()))
-        absent = await self._look_for(recent)
+        for change in earlier:
+            self.applier.report(change.name, "an earlier apply may have made this retry; looking for it in "
+                                             f"{self.applier._settle_seconds():g}s before making it")
+        await self.applier.settle()
+        absent = await self._look_for(earlier)
         self.ledger.save()
-        return [c for c in changes if c not in recent or c in absent]
+        return [c for c in changes if c not in earlier or c in absent]
 
     async def _look_for(self, changes: list[Change]) -> list[Change]:
         """Record the retry batch each change's intent may have made; return the changes with none."""
         intents: dict[str, RetryIntent] = {c.name: self.ledger.retry_intent(c.name) for c in changes}
-        tagged = await tagged_since(self.api, min(intent.at for intent in intents.values()))
+        found = await find_batches(self.api, [_retry_fields(c, intents[c.name]) for c in changes])
+        tagged = found.tagged
         absent = []
         for change in changes:
             entry = self.ledger.state.entries[change.name]
@@ -161,7 +162,13 @@ class Retrier:
         """Look for the retry batches whose answers were lost, now and after a settling delay."""
         absent = await self._look_for(unsure)
         if absent and not self.applier.stopping.is_set():
-            await self.applier._wait(self.applier._settle())
+            await self.applier.settle()
             absent = await self._look_for(absent)
         self.ledger.save()
         return absent
+
+
+def _retry_fields(change: Change, intent: RetryIntent) -> BatchFields:
+    """What find_batches needs of a retry batch: its input, the retry input uploaded under its content hash."""
+    assert change.desired is not None
+    return change.desired.fields().model_copy(update={"input_sha256": intent.input_sha256, "input_file_id": None})

@@ -134,7 +134,8 @@ class State(BaseModel):
     lineage: str = Field(default_factory=lambda: str(uuid.uuid4()))
     serial: int = 0
     created_at: int = Field(default_factory=lambda: int(time.time()))
-    scan_floor: int | None = None
+    scan_floor: int | None = None  # read by no one since the search goes through the uploads; kept so older
+    #                                state files still load
     uploads: dict[str, Upload] = Field(default_factory=dict)
     entries: dict[str, Entry] = Field(default_factory=dict)
 

@@ -97,11 +97,11 @@ def test_batchplan_yaml_allows_a_few_aliases_but_not_a_bomb_or_a_loop(repo, text
 
 def test_a_retry_after_longer_than_max_wait_gives_up_at_once_with_a_clear_message(repo, emulator_server):
     make_repo(repo)
-    emulator_server.add_fault(Fault(action="reject", method="GET", path="/v1/batches", retry_after=999999,
+    emulator_server.add_fault(Fault(action="reject", method="GET", path="/v1/files", retry_after=999999,
                                     times=None))
     result, took = timed(lambda: cli(repo, "plan", env=env_for(emulator_server)))
     assert took < 5 and result.code == 1
-    assert result.err == ("Error: GET /batches: server answered 429: asked to wait 999999 s before trying again "
+    assert result.err == ("Error: GET /files: server answered 429: asked to wait 999999 s before trying again "
                           "(Retry-After), longer than batchplan waits (60 s, `max_wait:` in batchplan.yaml); "
                           "nothing more was sent. Try again later\n")
     assert emulator_server.count("GET") == 1
@@ -110,7 +110,7 @@ def test_a_retry_after_longer_than_max_wait_gives_up_at_once_with_a_clear_messag
 @pytest.mark.parametrize("command", ["plan", "apply"])
 def test_one_ctrl_c_cuts_a_long_retry_after_wait_and_exits_130(repo, emulator_server, command):
     make_repo(repo, settings="max_wait: 600\n")
-    emulator_server.add_fault(Fault(action="reject", method="GET", path="/v1/batches", retry_after=100, times=None))
+    emulator_server.add_fault(Fault(action="reject", method="GET", path="/v1/files", retry_after=100, times=None))
     proc = spawn_cli(command, *(["--auto-approve"] * (command == "apply")), "-C", str(repo.root),
                      env=env_for(emulator_server))
     wait_until(lambda: emulator_server.count("GET") >= 1, proc)
@@ -173,20 +173,20 @@ def test_sigterm_stops_an_apply_that_lists_files_forever(repo, emulator_server):
 
 def test_an_answer_that_drips_ends_at_the_whole_requests_deadline(repo, emulator_server):
     make_repo(repo, settings="timeout: 1\nmax_retries: 0\n")
-    emulator_server.add_fault(Fault(action="drip", method="GET", path="/v1/batches", seconds=0.05, times=None))
+    emulator_server.add_fault(Fault(action="drip", method="GET", path="/v1/files", seconds=0.05, times=None))
     result, took = timed(lambda: cli(repo, "plan", env=env_for(emulator_server)))
     assert result.code == 1 and took < 4, (took, result.err)  # each byte beats the 1 s read timeout
-    assert result.err == (f"Error: GET /batches: no answer from {emulator_server.url} (the request timed out after "
+    assert result.err == (f"Error: GET /files: no answer from {emulator_server.url} (the request timed out after "
                           "1 s (`timeout:` in batchplan.yaml))\n")
 
 
 def test_a_huge_json_answer_is_refused_without_being_read(repo, emulator_server):
     make_repo(repo)
-    emulator_server.add_fault(Fault(action="huge_body", method="GET", path="/v1/batches", size=300 << 20,
+    emulator_server.add_fault(Fault(action="huge_body", method="GET", path="/v1/files", size=300 << 20,
                                     times=None))
     result, took = timed(lambda: cli(repo, "plan", env=env_for(emulator_server)))
     assert result.code == 1 and took < 5
-    assert result.err == ("Error: GET /batches: unexpected answer from the server: the answer is larger than 32 MB, "
+    assert result.err == ("Error: GET /files: unexpected answer from the server: the answer is larger than 32 MB, "
                           "more than batchplan reads for one JSON answer; stopped reading (is OPENAI_BASE_URL an "
                           "OpenAI-compatible API?)\n")
 
@@ -195,9 +195,9 @@ def test_a_tiny_timeout_says_the_connection_timed_out(repo, emulator_server):
     make_repo(repo, settings="timeout: 1e-9\nmax_retries: 0\n")
     result = cli(repo, "plan", env=env_for(emulator_server))
     assert result.code == 1
-    assert result.err in (f"Error: GET /batches: cannot reach {emulator_server.url}: the connection timed out "
+    assert result.err in (f"Error: GET /files: cannot reach {emulator_server.url}: the connection timed out "
                           "after 1e-09 s\n",
-                          f"Error: GET /batches: no answer from {emulator_server.url} (the request timed out after "
+                          f"Error: GET /files: no answer from {emulator_server.url} (the request timed out after "
                           "1e-09 s (`timeout:` in batchplan.yaml))\n")
 
 

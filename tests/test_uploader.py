@@ -35,3 +35,38 @@ def test_an_input_edited_after_the_plan_is_not_uploaded_as_the_planned_one(repo,
     assert again.code == 0, again.out + again.err
     (file,) = emulator_server.emulator.list_files()["data"]
     assert hashlib.sha256(data.read_bytes()).hexdigest() in file["filename"]
+
+
+def test_a_saved_plan_hashes_its_input_as_it_uploads_and_refuses_an_edit_made_after_the_plan(repo, emulator_server,
+                                                                                           api_env, monkeypatch):
+    """`apply PLANFILE` checks the inputs when it starts (stale plan); an edit after that check, same size,
+    is caught by the same hashing upload: nothing named after the planned hash holds other content."""
+    for key, value in api_env.items():
+        monkeypatch.setenv(key, value)
+    repo.spec("a")
+    data = repo.root / "data" / "a.jsonl"
+    planfile = repo.root / "tfplan"
+    assert run_cli("plan", "--out", str(planfile), "-C", str(repo.root), env=api_env).code == 0
+    size = data.stat().st_size
+
+    def edit_the_input(plan) -> None:
+        data.write_text(data.read_text().replace('"a-1"', '"a-7"'))
+        assert data.stat().st_size == size
+
+    applied = operations.apply(Project.open(chdir=str(repo.root)), PlanRequest(), planfile=planfile,
+                               review=edit_the_input, report=lambda name, text: None)
+    (why,) = applied.result.failed.values()
+    assert why.startswith("data/a.jsonl changed since the plan was made") and "nothing of it was uploaded" in why
+    assert emulator_server.emulator.list_files()["data"] == [] and emulator_server.count("POST", "/v1/batches") == 0
+
+
+def test_an_upload_of_another_size_under_the_planned_name_is_never_reused(repo, emulator_server, api_env):
+    repo.spec("a")
+    data = repo.root / "data" / "a.jsonl"
+    sha = hashlib.sha256(data.read_bytes()).hexdigest()
+    emulator_server.emulator.upload_bytes(data.read_bytes() + b"\n", f"a.batchplan-{sha}.jsonl", "batch")
+    result = run_cli("apply", "--auto-approve", "-C", str(repo.root), env=api_env)
+    assert result.code == 0, result.out + result.err
+    assert emulator_server.count("POST", "/v1/files") == 1  # uploaded again, at its own size
+    batch = emulator_server.emulator.list_batches()["data"][0]
+    assert emulator_server.emulator.get_file(batch["input_file_id"])["bytes"] == data.stat().st_size

@@ -429,7 +429,7 @@ def test_an_upload_left_by_a_crashed_run_is_found_by_hash_and_reused(repo, sandb
     sandbox.reset_log()
     _apply(repo, sandbox_env)
     assert sandbox.count("POST", "/v1/files") == 0
-    assert sandbox.count("GET", "/v1/files") == 1  # one listing finds it
+    assert sandbox.count("GET", "/v1/files") == 2  # the plan's search lists the uploads, and the uploader finds it
     (upload,) = repo.state()["uploads"].values()
     assert upload["file_id"] == file_id
 

@@ -22,6 +22,7 @@ FAULT_ERRORS = {
           "rate_limit_exceeded"),
     500: ("The server had an error while processing your request (sandbox fault).", "server_error", None),
     503: ("The server is overloaded or not ready yet (sandbox fault).", "server_error", None),
+    404: ("No such object (sandbox fault: it may well exist).", "invalid_request_error", None),
 }
 
 
@@ -36,7 +37,10 @@ class Fault(BaseModel):
     - `error_after_commit`: do the request, then answer `status` (500) with an error;
     - `reject`: answer `status` (429) without doing anything; `retry_after` (seconds)
       and `retry_after_ms` set the `Retry-After` / `retry-after-ms` headers;
-    - `stall`: wait `seconds`, then do the request and answer, or drop if `then="drop"`.
+    - `stall`: wait `seconds`, then do the request and answer, or drop if `then="drop"`;
+      a create stalled past the client's timeout and settling wait is a create that lands late;
+    - `not_found`: answer 404 without doing anything, as a server may for an object that
+      exists (`path_regex="^/v1/batches/batch_x$"`: the next GET of that batch).
 
     And answers no real server gives, for the client's limits (each after doing the request):
     - `endless_pages`: a list answer that always says `has_more`; with `fresh_ids` its items get
@@ -51,8 +55,8 @@ class Fault(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    action: Literal["drop_after_commit", "error_after_commit", "reject", "stall", "endless_pages", "drip",
-                    "huge_body", "damage"]
+    action: Literal["drop_after_commit", "error_after_commit", "reject", "stall", "not_found", "endless_pages",
+                    "drip", "huge_body", "damage"]
     method: str | None = None
     path: str = "/v1/"
     path_regex: str | None = None

@@ -181,7 +181,8 @@ class EmulatorServer(EmulatorService):
 
 def _write(handler: _Handler, reply: Reply) -> None:
     try:
-        handler.send_response(reply.status)
+        handler.send_response_only(reply.status)  # not send_response: its Date header is this machine's clock
+        handler.send_header("Server", handler.version_string())
         for name, value in reply.wire_headers().items():
             handler.send_header(name, value)
         handler.end_headers()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import threading
 import time
 import traceback
+from email.utils import formatdate
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, NamedTuple, TextIO
@@ -151,6 +152,8 @@ class EmulatorService:
         with self._counted_in_flight():
             reply = _drained(req, self._api_reply(req))
             self._record(req.method, req.path, "dropped" if reply is None else reply.status, started)
+        if reply is not None:  # the server's clock, skew and all, as the real API's Date header says it
+            reply.headers.setdefault("Date", formatdate(self.emulator.clock(), usegmt=True))
         return reply
 
     @contextmanager
@@ -174,6 +177,8 @@ class EmulatorService:
         fault, times = fired
         if fault.action == "reject":
             return error_reply(fault.error(429), fault.retry_headers())
+        if fault.action == "not_found":
+            return error_reply(fault.error(404))
         if fault.action == "stall":
             time.sleep(fault.seconds)
             if not self.is_open:  # closed while we slept: the world may be gone
