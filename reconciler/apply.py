@@ -1,7 +1,8 @@
 """Apply: carry out a plan, idempotently, recording every step in the state.
 
 The stages (see `Applier.run`): record the intent of every create (one atomic state
-write), upload missing inputs (uploader.py), record what the plan found already made,
+write; a create the plan queued for enqueued-token capacity is left for a later apply and
+gets none), upload missing inputs (uploader.py), record what the plan found already made,
 create, then cancel and forget. A create whose answer is lost is never sent again
 blindly: its tags are looked up on the server first, and again after a settling delay
 (a request that timed out may still land), and only one still absent is sent again. An
@@ -54,6 +55,9 @@ class Applier:
         try:
             self.ledger.state.record_batches(self.plan.refreshed)
             creates = [c for c in self.plan.changes if c.action in (Action.CREATE, Action.REPLACE) and not c.found]
+            for change in (c for c in creates if c.queued):
+                self.ledger.queue(change.name, change.queued)
+            creates = [c for c in creates if not c.queued]
             creates = await self._record_intents(creates)
             file_ids = await self._ensure_uploads(creates)
             for change in self.plan.changes:

@@ -18,11 +18,13 @@ from typing import TYPE_CHECKING
 from .batch import BatchFields, BatchRecord
 from .desired import Desired
 from .errors import PlanError
+from .queue import failed_for_capacity
 from .remote import RemoteView, find_tagged
 from .state import Entry, State
 
 if TYPE_CHECKING:
     from .estimate import Estimate
+    from .queue import Schedule
 
 
 class Action(str, Enum):
@@ -63,6 +65,8 @@ class ReasonCode(str, Enum):
     INTERRUPTED_REPLACE = "interrupted_replace"      # replace: finishing one an apply left half done
     SPEC_REMOVED = "spec_removed"                    # cancel / forget: the spec is gone
     CHANGES_IGNORED = "changes_ignored"              # update: only fields lifecycle.ignore_changes lists
+    TOKEN_LIMIT_EXCEEDED = "token_limit_exceeded"    # create: the last batch failed for want of enqueued-token
+    #                                                  capacity (someone else's batches used it): made again
 
 
 _INPUT_FIELDS = frozenset({"input", "input_sha256", "input_file_id"})
@@ -91,6 +95,9 @@ class Change:
         instead of creating one.
     estimate: what the requests this change sends may cost (estimate.py), for a change that
         sends requests; None for the others, and where batchplan cannot count the input.
+    queued: for a change that sends requests but does not fit under its model's enqueued-token
+        limit now (queue.py), the phrase that says what it waits for; apply skips it, and a
+        later apply (or `apply --watch`) makes it once capacity frees. None: not queued.
     """
 
     name: str
@@ -105,6 +112,7 @@ class Change:
     diff: tuple[FieldChange, ...] = ()
     warnings: tuple[str, ...] = ()
     estimate: Estimate | None = None
+    queued: str | None = None
 
     @property
     def cancels_old(self) -> bool:
@@ -145,6 +153,17 @@ class Plan:
         changes = tuple(replace(c, estimate=estimates.get(c.name)) if c.sends_requests else c
                         for c in self.changes)
         return replace(self, changes=changes, budget_usd=budget_usd, estimated=True)
+
+    def with_queue(self, schedule: Schedule) -> Plan:
+        """This plan with the changes `schedule` leaves waiting marked `queued` (by name). Pure."""
+        phrases = {waiting.candidate.name: waiting.phrase for waiting in schedule.queued}
+        return replace(self, changes=tuple(replace(c, queued=phrases[c.name]) if c.name in phrases else c
+                                           for c in self.changes))
+
+    @property
+    def queued(self) -> tuple[Change, ...]:
+        """The changes that wait for enqueued-token capacity: apply leaves them for a later run."""
+        return tuple(c for c in self.changes if c.queued)
 
 
 def build_plan(desired: list[Desired], state: State | None, remote: RemoteView, *,
@@ -205,6 +224,9 @@ def _plan_desired(want: Desired, entry: Entry | None, remote: RemoteView, forced
         return update
     if forced or entry.spec_hash != want.spec_hash or resumed:
         return _plan_replace(want, entry, record, remote, forced, resumed)
+    if failed_for_capacity(record):  # not a result: the server had no room then; the failed one stays in history
+        return Change(want.name, Action.CREATE, f"the last batch failed: enqueued token limit (batch {record.id})",
+                      ReasonCode.TOKEN_LIMIT_EXCEEDED, before=entry.fields, after=after, desired=want, batch=record)
     return Change(want.name, Action.NOOP, f"batch {record.id} is {record.status}", ReasonCode.UP_TO_DATE,
                   before=entry.fields, after=after, desired=want, batch=record,
                   warnings=_drift(want.name, record) + _orphan_warning(want, entry, record, remote))

@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .errors import ConfigError, PathError
 from .inputs import HashCache
 from .paths import Area, confine, not_a_file, shown
+from .queue import Limits
 if TYPE_CHECKING:
     from .api import Api
     from .prices import ModelPrice, PriceTable
@@ -66,6 +67,8 @@ class Settings(BaseModel):
     budget_usd: float | None = Field(default=None, ge=0, allow_inf_nan=False, strict=True)
     default_max_output_tokens: int | None = Field(default=None, ge=1, strict=True)
     prices: Any = None
+    # Big jobs (see README "Big jobs"): each model's enqueued-token limit; apply queues what does not fit.
+    limits: Limits = Field(default_factory=Limits)
 
 
 def _read_settings(root: Path) -> Settings:
@@ -171,6 +174,7 @@ class Project:
     budget_usd: float | None = None
     default_max_output_tokens: int | None = None
     price_overrides: dict[str, ModelPrice] = field(default_factory=dict)
+    limits: Limits = field(default_factory=Limits)
 
     @classmethod
     def open(cls, chdir: str | None = None, specs: str | None = None, state: str | None = None,
@@ -197,7 +201,7 @@ class Project:
                    allow_insecure_http=allow_insecure_http, state_url=state_url,
                    workspace=_workspace(settings), budget_usd=settings.budget_usd,
                    default_max_output_tokens=settings.default_max_output_tokens,
-                   price_overrides=_price_overrides(settings.prices))
+                   price_overrides=_price_overrides(settings.prices), limits=settings.limits)
 
     def store(self, location: str | None = None, workspace: str | None = None) -> StateStore:
         """Where this project's state lives: every command reads and changes the state through it.
