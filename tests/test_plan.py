@@ -198,7 +198,8 @@ def test_json_plan_is_the_documented_public_shape():
     document = json.loads(render_json(_mixed_plan()))
     assert document["format_version"] == "1"
     assert [a["name"] for a in document["actions"]] == ["done", "edit", "gone", "keep", "new"]
-    assert set(document["actions"][0]) == {"name", "action", "reason", "reason_code", "before", "after", "estimate"}
+    assert set(document["actions"][0]) == {"name", "action", "reason", "reason_code", "before", "after", "estimate",
+                                           "queued"}
     assert {a["name"]: a["reason_code"] for a in document["actions"]} == {
         "done": "spec_removed", "edit": "parameters_changed", "gone": "spec_removed", "keep": "up_to_date",
         "new": "no_batch"}
