@@ -252,7 +252,7 @@ def test_a_watch_killed_while_creates_are_queued_loses_and_duplicates_nothing(tm
         repo = Repo(tmp_path / f"k{k}")
         tokens = big_repo(repo, names, lambda t: max(t.values()) * 2 + 5)
         limit = max(tokens.values()) * 2 + 5
-        server = emulator_server_factory(timing=Timing.uniform(0.3), latency=0.02, enqueued_token_limits={MINI: limit})
+        server = emulator_server_factory(timing=Timing.uniform(0.2), latency=0.02, enqueued_token_limits={MINI: limit})
         env = {"OPENAI_BASE_URL": server.url, "OPENAI_API_KEY": KEY}
         watch = ("apply", "--watch", "--auto-approve", "--interval", "0.05", "-C", str(repo.root))
         proc = spawn_cli(*watch, env=env)
