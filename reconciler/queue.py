@@ -14,8 +14,9 @@ what fits, with the tokens it counts (reconciler/tokens.py), against the limits 
 batchplan's own running batches hold, and the limits, and returns a `Schedule` (create
 now, queued with a phrase for the plan, or too big ever to run). It sends and writes
 nothing. `plan_candidates` and `plan_in_flight` take them from a plan and the state, with
-a `Weigh` the caller gives (operations.py reads the token cache). `failed_for_capacity` tells a batch that failed for want of capacity (to be
-made again) from one that failed for a reason of its own.
+a `Weigh` the caller gives (operations.py reads the token cache). `failed_for_capacity`
+tells a batch that failed for want of capacity (to be made again) from one that failed
+for a reason of its own.
 
 The queue is strictly first in, first out per model: candidates are taken in their
 `order_key` order (a plan gives shards in shard order, specs in name order), and once one

@@ -205,6 +205,6 @@ def serve(host: str = "127.0.0.1", port: int = 8089, root: Path | None = None, t
                             owns_emulator=True)
     where = f"world in {root}" if root is not None else "world in memory"
     if limits:
-        where += "; enqueued-token limits: " + ", ".join(f"{model} {tokens:,}" for model, tokens in sorted(limits.items()))
+        where += "; enqueued-token limits: " + ", ".join(f"{m} {tokens:,}" for m, tokens in sorted(limits.items()))
     server.serve_forever(lambda url: print(f"batchplan sandbox listening on {url} ({where}); Ctrl-C to stop",
                                            flush=True))
