@@ -207,6 +207,16 @@ def test_a_batch_over_the_whole_limit_is_an_error_and_nothing_is_sent(repo, emul
     assert emulator_server.writes() == 0 and not repo.state_path.exists()
 
 
+def test_a_saved_plan_keeps_its_queue(repo, emulator_server):
+    big_repo(repo, ["a", "b"], lambda t: max(t.values()) + 5)  # one at a time
+    saved = cli(repo, emulator_server, "plan", "--out", "plan.json")
+    assert saved.code == 0 and "Plan: 2 to create (1 queued), 0 unchanged." in saved.out
+    assert [c["queued"] for c in json.loads((repo.root / "plan.json").read_text())["changes"]] == [
+        None, "queued: waits for " + saved.out.split("queued: waits for ")[1].split("\n")[0]]
+    applied = cli(repo, emulator_server, "apply", "plan.json")
+    assert applied.code == 0 and "  b: queued: waits for" in applied.out and creates(emulator_server) == 1
+
+
 @pytest.mark.parametrize("room", ["same", "smaller"])
 def test_apply_watch_runs_the_whole_job_within_the_limit(repo, emulator_server_factory, room):
     names = [f"s{i}" for i in range(5)]
