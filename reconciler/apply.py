@@ -1,7 +1,8 @@
 """Apply: carry out a plan, idempotently, recording every step in the state.
 
 The stages (see `Applier.run`), named as the steps of the model in model/apply.pml:
-`record_intent` for every create (one atomic state write), `cancel_duplicates` (the net:
+`record_intent` for every create (one atomic state write; a create the plan queued for
+enqueued-token capacity is left for a later apply and gets none), `cancel_duplicates` (the net:
 a second running batch of a spec is cancelled before the one kept is recorded), `upload`
 missing inputs (uploader.py), `adopt` what the plan found already made, `create_batch`, make the follow-up
 batches of retries (retrier.py), then cancel and forget. A create whose answer is lost is never sent again blindly:
@@ -57,6 +58,9 @@ class Applier:
         try:
             self.ledger.state.record_batches(self.plan.refreshed)
             creates = [c for c in self.plan.changes if c.action in (Action.CREATE, Action.REPLACE) and not c.found]
+            for change in (c for c in creates if c.queued):
+                self.ledger.queue(change.name, change.queued)
+            creates = [c for c in creates if not c.queued]
             creates = await self.record_intent(creates)
             blocked = await self.cancel_duplicates([c for c in self.plan.changes if c.cancels_duplicate])
             file_ids = await self.upload(creates)

@@ -126,24 +126,45 @@ def _confirm(auto_approve: bool) -> None:
         raise PlanError("apply cancelled; nothing was changed")
 
 
+interval_option = click.option("--interval", type=click.FloatRange(0.01), default=None, metavar="SECONDS",
+                               help="Seconds between polls [default: 15; 1 with --sandbox].")
+
+
 @cli.command()
 @common_options
 @plan_options
 @lock_timeout_option
 @click.argument("planfile", required=False, type=click.Path(dir_okay=False))
 @click.option("--auto-approve", is_flag=True, help="Do not ask for confirmation.")
-def apply(project, request, planfile, auto_approve) -> int:
+@click.option("--watch", is_flag=True,
+              help="Run the whole job: create what fits under the enqueued-token limits, poll, create the rest "
+                   "as batches finish; exit when every batch has ended (0: all completed).")
+@interval_option
+def apply(project, request, planfile, auto_approve, watch, interval) -> int:
     """Create, adopt, replace, cancel and forget batches so the server matches the specs.
 
     With PLANFILE (from `plan --out`), carry out exactly that saved plan, without asking.
+    Creates that do not fit under batchplan.yaml's `limits:` now stay queued for a later
+    apply; `--watch` stays until all are made and every batch has ended, as `wait` shows it.
     """
     def review(the_plan) -> None:
         emit(_render().render_text(the_plan, colour_on()))
         if the_plan.has_changes and not planfile:
             _confirm(auto_approve)
 
+    def report(name: str, text: str) -> None:
+        echo(f"  {name}: {text}")
+
+    if watch:
+        if planfile:
+            raise click.UsageError("--watch plans every round itself; it takes no PLANFILE")
+        watched = operations.apply_watch(project, request, review=review, report=report, interval=interval,
+                                         display=lambda names: _display(names, no_batch="queued"))
+        emit(_render().render_watched(watched))
+        waited = watched.waited
+        return 1 if watched.failed or waited.result and waited.result.problems(waited.names) else 0
     applied = operations.apply(project, request, planfile=project.root / planfile if planfile else None,
-                               review=review, report=lambda name, text: echo(f"  {name}: {text}"))
+                               review=review, report=report)
     if applied.result is None:
         return 0
     emit(_render().render_apply_result(applied.result))
@@ -175,11 +196,11 @@ def status_cmd(project, names, as_json, layout, shards) -> int:
     return 0
 
 
-def _display(names: list[str]):
+def _display(names: list[str], no_batch: str = "no batch"):
     """A live progress display on a terminal, one line per change otherwise."""
     from .watch import LineDisplay, ProgressDisplay
 
-    return ProgressDisplay(names) if _is_terminal(sys.stdout) else LineDisplay(echo)
+    return ProgressDisplay(names, no_batch=no_batch) if _is_terminal(sys.stdout) else LineDisplay(echo)
 
 
 @cli.command("wait")
@@ -188,8 +209,7 @@ def _display(names: list[str]):
 @names_argument
 @click.option("--timeout", type=click.FloatRange(0), default=None, metavar="SECONDS",
               help="Give up after SECONDS, exit 1 [default: no limit].")
-@click.option("--interval", type=click.FloatRange(0.01), default=None, metavar="SECONDS",
-              help="Seconds between polls [default: 15; 1 with --sandbox].")
+@interval_option
 def wait_cmd(project, names, timeout, interval) -> int:
     """Poll until every batch in the state (or the NAMEs) has finished.
 
@@ -337,14 +357,19 @@ def sandbox() -> None:
 @click.option("--latency", type=click.FloatRange(0), default=0.0, show_default=True,
               help="Seconds added to every request.")
 @click.option("--no-auth", is_flag=True, help="Accept requests without an API key.")
+@click.option("--enqueued-token-limit", "limits", multiple=True, metavar="MODEL=TOKENS",
+              help="Fail a batch of MODEL with token_limit_exceeded when its input tokens would take the model's "
+                   "batches in progress over TOKENS, as the API does (repeatable) [default: BATCHPLAN_SANDBOX_LIMITS].")
 @debug_option
-def sandbox_serve(host, port, world, step_seconds, fail_rate, latency, no_auth) -> None:
+def sandbox_serve(host, port, world, step_seconds, fail_rate, latency, no_auth, limits) -> None:
     """Serve the emulator over HTTP at http://HOST:PORT/v1 until Ctrl-C."""
     from .sandbox import Timing, serve
+    from .sandbox.capacity import parse_limits
 
     timing = Timing.uniform(step_seconds) if step_seconds is not None else Timing()
     serve(host=host, port=port, root=Path(world) if world else None, timing=timing, fail_rate=fail_rate,
-          latency=latency, require_auth=not no_auth)
+          latency=latency, require_auth=not no_auth,
+          enqueued_token_limits=parse_limits(limits, "--enqueued-token-limit") if limits else None)
 
 
 def _feedback() -> feedback.Feedback:

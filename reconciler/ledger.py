@@ -31,6 +31,7 @@ SAVE_EVERY = 0.5  # seconds between state saves while creates complete
 class ApplyResult:
     done: dict[str, str] = field(default_factory=dict)      # name -> what was done
     failed: dict[str, str] = field(default_factory=dict)    # name -> why
+    queued: dict[str, str] = field(default_factory=dict)    # name -> what it waits for (nothing was sent)
 
 
 def shard_part(want: Desired) -> ShardPart | None:
@@ -203,6 +204,11 @@ class Ledger:
     def done(self, name: str, text: str) -> None:
         self.result.done[name] = text
         self.report(name, text)
+
+    def queue(self, name: str, phrase: str) -> None:
+        """A create left for a later apply: it waits for enqueued-token capacity (queue.py)."""
+        self.result.queued[name] = phrase
+        self.report(name, phrase)
 
     def fail(self, name: str, error: BatchplanError) -> None:
         """A name failed: it is counted failed only, even when a step of it was done before (a replacement

@@ -17,12 +17,13 @@ import re
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import closing, contextmanager
+from contextlib import closing, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import ConfigError, LockError, NotFound, StateError, ValidationFailed
+from .errors import (BatchplanError, ConfigError, Interrupted, LockError, NotFound, PlanError, StateError,
+                     ValidationFailed)
 from .session import Session
 
 if TYPE_CHECKING:
@@ -33,11 +34,12 @@ if TYPE_CHECKING:
     from .plan import Change, Plan
     from .project import Project
     from .scaffold import Scaffolded
-    from .batch import BatchRecord
+    from .batch import BatchFields, BatchRecord
     from .state import Entry, State
     from .stores.base import LockInfo, Transaction
     from .remote import Snapshot
     from .status import StatusRow
+    from .tokens import TokenCache
     from .watch import Display, WaitResult
 
 
@@ -190,14 +192,52 @@ def _sent_input(project: Project, change: Change) -> Desired:
                          project.retries_dir)
 
 
+def _with_queue(project: Project, the_plan: Plan, state: State | None) -> Plan:
+    """The plan with the creates that do not fit under `limits:` now marked queued (queue.py).
+
+    PlanError when a batch is over its model's whole limit: it could never run. Weights come
+    from the token cache, which the estimates filled moments ago; a running batch's input
+    not in it is counted again if its content is still the one it was made from.
+    """
+    if not project.limits.root or not the_plan.sending:
+        return the_plan
+    from .queue import plan_candidates, plan_in_flight, schedule
+
+    cache = project.token_cache()
+
+    def weigh(fields: BatchFields) -> dict[str, int] | None:
+        return _weight(project.root, cache, fields)
+
+    found = schedule(plan_candidates(the_plan, weigh), plan_in_flight(state, the_plan, weigh), project.limits)
+    cache.save()
+    found.check()
+    return the_plan.with_queue(found)
+
+
+def _weight(root: Path, cache: TokenCache, fields: BatchFields) -> dict[str, int] | None:
+    """A batch's input tokens per model (queue.weight), None when its input cannot be counted: no local
+    file, an endpoint batchplan does not count, or a file whose content is no longer the one hashed."""
+    from .paths import confine
+    from .queue import weight
+    from .tokens import COUNTED_ENDPOINTS
+
+    if not fields.input or not fields.input_sha256 or fields.endpoint not in COUNTED_ENDPOINTS:
+        return None
+    try:
+        tokens = cache.count(confine(fields.input, root, root), fields.endpoint, sha256=fields.input_sha256)
+    except (OSError, BatchplanError):  # gone, unreadable, or (a hand-edited state) outside the repository
+        return None
+    return weight(tokens) if tokens.sha256 == fields.input_sha256 else None
+
+
 def plan(project: Project, request: PlanRequest, out: Path | None = None) -> Plan:
-    """What apply would change, with its cost. Reads the server; writes only the per-machine
-    caches (input hashes, token counts) and `out`."""
+    """What apply would change, with its cost and what waits for capacity. Reads the server;
+    writes only the per-machine caches (input hashes, token counts) and `out`."""
     desired = _load_desired(project)
     state = _load_state(project)
     with Session(project) as session:
         the_plan = session.run(lambda api: _make_plan(project, api, desired, state, request))
-    the_plan = _with_estimates(project, the_plan)
+    the_plan = _with_queue(project, _with_estimates(project, the_plan), state)
     if out is not None:
         from .planfile import save_plan
 
@@ -212,11 +252,14 @@ class Applied:
 
 
 def apply(project: Project, request: PlanRequest, *, planfile: Path | None, review: Callable[[Plan], None],
-          report: Callable[[str, str], None]) -> Applied:
+          report: Callable[[str, str], None], session: Session | None = None) -> Applied:
     """Plan (or load a saved plan), let `review` see it (and refuse it), then carry it out, under the lock.
 
     A plan over a budget is refused (OverBudget) before `review` and before anything is written or
     sent: a saved plan, which carries its estimates, before connecting; a new one once planned.
+    So is one with a batch over its model's whole enqueued-token limit; creates that do not fit
+    under it now are left queued (a saved plan keeps the queue it was made with). `session`: one
+    the caller keeps open across applies (apply_watch); else this apply's own.
     """
     from .apply import Applier, apply_plan
     from .budget import check_budget
@@ -230,14 +273,15 @@ def apply(project: Project, request: PlanRequest, *, planfile: Path | None, revi
         check_budget(saved[0])
     desired = None if saved else _load_desired(project)
     project.credentials()  # before taking the lock: a missing key is said at once
-    with Session(project) as session, _transaction(project) as txn:  # the client is made on first use: after
+    with (nullcontext(session) if session else Session(project)) as session, \
+            _transaction(project) as txn:  # the client is made on first use: after the lock
         state = txn.state if txn.existed else None
         if saved:
             from .planfile import check_fresh
 
             check_fresh(planfile, *saved, state, project.root)
-        the_plan = saved[0] if saved else \
-            _with_estimates(project, session.run(lambda api: _make_plan(project, api, desired, state, request)))
+        the_plan = saved[0] if saved else _with_queue(project, _with_estimates(
+            project, session.run(lambda api: _make_plan(project, api, desired, state, request))), state)
         check_budget(the_plan)
         review(the_plan)  # the loop is idle here: asking the user holds up no request
         if not the_plan.has_changes:
@@ -246,6 +290,102 @@ def apply(project: Project, request: PlanRequest, *, planfile: Path | None, revi
         result = session.run(lambda api: apply_plan(Applier(api, txn, the_plan, repo_root=project.root,
                                                             report=report, work_dir=project.retries_dir)))
     return Applied(the_plan, result)
+
+
+@dataclass(frozen=True)
+class Watched:
+    """How `apply --watch` ended: every batch it watched as last seen, and the creates that failed."""
+
+    waited: Waited
+    failed: dict[str, str]  # name -> why its create failed (the watch stops at the first round with one)
+
+
+def apply_watch(project: Project, request: PlanRequest, *, review: Callable[[Plan], None],
+                report: Callable[[str, str], None], display: Callable[[list[str]], Display],
+                interval: float | None) -> Watched:
+    """Apply, then poll; apply again whenever a batch ends while creates wait for enqueued-token
+    capacity (or a batch failed for want of it); stop once every batch of the first plan has ended.
+
+    Each round is an ordinary apply under the lock, so a watch killed at any point is resumed
+    by the next, like any apply; the lock is free while it polls. Later rounds only create
+    and adopt: a spec edited meanwhile stops the watch (`_creates_only`). Ctrl-C while it
+    polls stops it with the state as the last round saved it.
+    """
+    interval = interval or (1.0 if project.sandbox else 15.0)
+    with Session(project) as session:
+        applied = apply(project, request, planfile=None, review=review, report=report, session=session)
+        names = [c.name for c in applied.plan.changes if c.desired is not None]  # not those cancelled or forgotten
+        shown = display(names)
+        try:
+            while not (applied.result and applied.result.failed):
+                queued, polled = bool(applied.plan.queued), _watched_entries(project, names)
+                if not queued and not _any_running(polled, names):
+                    break
+                session.run(lambda api: _poll_until_freed(project, api, polled, shown, interval, queued))
+                applied = apply(project, PlanRequest(targets=frozenset(names)), planfile=None, review=_creates_only,
+                                report=report, session=session)
+        except KeyboardInterrupt:
+            raise Interrupted("interrupted: the state is saved; run `batchplan apply --watch` again to go on") from None
+        finally:
+            shown.close()
+    from .remote import Snapshot
+    from .watch import WaitResult
+
+    final = {n: e for n, e in _watched_entries(project, names).items() if n in names}
+    return Watched(Waited(names, WaitResult(Snapshot.of(final), timed_out=False) if names else None),
+                   dict(applied.result.failed) if applied.result else {})
+
+
+def _watched_entries(project: Project, names: list[str]) -> dict[str, Entry]:
+    """The state's entries of `names` that have a batch, and every other entry whose batch may still be
+    running: those hold enqueued tokens too, and their end frees capacity."""
+    state = _load_state(project)
+    entries = state.entries if state else {}
+    return {n: e for n, e in sorted(entries.items()) if e.batch and (n in names or not e.batch.terminal)}
+
+
+def _any_running(entries: dict[str, Entry], names: list[str]) -> bool:
+    from .remote import any_unfinished
+
+    return any_unfinished({n: e for n, e in entries.items() if n in names})
+
+
+async def _poll_until_freed(project: Project, api, entries: dict[str, Entry], shown: Display, interval: float,
+                            queued: bool) -> None:
+    """Poll until every batch has ended, or until one ended that freed capacity while creates wait for it
+    (queued, or a batch to make again because it failed for want of capacity). A batch that failed for
+    capacity frees none: the server's capacity is smaller than batchplan thought (someone else's batches
+    hold some), so it is made again once one of ours ends, or when none of ours runs any more."""
+    import asyncio
+
+    from .queue import failed_for_capacity
+    from .watch import wait_until_finished
+
+    running = {n for n, e in entries.items() if not e.batch.terminal}
+    if not running:  # the capacity is held by no batch of this state (another tool's): look again later
+        await asyncio.sleep(interval)
+        return
+
+    def freed(snapshot: Snapshot) -> bool:
+        ended = [r for n, r in snapshot.records.items() if n in running and (r.terminal or n in snapshot.missing)]
+        waiting = queued or any(failed_for_capacity(r) for r in snapshot.records.values())
+        return waiting and any(not failed_for_capacity(r) for r in ended)
+
+    await wait_until_finished(api, entries, shown, interval=interval, timeout=None,
+                              parallelism=project.parallelism, until=freed)
+
+
+def _creates_only(the_plan: Plan) -> None:
+    """A later round of `apply --watch` carries out, unasked, only what the first plan asked for:
+    the creates it queued or whose batch failed for capacity, and adoptions of batches already made."""
+    from .plan import Action, ReasonCode
+
+    for change in the_plan.changes:
+        if change.action not in (Action.CREATE, Action.ADOPT, Action.NOOP) and \
+                change.reason_code is not ReasonCode.INTERRUPTED_REPLACE:
+            raise PlanError(f"{change.name}: would {change.action.value} ({change.reason}), which the plan this "
+                            "watch began with did not ask for: its spec or batch changed since; nothing more was "
+                            "sent. Run `batchplan apply --watch` again to review the new plan")
 
 
 def force_unlock(project: Project, lock_id: str, force: bool = False) -> tuple[str, LockInfo]:

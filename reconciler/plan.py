@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from .batch import BatchFields, BatchRecord
 from .desired import Desired
 from .errors import PlanError
+from .queue import failed_for_capacity
 from .remote import RemoteView, find_tagged, keep_oldest, tagged_batches
 from .spec import address_key, spec_of
 from .state import Entry, State, expand_names
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from .attempts import AttemptsView
     from .estimate import Estimate
     from .retries import RetrySelection
+    from .queue import Schedule
 
 
 class Action(str, Enum):
@@ -78,6 +80,8 @@ class ReasonCode(str, Enum):
     KEEP_OLDEST = "keep_oldest"                      # adopt: an older running batch of this spec is kept,
     #                                                  and the state's is cancelled as its duplicate
     DUPLICATE = "duplicate"                          # cancel: a second running batch of the same spec
+    TOKEN_LIMIT_EXCEEDED = "token_limit_exceeded"    # create: the last batch failed for want of enqueued-token
+    #                                                  capacity (someone else's batches used it): made again
 
 
 _INPUT_FIELDS = frozenset({"input", "input_sha256", "input_file_id"})
@@ -117,6 +121,9 @@ class Change:
         sends requests; None for the others, and where batchplan cannot count the input.
     retry:  for a retry, its attempt and the lines it sends (`batch` is then the latest attempt,
         `found` a retry batch an interrupted apply made).
+    queued: for a change that sends requests but does not fit under its model's enqueued-token
+        limit now (queue.py), the phrase that says what it waits for; apply skips it, and a
+        later apply (or `apply --watch`) makes it once capacity frees. None: not queued.
     """
 
     name: str
@@ -132,6 +139,7 @@ class Change:
     warnings: tuple[str, ...] = ()
     estimate: Estimate | None = None
     retry: PlannedRetry | None = None
+    queued: str | None = None
 
     @property
     def cancels_old(self) -> bool:
@@ -176,6 +184,17 @@ class Plan:
         changes = tuple(replace(c, estimate=estimates.get(c.name)) if c.sends_requests else c
                         for c in self.changes)
         return replace(self, changes=changes, budget_usd=budget_usd, estimated=True)
+
+    def with_queue(self, schedule: Schedule) -> Plan:
+        """This plan with the changes `schedule` leaves waiting marked `queued` (by name). Pure."""
+        phrases = {waiting.candidate.name: waiting.phrase for waiting in schedule.queued}
+        return replace(self, changes=tuple(replace(c, queued=phrases[c.name]) if c.name in phrases else c
+                                           for c in self.changes))
+
+    @property
+    def queued(self) -> tuple[Change, ...]:
+        """The changes that wait for enqueued-token capacity: apply leaves them for a later run."""
+        return tuple(c for c in self.changes if c.queued)
 
 
 def build_plan(desired: list[Desired], state: State | None, remote: RemoteView, *,
@@ -282,6 +301,10 @@ def _plan_kept(want: Desired, entry: Entry, record: BatchRecord, remote: RemoteV
                        f"it is kept; the state's batch {record.id} is cancelled as its duplicate",
                        ReasonCode.KEEP_OLDEST, before=entry.fields, after=want.fields(), desired=want,
                        batch=record, found=found), *_duplicates(want, found, duplicates or [])]
+    if failed_for_capacity(record):  # not a result: the server had no room then; the failed one stays in history
+        return [Change(want.name, Action.CREATE, f"the last batch failed: enqueued token limit (batch {record.id})",
+                       ReasonCode.TOKEN_LIMIT_EXCEEDED, before=entry.fields, after=want.fields(), desired=want,
+                       batch=record)]
     return [Change(want.name, Action.NOOP, f"batch {record.id} is {record.status}", ReasonCode.UP_TO_DATE,
                    before=entry.fields, after=want.fields(), desired=want, batch=record,
                    warnings=_drift(want.name, record) + _orphan_warning(want, entry, record, remote)),

@@ -61,6 +61,7 @@ def _change_to_json(change: Change) -> dict:
         "warnings": list(change.warnings),
         "estimate": change.estimate.model_dump(mode="json") if change.estimate else None,
         "retry": _retry_to_json(change.retry) if change.retry else None,
+        "queued": change.queued,
     }
 
 
@@ -108,7 +109,15 @@ def _change_from_json(data: dict) -> Change:
         found=data["found"], diff=tuple(FieldChange(**d) for d in data["diff"]),
         warnings=tuple(data["warnings"]),
         estimate=_estimate_from_json(data["estimate"]), retry=_retry_from_json(data.get("retry")),
+        queued=_queued_from_json(data.get("queued")),
     )
+
+
+def _queued_from_json(phrase: object) -> str | None:
+    """What a change waits for (enqueued-token capacity): apply leaves it, as it was planned."""
+    if phrase is not None and not isinstance(phrase, str):
+        raise ValueError(f"queued: {phrase!r} is not a phrase")
+    return phrase
 
 
 def _estimate_from_json(data: dict | None):

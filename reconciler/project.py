@@ -33,6 +33,7 @@ from .inputs import HashCache
 from .paths import Area, confine, not_a_file, shown
 from .retries import RetryPolicy
 from .yamldoc import CONFIG_ALIAS_BUDGET, AliasBudgetExceeded, composed
+from .queue import Limits
 if TYPE_CHECKING:
     from .api import Api
     from .prices import ModelPrice, PriceTable
@@ -70,6 +71,8 @@ class Settings(BaseModel):
     prices: Any = None
     retry: RetryPolicy | None = None  # every spec's `retry:` unless the spec has its own (retries.py)
     max_wait: float = Field(default=60.0, gt=0, le=3600)  # seconds: the longest wait for a server that asks to wait
+    # Big jobs (see README "Big jobs"): each model's enqueued-token limit; apply queues what does not fit.
+    limits: Limits = Field(default_factory=Limits)
 
 
 def _read_settings(root: Path) -> Settings:
@@ -188,6 +191,7 @@ class Project:
     default_max_output_tokens: int | None = None
     price_overrides: dict[str, ModelPrice] = field(default_factory=dict)
     retry: RetryPolicy | None = None  # batchplan.yaml's `retry:`, for the specs that have none
+    limits: Limits = field(default_factory=Limits)
 
     @classmethod
     def open(cls, chdir: str | None = None, specs: str | None = None, state: str | None = None,
@@ -214,7 +218,7 @@ class Project:
                    allow_insecure_http=allow_insecure_http, state_url=state_url,
                    workspace=_workspace(settings), budget_usd=settings.budget_usd,
                    default_max_output_tokens=settings.default_max_output_tokens,
-                   price_overrides=_price_overrides(settings.prices), retry=settings.retry)
+                   price_overrides=_price_overrides(settings.prices), retry=settings.retry, limits=settings.limits)
 
     def store(self, location: str | None = None, workspace: str | None = None) -> StateStore:
         """Where this project's state lives: every command reads and changes the state through it.

@@ -49,14 +49,17 @@ class WaitResult:
 
 
 async def wait_until_finished(api: Api, entries: dict[str, Entry], display: Display, *, interval: float,
-               timeout: float | None, parallelism: int, clock: Callable[[], float] = time.monotonic) -> WaitResult:
-    """Poll until every batch in `entries` is finished (or gone), or `timeout` seconds pass."""
+               timeout: float | None, parallelism: int, clock: Callable[[], float] = time.monotonic,
+               until: Callable[[Snapshot], bool] | None = None) -> WaitResult:
+    """Poll until every batch in `entries` is finished (or gone), `until(snapshot)` says so
+    (apply --watch: a batch ended and freed capacity), or `timeout` seconds pass."""
     deadline = None if timeout is None else clock() + timeout
     current = dict(entries)
     while True:
         snapshot = await take_snapshot(api, current, parallelism)
         display.show(snapshot)
-        if all(r.terminal or n in snapshot.missing for n, r in snapshot.records.items()):
+        if all(r.terminal or n in snapshot.missing for n, r in snapshot.records.items()) or \
+                until is not None and until(snapshot):
             return WaitResult(snapshot, timed_out=False)
         left = None if deadline is None else deadline - clock()
         if left is not None and left <= 0:
@@ -145,10 +148,11 @@ class LineDisplay:
 class ProgressDisplay:
     """A live rich display for terminals: one bar per batch (requests done, age, rough ETA) and an overall bar."""
 
-    def __init__(self, names: list[str], console=None, wall: Callable[[], float] = time.time):
+    def __init__(self, names: list[str], console=None, wall: Callable[[], float] = time.time,
+                 no_batch: str = "no batch"):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        self.wall = wall
+        self.wall, self.no_batch = wall, no_batch  # no_batch: what a name without a batch shows (apply --watch: queued)
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
                                  console=console, transient=False)
@@ -165,7 +169,7 @@ class ProgressDisplay:
         for name, task in self.tasks.items():
             rec = snapshot.records.get(name)
             if rec is None:
-                self.progress.update(task, status="no batch")
+                self.progress.update(task, status=self.no_batch)
                 continue
             counts = rec.request_counts or {}
             total = counts.get("total") or None

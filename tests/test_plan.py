@@ -199,7 +199,7 @@ def test_json_plan_is_the_documented_public_shape():
     assert document["format_version"] == "1"
     assert [a["name"] for a in document["actions"]] == ["done", "edit", "gone", "keep", "new"]
     assert set(document["actions"][0]) == {"name", "spec", "shard", "action", "reason", "reason_code", "before",
-                                           "after", "estimate"}
+                                           "after", "estimate", "queued"}
     assert (document["actions"][0]["spec"], document["actions"][0]["shard"]) == ("done", None)
     assert {a["name"]: a["reason_code"] for a in document["actions"]} == {
         "done": "spec_removed", "edit": "parameters_changed", "gone": "spec_removed", "keep": "up_to_date",

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable, TextIO
 
 from reconciler.errors import ConfigError
+from reconciler.sandbox.capacity import limits_from_env
 from reconciler.sandbox.emulator import Emulator, Timing, timing_from_env
 from reconciler.sandbox.models import models_from_env
 from reconciler.sandbox.routes import Body, Reply, Request
@@ -196,20 +197,26 @@ def _write(handler: _Handler, reply: Reply) -> None:
 
 def start_sandbox(root: Path, timing: Timing | None = None) -> EmulatorServer:
     """A started sandbox on 127.0.0.1 (free port) whose world persists under `root`; stop() it."""
-    emulator = Emulator(root, timing or timing_from_env(), models=models_from_env())
+    emulator = Emulator(root, timing or timing_from_env(), models=models_from_env(),
+                        enqueued_token_limits=limits_from_env())
     return EmulatorServer(emulator, port=0, require_auth=False, owns_emulator=True).start()
 
 
 def serve(host: str = "127.0.0.1", port: int = 8089, root: Path | None = None, timing: Timing | None = None,
           fail_rate: float = 0.0, latency: float = 0.0, require_auth: bool = True,
-          models: frozenset[str] | None = None) -> None:
+          models: frozenset[str] | None = None, enqueued_token_limits: dict[str, int] | None = None) -> None:
     """Run a sandbox in the foreground until Ctrl-C or SIGTERM; one line per request goes to stderr.
 
-    `models` (see models.py) defaults to the list `BATCHPLAN_SANDBOX_MODELS` names, else the built-in one."""
+    `models` (see models.py) defaults to the list `BATCHPLAN_SANDBOX_MODELS` names, else the built-in one;
+    `enqueued_token_limits` (capacity.py) to those BATCHPLAN_SANDBOX_LIMITS sets."""
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM too ends cleanly: no temp world left
-    emulator = Emulator(root, timing or timing_from_env(), fail_rate, models=models or models_from_env())
+    limits = limits_from_env() if enqueued_token_limits is None else enqueued_token_limits
+    emulator = Emulator(root, timing or timing_from_env(), fail_rate, models=models or models_from_env(),
+                        enqueued_token_limits=limits)
     server = EmulatorServer(emulator, host, port, latency, require_auth, log_stream=sys.stderr,
                             owns_emulator=True)
     where = f"world in {root}" if root is not None else "world in memory"
+    if limits:
+        where += "; enqueued-token limits: " + ", ".join(f"{m} {tokens:,}" for m, tokens in sorted(limits.items()))
     server.serve_forever(lambda url: print(f"batchplan sandbox listening on {url} ({where}); Ctrl-C to stop",
                                            flush=True))
