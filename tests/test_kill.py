@@ -189,16 +189,16 @@ def test_sigkill_at_every_request_of_a_replace(new_repo, emulator_server_factory
 def test_sigkill_between_the_shards_of_one_spec(new_repo, emulator_server_factory, record_property):
     """A spec split into 3 shards: 3 uploads and 3 creates, each a kill point between two shards.
     After every kill: exactly one batch per shard, each shard uploaded once, an empty plan."""
-    def start_sharded(label: str):
+    def start_sharded(label: str, settings: str = SETTINGS):
         server = emulator_server_factory(latency=LATENCY, max_requests=2)  # the sandbox refuses bigger batches
         env = {"OPENAI_BASE_URL": server.url, "OPENAI_API_KEY": KEY, "NO_COLOR": "1"}
         repo = new_repo(label)
-        (repo.root / "batchplan.yaml").write_text(settings_of(repo))
+        (repo.root / "batchplan.yaml").write_text(settings_of(repo, settings))
         repo.spec("big", input=repo.data("big.jsonl", count=6), shard={"max_requests": 2})
         return repo, server, env
 
     shards = ["big[0]", "big[1]", "big[2]"]
-    repo, server, env = start_sharded("clean")
+    repo, server, env = start_sharded("clean", CLEAN_SETTINGS)  # a generous timeout: a busy machine retries nothing
     clean = spawn_apply(repo, env, "--parallelism", "1")
     out, err = clean.communicate(timeout=30)
     assert clean.returncode == 0, out + err
