@@ -44,14 +44,16 @@ DEFAULT_BASE_URL = "https://api.openai.com/v1"
 RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
 
 
-def check_base_url(base_url: str, allow_insecure: bool = False) -> str:
-    """Refuse plain http to anything but loopback: the API key would travel in clear."""
+def check_base_url(base_url: str, allow_insecure: bool = False, source: str = "OPENAI_BASE_URL") -> str:
+    """Refuse plain http to anything but loopback: the API key would travel in clear.
+
+    `source` names where the URL was given (the variable, or a provider's base_url), for the message."""
     parts = urlsplit(base_url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"OPENAI_BASE_URL={base_url!r} is not an http(s) URL")
+        raise ConfigError(f"{source}={base_url!r} is not an http(s) URL")
     if parts.scheme == "http" and not allow_insecure and not _is_loopback(parts.hostname):
         raise ConfigError(
-            f"OPENAI_BASE_URL={base_url!r} uses plain http to a host that is not this machine, so the "
+            f"{source}={base_url!r} uses plain http to a host that is not this machine, so the "
             "API key would travel in clear; use https, or pass --allow-insecure-http if you really mean it")
     return base_url.rstrip("/")
 
@@ -109,6 +111,10 @@ def _api_error(response: httpx.Response, what: str) -> ApiError:
                code=error.get("code"), request=what)
 
 
+def _auth_header(style: str, api_key: str) -> dict[str, str]:
+    return {"api-key": api_key} if style == "api-key" else {"Authorization": f"Bearer {api_key}"}
+
+
 async def _read_whole(response: httpx.Response) -> httpx.Response:
     await response.aread()
     return response
@@ -118,12 +124,15 @@ class Api:
     """One client per command run. Use as `async with Api(...) as api:`.
 
     `transport` replaces the network (the in-process sandbox, a test's); when None, the
-    TEST_TRANSPORT of the current context, else real HTTP.
+    TEST_TRANSPORT of the current context, else real HTTP. `auth` is how the key is sent:
+    `bearer` (Authorization: Bearer KEY, OpenAI's) or `api-key` (api-key: KEY, Azure OpenAI's);
+    `headers` go with every request (OpenAI-Project, OpenAI-Organization).
     """
 
     def __init__(self, base_url: str, api_key: str, *, parallelism: int = 16, timeout: float = 60.0,
                  max_retries: int = 5, max_retry_seconds: float = 120.0, backoff: float = 0.5,
-                 transport: httpx.AsyncBaseTransport | None = None):
+                 transport: httpx.AsyncBaseTransport | None = None, auth: str = "bearer",
+                 headers: dict[str, str] | None = None):
         self.base_url = base_url
         self.timeout = timeout
         self.max_retries = max_retries
@@ -135,7 +144,7 @@ class Api:
         self.stopping = asyncio.Event()  # set: send no new create
         self._client = httpx.AsyncClient(
             base_url=base_url + "/",
-            headers={"Authorization": f"Bearer {api_key}", "User-Agent": f"batchplan/{__version__}"},
+            headers={**(headers or {}), **_auth_header(auth, api_key), "User-Agent": f"batchplan/{__version__}"},
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
             limits=httpx.Limits(max_connections=parallelism, max_keepalive_connections=parallelism),
             transport=transport or TEST_TRANSPORT.get(),

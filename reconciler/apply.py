@@ -9,6 +9,10 @@ intent left moments ago by an apply that was killed may belong to a create still
 flight, so it gets the same settling delay and look before anything is sent. The ledger
 (ledger.py) saves the state as work completes and once more at the end, whatever
 happened, so a re-run converges.
+
+Each change goes to its own provider's client (providers.py): uploads and creates to the
+provider the spec names, the cancel of a replaced or removed batch to the provider it was
+made on, so moving a spec to another provider creates on the new one and cancels on the old.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from .api import Api
@@ -38,14 +42,17 @@ SETTLE_MAX = 10.0  # seconds: the longest we wait for a create sent without an a
 class Applier:
     """Walks a plan's changes in stages, one handler per action (see `run`)."""
 
-    def __init__(self, api: Api, txn: Transaction, plan: Plan, *, repo_root: Path,
+    def __init__(self, apis: Mapping[str | None, Api], txn: Transaction, plan: Plan, *, repo_root: Path,
                  report: Callable[[str, str], None] = lambda name, text: None):
-        self.api = api
+        self.apis = apis  # provider (None: the environment's) -> its client
         self.plan = plan
         self.report = report
         self.ledger = Ledger(txn, report)
-        self.uploader = Uploader(api, repo_root, report, settle=lambda: self._wait(self._settle()))
-        self.stopping = api.stopping  # set by apply_plan on a signal; the Api then sends no new create
+        self.uploaders = {provider: Uploader(api, repo_root, report, settle=lambda: self._wait(self._settle()))
+                          for provider, api in apis.items()}
+        self.stopping = asyncio.Event()  # set by apply_plan on a signal; then no client sends a new create
+        for api in apis.values():
+            api.stopping = self.stopping
 
     # -- the table of contents -----------------------------------------------------------
 
@@ -88,7 +95,7 @@ class Applier:
 
     def _settle(self) -> float:
         """Seconds a create sent without an answer may still take to land: the client's timeout, capped."""
-        return min(self.api.timeout, SETTLE_MAX)
+        return min(max(api.timeout for api in self.apis.values()), SETTLE_MAX)
 
     def _landed_by(self, intent: Intent) -> float:
         """When a create sent under this intent has surely landed (`at` is in whole seconds)."""
@@ -126,30 +133,38 @@ class Applier:
 
     # -- stage 2: uploads ----------------------------------------------------------------
 
-    async def _ensure_uploads(self, creates: list[Change]) -> dict[str, str]:
-        """sha256 -> uploaded file id, for every local input the creates need."""
-        needed: dict[str, list[Change]] = {}
+    async def _ensure_uploads(self, creates: list[Change]) -> dict[tuple[str | None, str], str]:
+        """(provider, sha256) -> uploaded file id, for every local input the creates need, each on the
+        provider that creates from it (a file id is only good on the server that gave it)."""
+        by_provider: dict[str | None, list[Change]] = {}
         for change in creates:
             if change.desired and change.desired.input_sha256:
-                needed.setdefault(change.desired.input_sha256, []).append(change)
-        if not needed:
-            return {}
-        sizes = {sha: upload.bytes for sha, upload in self.ledger.state.uploads.items()}
+                by_provider.setdefault(change.desired.provider, []).append(change)
+        sizes = {sha: upload.bytes for sha, upload in self.ledger.state.all_uploads()}
         sizes.update({c.desired.input_sha256: c.desired.input_bytes for c in self.plan.changes
                       if c.desired and c.desired.input_sha256 and c.desired.input_bytes is not None})
-        on_server, failed = await self.uploader.ensure({sha: cs[0].desired for sha, cs in needed.items()}, sizes)
+        found = await asyncio.gather(*(self._uploads_on(p, cs, sizes) for p, cs in by_provider.items()))
+        return {(p, sha): file_id for p, ids in zip(by_provider, found) for sha, file_id in ids.items()}
+
+    async def _uploads_on(self, provider: str | None, creates: list[Change], sizes: dict[str, int]) -> dict[str, str]:
+        """sha256 -> file id on one provider, for the inputs of that provider's creates."""
+        needed: dict[str, list[Change]] = {}
+        for change in creates:
+            needed.setdefault(change.desired.input_sha256, []).append(change)  # type: ignore[union-attr]
+        uploader = self.uploaders[provider]
+        on_server, failed = await uploader.ensure({sha: cs[0].desired for sha, cs in needed.items()}, sizes)
         for sha, error in failed.items():
             for change in needed[sha]:
                 self.ledger.fail(change.name, error)
                 self.ledger.not_sent(change)
         for sha, file in on_server.items():
             if sha in needed:
-                self.ledger.record_upload(sha, file)
+                self.ledger.record_upload(sha, file, provider)
         return {sha: file["id"] for sha, file in on_server.items()}
 
     # -- stage 3: creates ----------------------------------------------------------------
 
-    async def _create_all(self, creates: list[Change], file_ids: dict[str, str]) -> None:
+    async def _create_all(self, creates: list[Change], file_ids: dict[tuple[str | None, str], str]) -> None:
         pending = creates
         for _ in range(CREATE_ROUNDS):
             if not pending:
@@ -161,9 +176,9 @@ class Applier:
             self.ledger.fail(change.name, TransportError("create got no answer three times; run apply again "
                                                          "(the intent is recorded, nothing will be duplicated)"))
 
-    def _create_params(self, want: Desired, file_ids: dict[str, str]) -> dict:
+    def _create_params(self, want: Desired, file_ids: dict[tuple[str | None, str], str]) -> dict:
         params = {
-            "input_file_id": want.input_file_id or file_ids[want.input_sha256 or ""],
+            "input_file_id": want.input_file_id or file_ids[(want.provider, want.input_sha256 or "")],
             "endpoint": want.endpoint,
             "completion_window": want.completion_window,
             "metadata": {**want.metadata, **want.tags()},
@@ -172,11 +187,12 @@ class Applier:
             params["output_expires_after"] = want.output_expires_after
         return params
 
-    async def _create(self, change: Change, file_ids: dict[str, str]) -> bool | None:
+    async def _create(self, change: Change, file_ids: dict[tuple[str | None, str], str]) -> bool | None:
         """True when settled (created, failed for sure, or not sent); None when the answer was lost."""
         assert change.desired is not None
         try:
-            batch = await self.api.create_batch(self._create_params(change.desired, file_ids))
+            batch = await self.apis[change.desired.provider].create_batch(self._create_params(change.desired,
+                                                                                              file_ids))
         except Interrupted:
             self.ledger.not_sent(change)  # the next apply creates it
             return True
@@ -210,7 +226,16 @@ class Applier:
 
     async def _look_for(self, changes: list[Change]) -> list[Change]:
         """Adopt the batch each change's intent may have made; return the changes with none on the server."""
-        tagged = await tagged_since(self.api, min(self.ledger.intent_of(c.name).at for c in changes))
+        by_provider: dict[str | None, list[Change]] = {}
+        for change in changes:
+            by_provider.setdefault(change.desired.provider, []).append(change)  # type: ignore[union-attr]
+        absent = await asyncio.gather(*(self._look_for_on(p, cs) for p, cs in by_provider.items()))
+        gone = {id(change) for group in absent for change in group}
+        return [change for change in changes if id(change) in gone]  # in the plan's order
+
+    async def _look_for_on(self, provider: str | None, changes: list[Change]) -> list[Change]:
+        """`_look_for` on one provider: the tagged batches its server made since the oldest intent."""
+        tagged = await tagged_since(self.apis[provider], min(self.ledger.intent_of(c.name).at for c in changes))
         absent = []
         for change in changes:
             want = change.desired
@@ -236,7 +261,7 @@ class Applier:
         if self.stopping.is_set():
             return
         try:
-            batch = await self.api.cancel_batch(batch_id)
+            batch = await self.apis[_old_provider(change)].cancel_batch(batch_id)
         except ApiError as exc:
             if exc.status != 409:  # 409: it finished meanwhile; nothing left to cancel
                 self.ledger.fail(change.name, exc)
@@ -252,6 +277,17 @@ class Applier:
             self.ledger.replaced(change, old_status=status)
             self.report(change.name, f"cancelled old batch {batch_id} ({status})")
         self.ledger.save_soon()
+
+
+def _old_provider(change: Change) -> str | None:
+    """The provider the batch a change cancels was made on (a replace may move the spec to another)."""
+    return change.before.provider if change.before else None
+
+
+def providers_of(plan: Plan) -> set[str | None]:
+    """Every provider applying `plan` may talk to: where its specs go, and where its old batches are."""
+    return {c.desired.provider for c in plan.changes if c.desired} | \
+        {c.before.provider for c in plan.changes if c.before}
 
 
 async def apply_plan(applier: Applier) -> ApplyResult:

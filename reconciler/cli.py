@@ -328,14 +328,21 @@ def sandbox() -> None:
 @click.option("--latency", type=click.FloatRange(0), default=0.0, show_default=True,
               help="Seconds added to every request.")
 @click.option("--no-auth", is_flag=True, help="Accept requests without an API key.")
+@click.option("--auth", type=click.Choice(["bearer", "api-key"]), default="bearer", show_default=True,
+              help="The header the key must come in: Authorization: Bearer KEY (OpenAI), or api-key: KEY "
+                   "(Azure OpenAI).")
+@click.option("--prefix", default="/v1", show_default=True, metavar="PATH",
+              help="Where the API is served, e.g. /openai/v1 as Azure OpenAI serves it.")
 @debug_option
-def sandbox_serve(host, port, world, step_seconds, fail_rate, latency, no_auth) -> None:
-    """Serve the emulator over HTTP at http://HOST:PORT/v1 until Ctrl-C."""
+def sandbox_serve(host, port, world, step_seconds, fail_rate, latency, no_auth, auth, prefix) -> None:
+    """Serve the emulator over HTTP at http://HOST:PORT/v1 (or --prefix) until Ctrl-C."""
     from .sandbox import Timing, serve
 
+    if not prefix.startswith("/") or prefix.rstrip("/") in ("", "/_sandbox"):
+        raise click.BadParameter("give a path such as /v1 or /openai/v1", param_hint="--prefix")
     timing = Timing.uniform(step_seconds) if step_seconds is not None else Timing()
     serve(host=host, port=port, root=Path(world) if world else None, timing=timing, fail_rate=fail_rate,
-          latency=latency, require_auth=not no_auth)
+          latency=latency, require_auth=not no_auth, auth=auth, prefix=prefix.rstrip("/"))
 
 
 def _feedback() -> feedback.Feedback:

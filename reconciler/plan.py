@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from .batch import BatchFields, BatchRecord
 from .desired import Desired
 from .errors import PlanError
-from .remote import RemoteView, find_tagged
+from .remote import RemoteView, find_tagged, moved_provider
 from .state import Entry, State
 
 if TYPE_CHECKING:
@@ -63,6 +63,8 @@ class ReasonCode(str, Enum):
     INTERRUPTED_REPLACE = "interrupted_replace"      # replace: finishing one an apply left half done
     SPEC_REMOVED = "spec_removed"                    # cancel / forget: the spec is gone
     CHANGES_IGNORED = "changes_ignored"              # update: only fields lifecycle.ignore_changes lists
+    PROVIDER_MOVED = "provider_moved"                # replace / forget: the batch's provider now points at
+    #                                                  another server (its base_url changed): not followed
 
 
 _INPUT_FIELDS = frozenset({"input", "input_sha256", "input_file_id"})
@@ -195,6 +197,8 @@ def _plan_desired(want: Desired, entry: Entry | None, remote: RemoteView, forced
                           ReasonCode.INTERRUPTED_CREATE, after=after, desired=want)
         return Change(want.name, Action.CREATE, "no batch for this spec in the state or on the server",
                       ReasonCode.NO_BATCH, after=after, desired=want)
+    if moved := moved_provider(entry, remote.base_urls):
+        return _plan_moved_replace(want, entry, remote, moved)
     record = _current(entry, remote)
     if record.id in remote.missing:
         return Change(want.name, Action.CREATE, f"batch {record.id} no longer exists on the server",
@@ -252,6 +256,26 @@ def _plan_replace(want: Desired, entry: Entry, record: BatchRecord, remote: Remo
                   batch=record, found=found, diff=tuple(diff), warnings=_orphan_warning(want, entry, record, remote))
 
 
+def _moved_phrase(entry: Entry, moved: tuple[str, str]) -> str:
+    assert entry.batch is not None
+    return (f"provider {entry.provider}'s base_url changed ({moved[0]} -> {moved[1]}): batch {entry.batch.id} "
+            f"stays on {moved[0]}, not followed (cancel it there by hand if it still runs)")
+
+
+def _plan_moved_replace(want: Desired, entry: Entry, remote: RemoteView, moved: tuple[str, str]) -> Change:
+    """The batch's provider points at another server now: shown as drift, a new batch made on the new
+    server, the old one neither asked about nor cancelled (this client cannot reach it). `batch` stays
+    None so apply cancels nothing; the old batch goes to the history."""
+    assert entry.batch is not None
+    diff = (FieldChange("provider.base_url", moved[0], moved[1]), *field_diff(entry.fields, want.fields()))
+    found = find_tagged(remote.tagged, want.name, want.spec_hash, _earlier(entry, entry.batch))
+    reason = _moved_phrase(entry, moved) + "; a new batch is made there"
+    if found:
+        reason += f"; its new batch {found['id']} already exists (an earlier apply was interrupted): adopting it"
+    return Change(want.name, Action.REPLACE, reason, ReasonCode.PROVIDER_MOVED, before=entry.fields,
+                  after=want.fields(), desired=want, found=found, diff=diff)
+
+
 def _plan_update(want: Desired, entry: Entry, record: BatchRecord) -> Change | None:
     """An update of the state only, when every changed field is one the spec's lifecycle.ignore_changes
     lists: as in Terraform, the batch is kept (not re-run, not cancelled); else None."""
@@ -285,6 +309,9 @@ def _plan_removed(name: str, entry: Entry, remote: RemoteView) -> Change:
             return Change(name, Action.FORGET, "spec removed; its interrupted create left no batch",
                           ReasonCode.INTERRUPTED_CREATE, before=entry.fields)
         entry = entry.model_copy(update={"batch": BatchRecord.from_api(found)})
+    if moved := moved_provider(entry, remote.base_urls):
+        return Change(name, Action.FORGET, f"spec removed; {_moved_phrase(entry, moved)}; only the state entry goes",
+                      ReasonCode.PROVIDER_MOVED, before=entry.fields)
     record = _current(entry, remote)
     before = entry.fields
     if record.id in remote.missing:

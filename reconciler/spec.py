@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr, StringConstraints,
 
 from .errors import PathError, Problem
 from .paths import confine, not_a_file
+from .providers import PROVIDER_NAME
 
 RESERVED_PREFIX = "batchplan_"
 TAG_NAME = "batchplan_name"
@@ -83,6 +84,9 @@ class Spec(BaseModel):
     # USD this spec's batch may cost at most (its estimate's maximum); not a batch parameter, so
     # changing it replaces nothing. Checked by apply (budget.py).
     budget_usd: float | None = Field(default=None, ge=0, allow_inf_nan=False, strict=True)
+    # A profile of batchplan.yaml's `providers:` (providers.py); none: the environment's server.
+    # Part of what the batch is made from: moving a spec to another provider replaces its batch.
+    provider: str | None = Field(default=None, pattern=PROVIDER_NAME)
 
 
 FIELDS = tuple(Spec.model_fields)
