@@ -19,8 +19,6 @@ from collections.abc import Awaitable, Callable, Iterable
 from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, TypeVar
 
-from .providers import sort_key
-
 if TYPE_CHECKING:
     import asyncio
 
@@ -50,6 +48,8 @@ class Session:
     def require(self, providers: Iterable[str | None]) -> None:
         """Resolve every provider this command may talk to, before any request: a missing key, an
         unknown provider or an unsafe URL is a ConfigError while nothing has been sent to any of them."""
+        from .providers import sort_key  # here: `--help` does not load pydantic
+
         for provider in sorted(set(providers), key=sort_key):
             self.connection(provider)
 
@@ -88,8 +88,9 @@ class Session:
 
     async def clients(self, providers: Iterable[str | None]) -> dict[str | None, Api]:
         """The clients of several providers at once (apply's stages route each change to its own)."""
+        providers = set(providers)
         self.require(providers)
-        return {p: await self.client(p) for p in sorted(set(providers), key=sort_key)}
+        return {p: await self.client(p) for p in sorted(providers, key=lambda p: p or "")}
 
     def close(self) -> None:
         """Close the clients (and stop the sandboxes), then the loop, as asyncio.run does."""
