@@ -277,3 +277,21 @@ def test_sandbox_serve_in_azure_style_refuses_a_bearer_key_and_anything_outside_
         assert httpx.get(f"{azure.url}/batches", headers={"Authorization": f"Bearer {KEY}"}).status_code == 401
         assert httpx.get(f"{azure.url}/batches", headers={"api-key": KEY}).status_code == 200
         assert httpx.get(f"{origin}/v1/batches", headers={"api-key": KEY}).status_code == 404
+
+
+def test_per_provider_settings_and_limits_parse_and_a_bad_one_names_its_field(repo):
+    from reconciler.errors import ConfigError
+    from reconciler.project import Project
+
+    (repo.root / "batchplan.yaml").write_text(
+        "parallelism: 8\nproviders:\n  research:\n    api_key_env: OPENAI_RESEARCH_KEY\n    parallelism: 4\n"
+        "    limits: {gpt-4o-mini: {enqueued_tokens: 2000000}, default: {enqueued_tokens: 500000}}\n")
+    project = Project.open(str(repo.root))
+    assert project.provider_limits("research").limit_for("gpt-4o") == 500_000
+    assert project.provider_limits(None) is None
+    assert project.sandbox is False and project.parallelism == 8
+    (repo.root / "batchplan.yaml").write_text(
+        "providers:\n  research:\n    api_key_env: OPENAI_RESEARCH_KEY\n    auth: basic\n")
+    with pytest.raises(ConfigError, match=r"batchplan.yaml: providers.research.auth: Input should be 'bearer' or "
+                                          r"'api-key'"):
+        Project.open(str(repo.root))
