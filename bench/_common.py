@@ -78,10 +78,11 @@ def batchplan(*args: str) -> list[str]:
 class Server:
     """`batchplan sandbox serve` in its own process, on a free loopback port."""
 
-    def __init__(self, latency: float = 0.0, step_seconds: float = 3600.0):
+    def __init__(self, latency: float = 0.0, step_seconds: float = 3600.0, world: Path | None = None):
+        """`world`: a directory that holds the sandbox's world (one a bench wrote), else a new one in memory."""
         self.process = subprocess.Popen(
             batchplan("sandbox", "serve", "--port", "0", "--latency", str(latency),
-                      "--step-seconds", str(step_seconds)),
+                      "--step-seconds", str(step_seconds), *(["--dir", str(world)] if world else [])),
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True,
             env={**os.environ, **CHILD_ENV})
         line = self.process.stdout.readline()  # "batchplan sandbox listening on http://127.0.0.1:PORT/v1 ..."

@@ -14,8 +14,11 @@ work alone, without interpreter start-up and imports. Measured, in one run:
   merge, input order     merge_in_input_order of every shard's results, each result file
                          shuffled as the API may return it
   merge, shard order     merge_jsonl of the same result files
+  batchplan apply        a cold apply (no hash cache, empty state) of one spec reading the
+                         file: validate + split + upload every shard + create its batch,
+                         against `batchplan sandbox serve` in its own process on 127.0.0.1
 
-Timings are the best of --repeat runs (the merges run once).
+Timings are the best of --repeat runs (the merges and the apply run once).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import cleanup, run, table, verdict, workdir  # noqa: E402
+from _common import Server, batchplan, cleanup, run, table, verdict, workdir  # noqa: E402
 from bench_inputs import ENDPOINT, MB, generate  # noqa: E402
 
 PLAIN_READ = """
@@ -143,6 +146,20 @@ def measure_merges(root: Path, path: Path, shards: list[dict], requests: int) ->
     return rows, rss
 
 
+def measure_apply(repo: Path, plain: float) -> tuple[list, dict]:
+    """A row for a cold `batchplan apply` of the big spec against a sandbox on loopback; and its numbers."""
+    mb = (repo / "data" / "big.jsonl").stat().st_size / MB
+    with Server() as server:
+        applied = run(batchplan("apply", "--auto-approve"), cwd=repo, env=server.env())
+        posts = {path: sum(1 for r in server.requests() if r["method"] == "POST" and r["path"] == path)
+                 for path in ("/v1/files", "/v1/batches")}
+        server_cpu = server.cpu_seconds()
+    row = [f"batchplan apply: validate + split + upload {posts['/v1/files']} shards + "
+           f"{posts['/v1/batches']} creates (process; server CPU {server_cpu:.1f} s)",
+           applied.seconds, mb / applied.seconds, applied.seconds / plain, applied.seconds, applied.max_rss_mb]
+    return row, {"ratio": applied.seconds / plain, "rss": applied.max_rss_mb, "posts": posts}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=1_000_000, help="requests in the input [1000000]")
@@ -152,20 +169,28 @@ def main() -> int:
 
     root = workdir("shards")
     try:
-        path = root / "big.jsonl"
+        repo = root / "repo"
+        (repo / "specs").mkdir(parents=True)
+        (repo / "data").mkdir()
+        path = repo / "data" / "big.jsonl"
         generate(path, args.mb, args.requests)
+        (repo / "specs" / "big.yaml").write_text(f"name: big\ninput: ../data/big.jsonl\nendpoint: {ENDPOINT}\n")
         print(f"batchplan shards bench: {path.stat().st_size / MB:,.0f} MB, {args.requests:,} requests, "
               f"{os.cpu_count()} CPUs\n", flush=True)
         rows, split = measure_split(path, args.repeat)
+        apply_row, applied = measure_apply(repo, rows[0][1])
         merge_rows, merge_rss = measure_merges(root, path, split["shards"], args.requests)
     finally:
         cleanup(root)
 
-    print(table(["", "work s", "MB/s", "x plain read", "process s", "peak RSS MB"], rows + merge_rows))
+    print(table(["", "work s", "MB/s", "x plain read", "process s", "peak RSS MB"], rows + [apply_row] + merge_rows))
     print(f"\nSplit: {split['phrase']}")
     print("\nTargets:")
     print(f"  split within 3x of the plain read: {split['ratio']:.2f}x  {verdict(split['ratio'] <= 3)}")
     print(f"  split peak RSS <= 150 MB: {split['rss']:.0f} MB  {verdict(split['rss'] <= 150)}")
+    print(f"  apply (validate + split + upload) within 3x of the plain read: {applied['ratio']:.2f}x  "
+          f"{verdict(applied['ratio'] <= 3)}")
+    print(f"  apply peak RSS <= 150 MB: {applied['rss']:.0f} MB  {verdict(applied['rss'] <= 150)}")
     for what, rss in merge_rss.items():
         print(f"  merge ({what}) peak RSS <= 100 MB: {rss:.0f} MB  {verdict(rss <= 100)}")
     return 0

@@ -1,18 +1,24 @@
 """Apply: carry out a plan, idempotently, recording every step in the state.
 
-The stages (see `Applier.run`): record the intent of every create (one atomic state
-write), upload missing inputs (uploader.py), record what the plan found already made,
-create, then cancel and forget. A create whose answer is lost is never sent again
-blindly: its tags are looked up on the server first, and again after a settling delay
-(a request that timed out may still land), and only one still absent is sent again. An
-intent left moments ago by an apply that was killed may belong to a create still in
-flight, so it gets the same settling delay and look before anything is sent. The ledger
-(ledger.py) saves the state as work completes and once more at the end, whatever
-happened, so a re-run converges.
+The stages (see `Applier.run`), named as the steps of the model in model/apply.pml:
+`record_intent` for every create (one atomic state write; a create the plan queued for
+enqueued-token capacity is left for a later apply and gets none), `cancel_duplicates` (the net:
+a second running batch of a spec is cancelled before the one kept is recorded), `upload`
+missing inputs (uploader.py), `adopt` what the plan found already made, `create_batch`, make the follow-up
+batches of retries (retrier.py), then cancel and forget. A create whose answer is lost is never sent again blindly:
+`look_for` searches the server for it (remote.find_batches, down to its input's upload:
+no clock is read), `settle` waits the client timeout (a request that timed out may still
+land), it looks again, and only one still absent is sent again. An intent that an earlier
+apply left may belong to a create still in flight (that apply was killed mid-request), so
+it gets the same settling wait and look before anything is sent: always, whatever its
+age, since its time was read on another clock (a shared state may be applied from several
+machines). The ledger (ledger.py) saves the state as work completes and once more at the
+end, whatever happened, so a re-run converges.
 
-Each change goes to its own provider's client (providers.py): uploads and creates to the
-provider the spec names, the cancel of a replaced or removed batch to the provider it was
-made on, so moving a spec to another provider creates on the new one and cancels on the old.
+Each change goes to its own provider's client (providers.py): uploads, creates, retries and the
+look for a lost create to the provider the spec names, the cancel of a replaced or removed batch
+to the provider it was made on, so moving a spec to another provider creates on the new one and
+cancels on the old. A duplicate is cancelled where it was found: on the spec's provider.
 """
 
 from __future__ import annotations
@@ -20,16 +26,15 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from .api import Api
 from .desired import Desired
-from .errors import AmbiguousWrite, ApiError, Interrupted, TransportError
+from .errors import AmbiguousWrite, ApiError, BadAnswer, Interrupted, TransportError
 from .ledger import ApplyResult, Ledger
 from .plan import Action, Change, Plan
-from .remote import find_tagged, tagged_since
-from .state import Intent
+from .remote import find_batches, keep_oldest, tagged_batches
 from .stores.base import Transaction
 from .uploader import Uploader
 
@@ -43,12 +48,15 @@ class Applier:
     """Walks a plan's changes in stages, one handler per action (see `run`)."""
 
     def __init__(self, apis: Mapping[str | None, Api], txn: Transaction, plan: Plan, *, repo_root: Path,
-                 report: Callable[[str, str], None] = lambda name, text: None):
+                 report: Callable[[str, str], None] = lambda name, text: None, work_dir: Path | None = None):
         self.apis = apis  # provider (None: the environment's) -> its client
+        self.repo_root = repo_root
+        self.work_dir = work_dir or repo_root / "state" / "retries"  # per machine: retry inputs (retrier.py)
         self.plan = plan
         self.report = report
         self.ledger = Ledger(txn, report)
-        self.uploaders = {provider: Uploader(api, repo_root, report, settle=lambda: self._wait(self._settle()))
+        # one uploader per provider: a file id is only good on the server that gave it
+        self.uploaders = {provider: Uploader(api, repo_root, report, settle=self.settle)
                           for provider, api in apis.items()}
         self.stopping = asyncio.Event()  # set by apply_plan on a signal; then no client sends a new create
         for api in apis.values():
@@ -57,26 +65,28 @@ class Applier:
     # -- the table of contents -----------------------------------------------------------
 
     async def run(self) -> ApplyResult:
-        started = int(time.time())
         try:
             self.ledger.state.record_batches(self.plan.refreshed)
             creates = [c for c in self.plan.changes if c.action in (Action.CREATE, Action.REPLACE) and not c.found]
-            creates = await self._record_intents(creates)
-            file_ids = await self._ensure_uploads(creates)
+            for change in (c for c in creates if c.queued):
+                self.ledger.queue(change.name, change.queued)
+            creates = [c for c in creates if not c.queued]
+            creates = await self.record_intent(creates)
+            blocked = await self.cancel_duplicates([c for c in self.plan.changes if c.cancels_duplicate])
+            file_ids = await self.upload(creates)
             for change in self.plan.changes:
-                if change.found:
-                    self.ledger.record_batch(change, change.found)
+                if change.found and change.name not in blocked and change.action is not Action.RETRY:
+                    self.adopt(change, change.found)  # a found retry is the retry stage's
             result = self.ledger.result
             await self._create_all([c for c in creates if c.name not in result.failed], file_ids)
-            await self._cancel_all([c for c in self.plan.changes
-                                    if c.action is Action.CANCEL or c.cancels_old and c.name in result.done])
+            await self._retry_all([c for c in self.plan.changes if c.action is Action.RETRY])
+            await self._cancel_all([c for c in self.plan.changes if c.action is Action.CANCEL
+                                    and not c.cancels_duplicate or c.cancels_old and c.name in result.done])
             for change in self.plan.changes:
                 if change.action is Action.FORGET:
                     self.ledger.remove(change.name, "forgotten (removed from the state; nothing sent)")
                 elif change.action is Action.UPDATE:
                     self.ledger.update_fields(change)
-            if not self.ledger.result.failed and not self.stopping.is_set():
-                self.ledger.state.scan_floor = started
         finally:
             self.ledger.save()
         if self.stopping.is_set():
@@ -93,66 +103,71 @@ class Applier:
         except asyncio.TimeoutError:
             pass
 
-    def _settle(self) -> float:
+    def _settle_seconds(self) -> float:
         """Seconds a create sent without an answer may still take to land: the client's timeout, capped."""
         return min(max(api.timeout for api in self.apis.values()), SETTLE_MAX)
 
-    def _landed_by(self, intent: Intent) -> float:
-        """When a create sent under this intent has surely landed (`at` is in whole seconds)."""
-        return intent.at + 1 + self._settle()
+    async def settle(self) -> None:
+        """Wait until every create this client sent without an answer has landed, or never will:
+        the client timeout bounds an ordinary one (one later still is caught by the next plan's net)."""
+        await self._wait(self._settle_seconds())
 
     # -- stage 1: intents ----------------------------------------------------------------
 
-    async def _record_intents(self, creates: list[Change]) -> list[Change]:
+    async def record_intent(self, creates: list[Change]) -> list[Change]:
         """Intent before action: record every create in one atomic write; return those still to make.
 
-        An intent an earlier apply left less than a settling delay ago may be a create the
-        server is still working on (that apply was killed mid-request): wait until it would
-        have landed and look for it, so it is adopted rather than made twice.
+        An intent an earlier apply left may be a create the server is still working on (that
+        apply was killed mid-request): settle, then look for it, so it is adopted rather than
+        made twice. Its age is not asked: it was read on a clock that may not be this machine's.
         """
         if not creates:
             return []
         now = int(time.time())
-        recent = []
+        earlier = []
         for change in creates:
             assert change.desired is not None
-            earlier = self.ledger.record_intent(change.desired, now)
-            if earlier and self._landed_by(earlier) > time.time():
-                recent.append(change)
+            if self.ledger.record_intent(change.desired, now):
+                earlier.append(change)
         self.ledger.save()
-        if not recent:
+        if not earlier:
             return creates
-        wait = max(0.0, max(self._landed_by(self.ledger.intent_of(c.name)) for c in recent) - time.time())
-        for change in recent:
-            self.report(change.name, f"an apply stopped moments ago may have sent this create; "
-                                     f"looking for it in {wait:.1f}s before creating")
-        await self._wait(wait)
-        absent = await self._look_for(recent)
+        for change in earlier:
+            self.report(change.name, f"an earlier apply may have sent this create; looking for it in "
+                                     f"{self._settle_seconds():g}s before creating")
+        await self.settle()
+        absent = await self.look_for(earlier)
         self.ledger.save()
-        return [c for c in creates if c not in recent or c in absent]
+        return [c for c in creates if c not in earlier or c in absent]
 
-    # -- stage 2: uploads ----------------------------------------------------------------
+    # -- stage 2: the net ----------------------------------------------------------------
 
-    async def _ensure_uploads(self, creates: list[Change]) -> dict[tuple[str | None, str], str]:
+    async def cancel_duplicates(self, duplicates: list[Change]) -> set[str]:
+        """Cancel each duplicate the plan found, before the batch kept is recorded: killed in between,
+        the next plan sees the kept one running alone and adopts it. A name whose duplicate could
+        not be cancelled records nothing new this time: returns those names."""
+        done = await self._cancel_all(duplicates)
+        return {c.name for c, ok in zip(duplicates, done) if not ok}
+
+    # -- stage 3: uploads ----------------------------------------------------------------
+
+    async def upload(self, creates: list[Change]) -> FileIds:
         """(provider, sha256) -> uploaded file id, for every local input the creates need, each on the
-        provider that creates from it (a file id is only good on the server that gave it)."""
-        by_provider: dict[str | None, list[Change]] = {}
-        for change in creates:
-            if change.desired and change.desired.input_sha256:
-                by_provider.setdefault(change.desired.provider, []).append(change)
+        provider that creates from it."""
+        sending = by_provider(c for c in creates if c.desired and c.desired.input_sha256)
         sizes = {sha: upload.bytes for sha, upload in self.ledger.state.all_uploads()}
         sizes.update({c.desired.input_sha256: c.desired.input_bytes for c in self.plan.changes
                       if c.desired and c.desired.input_sha256 and c.desired.input_bytes is not None})
-        found = await asyncio.gather(*(self._uploads_on(p, cs, sizes) for p, cs in by_provider.items()))
-        return {(p, sha): file_id for p, ids in zip(by_provider, found) for sha, file_id in ids.items()}
+        found = await asyncio.gather(*(self._upload_to(p, cs, sizes) for p, cs in sending.items()))
+        return {(p, sha): file_id for p, ids in zip(sending, found) for sha, file_id in ids.items()}
 
-    async def _uploads_on(self, provider: str | None, creates: list[Change], sizes: dict[str, int]) -> dict[str, str]:
+    async def _upload_to(self, provider: str | None, creates: list[Change], sizes: dict[str, int]) -> dict[str, str]:
         """sha256 -> file id on one provider, for the inputs of that provider's creates."""
         needed: dict[str, list[Change]] = {}
         for change in creates:
             needed.setdefault(change.desired.input_sha256, []).append(change)  # type: ignore[union-attr]
-        uploader = self.uploaders[provider]
-        on_server, failed = await uploader.ensure({sha: cs[0].desired for sha, cs in needed.items()}, sizes)
+        on_server, failed = await self.uploaders[provider].ensure({sha: cs[0].desired for sha, cs in needed.items()},
+                                                                  sizes)
         for sha, error in failed.items():
             for change in needed[sha]:
                 self.ledger.fail(change.name, error)
@@ -162,21 +177,26 @@ class Applier:
                 self.ledger.record_upload(sha, file, provider)
         return {sha: file["id"] for sha, file in on_server.items()}
 
-    # -- stage 3: creates ----------------------------------------------------------------
+    # -- stage 4: adopt and create -------------------------------------------------------
 
-    async def _create_all(self, creates: list[Change], file_ids: dict[tuple[str | None, str], str]) -> None:
+    def adopt(self, change: Change, batch: dict, verb: str | None = None) -> None:
+        """Record a batch already on the server for this change (a replacement is held until its
+        old batch is cancelled: see Ledger.record_batch)."""
+        self.ledger.record_batch(change, batch, verb)
+
+    async def _create_all(self, creates: list[Change], file_ids: FileIds) -> None:
         pending = creates
         for _ in range(CREATE_ROUNDS):
             if not pending:
                 return
-            results = await asyncio.gather(*(self._create(c, file_ids) for c in pending))
+            results = await asyncio.gather(*(self.create_batch(c, file_ids) for c in pending))
             unsure = [c for c, ok in zip(pending, results) if ok is None]
             pending = await self._adopt_lost(unsure) if unsure else []
-        for change in pending:
-            self.ledger.fail(change.name, TransportError("create got no answer three times; run apply again "
-                                                         "(the intent is recorded, nothing will be duplicated)"))
+        for change in pending:  # the intent stays: the next apply settles on it, looks, and finishes it
+            self.ledger.fail(change.name, TransportError(f"create got no answer {CREATE_ROUNDS} times; run apply "
+                                                         "again (the intent is recorded, nothing will be duplicated)"))
 
-    def _create_params(self, want: Desired, file_ids: dict[tuple[str | None, str], str]) -> dict:
+    def _create_params(self, want: Desired, file_ids: FileIds) -> dict:
         params = {
             "input_file_id": want.input_file_id or file_ids[(want.provider, want.input_sha256 or "")],
             "endpoint": want.endpoint,
@@ -187,8 +207,8 @@ class Applier:
             params["output_expires_after"] = want.output_expires_after
         return params
 
-    async def _create(self, change: Change, file_ids: dict[tuple[str | None, str], str]) -> bool | None:
-        """True when settled (created, failed for sure, or not sent); None when the answer was lost."""
+    async def create_batch(self, change: Change, file_ids: FileIds) -> bool | None:
+        """POST /batches: True when settled (created, failed for sure, or not sent); None when the answer was lost."""
         assert change.desired is not None
         try:
             batch = await self.apis[change.desired.provider].create_batch(self._create_params(change.desired,
@@ -199,6 +219,10 @@ class Applier:
         except AmbiguousWrite:
             self.ledger.maybe_sent(change.name)
             return None
+        except BadAnswer as exc:  # it answered, so it may have made the batch: the intent stays for the next apply
+            self.ledger.maybe_sent(change.name)
+            self.ledger.fail(change.name, exc)
+            return True
         except (ApiError, TransportError) as exc:  # refused, or never reached: certainly not made
             self.ledger.fail(change.name, exc)
             self.ledger.not_sent(change)
@@ -211,31 +235,31 @@ class Applier:
         """Look for the batches of creates whose answers were lost; return those certainly absent.
 
         Dropped connections and 5xx after a commit are found at once. A timed-out create may
-        still be queued on the server, so what is not found is looked for once more after a
-        settling delay before it counts as absent.
+        still be queued on the server, so what is not found is looked for once more after
+        settling before it counts as absent.
         """
-        absent = await self._look_for(unsure)
+        absent = await self.look_for(unsure)
         if absent and not self.stopping.is_set():
             for change in absent:
                 self.report(change.name, f"create got no answer and is not on the server yet; "
-                                         f"looking again in {self._settle():g}s before sending it again")
-            await self._wait(self._settle())
-            absent = await self._look_for(absent)
+                                         f"looking again in {self._settle_seconds():g}s before sending it again")
+            await self.settle()
+            absent = await self.look_for(absent)
         self.ledger.save()
         return absent
 
-    async def _look_for(self, changes: list[Change]) -> list[Change]:
-        """Adopt the batch each change's intent may have made; return the changes with none on the server."""
-        by_provider: dict[str | None, list[Change]] = {}
-        for change in changes:
-            by_provider.setdefault(change.desired.provider, []).append(change)  # type: ignore[union-attr]
-        absent = await asyncio.gather(*(self._look_for_on(p, cs) for p, cs in by_provider.items()))
+    async def look_for(self, changes: list[Change]) -> list[Change]:
+        """The search for what each change's create may have made (remote.find_batches, down to its
+        input's upload, on the spec's provider): the batch kept (keep_oldest: running, else completed)
+        is adopted and its duplicates are cancelled. Returns the changes with no batch on the server."""
+        groups = by_provider(changes)
+        absent = await asyncio.gather(*(self._look_for_on(p, cs) for p, cs in groups.items()))
         gone = {id(change) for group in absent for change in group}
         return [change for change in changes if id(change) in gone]  # in the plan's order
 
     async def _look_for_on(self, provider: str | None, changes: list[Change]) -> list[Change]:
-        """`_look_for` on one provider: the tagged batches its server made since the oldest intent."""
-        tagged = await tagged_since(self.apis[provider], min(self.ledger.intent_of(c.name).at for c in changes))
+        """`look_for` on one provider's server, for the changes whose spec names it."""
+        found = await find_batches(self.apis[provider], [c.desired.fields() for c in changes if c.desired])
         absent = []
         for change in changes:
             want = change.desired
@@ -243,44 +267,76 @@ class Applier:
             skip = {h.batch_id for h in self.ledger.state.entries[want.name].history}
             if change.batch:  # the batch this change replaces (or that is gone) is not its lost create
                 skip.add(change.batch.id)
-            batch = find_tagged(tagged, want.name, want.spec_hash, skip)
-            if batch:
-                self.ledger.record_batch(change, batch, verb="found its lost create on the server:")
-            else:
+            keeper, duplicates = keep_oldest(tagged_batches(found.tagged, want.name, want.spec_hash, skip))
+            if keeper is None:
                 absent.append(change)
+                continue
+            cancelled = await asyncio.gather(*(self._send_cancel(want.name, d["id"], provider) for d in duplicates))
+            if None not in cancelled:  # else: nothing recorded; the next apply cancels them, then adopts
+                self.adopt(change, keeper, verb="found its lost create on the server:")
         return absent
 
-    # -- stage 4: cancels ----------------------------------------------------------------
+    # -- stage 4b: retries (retrier.py) --------------------------------------------------
 
-    async def _cancel_all(self, changes: list[Change]) -> None:
-        await asyncio.gather(*(self._cancel(c) for c in changes))
+    async def _retry_all(self, retries: list[Change]) -> None:
+        """Each planned retry's follow-up batch, made once, with the creates' guarantees."""
+        if retries and not self.stopping.is_set():
+            from .retrier import Retrier
 
-    async def _cancel(self, change: Change) -> None:
+            await Retrier(self).run(retries)
+
+    # -- stage 5: cancels ----------------------------------------------------------------
+
+    async def _cancel_all(self, changes: list[Change]) -> list[bool]:
+        return list(await asyncio.gather(*(self._cancel(c) for c in changes)))
+
+    async def _send_cancel(self, name: str, batch_id: str, provider: str | None) -> str | None:
+        """POST /batches/{id}/cancel on `provider`: the batch's status after it ("finished" when it had
+        already finished); None when it was not sent (stopping) or failed (recorded as `name`'s failure)."""
+        if self.stopping.is_set():
+            return None
+        try:
+            return (await self.apis[provider].cancel_batch(batch_id))["status"]
+        except ApiError as exc:
+            if exc.status == 409:  # it finished meanwhile; nothing left to cancel
+                return "finished"
+            self.ledger.fail(name, exc)
+        except TransportError as exc:
+            self.ledger.fail(name, exc)
+        return None
+
+    async def _cancel(self, change: Change) -> bool:
+        """Carry out a change's cancel (a spec removed, a replaced batch, a duplicate); whether it was done."""
         assert change.batch is not None
         batch_id = change.batch.id
-        if self.stopping.is_set():
-            return
-        try:
-            batch = await self.apis[_old_provider(change)].cancel_batch(batch_id)
-        except ApiError as exc:
-            if exc.status != 409:  # 409: it finished meanwhile; nothing left to cancel
-                self.ledger.fail(change.name, exc)
-                return
-            batch = None
-        except TransportError as exc:
-            self.ledger.fail(change.name, exc)
-            return
-        status = batch["status"] if batch else "finished"
-        if change.action is Action.CANCEL:
+        status = await self._send_cancel(change.name, batch_id, _old_provider(change))
+        if status is None:
+            return False
+        if change.cancels_duplicate:
+            self.ledger.done(change.name, f"cancelled duplicate {batch_id} ({status})")
+        elif change.action is Action.CANCEL:
             self.ledger.remove(change.name, f"cancelled {batch_id} ({status})")
         else:
             self.ledger.replaced(change, old_status=status)
             self.report(change.name, f"cancelled old batch {batch_id} ({status})")
         self.ledger.save_soon()
+        return True
+
+
+FileIds = dict[tuple[str | None, str], str]  # (provider, sha256) -> the file id of that input there
+
+
+def by_provider(changes: Iterable[Change]) -> dict[str | None, list[Change]]:
+    """The changes grouped by the provider their spec names (None: the environment's), in order."""
+    groups: dict[str | None, list[Change]] = {}
+    for change in changes:
+        groups.setdefault(change.desired.provider if change.desired else None, []).append(change)
+    return groups
 
 
 def _old_provider(change: Change) -> str | None:
-    """The provider the batch a change cancels was made on (a replace may move the spec to another)."""
+    """The provider the batch a change cancels was made on (a replace may move the spec to another;
+    a duplicate's `before` is its spec's fields, where it was found)."""
     return change.before.provider if change.before else None
 
 

@@ -87,6 +87,26 @@ _FAILED = frozenset({BatchStatus.FAILED, BatchStatus.EXPIRED, BatchStatus.CANCEL
 _TERMINAL = _FAILED | {BatchStatus.COMPLETED}
 
 
+# Which status stands for several batches (a spec's shards): the first of these that any has.
+# Trouble first (a batch gone or never made), then the least advanced running one (the spec is
+# as far as its slowest shard), and only when all finished, how the worst one ended.
+_COMBINED_ORDER = ("missing", "none", "validating", "in_progress", "finalizing", "cancelling", "unknown",
+                   "failed", "expired", "cancelled", "completed")
+
+
+def combined_status(statuses: list[str]) -> str:
+    """The one status that stands for several batches, e.g. the shards of one spec (see _COMBINED_ORDER)."""
+    present = {s if s in _COMBINED_ORDER else "unknown" for s in statuses}
+    return next((s for s in _COMBINED_ORDER if s in present), "unknown")
+
+
+def status_tally(statuses: list[str]) -> str:
+    """`3 shards: 2 completed, 1 in_progress` (in _COMBINED_ORDER)."""
+    counts = {s: statuses.count(s) for s in sorted(set(statuses), key=lambda s: (
+        _COMBINED_ORDER.index(s) if s in _COMBINED_ORDER else len(_COMBINED_ORDER), s))}
+    return f"{len(statuses)} shards: " + ", ".join(f"{n} {s}" for s, n in counts.items())
+
+
 class BatchFields(BaseModel):
     """What a batch is made from: the view that plans diff, the state records and the JSON plan shows.
 
@@ -143,6 +163,19 @@ class BatchRecord(BaseModel):
     @property
     def failed(self) -> bool:
         return BatchStatus(self.status).failed
+
+    @classmethod
+    def combined(cls, records: list[BatchRecord]) -> BatchRecord:
+        """What several batches (a spec's shards) say together, for displays: the combined status,
+        the summed request counts, the oldest creation time; its id says how many they are."""
+        counts: dict[str, int] = {}
+        for rec in records:
+            for key, value in (rec.request_counts or {}).items():
+                counts[key] = counts.get(key, 0) + value
+        errors = [e for rec in records for e in rec.errors or []]
+        return cls(id=f"{len(records)} shards", status=combined_status([r.status for r in records]),
+                   created_at=min(r.created_at for r in records), input_file_id="",
+                   request_counts=counts or None, errors=errors or None)
 
     def error_codes(self) -> str:
         """The batch-level error codes, sorted and joined: `invalid_json_line, too_many_tasks`; "" for none."""

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import shutil
 import sys
+import threading
 import traceback
 import warnings
 from pathlib import Path
@@ -81,8 +83,10 @@ def init(project) -> None:
 @project_options(*OFFLINE)
 def validate(project) -> None:
     """Check every spec and input file, offline: no key, no network."""
-    checked = operations.validate(project)
-    echo(f"{checked.specs} spec(s) valid; {checked.files} input file(s), {checked.requests} request(s).")
+    checked = operations.validate(project)  # rendered here: render.py loads the plan's models, validate needs none
+    echo(f"{checked.specs} spec(s) valid; {checked.files} input file(s), {checked.requests:,} request(s).")
+    for name, why in sorted(checked.splits.items()):
+        echo(f"  {name}: {why}")
 
 
 def _hint_if_empty(project, empty: bool) -> None:
@@ -122,24 +126,45 @@ def _confirm(auto_approve: bool) -> None:
         raise PlanError("apply cancelled; nothing was changed")
 
 
+interval_option = click.option("--interval", type=click.FloatRange(0.01), default=None, metavar="SECONDS",
+                               help="Seconds between polls [default: 15; 1 with --sandbox].")
+
+
 @cli.command()
 @common_options
 @plan_options
 @lock_timeout_option
 @click.argument("planfile", required=False, type=click.Path(dir_okay=False))
 @click.option("--auto-approve", is_flag=True, help="Do not ask for confirmation.")
-def apply(project, request, planfile, auto_approve) -> int:
+@click.option("--watch", is_flag=True,
+              help="Run the whole job: create what fits under the enqueued-token limits, poll, create the rest "
+                   "as batches finish; exit when every batch has ended (0: all completed).")
+@interval_option
+def apply(project, request, planfile, auto_approve, watch, interval) -> int:
     """Create, adopt, replace, cancel and forget batches so the server matches the specs.
 
     With PLANFILE (from `plan --out`), carry out exactly that saved plan, without asking.
+    Creates that do not fit under batchplan.yaml's `limits:` now stay queued for a later
+    apply; `--watch` stays until all are made and every batch has ended, as `wait` shows it.
     """
     def review(the_plan) -> None:
         emit(_render().render_text(the_plan, colour_on()))
         if the_plan.has_changes and not planfile:
             _confirm(auto_approve)
 
+    def report(name: str, text: str) -> None:
+        echo(f"  {name}: {text}")
+
+    if watch:
+        if planfile:
+            raise click.UsageError("--watch plans every round itself; it takes no PLANFILE")
+        watched = operations.apply_watch(project, request, review=review, report=report, interval=interval,
+                                         display=lambda names: _display(names, no_batch="queued"))
+        emit(_render().render_watched(watched))
+        waited = watched.waited
+        return 1 if watched.failed or waited.result and waited.result.problems(waited.names) else 0
     applied = operations.apply(project, request, planfile=project.root / planfile if planfile else None,
-                               review=review, report=lambda name, text: echo(f"  {name}: {text}"))
+                               review=review, report=report)
     if applied.result is None:
         return 0
     emit(_render().render_apply_result(applied.result))
@@ -155,24 +180,27 @@ def apply(project, request, planfile, auto_approve) -> int:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document (format_version 1).")
 @click.option("-o", "--output", "layout", type=click.Choice(["wide"]), default=None,
               help="wide: also the full batch ids and the output and error file ids.")
-def status_cmd(project, names, as_json, layout) -> int:
+@click.option("--shards", is_flag=True, help="Under a spec split into shards, also a line per shard.")
+def status_cmd(project, names, as_json, layout, shards) -> int:
     """Every batch in the state (or the NAMEs): status, request counts, age, notes.
 
-    Asks the server about batches still running. Read-only: it prints what the server says
-    and writes nothing; `batchplan refresh` records it in the state.
+    A spec split into shards is one line, its shards' counts summed (`--shards`: and a line
+    per shard; NAME[K] names one shard). Asks the server about batches still running.
+    Read-only: it prints what the server says and writes nothing; `batchplan refresh`
+    records it in the state.
     """
-    report = operations.status(project, names)
+    report = operations.status(project, names, shards)
     width = shutil.get_terminal_size().columns if _is_terminal(sys.stdout) else None
     emit(_render().render_status(report, as_json=as_json, width=width, colour=colour_on(), wide=layout == "wide"))
     _hint_if_empty(project, not report.rows and not as_json)
     return 0
 
 
-def _display(names: list[str]):
+def _display(names: list[str], no_batch: str = "no batch"):
     """A live progress display on a terminal, one line per change otherwise."""
     from .watch import LineDisplay, ProgressDisplay
 
-    return ProgressDisplay(names) if _is_terminal(sys.stdout) else LineDisplay(echo)
+    return ProgressDisplay(names, no_batch=no_batch) if _is_terminal(sys.stdout) else LineDisplay(echo)
 
 
 @cli.command("wait")
@@ -181,8 +209,7 @@ def _display(names: list[str]):
 @names_argument
 @click.option("--timeout", type=click.FloatRange(0), default=None, metavar="SECONDS",
               help="Give up after SECONDS, exit 1 [default: no limit].")
-@click.option("--interval", type=click.FloatRange(0.01), default=None, metavar="SECONDS",
-              help="Seconds between polls [default: 15; 1 with --sandbox].")
+@interval_option
 def wait_cmd(project, names, timeout, interval) -> int:
     """Poll until every batch in the state (or the NAMEs) has finished.
 
@@ -303,13 +330,15 @@ def state_migrate(project, to, workspace, force) -> None:
 
 @cli.command("force-unlock")
 @project_options(*STATE_ONLY)
-@click.argument("lock_id", required=False)
+@click.argument("lock_id")
 @click.option("--force", is_flag=True,
-              help="State in PostgreSQL: end the holder's database session even though it is alive.")
+              help="Take the lock even from a holder that is alive (a state file: the next command locks afresh; "
+                   "PostgreSQL: its database session is ended).")
 def force_unlock_cmd(project, lock_id, force) -> None:
-    """Remove the state lock left by a process that is gone. LOCK_ID is the id the lock error printed."""
+    """Remove the state lock LOCK_ID (the id the lock error and the lock note show) left by a process that
+    is gone. A holder still alive is refused, unless --force."""
     location, held = operations.force_unlock(project, lock_id, force)
-    echo(f"Removed the lock on {location}{f' (held by {held.describe()})' if held else ''}.")
+    echo(f"Removed the lock on {location} (held by {held.describe()}).")
 
 
 @cli.group()
@@ -328,21 +357,26 @@ def sandbox() -> None:
 @click.option("--latency", type=click.FloatRange(0), default=0.0, show_default=True,
               help="Seconds added to every request.")
 @click.option("--no-auth", is_flag=True, help="Accept requests without an API key.")
+@click.option("--enqueued-token-limit", "limits", multiple=True, metavar="MODEL=TOKENS",
+              help="Fail a batch of MODEL with token_limit_exceeded when its input tokens would take the model's "
+                   "batches in progress over TOKENS, as the API does (repeatable) [default: BATCHPLAN_SANDBOX_LIMITS].")
 @click.option("--auth", type=click.Choice(["bearer", "api-key"]), default="bearer", show_default=True,
               help="The header the key must come in: Authorization: Bearer KEY (OpenAI), or api-key: KEY "
                    "(Azure OpenAI).")
 @click.option("--prefix", default="/v1", show_default=True, metavar="PATH",
               help="Where the API is served, e.g. /openai/v1 as Azure OpenAI serves it.")
 @debug_option
-def sandbox_serve(host, port, world, step_seconds, fail_rate, latency, no_auth, auth, prefix) -> None:
+def sandbox_serve(host, port, world, step_seconds, fail_rate, latency, no_auth, limits, auth, prefix) -> None:
     """Serve the emulator over HTTP at http://HOST:PORT/v1 (or --prefix) until Ctrl-C."""
     from .sandbox import Timing, serve
+    from .sandbox.capacity import parse_limits
 
     if not prefix.startswith("/") or prefix.rstrip("/") in ("", "/_sandbox"):
         raise click.BadParameter("give a path such as /v1 or /openai/v1", param_hint="--prefix")
     timing = Timing.uniform(step_seconds) if step_seconds is not None else Timing()
     serve(host=host, port=port, root=Path(world) if world else None, timing=timing, fail_rate=fail_rate,
-          latency=latency, require_auth=not no_auth, auth=auth, prefix=prefix.rstrip("/"))
+          latency=latency, require_auth=not no_auth, auth=auth, prefix=prefix.rstrip("/"),
+          enqueued_token_limits=parse_limits(limits, "--enqueued-token-limit") if limits else None)
 
 
 def _feedback() -> feedback.Feedback:
@@ -369,17 +403,35 @@ def _notices():
         yield
 
 
+@contextlib.contextmanager
+def _sigterm_as_ctrl_c():
+    """SIGTERM ends any command as Ctrl-C does (exit 130, the state saved), not silently mid-write;
+    apply installs its own handlers for both while it carries a plan out."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: runs the CLI and maps every outcome to an exit code."""
     invocation = Invocation()  # one per run: tests call main() many times in one process
     try:
-        with feedback.use(_feedback()), _notices():
+        with feedback.use(_feedback()), _notices(), _sigterm_as_ctrl_c():
             code = cli.main(args=argv, prog_name="batchplan", standalone_mode=False, obj=invocation)
     except click.exceptions.Exit as exc:
         code = exc.exit_code
-    except click.exceptions.Abort:
-        echo("Aborted; nothing was changed.", err=True)
-        code = 1
+    except click.exceptions.Abort as exc:
+        if isinstance(exc.__context__, KeyboardInterrupt):  # click turns Ctrl-C into Abort: it is still 130
+            echo("Interrupted.", err=True)
+            code = 130
+        else:
+            echo("Aborted; nothing was changed.", err=True)
+            code = 1
     except click.ClickException as exc:
         exc.show()
         code = 1

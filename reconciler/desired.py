@@ -3,10 +3,16 @@
 `load_desired` is the one gate every command that reads specs passes through: it
 validates every spec and every input file (streaming, with the hash cache) and
 raises ValidationFailed listing every problem, before any network is touched.
+
+A spec whose input is over a batch's limits (or its `shard:` block) makes one Desired
+per shard, addressed `NAME[K]` (spec.shard_address): each is one batch with its own
+content hash, so plan, apply and the state treat a shard like any batch. A spec that
+fits one batch keeps its plain name.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -18,7 +24,9 @@ from typing import TYPE_CHECKING
 from .batch import BatchFields
 from .errors import Problem, ValidationFailed
 from .inputs import HashCache, InputReport
-from .spec import TAG_NAME, TAG_SPEC, LoadedSpec, load_specs, resolve_input
+from .retries import RetryPolicy
+from .shards import Shard, ShardLimits, describe_split
+from .spec import TAG_NAME, TAG_SPEC, LoadedSpec, load_specs, resolve_input, shard_address, spec_of
 
 if TYPE_CHECKING:
     from .providers import Profile
@@ -26,7 +34,10 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Desired:
-    """One batch as it should exist, with its input resolved to a content hash."""
+    """One batch as it should exist, with its input resolved to a content hash.
+
+    For a shard, `name` is its address (`big[1]`), `input_sha256` and `input_bytes` are the
+    shard's own, and `shard` says which lines and bytes of the input it holds."""
 
     name: str
     file: str                      # spec file, relative to the repo root
@@ -47,6 +58,18 @@ class Desired:
     budget_usd: float | None = None  # the spec's own budget (budget.py); not part of the batch's fields
     provider: str | None = None  # the spec's named provider (None: the environment's); part of the fields
     base_url: str | None = None  # that provider's base_url now, recorded with the batch to show a move as drift
+    retry: RetryPolicy | None = None  # the spec's retry: (else batchplan.yaml's); not part of the batch's fields
+    shard: Shard | None = None      # the part of the input this batch holds, when the spec is split
+    split: str = ""                 # why the spec makes its shards (shards.describe_split), when split
+
+    @property
+    def spec(self) -> str:
+        """The spec's name (a shard's address less its `[K]`)."""
+        return spec_of(self.name)
+
+    def upload_range(self) -> tuple[int, int]:
+        """The bytes [start, end) of the input file to upload: a shard's, or the whole file."""
+        return (self.shard.start, self.shard.end) if self.shard else (0, self.input_bytes or 0)
 
     def fields(self) -> BatchFields:
         """What the batch is made from: the view that plans diff and state records."""
@@ -78,9 +101,10 @@ def spec_hash(fields: BatchFields) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
-def _scan(path: Path, endpoint: str, cache: HashCache, rel: str) -> InputReport | Problem:
+def _scan(path: Path, endpoint: str, cache: HashCache, rel: str,
+          limits: tuple[int, int]) -> InputReport | Problem:
     try:
-        return cache.scan(path, endpoint)
+        return cache.scan(path, endpoint, limits)
     except OSError as exc:
         return Problem(rel, f"cannot read: {exc.strerror or exc}", code="unreadable")
 
@@ -102,10 +126,11 @@ def _read_input(loaded: LoadedSpec, repo_root: Path, cache: HashCache,
     if problem:
         return None, None, [problem]
     rel = str(path.relative_to(repo_root))
-    key = (rel, loaded.spec.endpoint)
+    limits = _limits(loaded)
+    key = (rel, loaded.spec.endpoint, limits)
     seen = key in scanned  # a file shared by two specs is scanned and reported once
     if not seen:
-        scanned[key] = _scan(path, loaded.spec.endpoint, cache, rel)
+        scanned[key] = _scan(path, loaded.spec.endpoint, cache, rel, (limits.max_requests, limits.max_bytes))
     report = scanned[key]
     if isinstance(report, Problem):
         return rel, None, [] if seen else [report]
@@ -125,18 +150,25 @@ def _provider_problem(loaded: LoadedSpec, providers: Mapping[str, Profile]) -> P
     return loaded.source.problem(f"unknown provider {name!r}; {known}", ("provider",), "unknown_provider")
 
 
-def _resolve(loaded: LoadedSpec, repo_root: Path, cache: HashCache, scanned: dict,
-             results: str, providers: Mapping[str, Profile]) -> tuple[Desired | None, list[Problem]]:
+def _limits(loaded: LoadedSpec) -> ShardLimits:
+    return loaded.spec.shard or ShardLimits()
+
+
+def _resolve(loaded: LoadedSpec, repo_root: Path, cache: HashCache, scanned: dict, results: str,
+             default_retry: RetryPolicy | None = None,
+             providers: Mapping[str, Profile] | None = None) -> tuple[list[Desired], list[Problem]]:
+    """The spec's batches: one, or one per shard of its input (each on the spec's provider)."""
+    providers = providers or {}
     spec = loaded.spec
     if problem := _provider_problem(loaded, providers):
-        return None, [problem]
+        return [], [problem]
     rel_input = report = None
     if spec.input is not None:
         rel_input, report, problems = _read_input(loaded, repo_root, cache, scanned)
         if report is None:
-            return None, problems
+            return [], problems
     expiry = spec.output_expires_after.model_dump() if spec.output_expires_after else None
-    return Desired(
+    whole = Desired(
         name=spec.name, file=loaded.source.file, endpoint=spec.endpoint,
         completion_window=spec.completion_window, metadata=dict(sorted(spec.metadata.items())),
         output_expires_after=expiry, input=rel_input, input_sha256=report.sha256 if report else None,
@@ -144,26 +176,34 @@ def _resolve(loaded: LoadedSpec, repo_root: Path, cache: HashCache, scanned: dic
         prevent_cancel=spec.lifecycle.prevent_cancel, output=spec.output or f"{results}/{spec.name}/output.jsonl",
         errors=spec.errors, input_bytes=report.size if report else None,
         models=tuple(sorted(report.models)) if report else (), ignore_changes=spec.lifecycle.ignore_changes,
-        budget_usd=spec.budget_usd, provider=spec.provider,
+        budget_usd=spec.budget_usd,
+        retry=spec.retry_policy(default_retry), provider=spec.provider,
         base_url=providers[spec.provider].base_url.rstrip("/") if spec.provider else None,
-    ), []
+    )
+    if report is None or len(report.shards) <= 1:
+        return [whole], []
+    split = describe_split(report.shards, _limits(loaded))
+    return [dataclasses.replace(whole, name=shard_address(spec.name, s.index), input_sha256=s.sha256,
+                                requests=s.requests, input_bytes=s.size, shard=s, split=split)
+            for s in report.shards], []
 
 
 def load_desired(specs_dir: Path, repo_root: Path, cache: HashCache, results: str = "results",
+                 default_retry: RetryPolicy | None = None,
                  providers: Mapping[str, Profile] | None = None) -> list[Desired]:
     """Every spec, validated with its input file; raises ValidationFailed listing all problems.
 
     `results`: the results directory (repo-relative), for the output path of a spec that names none.
+    `default_retry`: batchplan.yaml's `retry:`, for the specs with a local input and none of their own.
     `providers`: batchplan.yaml's profiles, which a spec's `provider:` must name."""
     repo_root = repo_root.resolve()
     loaded, problems = load_specs(specs_dir, repo_root)
     scanned: dict = {}
     desired = []
     for item in loaded:
-        found, bad = _resolve(item, repo_root, cache, scanned, results, providers or {})
+        found, bad = _resolve(item, repo_root, cache, scanned, results, default_retry, providers)
         problems += bad
-        if found:
-            desired.append(found)
+        desired += found
     if problems:
         raise ValidationFailed(problems)
     return desired

@@ -1,10 +1,16 @@
 """Download: each finished batch's output and error files, written to disk once.
 
+A spec that has retried (retries.py) has several batches, its attempts: each one's files go
+to its own directory, and the name's output and errors files hold every attempt merged
+(merge_results), not a copy of the latest's.
+
 Where: every batch's files to `<results>/<name>/<batch id>/output.jsonl` and
 `errors.jsonl`, so a replace never overwrites the results of the run before it; and the
 latest batch's also to the spec's `output:` / `errors:` paths (relative to the repo root),
 else `<results>/<name>/output.jsonl` and `<results>/<name>/errors.jsonl` (a copy, not a
-link: editing the latest never changes the kept one). Every destination is checked before
+link: editing the latest never changes the kept one). A spec split into shards keeps each
+shard's files under `<results>/<name>/<batch id>/` too, and its latest files are merged
+from them, in input order, once every shard has finished (`merge_shards`). Every destination is checked before
 anything is fetched (Project.results_area): symlinks resolved, it must be under the
 results directory and never over a spec, an input, the state, its lock or a cache. Each
 file is streamed to a temp file and renamed into place (api.download_file), and recorded
@@ -16,20 +22,23 @@ without sending a single request.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import BatchplanError, ConfigError, NotFound, PathError
+from .errors import BatchplanError, ConfigError, NotFound, PathError, StalePlanError
 from .fsutil import atomic_writer
 from .inputs import CacheFile, hash_file
 from .paths import Area, confine, shown
-from .spec import LoadedSpec
+from .shards import Shard, merge_in_input_order, merge_jsonl
+from .spec import LoadedSpec, shard_of, spec_of
 from .batch import BatchRecord
 
 if TYPE_CHECKING:
     from .api import Api
+    from .state import State
 
 MANIFEST = ".batchplan-downloads.json"
 KINDS = (("output", "output_file_id", "output.jsonl"), ("errors", "error_file_id", "errors.jsonl"))
@@ -117,8 +126,8 @@ def _ensure_distinct(out: dict[str, dict[str, Path]], root: Path) -> None:
 
 
 def batch_dir(results: Path, name: str, batch_id: str) -> Path:
-    """Where one batch's own files are kept: `<results>/<name>/<batch id>/`."""
-    return results / name / batch_id
+    """Where one batch's own files are kept: `<results>/<name>/<batch id>/` (a shard's under its spec's name)."""
+    return results / spec_of(name) / batch_id
 
 
 def files_to_download(records: dict[str, BatchRecord | None], dests: dict[str, dict[str, Path]],
@@ -139,11 +148,49 @@ def files_to_download(records: dict[str, BatchRecord | None], dests: dict[str, d
             file_id = getattr(rec, key)
             if file_id:
                 own = batch_dir(results, name, rec.id) / default
-                last = dests[name][kind] if latest else None
+                last = dests[name][kind] if latest and name in dests else None  # a shard's: merged later
                 found.append(Target(name, kind, file_id, own, _rel(own, root), rec.id, last,
                                     _rel(last, root) if last else ""))
         notes += _missing_files(name, rec)
     return found, notes
+
+
+def every_attempt(wanted: list[Target], earlier: dict[str, list[BatchRecord]], dests: dict[str, dict[str, Path]],
+                  root: Path, results: Path) -> list[Target]:
+    """`wanted` and, for each name in `earlier` (its earlier attempts: it has retried), their files too,
+    each only to its batch's own directory: the latest places get every attempt merged (merge_results)."""
+    out = [replace(t, latest=None, latest_rel="") if t.name in earlier else t for t in wanted]
+    for name, records in earlier.items():
+        for rec in records:
+            out += files_to_download({name: rec}, dests, root, results, latest=False)[0]
+    return out
+
+
+def merge_results(name: str, records: list[BatchRecord], source: Path, dests: dict[str, Path], root: Path,
+                  results: Path, manifest: Manifest, report: Report) -> None:
+    """Merge every attempt's files (in their own directories) into the name's output and errors files:
+    one line per request that succeeded in any attempt, and the latest error of each that never did,
+    in the order of `source`, the input (results.merge_attempts)."""
+    from .results import AttemptFiles, merge_attempts
+
+    files = [AttemptFiles(*(batch_dir(results, name, rec.id) / default if getattr(rec, key) else None
+                            for _, key, default in KINDS)) for rec in records]
+    here = {t.dest for t in report.fetched}
+    if any(path not in here for pair in files for path in pair if path):
+        report.notes.append(f"{name}: its {len(records)} attempts were not merged: not every result file is here")
+        return
+    # In the manifest under the attempts' batch ids, so that an intact merge of the same attempts is kept
+    key = "merged:" + ",".join(rec.id for rec in records)
+    targets = [Target(name, kind, key, dests[kind], _rel(dests[kind], root)) for kind, _, _ in KINDS]
+    shown = f"{targets[0].rel} and {targets[1].rel}"
+    if all(manifest.intact(target) for target in targets):
+        report.skipped.append(f"{name}: {shown} already merged from {len(records)} attempts")
+        return
+    merged = merge_attempts(source, files, dests["output"], dests["errors"])
+    for target in targets:
+        manifest.add(target, target.dest.stat().st_size)
+    report.written.append(f"{name}: wrote {targets[0].rel} ({merged.outputs:,} results) and {targets[1].rel} "
+                          f"({merged.errors:,} without a result), merged from {len(records)} attempts")
 
 
 def _missing_files(name: str, rec: BatchRecord) -> list[str]:
@@ -196,7 +243,7 @@ def notes_on_earlier_files(records: dict[str, BatchRecord | None], dests: dict[s
     """Notes for files on disk from an earlier batch, where the current batch has no such file."""
     notes = []
     for name, rec in records.items():
-        if rec is None or not rec.terminal:
+        if rec is None or not rec.terminal or name not in dests:
             continue
         for kind, key, _ in KINDS:
             rel = _rel(dests[name][kind], root)
@@ -269,3 +316,66 @@ def _size(n: int) -> str:
             return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
+
+
+# -- a spec split into shards: one merged file ---------------------------------------------
+
+
+def sharded_specs(records: dict[str, BatchRecord | None], state: State | None) -> dict[str, list[str]]:
+    """spec name -> its shards' addresses in order, for each spec whose every shard in the state is
+    among `records` (`download big` names them all; `download big[1]` only one: nothing to merge)."""
+    groups: dict[str, list[str]] = {}
+    for name in records:
+        if shard_of(name) is not None:
+            groups.setdefault(spec_of(name), []).append(name)
+    entries = state.entries if state else {}
+    return {spec: names for spec, names in groups.items()
+            if {n for n in entries if spec_of(n) == spec and shard_of(n) is not None} == set(names)}
+
+
+def merge_shards(spec: str, names: list[str], records: dict[str, BatchRecord | None], state: State,
+                 dests: dict[str, Path], results: Path, root: Path, manifest: Manifest, report: Report) -> None:
+    """Write a sharded spec's output and errors as one file each, from its shards' own downloaded
+    files, in input order (shards.merge_in_input_order), streaming; a merged file still intact
+    from the same shard files is skipped."""
+    recs = [records[n] for n in names]
+    if any(rec is None or not rec.terminal for rec in recs):
+        done = sum(1 for rec in recs if rec is not None and rec.terminal)
+        report.notes.append(f"{spec}: {done} of {len(names)} shards finished; its merged files are written once "
+                            f"all have (`batchplan wait {spec}`)")
+        return
+    here = {t.dest for t in report.fetched}
+    for kind, key, default in KINDS:
+        ids = [getattr(rec, key) for rec in recs]
+        parts = [batch_dir(results, n, rec.id) / default if file_id else None
+                 for n, rec, file_id in zip(names, recs, ids)]
+        if not any(ids) or any(part is not None and part not in here for part in parts):
+            continue  # no shard has such a file, or one is not here intact (its failure is reported)
+        merged = Target(spec, kind, _merged_id(ids), dests[kind], _rel(dests[kind], root))
+        if manifest.intact(merged):
+            report.skipped.append(f"{spec}: {merged.rel} already merged from {len(names)} shards")
+            continue
+        how = _merge(state, names, parts, merged.dest, root)
+        manifest.add(merged, merged.dest.stat().st_size)
+        report.written.append(f"{spec}: wrote {merged.rel} from {len(names)} shards, {how}")
+
+
+def _merged_id(file_ids: list[str | None]) -> str:
+    """The manifest's file id of a merged file: which shard files, in order, it was made from."""
+    return "shards-" + hashlib.sha256("\n".join(f or "-" for f in file_ids).encode()).hexdigest()[:24]
+
+
+def _merge(state: State, names: list[str], parts: list[Path | None], dest: Path, root: Path) -> str:
+    """Merge in input order when the input still holds each shard's bytes, else in shard order; says which."""
+    entries = [state.entries[n] for n in names]
+    if all(e.shard and e.fields.input for e in entries):
+        shards = [Shard(index=e.shard.index, start=e.shard.start, end=e.shard.end, first_line=e.shard.first_line,
+                        last_line=e.shard.last_line, requests=e.shard.last_line - e.shard.first_line + 1,
+                        embedding_inputs=0, sha256=e.fields.input_sha256 or "") for e in entries]
+        try:
+            merge_in_input_order(root / str(entries[0].fields.input), shards, parts, dest)
+            return "in input order"
+        except (StalePlanError, OSError):
+            pass
+    merge_jsonl([p for p in parts if p is not None], dest)
+    return "in shard order (the input changed since, so each shard's lines are as the server wrote them)"

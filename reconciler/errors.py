@@ -12,7 +12,9 @@
      │    └── OverBudget            a plan that may cost more than a budget, or an unknown amount under one
      ├── ApiError                   the server answered with an error
      │    ├── NotFound              404 for a batch or file id
-     │    └── AmbiguousWrite        a create whose outcome is unknown (sent, no answer)
+     │    ├── AmbiguousWrite        a create whose outcome is unknown (sent, no answer)
+     │    └── BadAnswer             an answer that is not what the API sends (a null id, a huge body,
+     │                              pages that never end)
      ├── TransportError             the server could not be reached
      └── Interrupted                Ctrl-C / SIGTERM stopped an apply
 
@@ -121,6 +123,17 @@ class NotFound(ApiError):
 
 class AmbiguousWrite(ApiError):
     """A write was sent but its answer was lost: the server may or may not have done it."""
+
+
+class BadAnswer(ApiError):
+    """The server answered, but not as the API does: `GET /batches: data[3].created_at is null, ...`.
+
+    Never retried: a server that answers like this would answer like this again."""
+
+    def __init__(self, request: str, problem: str, status: int = 200):
+        BatchplanError.__init__(self, f"{request}: unexpected answer from the server: {problem}")
+        self.status, self.message, self.request = status, problem, request
+        self.type = self.param = self.code = None
 
 
 class TransportError(BatchplanError):

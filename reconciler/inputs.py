@@ -15,6 +15,7 @@ input count, and the file-level limits become the splitter's business.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import threading
@@ -55,7 +56,7 @@ class LineProblem:
 class InputReport:
     """What one pass over an input file found."""
 
-    sha256: str = ""
+    sha256: str = ""  # the file's sha256; for a large file split into shards, split_identity
     size: int = 0
     requests: int = 0
     models: list[str] = field(default_factory=list)
@@ -301,10 +302,12 @@ def scan_input(path: Path, endpoint: str, *, limit: int = MAX_REPORTED, chunk_si
                                f"{MAX_BYTES // 2**20} MB; split the file"), limit)
         return report
     scanner = _Scanner(endpoint, report, limit, splitter)
-    # A small file is hashed as it is read: a thread would cost more than it saves.
-    background = _BackgroundHash(path) if report.size > _BackgroundHash.PIECE else None
-    digest = None if background else hashlib.sha256()
-    max_line = MAX_BYTES if splitter is None else splitter.begin(path, scanner.problem)
+    # A small file is hashed as it is read: a thread would cost more than it saves. A large
+    # one being split is hashed by the splitter's own thread alone (see shards._ShardHashes).
+    large = report.size > _BackgroundHash.PIECE
+    background = _BackgroundHash(path) if large and splitter is None else None
+    digest = None if large else hashlib.sha256()
+    max_line = MAX_BYTES if splitter is None else splitter.begin(path, scanner.problem, hash_all=large)
     try:
         with path.open("rb", buffering=0) as fh, feedback.current().transfer(f"check {path.name}", report.size) as done:
             n = stop = 0
@@ -316,13 +319,23 @@ def scan_input(path: Path, endpoint: str, *, limit: int = MAX_REPORTED, chunk_si
         if splitter:
             splitter.cancel()
         raise
-    report.sha256 = background.hexdigest() if background else digest.hexdigest()
+    report.sha256 = background.hexdigest() if background else digest.hexdigest() if digest else ""
     report.requests = n
     if splitter:
-        report.shards = splitter.finish(report.sha256, n, stop)
+        report.shards = splitter.finish(report.sha256 or None, n, stop)
+        report.sha256 = report.sha256 or split_identity(report.shards)
     if report.requests == 0:
         report.add(LineProblem("empty_file", "the file holds no requests; add at least one line"), limit)
     return report
+
+
+def split_identity(shards: list[Shard]) -> str:
+    """A large file's identity when it was hashed shard by shard: the file's own sha256 when it is
+    one shard, else the sha256 of its shards' hashes in order (as good an identity of its content,
+    and no second pass over the file to make)."""
+    if len(shards) == 1:
+        return shards[0].sha256
+    return hashlib.sha256("".join(s.sha256 for s in shards).encode()).hexdigest()
 
 
 def hash_file(path: Path) -> str:
@@ -384,7 +397,8 @@ class CacheFile:
 
 
 class HashCache(CacheFile):
-    """sha256 and validation results of input files, keyed by path, size, mtime and endpoint.
+    """sha256, validation results and shards of input files, keyed by path, size, mtime, endpoint
+    and shard limits.
 
     Kept in `state/cache.json`, apart from the reviewed state: mtimes are per machine.
     Only clean reports are cached, so a cached entry means "this file was valid". As in
@@ -392,25 +406,31 @@ class HashCache(CacheFile):
     second edit in the same mtime tick would otherwise go unseen.
     """
 
-    VERSION = 2
+    VERSION = 3  # 3: every file is scanned with a Splitter; its shards are kept
     RACY_SECONDS = 2.0
     SAVES = "re-reading inputs"
     FIELDS = (("size", int), ("mtime_ns", int), ("endpoint", str), ("sha256", str), ("requests", int),
-              ("models", list))
+              ("models", list), ("limits", list), ("shards", list))
 
-    def scan(self, path: Path, endpoint: str) -> InputReport:
-        """The report for one file: from the cache when unchanged, else from `scan_input` (then cached)."""
+    def scan(self, path: Path, endpoint: str, limits: tuple[int, int]) -> InputReport:
+        """The report for one file, split into shards of at most `limits` (max_requests, max_bytes):
+        from the cache when unchanged, else from `scan_input` with a Splitter (then cached)."""
+        from .shards import Shard, ShardLimits, Splitter
+
         before = _stat_key(path)
+        key = [*before, endpoint, list(limits)]
         hit = self.entries.get(str(path))
-        if hit and [hit.get("size"), hit.get("mtime_ns"), hit.get("endpoint")] == [*before, endpoint]:
+        if hit and [hit.get("size"), hit.get("mtime_ns"), hit.get("endpoint"), hit.get("limits")] == key:
             return InputReport(sha256=hit["sha256"], size=before[0], requests=hit["requests"],
-                               models=list(hit["models"]))
-        report = scan_input(path, endpoint)
+                               models=list(hit["models"]), shards=[Shard(**s) for s in hit["shards"]])
+        splitter = Splitter(ShardLimits(max_requests=limits[0], max_bytes=limits[1]))
+        report = scan_input(path, endpoint, splitter=splitter)
         settled = time.time_ns() - before[1] > self.RACY_SECONDS * 1e9
         if report.ok and settled and _stat_key(path) == before:
             self.entries[str(path)] = {"size": before[0], "mtime_ns": before[1], "endpoint": endpoint,
-                                       "sha256": report.sha256, "requests": report.requests,
-                                       "models": report.models}
+                                       "limits": list(limits), "sha256": report.sha256,
+                                       "requests": report.requests, "models": report.models,
+                                       "shards": [dataclasses.asdict(s) for s in report.shards]}
             self.dirty = True
         return report
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from .batch import BatchRecord
 from .plan import Action, Change
-from .state import Entry, HistoryItem, Intent, Upload
+from .state import Entry, HistoryItem, Intent, Retries, RetryIntent, ShardPart, Upload
 
 if TYPE_CHECKING:
     from .desired import Desired
@@ -31,6 +31,14 @@ SAVE_EVERY = 0.5  # seconds between state saves while creates complete
 class ApplyResult:
     done: dict[str, str] = field(default_factory=dict)      # name -> what was done
     failed: dict[str, str] = field(default_factory=dict)    # name -> why
+    queued: dict[str, str] = field(default_factory=dict)    # name -> what it waits for (nothing was sent)
+
+
+def shard_part(want: Desired) -> ShardPart | None:
+    """Which part of its input a shard's batch holds, as the state records it (None: the whole input)."""
+    s = want.shard
+    return None if s is None else ShardPart(index=s.index, start=s.start, end=s.end, first_line=s.first_line,
+                                            last_line=s.last_line)
 
 
 class Ledger:
@@ -62,7 +70,8 @@ class Ledger:
     def record_intent(self, want: Desired, now: int) -> Intent | None:
         """Record the create about to be sent for `want`; the earlier intent for the same spec, if any.
 
-        An earlier intent keeps its time: the look for its batch must reach back that far."""
+        An earlier intent keeps its time, as a record of when it was first sent; nothing compares
+        it with a clock (apply settles on every earlier intent, see Applier.record_intent)."""
         entry = self._entry_for(want)
         earlier = entry.intent if entry.intent and entry.intent.spec_hash == want.spec_hash else None
         if entry.intent is None:
@@ -125,7 +134,8 @@ class Ledger:
         # fields stay exactly the desired ones (the uploaded file id is on the batch record),
         # so the next plan's diff shows only what the user changed
         entry.spec_hash, entry.fields, entry.prevent_cancel = want.spec_hash, want.fields(), want.prevent_cancel
-        entry.batch, entry.intent, entry.base_url = BatchRecord.from_api(batch), None, want.base_url
+        entry.batch, entry.intent, entry.shard = BatchRecord.from_api(batch), None, shard_part(want)
+        entry.base_url = want.base_url
 
     def update_fields(self, change: Change) -> None:
         """Record the spec's new fields without touching its batch (lifecycle.ignore_changes: nothing is sent)."""
@@ -145,9 +155,51 @@ class Ledger:
     def _entry_for(self, want: Desired) -> Entry:
         entry = self.state.entries.get(want.name)
         if entry is None:
-            entry = Entry(spec_hash=want.spec_hash, fields=want.fields(), prevent_cancel=want.prevent_cancel)
+            entry = Entry(spec_hash=want.spec_hash, fields=want.fields(), prevent_cancel=want.prevent_cancel,
+                          shard=shard_part(want))
             self.state.entries[want.name] = entry
         return entry
+
+    # -- retries: the follow-up batches of an entry's batch (retries.py) ----------------
+
+    def record_retry_intent(self, change: Change, tag: str, sha256: str, now: int) -> RetryIntent | None:
+        """Record the retry batch about to be made; the earlier intent for the same attempt, if any
+        (it keeps its time: the look for its batch must reach back that far)."""
+        assert change.retry is not None
+        retries = self._retries_of(change.name)
+        known = retries.intent
+        earlier = known if known and (known.attempt, known.tag) == (change.retry.attempt, tag) else None
+        retries.intent = RetryIntent(attempt=change.retry.attempt, tag=tag, input_sha256=sha256,
+                                     at=earlier.at if earlier else now)
+        return earlier
+
+    def retry_intent(self, name: str) -> RetryIntent:
+        intent = self._retries_of(name).intent
+        assert intent is not None, name
+        return intent
+
+    def drop_retry_intent(self, name: str) -> None:
+        """The retry batch was certainly not made: the next apply need not look for it."""
+        self._retries_of(name).intent = None
+
+    def record_retry(self, change: Change, batch: dict, verb: str = "created retry") -> None:
+        """Record a retry batch made (or found) for a change, after the attempt it follows."""
+        assert change.retry is not None and change.batch is not None
+        retries = self._retries_of(change.name)
+        self.state.record_batches({change.name: change.batch})  # the attempt it follows, as the plan saw it
+        if all(known.id != batch["id"] for known in retries.batches):
+            retries.batches.append(BatchRecord.from_api(batch))
+        retries.intent = None
+        self.done(change.name, f"{verb} {batch['id']} (attempt {change.retry.attempt}, "
+                               f"{change.retry.selection.requests:,} requests)")
+
+    def _retries_of(self, name: str) -> Retries:
+        """The entry's retries, started afresh when none are recorded for its current batch."""
+        entry = self.state.entries[name]
+        assert entry.batch is not None, name
+        if entry.retries is None or entry.retries.first != entry.batch.id:
+            entry.retries = Retries(first=entry.batch.id)
+        return entry.retries
 
     # -- what the user is told -----------------------------------------------------------
 
@@ -155,6 +207,14 @@ class Ledger:
         self.result.done[name] = text
         self.report(name, text)
 
+    def queue(self, name: str, phrase: str) -> None:
+        """A create left for a later apply: it waits for enqueued-token capacity (queue.py)."""
+        self.result.queued[name] = phrase
+        self.report(name, phrase)
+
     def fail(self, name: str, error: BatchplanError) -> None:
-        self.result.failed[name] = str(error)
+        """A name failed: it is counted failed only, even when a step of it was done before (a replacement
+        made, whose old batch then could not be cancelled), and that step is said with the failure."""
+        earlier = self.result.done.pop(name, None)
+        self.result.failed[name] = f"{earlier}, then failed: {error}" if earlier else str(error)
         self.report(name, f"failed: {error}")

@@ -18,12 +18,13 @@ import re
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import closing, contextmanager
+from contextlib import closing, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import ConfigError, LockError, NotFound, StateError, ValidationFailed
+from .errors import (BatchplanError, ConfigError, Interrupted, LockError, NotFound, PlanError, StateError,
+                     ValidationFailed)
 from .session import Session
 
 if TYPE_CHECKING:
@@ -31,14 +32,16 @@ if TYPE_CHECKING:
     from .desired import Desired
     from .download import Manifest, Report, Target
     from .importer import Imported
-    from .plan import Plan
+    from .plan import Change, Plan
     from .project import Project
+    from .queue import Limits
     from .scaffold import Scaffolded
-    from .batch import BatchRecord
+    from .batch import BatchFields, BatchRecord
     from .state import Entry, State
     from .stores.base import LockInfo, Transaction
     from .remote import Snapshot
     from .status import StatusRow
+    from .tokens import TokenCache
     from .watch import Display, WaitResult
 
 
@@ -71,7 +74,7 @@ def _load_desired(project: Project) -> list[Desired]:
 
     cache = project.hash_cache()
     desired = load_desired(project.specs_dir, project.root, cache, os.path.relpath(project.results_dir, project.root),
-                           project.providers)
+                           project.retry, project.providers)
     cache.save()
     return desired
 
@@ -125,13 +128,19 @@ class Validated:
     specs: int
     files: int
     requests: int
+    splits: dict[str, str] = field(default_factory=dict)  # spec name -> why it makes its shards
 
 
 def validate(project: Project) -> Validated:
-    """Check every spec and input file, offline."""
+    """Check every spec and input file, offline; say how each spec over a batch's limits is split."""
     desired = _load_desired(project)
-    by_file = {d.input: d for d in desired if d.input}
-    return Validated(len(desired), len(by_file), sum(d.requests or 0 for d in by_file.values()))
+    requests: dict[str, int] = {}  # input file -> its requests, counted once however many specs read it
+    first_reader: dict[str, str] = {}
+    for want in desired:
+        if want.input and first_reader.setdefault(want.input, want.spec) == want.spec:
+            requests[want.input] = requests.get(want.input, 0) + (want.requests or 0)
+    splits = {want.spec: want.split for want in desired if want.split}
+    return Validated(len({want.spec for want in desired}), len(requests), sum(requests.values()), splits)
 
 
 @dataclass(frozen=True)
@@ -145,12 +154,17 @@ class PlanRequest:
 
 async def _make_plan(project: Project, session: Session, desired: list[Desired], state: State | None,
                      request: PlanRequest) -> Plan:
+    from .attempts import read_attempts_all
     from .plan import build_plan
     from .remote import read_remote_all
+    from .results import ResultsCache
 
     remote = await read_remote_all(session, desired, state, full_scan=request.scan_all,
                                    base_urls=project.base_urls())
-    return build_plan(desired, state, remote, targets=request.targets, force_replace=request.replace)
+    attempts = await read_attempts_all(session, desired, state, remote, root=project.root,
+                                       cache=ResultsCache(project.retries_dir / "results"))
+    return build_plan(desired, state, remote, targets=request.targets, force_replace=request.replace,
+                      attempts=attempts)
 
 
 def _with_estimates(project: Project, the_plan: Plan) -> Plan:
@@ -164,20 +178,80 @@ def _with_estimates(project: Project, the_plan: Plan) -> Plan:
     from .estimate import estimate_desired
 
     cache, prices = project.token_cache(), project.price_table()
-    estimates = {c.name: estimate_desired(c.desired, project.root, cache, prices, project.default_max_output_tokens)
+    estimates = {c.name: estimate_desired(_sent_input(project, c), project.root, cache, prices,
+                                          project.default_max_output_tokens)
                  for c in the_plan.sending}
     cache.save()
     return the_plan.with_estimates(estimates, project.budget_usd)
 
 
+def _sent_input(project: Project, change: Change) -> Desired:
+    """What a change sends: its spec's input, or for a retry the lines it sends again."""
+    if change.retry is None:
+        return change.desired
+    from .attempts import retry_desired
+
+    return retry_desired(change.desired, change.retry.attempt, change.retry.selection, project.root,
+                         project.retries_dir)
+
+
+def _with_queue(project: Project, the_plan: Plan, state: State | None) -> Plan:
+    """The plan with the creates that do not fit under `limits:` now marked queued (queue.py).
+
+    PlanError when a batch is over its model's whole limit: it could never run. Weights come
+    from the token cache, which the estimates filled moments ago; a running batch's input
+    not in it is counted again if its content is still the one it was made from. Each
+    provider is queued against its own limits: its profile's `limits:`, else the top-level ones.
+    """
+    if not the_plan.sending or not any(_limits_of(project, p).root for p in _sending_providers(the_plan)):
+        return the_plan
+    from .queue import plan_candidates, plan_in_flight, schedule_by_provider
+
+    cache = project.token_cache()
+
+    def weigh(fields: BatchFields) -> dict[str, int] | None:
+        return _weight(project.root, cache, fields)
+
+    found = schedule_by_provider(plan_candidates(the_plan, weigh), plan_in_flight(state, the_plan, weigh),
+                                 lambda provider: _limits_of(project, provider))
+    cache.save()
+    found.check()
+    return the_plan.with_queue(found)
+
+
+def _sending_providers(the_plan: Plan) -> set[str | None]:
+    return {c.desired.provider for c in the_plan.sending if c.desired}
+
+
+def _limits_of(project: Project, provider: str | None) -> Limits:
+    """The enqueued-token limits on `provider`: its profile's own `limits:`, else the top-level block."""
+    return project.provider_limits(provider) or project.limits
+
+
+def _weight(root: Path, cache: TokenCache, fields: BatchFields) -> dict[str, int] | None:
+    """A batch's input tokens per model (queue.weight), None when its input cannot be counted: no local
+    file, an endpoint batchplan does not count, or a file whose content is no longer the one hashed."""
+    from .paths import confine
+    from .queue import weight
+    from .tokens import COUNTED_ENDPOINTS
+
+    if not fields.input or not fields.input_sha256 or fields.endpoint not in COUNTED_ENDPOINTS:
+        return None
+    try:
+        tokens = cache.count(confine(fields.input, root, root), fields.endpoint, sha256=fields.input_sha256)
+    except (OSError, BatchplanError):  # gone, unreadable, or (a hand-edited state) outside the repository
+        return None
+    return weight(tokens) if tokens.sha256 == fields.input_sha256 else None
+
+
 def plan(project: Project, request: PlanRequest, out: Path | None = None) -> Plan:
-    """What apply would change, with its cost. Reads the server; writes only the per-machine
-    caches (input hashes, token counts) and `out`."""
+    """What apply would change, with its cost and what waits for capacity. Reads the server;
+    writes only the per-machine caches (input hashes, token counts) and `out`."""
     desired = _load_desired(project)
     state = _load_state(project)
     with Session(project) as session:
         the_plan = session.run(lambda s: _make_plan(project, s, desired, state, request))
-    the_plan = _with_estimates(project, the_plan)
+    the_plan = _with_queue(project, _with_estimates(project, the_plan), state)
     if out is not None:
         from .planfile import save_plan
 
@@ -192,11 +266,14 @@ class Applied:
 
 
 def apply(project: Project, request: PlanRequest, *, planfile: Path | None, review: Callable[[Plan], None],
-          report: Callable[[str, str], None]) -> Applied:
+          report: Callable[[str, str], None], session: Session | None = None) -> Applied:
     """Plan (or load a saved plan), let `review` see it (and refuse it), then carry it out, under the lock.
 
     A plan over a budget is refused (OverBudget) before `review` and before anything is written or
     sent: a saved plan, which carries its estimates, before connecting; a new one once planned.
+    So is one with a batch over its model's whole enqueued-token limit; creates that do not fit
+    under it now are left queued (a saved plan keeps the queue it was made with). `session`: one
+    the caller keeps open across applies (apply_watch); else this apply's own.
     """
     from .budget import check_budget
 
@@ -208,7 +285,7 @@ def apply(project: Project, request: PlanRequest, *, planfile: Path | None, revi
         saved = dataclasses.replace(saved_plan, budget_usd=project.budget_usd), inputs  # today's budget
         check_budget(saved[0])
     desired = None if saved else _load_desired(project)
-    with Session(project) as session:
+    with (nullcontext(session) if session else Session(project)) as session:
         session.require(_providers_needed(desired, saved[0] if saved else None))  # before the lock: said at once
         return _apply_locked(project, session, request, (planfile, saved) if saved else None, desired, review,
                              report)
@@ -230,14 +307,14 @@ def _apply_locked(project: Project, session: Session, request: PlanRequest,
     from .budget import check_budget
 
     planfile, saved = from_file or (None, None)
-    with _transaction(project) as txn:  # the clients are made on first use: after
+    with _transaction(project) as txn:  # the clients are made on first use: after the lock
         state = txn.state if txn.existed else None
         if saved:
             from .planfile import check_fresh
 
             check_fresh(planfile, *saved, state, project.root)
-        the_plan = saved[0] if saved else \
-            _with_estimates(project, session.run(lambda s: _make_plan(project, s, desired, state, request)))
+        the_plan = saved[0] if saved else _with_queue(project, _with_estimates(
+            project, session.run(lambda s: _make_plan(project, s, desired, state, request))), state)
         check_budget(the_plan)
         review(the_plan)  # the loop is idle here: asking the user holds up no request
         if not the_plan.has_changes:
@@ -246,26 +323,118 @@ def _apply_locked(project: Project, session: Session, request: PlanRequest,
 
         async def carry_out(s: Session) -> ApplyResult:
             apis = await s.clients(providers_of(the_plan))
-            return await apply_plan(Applier(apis, txn, the_plan, repo_root=project.root, report=report))
+            return await apply_plan(Applier(apis, txn, the_plan, repo_root=project.root, report=report,
+                                            work_dir=project.retries_dir))
 
         result = session.run(carry_out)
     return Applied(the_plan, result)
 
 
-def force_unlock(project: Project, lock_id: str | None, force: bool = False) -> tuple[str, LockInfo | None]:
-    """Remove the state lock a process that is gone left; where it was, and whose it was.
+@dataclass(frozen=True)
+class Watched:
+    """How `apply --watch` ended: every batch it watched as last seen, and the creates that failed."""
 
-    `force` (PostgreSQL only) ends a live holder's database session, which releases its lock;
-    a file lock held by a live process cannot be taken from it."""
-    from .stores.postgres import PostgresStore
+    waited: Waited
+    failed: dict[str, str]  # name -> why its create failed (the watch stops at the first round with one)
 
+
+def apply_watch(project: Project, request: PlanRequest, *, review: Callable[[Plan], None],
+                report: Callable[[str, str], None], display: Callable[[list[str]], Display],
+                interval: float | None) -> Watched:
+    """Apply, then poll; apply again whenever a batch ends while creates wait for enqueued-token
+    capacity (or a batch failed for want of it); stop once every batch of the first plan has ended.
+
+    Each round is an ordinary apply under the lock, so a watch killed at any point is resumed
+    by the next, like any apply; the lock is free while it polls. Later rounds only create
+    and adopt: a spec edited meanwhile stops the watch (`_creates_only`). Ctrl-C while it
+    polls stops it with the state as the last round saved it.
+    """
+    interval = interval or (1.0 if project.sandbox else 15.0)
+    with Session(project) as session:
+        applied = apply(project, request, planfile=None, review=review, report=report, session=session)
+        names = [c.name for c in applied.plan.changes if c.desired is not None]  # not those cancelled or forgotten
+        shown = display(names)
+        try:
+            while not (applied.result and applied.result.failed):
+                queued, polled = bool(applied.plan.queued), _watched_entries(project, names)
+                if not queued and not _any_running(polled, names):
+                    break
+                session.run(lambda s: _poll_until_freed(project, s, polled, shown, interval, queued))
+                applied = apply(project, PlanRequest(targets=frozenset(names)), planfile=None, review=_creates_only,
+                                report=report, session=session)
+        except KeyboardInterrupt:
+            raise Interrupted("interrupted: the state is saved; run `batchplan apply --watch` again to go on") from None
+        finally:
+            shown.close()
+    from .remote import Snapshot
+    from .watch import WaitResult
+
+    final = {n: e for n, e in _watched_entries(project, names).items() if n in names}
+    return Watched(Waited(names, WaitResult(Snapshot.of(final), timed_out=False) if names else None),
+                   dict(applied.result.failed) if applied.result else {})
+
+
+def _watched_entries(project: Project, names: list[str]) -> dict[str, Entry]:
+    """The state's entries of `names` that have a batch, and every other entry whose batch may still be
+    running: those hold enqueued tokens too, and their end frees capacity."""
+    state = _load_state(project)
+    entries = state.entries if state else {}
+    return {n: e for n, e in sorted(entries.items()) if e.batch and (n in names or not e.batch.terminal)}
+
+
+def _any_running(entries: dict[str, Entry], names: list[str]) -> bool:
+    from .remote import any_unfinished
+
+    return any_unfinished({n: e for n, e in entries.items() if n in names})
+
+
+async def _poll_until_freed(project: Project, session: Session, entries: dict[str, Entry], shown: Display,
+                            interval: float, queued: bool) -> None:
+    """Poll until every batch has ended, or until one ended that freed capacity while creates wait for it
+    (queued, or a batch to make again because it failed for want of capacity). A batch that failed for
+    capacity frees none: the server's capacity is smaller than batchplan thought (someone else's batches
+    hold some), so it is made again once one of ours ends, or when none of ours runs any more. Each
+    batch is asked about on its own provider (remote.take_snapshot_all)."""
+    import asyncio
+
+    from .queue import failed_for_capacity
+    from .remote import take_snapshot_all
+    from .watch import wait_until_finished
+
+    running = {n for n, e in entries.items() if not e.batch.terminal}
+    if not running:  # the capacity is held by no batch of this state (another tool's): look again later
+        await asyncio.sleep(interval)
+        return
+
+    def freed(snapshot: Snapshot) -> bool:
+        ended = [r for n, r in snapshot.records.items() if n in running and (r.terminal or n in snapshot.missing)]
+        waiting = queued or any(failed_for_capacity(r) for r in snapshot.records.values())
+        return waiting and any(not failed_for_capacity(r) for r in ended)
+
+    await wait_until_finished(lambda current: take_snapshot_all(session, current, project.base_urls()), entries,
+                              shown, interval=interval, timeout=None, until=freed)
+
+
+def _creates_only(the_plan: Plan) -> None:
+    """A later round of `apply --watch` carries out, unasked, only what the first plan asked for:
+    the creates it queued or whose batch failed for capacity, and adoptions of batches already made."""
+    from .plan import Action, ReasonCode
+
+    for change in the_plan.changes:
+        if change.action not in (Action.CREATE, Action.ADOPT, Action.NOOP) and \
+                change.reason_code is not ReasonCode.INTERRUPTED_REPLACE:
+            raise PlanError(f"{change.name}: would {change.action.value} ({change.reason}), which the plan this "
+                            "watch began with did not ask for: its spec or batch changed since; nothing more was "
+                            "sent. Run `batchplan apply --watch` again to review the new plan")
+
+
+def force_unlock(project: Project, lock_id: str, force: bool = False) -> tuple[str, LockInfo]:
+    """Remove the state lock `lock_id` that a process that is gone left; where it was, and whose it was.
+
+    A live holder is refused, unless `force` (after a Notice naming it): the file store then lets the
+    next command lock afresh, the PostgreSQL store ends the holder's database session."""
     with closing(project.store()) as store:
-        if isinstance(store, PostgresStore):
-            return store.location, store.force_unlock(lock_id, terminate=force)
-        if force:
-            raise ConfigError("force-unlock --force ends the lock holder's database session, which only a state in "
-                              "PostgreSQL has; for a state file, stop the process that holds the lock")
-        return store.location, store.force_unlock(lock_id)
+        return store.location, store.force_unlock(lock_id, force=force)
 
 
 # -- status, wait, refresh, download ---------------------------------------------------
@@ -277,14 +446,41 @@ class StatusReport:
     now: float
 
 
-def status(project: Project, names: tuple[str, ...]) -> StatusReport:
-    """Every batch in the state (or the names) as the server says now. Writes nothing."""
-    from .status import status_rows
+def status(project: Project, names: tuple[str, ...], shards: bool = False) -> StatusReport:
+    """Every batch in the state (or the names) as the server says now: a spec split into shards as one
+    row, and a row per shard too when `shards` (or when a shard is named). Writes nothing."""
+    from .spec import shard_of
+    from .status import status_rows, with_attempts
 
     entries = _entries(_load_state(project), names)
+    latest = _latest(entries)
     with Session(project) as session:
-        snapshot = _snapshot(session, entries)
-    return StatusReport(status_rows(entries, snapshot), time.time())
+        snapshot = _snapshot(session, latest)
+    shards = shards or any(shard_of(name) is not None for name in names)
+    return StatusReport(with_attempts(status_rows(latest, snapshot, shards),
+                                      _attempt_phrases(project, entries, snapshot)), time.time())
+
+
+def _latest(entries: dict[str, Entry]) -> dict[str, Entry]:
+    """The entries with each one's latest attempt as its batch: a retry batch once one is made."""
+    from .attempts import latest_entries
+
+    return latest_entries(entries)
+
+
+def _attempt_phrases(project: Project, entries: dict[str, Entry], snapshot: Snapshot) -> dict[str, str]:
+    """name -> what its attempts came to, for the specs that retry or have retried (`status`)."""
+    from .attempts import attempts_phrase
+    from .spec import load_specs
+
+    loaded, _ = load_specs(project.specs_dir, project.root)  # status works with a broken spec: its policy is unknown
+    policies = {item.spec.name: item.spec.retry_policy(project.retry) for item in loaded}
+    phrases = {}
+    for name, entry in entries.items():
+        latest = snapshot.records.get(name)
+        if latest and (phrase := attempts_phrase(entry, latest, policies.get(name))):
+            phrases[name] = phrase
+    return phrases
 
 
 @dataclass(frozen=True)
@@ -298,9 +494,10 @@ def wait(project: Project, names: tuple[str, ...], *, interval: float | None, ti
          display: Callable[[list[str]], Display]) -> Waited:
     """Poll until the batches have finished (or `timeout`), then record what was seen, under the lock."""
     from .remote import any_unfinished, providers_to_ask, take_snapshot_all
-    from .watch import WaitResult, wait_until_finished
+    from .spec import spec_of
+    from .watch import BySpec, WaitResult, wait_until_finished
 
-    entries = _entries(_load_state(project), names)
+    entries = _latest(_entries(_load_state(project), names))
     if not entries:
         return Waited([], None)
     interval = interval or (1.0 if project.sandbox else 15.0)
@@ -308,7 +505,7 @@ def wait(project: Project, names: tuple[str, ...], *, interval: float | None, ti
         if not any_unfinished(entries):
             return Waited(list(entries), WaitResult(_snapshot(session, entries), timed_out=False))
         session.require(providers_to_ask(entries, project.base_urls()))  # a missing key: said before the display
-        shown = display(list(entries))
+        shown = BySpec(display(list(dict.fromkeys(spec_of(name) for name in entries))))
         try:
             result = session.run(lambda s: wait_until_finished(
                 lambda current: take_snapshot_all(s, current, project.base_urls()), entries, shown,
@@ -334,7 +531,7 @@ def refresh(project: Project) -> Refreshed:
     from .remote import any_unfinished
 
     with Session(project) as session, _transaction(project) as txn:
-        entries = _entries(txn.state, ())
+        entries = _latest(_entries(txn.state, ()))
         if not any_unfinished(entries):
             return Refreshed([], None)
         snapshot = _snapshot(session, entries)
@@ -383,7 +580,7 @@ def _download_records(project: Project, session: Session, names: tuple[str, ...]
 
     state = _load_state(project)
     if batch_id is None:
-        entries = _entries(state, names)
+        entries = _latest(_entries(state, names))
         snapshot = _snapshot(session, entries)
         return _ToDownload({n: snapshot.records.get(n) for n in entries}, state, True,
                            {n: e.provider for n, e in entries.items()})
@@ -402,9 +599,9 @@ def download(project: Project, names: tuple[str, ...], *, batch_id: str | None =
     """Write each finished batch's result files, skipping those already on disk intact.
 
     `batch_id`: that batch of the one name instead of its latest. `join`: also joined.jsonl."""
-    from .download import (MANIFEST, Manifest, Report, destinations, files_to_download, not_yet_downloaded,
-                           notes_on_earlier_files, restore_latest, spec_inputs)
-    from .spec import load_specs
+    from .download import (MANIFEST, Manifest, Report, destinations, every_attempt, files_to_download, merge_shards,
+                           not_yet_downloaded, notes_on_earlier_files, restore_latest, sharded_specs, spec_inputs)
+    from .spec import load_specs, shard_of, spec_of
 
     specs, problems = load_specs(project.specs_dir, project.root)
     if problems:
@@ -412,17 +609,28 @@ def download(project: Project, names: tuple[str, ...], *, batch_id: str | None =
     manifest = Manifest(project.results_dir / MANIFEST)
     with Session(project) as session:
         found = _download_records(project, session, names, batch_id, {s.spec.name: s.spec.provider for s in specs})
-        records, latest = found.records, found.latest
-        dests = destinations(specs, list(records), project.results_area(spec_inputs(specs, project.root)))
-        wanted, notes = files_to_download(records, dests, project.root, project.results_dir, latest)
+        records, state, latest = found.records, found.state, found.latest
+        own = [n for n in records if shard_of(n) is None]  # a shard's latest files are its spec's, merged
+        area = project.results_area(spec_inputs(specs, project.root))
+        dests = destinations(specs, list(dict.fromkeys([*own, *map(spec_of, records)])), area)
+        wanted, notes = files_to_download(records, {n: dests[n] for n in own}, project.root, project.results_dir,
+                                          latest)
+        # every attempt of a retried spec (a shard's retries: only its latest attempt, merged with the shards)
+        earlier = _earlier_attempts(state, {n: r for n, r in records.items() if n in own}) if latest else {}
+        wanted = every_attempt(wanted, earlier, dests, project.root, project.results_dir)
         if latest:
-            notes += notes_on_earlier_files(records, dests, project.root, manifest)
+            notes += notes_on_earlier_files({n: r for n, r in records.items() if n not in earlier}, dests,
+                                            project.root, manifest)
         report = Report(notes=notes)
         todo, restore = not_yet_downloaded(wanted, manifest, report)
         try:
             restore_latest(restore, manifest, report)
             if todo:
                 session.run(lambda s: _download_from_each(s, todo, found.providers, manifest, report))
+            _merge_attempts(project, state, earlier, records, dests, manifest, report)
+            for spec, shards in (sharded_specs(records, state) if latest else {}).items():
+                merge_shards(spec, shards, records, state, dests[spec], project.results_dir, project.root,
+                             manifest, report)
         finally:
             manifest.save()
     if join:
@@ -440,6 +648,31 @@ async def _download_from_each(session: Session, todo: list[Target], providers: d
     for provider in sorted({providers[t.name] for t in todo}, key=sort_key):
         share = [t for t in todo if providers[t.name] == provider]
         await download_files(await session.client(provider), share, manifest, report)
+def _earlier_attempts(state: State | None, records: dict[str, BatchRecord | None]) -> dict[str, list[BatchRecord]]:
+    """name -> the attempts before its latest, for each name that has retried and whose latest has ended."""
+    from .attempts import attempt_records
+
+    earlier = {}
+    for name, rec in records.items():
+        attempts = attempt_records(state.entries[name]) if state and name in state.entries else []
+        if rec is not None and rec.terminal and len(attempts) > 1:
+            earlier[name] = attempts[:-1]
+    return earlier
+
+
+def _merge_attempts(project: Project, state: State | None, earlier: dict[str, list[BatchRecord]],
+                    records: dict[str, BatchRecord | None], dests: dict, manifest, report: Report) -> None:
+    """Each retried name's output and errors files: every attempt merged, in the order of its input."""
+    from .download import merge_results
+
+    for name, before in earlier.items():
+        first = before[0]
+        source, why = _input_of(project, state, name, first)
+        if source is None:
+            report.notes.append(f"{name}: its {len(before) + 1} attempts were not merged: {why}")
+            continue
+        merge_results(name, [*before, records[name]], source, dests[name], project.root, project.results_dir,
+                      manifest, report)
 
 
 def _join_all(project: Project, state: State | None, records: dict[str, BatchRecord | None], report: Report) -> None:

@@ -137,8 +137,8 @@ common_options = project_options(*ONLINE)
 
 
 def plan_options(func):
-    @click.option("--target", multiple=True, metavar="NAME", help="Plan only these spec names (repeatable).")
-    @click.option("--replace", multiple=True, metavar="NAME", help="Make a new batch for NAME even if unchanged.")
+    @click.option("--target", multiple=True, metavar="NAME", help="Plan only these spec names, or NAME[K] for one shard (repeatable).")
+    @click.option("--replace", multiple=True, metavar="NAME", help="Make a new batch for NAME (every shard of it; NAME[K]: one) even if unchanged.")
     @click.option("--scan-all", is_flag=True,
                   help="Look through every batch in the account for ones batchplan made (slow on big accounts).")
     @functools.wraps(func)

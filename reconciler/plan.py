@@ -6,6 +6,9 @@ sends nothing. Apply walks the plan's changes; renderers print them.
 
 The diff is set arithmetic over spec names: desired − state = create or adopt,
 state − desired = cancel or forget, and the intersection is compared by spec hash.
+Where the server holds more than one running batch of a spec (a create whose answer was
+lost and that landed late, or two checkouts), the oldest is kept (remote.keep_oldest) and
+every other one gets a change of its own: a cancel with reason_code `duplicate`.
 """
 
 from __future__ import annotations
@@ -18,11 +21,16 @@ from typing import TYPE_CHECKING
 from .batch import BatchFields, BatchRecord
 from .desired import Desired
 from .errors import PlanError
-from .remote import RemoteView, find_tagged, moved_provider
-from .state import Entry, State
+from .queue import failed_for_capacity
+from .remote import RemoteView, find_tagged, keep_oldest, moved_provider, tagged_batches
+from .spec import address_key, spec_of
+from .state import Entry, State, expand_names
 
 if TYPE_CHECKING:
+    from .attempts import AttemptsView
     from .estimate import Estimate
+    from .retries import RetrySelection
+    from .queue import Schedule
 
 
 class Action(str, Enum):
@@ -33,6 +41,7 @@ class Action(str, Enum):
     REPLACE = "replace"
     CANCEL = "cancel"
     FORGET = "forget"
+    RETRY = "retry"  # a follow-up batch of the requests the spec's ended batches left without a result
 
     @property
     def symbol(self) -> str:
@@ -40,8 +49,9 @@ class Action(str, Enum):
 
 
 _SYMBOLS = {Action.CREATE: "+", Action.ADOPT: "=", Action.UPDATE: "~", Action.NOOP: " ", Action.REPLACE: "±",
-            Action.CANCEL: "-", Action.FORGET: "#"}
-ORDER = (Action.CREATE, Action.ADOPT, Action.UPDATE, Action.REPLACE, Action.CANCEL, Action.FORGET, Action.NOOP)
+            Action.CANCEL: "-", Action.FORGET: "#", Action.RETRY: "↻"}
+ORDER = (Action.CREATE, Action.ADOPT, Action.UPDATE, Action.REPLACE, Action.RETRY, Action.CANCEL, Action.FORGET,
+         Action.NOOP)
 
 
 class ReasonCode(str, Enum):
@@ -62,9 +72,18 @@ class ReasonCode(str, Enum):
     FORCED = "forced"                                # replace: --replace
     INTERRUPTED_REPLACE = "interrupted_replace"      # replace: finishing one an apply left half done
     SPEC_REMOVED = "spec_removed"                    # cancel / forget: the spec is gone
+    RESHARDED = "resharded"                          # cancel / forget: the spec is split otherwise now,
+    #                                                  and no longer has this address (NAME or NAME[K])
     CHANGES_IGNORED = "changes_ignored"              # update: only fields lifecycle.ignore_changes lists
     PROVIDER_MOVED = "provider_moved"                # replace / forget: the batch's provider now points at
     #                                                  another server (its base_url changed): not followed
+    WITHOUT_RESULT = "without_result"                # retry: requests the ended batches left without a result
+    #                                                  (found_untracked: the retry batch is already made)
+    KEEP_OLDEST = "keep_oldest"                      # adopt: an older running batch of this spec is kept,
+    #                                                  and the state's is cancelled as its duplicate
+    DUPLICATE = "duplicate"                          # cancel: a second running batch of the same spec
+    TOKEN_LIMIT_EXCEEDED = "token_limit_exceeded"    # create: the last batch failed for want of enqueued-token
+    #                                                  capacity (someone else's batches used it): made again
 
 
 _INPUT_FIELDS = frozenset({"input", "input_sha256", "input_file_id"})
@@ -78,6 +97,14 @@ class FieldChange:
 
 
 @dataclass(frozen=True)
+class PlannedRetry:
+    """A retry's attempt number (2 and up) and the input lines it sends (retries.RetrySelection)."""
+
+    attempt: int
+    selection: RetrySelection
+
+
+@dataclass(frozen=True)
 class Change:
     """One spec name and what apply does for it.
 
@@ -87,12 +114,18 @@ class Change:
         None for cancel and forget (the name leaves the state).
     reason: why, for people; apply never reads it. reason_code: the same, for machines.
     batch:  the existing batch this change is about (to keep, replace, cancel or forget; for a
-        create, the batch the server no longer has).
+        create, the batch the server no longer has; for a cancel of a duplicate, the duplicate,
+        while the name's entry stays).
     found:  a batch already on the server that satisfies the desired spec (made by an
         earlier, interrupted apply, or before the state was lost): apply records it
         instead of creating one.
     estimate: what the requests this change sends may cost (estimate.py), for a change that
         sends requests; None for the others, and where batchplan cannot count the input.
+    retry:  for a retry, its attempt and the lines it sends (`batch` is then the latest attempt,
+        `found` a retry batch an interrupted apply made).
+    queued: for a change that sends requests but does not fit under its model's enqueued-token
+        limit now (queue.py), the phrase that says what it waits for; apply skips it, and a
+        later apply (or `apply --watch`) makes it once capacity frees. None: not queued.
     """
 
     name: str
@@ -107,6 +140,8 @@ class Change:
     diff: tuple[FieldChange, ...] = ()
     warnings: tuple[str, ...] = ()
     estimate: Estimate | None = None
+    retry: PlannedRetry | None = None
+    queued: str | None = None
 
     @property
     def cancels_old(self) -> bool:
@@ -114,8 +149,12 @@ class Change:
 
     @property
     def sends_requests(self) -> bool:
-        """It makes a batch, so its requests are billed: a create or replace that adopts nothing."""
-        return self.action in (Action.CREATE, Action.REPLACE) and not self.found
+        """It makes a batch, so its requests are billed: a create, replace or retry that adopts nothing."""
+        return self.action in (Action.CREATE, Action.REPLACE, Action.RETRY) and not self.found
+
+    @property
+    def cancels_duplicate(self) -> bool:
+        return self.action is Action.CANCEL and self.reason_code is ReasonCode.DUPLICATE
 
 
 @dataclass(frozen=True)
@@ -148,31 +187,63 @@ class Plan:
                         for c in self.changes)
         return replace(self, changes=changes, budget_usd=budget_usd, estimated=True)
 
+    def with_queue(self, schedule: Schedule) -> Plan:
+        """This plan with the changes `schedule` leaves waiting marked `queued` (by name). Pure."""
+        phrases = {waiting.candidate.name: waiting.phrase for waiting in schedule.queued}
+        return replace(self, changes=tuple(replace(c, queued=phrases[c.name]) if c.name in phrases else c
+                                           for c in self.changes))
+
+    @property
+    def queued(self) -> tuple[Change, ...]:
+        """The changes that wait for enqueued-token capacity: apply leaves them for a later run."""
+        return tuple(c for c in self.changes if c.queued)
+
 
 def build_plan(desired: list[Desired], state: State | None, remote: RemoteView, *,
-               targets: frozenset[str] = frozenset(), force_replace: frozenset[str] = frozenset()) -> Plan:
-    """Decide one action per spec name. Pure: reads its arguments, writes nothing."""
+               targets: frozenset[str] = frozenset(), force_replace: frozenset[str] = frozenset(),
+               attempts: Mapping[str, AttemptsView] | None = None) -> Plan:
+    """Decide one action per address (a spec name, or NAME[K] for a shard). Pure: reads its
+    arguments, writes nothing. A spec name in `targets` or `force_replace` names all its shards.
+
+    `attempts`: what the result files of the specs that retry say (attempts.read_attempts)."""
+    attempts = attempts or {}
     state = state or State(serial=0, lineage="")
     wanted = {d.name: d for d in desired}
-    _ensure_known(targets | force_replace, wanted, state)
-    names = sorted(set(wanted) | set(state.entries))
+    addresses = set(wanted) | set(state.entries)
+    _ensure_known(targets | force_replace, addresses)
+    names = sorted(addresses, key=address_key)
     if targets:
-        names = [n for n in names if n in targets]
-    changes = []
+        names = [n for n in names if n in expand_names(targets, addresses)]
+    forced = expand_names(force_replace, addresses)
+    shards_of: dict[str, list[str]] = {}
+    for want in desired:
+        shards_of.setdefault(want.spec, []).append(want.name)
+    changes, refused = [], []
     for name in names:
         entry = state.entries.get(name)
-        if name in wanted:
-            changes.append(_plan_desired(wanted[name], entry, remote, name in force_replace))
-        else:
-            changes.append(_plan_removed(name, entry, remote))
+        try:
+            if name in wanted:
+                planned = _plan_desired(wanted[name], entry, remote, name in forced)
+                if planned[0].action is Action.NOOP and name in attempts:
+                    planned[0] = _plan_retry(wanted[name], entry, attempts[name], planned[0])
+                changes += planned
+            else:
+                changes.append(_plan_removed(name, entry, remote, _why_gone(name, shards_of.get(spec_of(name)))))
+        except PlanError as exc:  # every refusal is said, not only the first (as Terraform does)
+            refused.append(str(exc))
+    if refused:
+        raise PlanError(refused[0] if len(refused) == 1 else
+                        f"{len(refused)} changes are refused; nothing was sent or written\n" + "\n".join(refused))
     refreshed = {name: BatchRecord.from_api(remote.batches[entry.batch.id])
                  for name, entry in state.entries.items()
                  if entry.batch and entry.batch.id in remote.batches}
+    refreshed.update({name: view.latest for name, view in attempts.items() if view.made > 1})  # a retry batch
     return Plan(tuple(changes), state.lineage or None, state.serial, refreshed)
 
 
-def _ensure_known(names: frozenset[str], wanted: dict, state: State) -> None:
-    unknown = sorted(n for n in names if n not in wanted and n not in state.entries)
+def _ensure_known(names: frozenset[str], addresses: set[str]) -> None:
+    specs = {spec_of(a) for a in addresses}
+    unknown = sorted(n for n in names if n not in addresses and n not in specs)
     if unknown:
         raise PlanError(f"no spec and no state entry named {', '.join(unknown)}; "
                         "check --target / --replace against `batchplan state list`")
@@ -184,34 +255,78 @@ def _current(entry: Entry, remote: RemoteView) -> BatchRecord:
     return BatchRecord.from_api(fresh) if fresh else entry.batch
 
 
-def _plan_desired(want: Desired, entry: Entry | None, remote: RemoteView, forced: bool) -> Change:
-    after = want.fields()
+def _plan_desired(want: Desired, entry: Entry | None, remote: RemoteView, forced: bool) -> list[Change]:
+    """The change for a spec, then a cancel for each duplicate of the batch it keeps."""
     if entry is None or entry.batch is None:
-        found = find_tagged(remote.tagged, want.name, want.spec_hash)
-        if found:
-            return Change(want.name, Action.ADOPT, f"batch {found['id']} on the server was made for this spec "
-                          "but is not in the state; recording it, creating nothing", ReasonCode.FOUND_UNTRACKED,
-                          after=after, desired=want, found=found)
-        if entry and entry.intent:
-            return Change(want.name, Action.CREATE, "an earlier apply was interrupted before its batch was created",
-                          ReasonCode.INTERRUPTED_CREATE, after=after, desired=want)
-        return Change(want.name, Action.CREATE, "no batch for this spec in the state or on the server",
-                      ReasonCode.NO_BATCH, after=after, desired=want)
+        return _plan_new(want, entry, remote)
     if moved := moved_provider(entry, remote.base_urls):
         return _plan_moved_replace(want, entry, remote, moved)
+    after = want.fields()
     record = _current(entry, remote)
     if record.id in remote.missing:
-        return Change(want.name, Action.CREATE, f"batch {record.id} no longer exists on the server",
-                      ReasonCode.BATCH_MISSING, before=entry.fields, after=after, desired=want, batch=record)
+        return [Change(want.name, Action.CREATE, f"batch {record.id} no longer exists on the server",
+                       ReasonCode.BATCH_MISSING, before=entry.fields, after=after, desired=want, batch=record)]
     resumed = _interrupted_replacement(want, entry, record, remote)
     if not forced and not resumed and entry.spec_hash != want.spec_hash and (update := _plan_update(want, entry,
                                                                                                    record)):
-        return update
+        return [update]
     if forced or entry.spec_hash != want.spec_hash or resumed:
         return _plan_replace(want, entry, record, remote, forced, resumed)
-    return Change(want.name, Action.NOOP, f"batch {record.id} is {record.status}", ReasonCode.UP_TO_DATE,
-                  before=entry.fields, after=after, desired=want, batch=record,
-                  warnings=_drift(want.name, record) + _orphan_warning(want, entry, record, remote))
+    return _plan_kept(want, entry, record, remote)
+
+
+def _plan_new(want: Desired, entry: Entry | None, remote: RemoteView) -> list[Change]:
+    """A spec with no batch in the state: adopt the one the server has (keep_oldest), else create."""
+    after = want.fields()
+    earlier = {h.batch_id for h in entry.history} if entry else set()
+    found, duplicates = keep_oldest(tagged_batches(remote.tagged, want.name, want.spec_hash, earlier))
+    if found:
+        return [Change(want.name, Action.ADOPT, f"batch {found['id']} on the server was made for this spec "
+                       "but is not in the state; recording it, creating nothing", ReasonCode.FOUND_UNTRACKED,
+                       after=after, desired=want, found=found), *_duplicates(want, found, duplicates)]
+    if entry and entry.intent:
+        return [Change(want.name, Action.CREATE, "an earlier apply was interrupted before its batch was created",
+                       ReasonCode.INTERRUPTED_CREATE, after=after, desired=want)]
+    return [Change(want.name, Action.CREATE, f"no batch for this {'shard' if want.shard else 'spec'} in the "
+                   "state or on the server", ReasonCode.NO_BATCH, after=after, desired=want)]
+
+
+def _plan_kept(want: Desired, entry: Entry, record: BatchRecord, remote: RemoteView) -> list[Change]:
+    """The state's batch matches the spec: keep it, unless an older batch of the same spec runs too
+    (keep_oldest: every checkout keeps that one); each other running batch is a duplicate."""
+    found = duplicates = None
+    if record.running:  # a batch of a spec that finished is not looked for (see remote._search_inputs)
+        running = tagged_batches(remote.tagged, want.name, want.spec_hash, {h.batch_id for h in entry.history})
+        if record.id not in {b["id"] for b in running}:
+            running.append(remote.batches.get(record.id) or _listed(record))
+        found, duplicates = keep_oldest(running)
+    if found and found["id"] != record.id:
+        return [Change(want.name, Action.ADOPT, f"batch {found['id']} is the oldest running batch of this spec, so "
+                       f"it is kept; the state's batch {record.id} is cancelled as its duplicate",
+                       ReasonCode.KEEP_OLDEST, before=entry.fields, after=want.fields(), desired=want,
+                       batch=record, found=found), *_duplicates(want, found, duplicates or [])]
+    if failed_for_capacity(record):  # not a result: the server had no room then; the failed one stays in history
+        return [Change(want.name, Action.CREATE, f"the last batch failed: enqueued token limit (batch {record.id})",
+                       ReasonCode.TOKEN_LIMIT_EXCEEDED, before=entry.fields, after=want.fields(), desired=want,
+                       batch=record)]
+    return [Change(want.name, Action.NOOP, f"batch {record.id} is {record.status}", ReasonCode.UP_TO_DATE,
+                   before=entry.fields, after=want.fields(), desired=want, batch=record,
+                   warnings=_drift(want.name, record) + _orphan_warning(want, entry, record, remote)),
+            *_duplicates(want, found, duplicates or [])]
+
+
+def _listed(record: BatchRecord) -> dict:
+    """A state's batch record as the batch list shows a batch (what keep_oldest reads)."""
+    return {"id": record.id, "status": record.status, "created_at": record.created_at,
+            "input_file_id": record.input_file_id, "request_counts": record.request_counts}
+
+
+def _duplicates(want: Desired, keeper: dict | None, duplicates: list[dict]) -> list[Change]:
+    """A cancel of each duplicate of `keeper`: same name, same spec, also running."""
+    return [Change(want.name, Action.CANCEL, f"duplicate batch {dup['id']} ({dup['status']}): same spec as "
+                   f"{keeper['id']}, which is kept (made by a create whose answer was lost, or by another checkout)",
+                   ReasonCode.DUPLICATE, before=want.fields(), desired=want, batch=BatchRecord.from_api(dup))
+            for dup in duplicates if keeper]
 
 
 def _earlier(entry: Entry, record: BatchRecord) -> set[str]:
@@ -239,21 +354,48 @@ def _orphan_warning(want: Desired, entry: Entry, record: BatchRecord, remote: Re
 
 
 def _plan_replace(want: Desired, entry: Entry, record: BatchRecord, remote: RemoteView, forced: bool,
-                  resumed: dict | None = None) -> Change:
+                  resumed: dict | None = None) -> list[Change]:
+    """Replace the state's batch. The new batch may already exist (an interrupted apply made it): it is
+    adopted, with its duplicates cancelled. The replaced batch and the entry's history carry this
+    spec's tags too after a forced --replace: they are never counted as the new batch."""
     diff = field_diff(entry.fields, want.fields())
     reason, code = _replace_reason(diff, forced, resumed)
     if record.running and entry.prevent_cancel:
         raise PlanError(f"{want.name}: replacing it would cancel batch {record.id}, which is {record.status}, "
                         f"and its spec sets lifecycle.prevent_cancel; wait until it finishes "
                         f"(`batchplan wait {want.name}`) or remove prevent_cancel")
-    found = resumed or (None if forced else
-                        find_tagged(remote.tagged, want.name, want.spec_hash, _earlier(entry, record)))
+    found, duplicates = (None, []) if forced and not resumed else \
+        keep_oldest(tagged_batches(remote.tagged, want.name, want.spec_hash, _earlier(entry, record)))
     if found:
         reason += f"; its new batch {found['id']} already exists (an earlier apply was interrupted): adopting it"
     if record.running:
         reason += f"; batch {record.id} is {record.status} and will be cancelled"
-    return Change(want.name, Action.REPLACE, reason, code, before=entry.fields, after=want.fields(), desired=want,
-                  batch=record, found=found, diff=tuple(diff), warnings=_orphan_warning(want, entry, record, remote))
+    return [Change(want.name, Action.REPLACE, reason, code, before=entry.fields, after=want.fields(), desired=want,
+                   batch=record, found=found, diff=tuple(diff), warnings=_orphan_warning(want, entry, record, remote)),
+            *_duplicates(want, found, duplicates)]
+
+
+def _plan_retry(want: Desired, entry: Entry, view: AttemptsView, noop: Change) -> Change:
+    """A follow-up batch of the requests without a result, once the latest attempt has ended
+    and attempts are left (retries.next_attempt); else the noop, about the latest attempt."""
+    from .retries import next_attempt, retry_reason
+
+    selection = view.selection
+    attempt = next_attempt(view.latest.status, view.made, want.retry, selection) if selection else None
+    if attempt is None or want.retry is None or selection is None:
+        if view.made == 1:
+            return noop
+        latest = view.latest
+        return replace(noop, reason=f"retry batch {latest.id} (attempt {view.made}) is {latest.status}",
+                       batch=latest, warnings=_drift(want.name, latest))
+    planned = PlannedRetry(attempt, selection)
+    if view.found:
+        return Change(want.name, Action.RETRY, f"retry batch {view.found['id']} (attempt {attempt}) on the server "
+                      "was made for this spec but is not in the state; recording it, creating nothing",
+                      ReasonCode.FOUND_UNTRACKED, before=entry.fields, after=want.fields(), desired=want,
+                      batch=view.latest, found=view.found, retry=planned)
+    return Change(want.name, Action.RETRY, retry_reason(selection, attempt, want.retry), ReasonCode.WITHOUT_RESULT,
+                  before=entry.fields, after=want.fields(), desired=want, batch=view.latest, retry=planned)
 
 
 def _moved_phrase(entry: Entry, moved: tuple[str, str]) -> str:
@@ -262,18 +404,20 @@ def _moved_phrase(entry: Entry, moved: tuple[str, str]) -> str:
             f"stays on {moved[0]}, not followed (cancel it there by hand if it still runs)")
 
 
-def _plan_moved_replace(want: Desired, entry: Entry, remote: RemoteView, moved: tuple[str, str]) -> Change:
+def _plan_moved_replace(want: Desired, entry: Entry, remote: RemoteView, moved: tuple[str, str]) -> list[Change]:
     """The batch's provider points at another server now: shown as drift, a new batch made on the new
     server, the old one neither asked about nor cancelled (this client cannot reach it). `batch` stays
-    None so apply cancels nothing; the old batch goes to the history."""
+    None so apply cancels nothing; the old batch goes to the history. A new batch already on the new
+    server is adopted (keep_oldest), its duplicates there cancelled."""
     assert entry.batch is not None
     diff = (FieldChange("provider.base_url", moved[0], moved[1]), *field_diff(entry.fields, want.fields()))
-    found = find_tagged(remote.tagged, want.name, want.spec_hash, _earlier(entry, entry.batch))
+    found, duplicates = keep_oldest(tagged_batches(remote.tagged, want.name, want.spec_hash,
+                                                   _earlier(entry, entry.batch)))
     reason = _moved_phrase(entry, moved) + "; a new batch is made there"
     if found:
         reason += f"; its new batch {found['id']} already exists (an earlier apply was interrupted): adopting it"
-    return Change(want.name, Action.REPLACE, reason, ReasonCode.PROVIDER_MOVED, before=entry.fields,
-                  after=want.fields(), desired=want, found=found, diff=diff)
+    return [Change(want.name, Action.REPLACE, reason, ReasonCode.PROVIDER_MOVED, before=entry.fields,
+                   after=want.fields(), desired=want, found=found, diff=diff), *_duplicates(want, found, duplicates)]
 
 
 def _plan_update(want: Desired, entry: Entry, record: BatchRecord) -> Change | None:
@@ -301,31 +445,43 @@ def _replace_reason(diff: list[FieldChange], forced: bool, resumed: dict | None)
     return "changed: " + ", ".join(d.path for d in diff), code
 
 
-def _plan_removed(name: str, entry: Entry, remote: RemoteView) -> Change:
+def _why_gone(name: str, shards: list[str] | None) -> tuple[str, ReasonCode]:
+    """Why an address in the state has no desired batch: its spec is gone, or is split otherwise now."""
+    if not shards:
+        return "spec removed", ReasonCode.SPEC_REMOVED
+    spec = spec_of(name)
+    now = f"fits one batch ({spec})" if shards == [spec] else \
+        f"makes {len(shards)} shards ({shards[0]}..{shards[-1]})"
+    return f"{spec} now {now}, so {name} goes", ReasonCode.RESHARDED
+
+
+def _plan_removed(name: str, entry: Entry, remote: RemoteView, why: tuple[str, ReasonCode]) -> Change:
+    gone, code = why
     if entry.batch is None:
         intent = entry.intent
         found = intent and find_tagged(remote.tagged, name, intent.spec_hash)
         if not found:
-            return Change(name, Action.FORGET, "spec removed; its interrupted create left no batch",
+            return Change(name, Action.FORGET, f"{gone}; its interrupted create left no batch",
                           ReasonCode.INTERRUPTED_CREATE, before=entry.fields)
         entry = entry.model_copy(update={"batch": BatchRecord.from_api(found)})
     if moved := moved_provider(entry, remote.base_urls):
-        return Change(name, Action.FORGET, f"spec removed; {_moved_phrase(entry, moved)}; only the state entry goes",
+        return Change(name, Action.FORGET, f"{gone}; {_moved_phrase(entry, moved)}; only the state entry goes",
                       ReasonCode.PROVIDER_MOVED, before=entry.fields)
     record = _current(entry, remote)
     before = entry.fields
     if record.id in remote.missing:
-        return Change(name, Action.FORGET, f"spec removed; batch {record.id} no longer exists on the server",
+        return Change(name, Action.FORGET, f"{gone}; batch {record.id} no longer exists on the server",
                       ReasonCode.BATCH_MISSING, before=before, batch=record)
     if not record.running:
-        return Change(name, Action.FORGET, f"spec removed; batch {record.id} is {record.status}, "
-                      "so only the state entry goes", ReasonCode.SPEC_REMOVED, before=before, batch=record)
+        return Change(name, Action.FORGET, f"{gone}; batch {record.id} is {record.status}, "
+                      "so only the state entry goes", code, before=before, batch=record)
     if entry.prevent_cancel:
-        raise PlanError(f"{name}: its spec was removed while batch {record.id} is {record.status}, and the spec "
+        said = "its spec was removed" if code is ReasonCode.SPEC_REMOVED else gone
+        raise PlanError(f"{name}: {said} while batch {record.id} is {record.status}, and the spec "
                         "set lifecycle.prevent_cancel; restore the spec until the batch finishes, or "
                         f"`batchplan state rm {name}` to stop tracking it without cancelling")
-    return Change(name, Action.CANCEL, f"spec removed; batch {record.id} is {record.status}",
-                  ReasonCode.SPEC_REMOVED, before=before, batch=record)
+    return Change(name, Action.CANCEL, f"{gone}; batch {record.id} is {record.status}", code,
+                  before=before, batch=record)
 
 
 def _drift(name: str, record: BatchRecord) -> tuple[str, ...]:

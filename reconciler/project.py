@@ -34,11 +34,13 @@ from .errors import ConfigError, PathError
 from .inputs import HashCache
 from .paths import Area, confine, not_a_file, shown
 from .providers import Connection, Defaults, Profile, check_names
+from .retries import RetryPolicy
+from .yamldoc import CONFIG_ALIAS_BUDGET, AliasBudgetExceeded, composed
+from .queue import Limits
 
 if TYPE_CHECKING:
     from .api import Api
     from .prices import ModelPrice, PriceTable
-    from .queue import Limits
     from .stores.base import StateStore
     from .tokens import TokenCache
 
@@ -71,6 +73,10 @@ class Settings(BaseModel):
     budget_usd: float | None = Field(default=None, ge=0, allow_inf_nan=False, strict=True)
     default_max_output_tokens: int | None = Field(default=None, ge=1, strict=True)
     prices: Any = None
+    retry: RetryPolicy | None = None  # every spec's `retry:` unless the spec has its own (retries.py)
+    max_wait: float = Field(default=60.0, gt=0, le=3600)  # seconds: the longest wait for a server that asks to wait
+    # Big jobs (see README "Big jobs"): each model's enqueued-token limit; apply queues what does not fit.
+    limits: Limits = Field(default_factory=Limits)
     providers: dict[str, Profile] = Field(default_factory=dict)  # named profiles (providers.py)
 
 
@@ -81,7 +87,7 @@ def _read_settings(root: Path) -> Settings:
     try:
         if why := not_a_file(confine(CONFIG_FILE, root, root)):
             raise ConfigError(f"{CONFIG_FILE}: {why}")
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = _one_document(path.read_text(encoding="utf-8"))
         settings = Settings.model_validate(data)
         check_names(settings.providers, CONFIG_FILE)
         return settings
@@ -91,6 +97,8 @@ def _read_settings(root: Path) -> Settings:
         raise ConfigError(f"{CONFIG_FILE}: not UTF-8 text (byte {exc.start}); save the file as UTF-8") from None
     except OSError as exc:
         raise ConfigError(f"{CONFIG_FILE}: cannot read: {exc.strerror or exc}") from exc
+    except AliasBudgetExceeded as exc:
+        raise ConfigError(f"{CONFIG_FILE}:{exc.line}: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{CONFIG_FILE}: YAML syntax error: {exc}") from exc
     except ValidationError as exc:
@@ -106,6 +114,15 @@ def _settings_message(err: Any) -> str:
         return ("a key never goes in this file (it is committed): put it in an environment variable and name "
                 "that variable in api_key_env")
     return err["msg"]
+
+
+def _one_document(text: str) -> object:
+    """batchplan.yaml's settings (an empty file: none), its aliases within budget (yamldoc)."""
+    documents = [data for _, data in composed(text, CONFIG_ALIAS_BUDGET)]
+    if len(documents) > 1:
+        raise ConfigError(f"{CONFIG_FILE}: holds {len(documents)} YAML documents (separated by ---); write the "
+                          "settings as one")
+    return (documents[0] if documents else None) or {}
 
 
 def _inside(root: Path, settings: Settings, key: str, flag: str | None) -> Path:
@@ -179,6 +196,7 @@ class Project:
     parallelism: int
     timeout: float
     max_retries: int
+    max_wait: float = 60.0
     lock_timeout: float = 0.0
     allow_insecure_http: bool = False
     # The state in PostgreSQL (None: in the file state_path). May hold a password: never print it,
@@ -188,6 +206,8 @@ class Project:
     budget_usd: float | None = None
     default_max_output_tokens: int | None = None
     price_overrides: dict[str, ModelPrice] = field(default_factory=dict)
+    retry: RetryPolicy | None = None  # batchplan.yaml's `retry:`, for the specs that have none
+    limits: Limits = field(default_factory=Limits)
     providers: dict[str, Profile] = field(default_factory=dict)  # batchplan.yaml's named profiles
 
     @classmethod
@@ -211,11 +231,12 @@ class Project:
         return cls(root=root, specs_dir=_inside(root, settings, "specs", specs), state_path=state_path,
                    results_dir=_inside(root, settings, "results", None), sandbox=sandbox,
                    parallelism=parallelism or settings.parallelism, timeout=settings.timeout,
-                   max_retries=settings.max_retries, lock_timeout=lock_timeout,
+                   max_retries=settings.max_retries, max_wait=settings.max_wait, lock_timeout=lock_timeout,
                    allow_insecure_http=allow_insecure_http, state_url=state_url,
                    workspace=_workspace(settings), budget_usd=settings.budget_usd,
                    default_max_output_tokens=settings.default_max_output_tokens,
-                   price_overrides=_price_overrides(settings.prices), providers=dict(settings.providers))
+                   price_overrides=_price_overrides(settings.prices), retry=settings.retry, limits=settings.limits,
+                   providers=dict(settings.providers))
 
     def store(self, location: str | None = None, workspace: str | None = None) -> StateStore:
         """Where this project's state lives: every command reads and changes the state through it.
@@ -257,6 +278,12 @@ class Project:
 
     def hash_cache(self) -> HashCache:
         return HashCache(self.state_path.parent / "cache.json")
+
+    @property
+    def retries_dir(self) -> Path:
+        """Per-machine work of retries (git-ignored): downloaded result files by file id, and the
+        inputs of retry batches by content (see retries.py and attempts.py)."""
+        return self.state_path.parent / "retries"
 
     def token_cache(self) -> TokenCache:
         from .tokens import TokenCache  # here: only plans with something to create count tokens
@@ -307,6 +334,6 @@ class Project:
             transport = open_sandbox(self.sandbox_world_of(provider))
             base = transport.url
         async with Api(base, conn.api_key, parallelism=conn.parallelism, timeout=conn.timeout,
-                       max_retries=conn.max_retries, transport=transport, auth=conn.auth,
+                       max_retries=conn.max_retries, max_wait=self.max_wait, transport=transport, auth=conn.auth,
                        headers=conn.headers) as api:
             yield api

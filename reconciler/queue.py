@@ -4,7 +4,7 @@ The Batch API limits, per model and organization, the input tokens of the batche
 in flight (its "enqueued tokens"). A batch created over that limit is not refused: it is
 accepted and fails a moment later with `token_limit_exceeded`. So batchplan decides itself
 what fits, with the tokens it counts (reconciler/tokens.py), against the limits set in
-`batchplan.yaml` (`Limits`, to be read by project.Settings once plan and apply use it):
+`batchplan.yaml` (`Limits`, read by project.Settings):
 
     limits:
       gpt-4o-mini: {enqueued_tokens: 2000000}
@@ -13,8 +13,10 @@ what fits, with the tokens it counts (reconciler/tokens.py), against the limits 
 `schedule` is pure: it takes the candidates (the batches a plan would create), the tokens
 batchplan's own running batches hold, and the limits, and returns a `Schedule` (create
 now, queued with a phrase for the plan, or too big ever to run). It sends and writes
-nothing. `failed_for_capacity` tells a batch that failed for want of capacity (to be
-made again) from one that failed for a reason of its own.
+nothing. `plan_candidates` and `plan_in_flight` take them from a plan and the state, with
+a `Weigh` the caller gives (operations.py reads the token cache). `failed_for_capacity`
+tells a batch that failed for want of capacity (to be made again) from one that failed
+for a reason of its own.
 
 The queue is strictly first in, first out per model: candidates are taken in their
 `order_key` order (a plan gives shards in shard order, specs in name order), and once one
@@ -23,24 +25,37 @@ small one that would fit. Letting small batches jump ahead could starve a large 
 as long as small ones keep coming; FIFO makes the order of creates the order of the plan.
 A candidate with several models (the API refuses such a file, but tokens are counted per
 model all the same) stands in the queue of each of its models.
+
+Each provider (providers.py) is another account on another server, with limits of its own:
+the queues are kept per (provider, model). `schedule_by_provider` runs `schedule` once per
+provider, with that provider's `limits:` (its profile's, else the top-level block) and the
+tokens its own batches hold.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import re
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel
 
+from .batch import BatchFields, BatchStatus
 from .errors import PlanError
 
 if TYPE_CHECKING:
+    from .plan import Plan
+    from .state import State
     from .tokens import FileTokens
+
+# A batch's weight from the fields it is made from (its input), None when batchplan cannot count it.
+Weigh = Callable[[BatchFields], "Mapping[str, int] | None"]
 
 DEFAULT = "default"  # the key of `limits:` that applies to every model not named
 CAPACITY_ERROR = "token_limit_exceeded"  # the code of a batch the API failed for want of capacity
 _UNITS = ((10**9, "B"), (10**6, "M"), (10**3, "k"))
+_SHARD_NAME = re.compile(r"(?P<spec>.+)\[(?P<index>\d+)\]")  # shards.py names shard K of NAME `NAME[K]`
 
 
 class ModelLimit(BaseModel):
@@ -82,6 +97,7 @@ class Candidate:
     tokens: Mapping[str, int]
     order_key: tuple = ()
     requests: int = 0
+    provider: str | None = None  # where it is created (None: the environment's): its queues are that provider's
 
 
 class Waiting(NamedTuple):
@@ -129,6 +145,40 @@ def tokens_in_flight(weights: Iterable[Mapping[str, int]]) -> dict[str, int]:
     return total
 
 
+def queue_order(name: str) -> tuple[str, int]:
+    """A change's place in the queue: its spec's name, then its shard index (`big[10]` after `big[2]`)."""
+    shard = _SHARD_NAME.fullmatch(name)
+    return (shard["spec"], int(shard["index"])) if shard else (name, 0)
+
+
+def plan_candidates(plan: Plan, weigh: Weigh) -> list[Candidate]:
+    """The batches a plan would make: each change that sends requests, weighed by its input.
+
+    One batchplan cannot count (an uploaded file, an endpoint it does not count) weighs
+    nothing, so it never waits: the server is the judge of it."""
+    return [Candidate(c.name, dict(weigh(c.desired.fields()) or {}), queue_order(c.name), c.desired.requests or 0,
+                      c.desired.provider)
+            for c in plan.sending if c.desired is not None]
+
+
+def plan_in_flight(state: State | None, plan: Plan, weigh: Weigh) -> dict[str | None, dict[str, int]]:
+    """provider -> the tokens per model that batchplan's own batches in flight there hold, as the plan saw them.
+
+    In flight: validating, in_progress or finalizing (the API counts a batch from its
+    creation). The state's batches (with the statuses the plan read: a replaced batch still
+    running counts until it is cancelled), and the running ones the plan adopts."""
+    entries = state.entries if state else {}
+    held = [(entry.fields, weigh(entry.fields)) for name, entry in entries.items()
+            if (record := plan.refreshed.get(name) or entry.batch) and record.running]
+    held += [(c.desired.fields(), weigh(c.desired.fields())) for c in plan.changes
+             if c.found and c.desired and BatchStatus(c.found.get("status")).running]
+    by_provider: dict[str | None, list[Mapping[str, int]]] = {}
+    for fields, weighed in held:
+        if weighed:
+            by_provider.setdefault(fields.provider, []).append(weighed)
+    return {provider: tokens_in_flight(weights) for provider, weights in by_provider.items()}
+
+
 def schedule(candidates: Iterable[Candidate], in_flight: Mapping[str, int], limits: Limits) -> Schedule:
     """Split candidates into those to create now and those that wait, strictly FIFO per model.
 
@@ -157,6 +207,19 @@ def schedule(candidates: Iterable[Candidate], in_flight: Mapping[str, int], limi
             for model, tokens in candidate.tokens.items():
                 held[model] = held.get(model, 0) + tokens
     return Schedule(tuple(now), tuple(queued), tuple(too_big))
+
+
+def schedule_by_provider(candidates: Iterable[Candidate], in_flight: Mapping[str | None, Mapping[str, int]],
+                         limits_of: Callable[[str | None], Limits]) -> Schedule:
+    """`schedule` on each provider's candidates, against the tokens its batches hold (`in_flight`,
+    provider -> model -> tokens) and its limits (`limits_of(provider)`): the queues are kept per
+    (provider, model). The parts in provider order, the environment's first."""
+    groups: dict[str | None, list[Candidate]] = {}
+    for candidate in candidates:
+        groups.setdefault(candidate.provider, []).append(candidate)
+    parts = [schedule(groups[p], in_flight.get(p, {}), limits_of(p)) for p in sorted(groups, key=lambda p: p or "")]
+    return Schedule(tuple(c for s in parts for c in s.now), tuple(w for s in parts for w in s.queued),
+                    tuple(b for s in parts for b in s.too_big))
 
 
 def queued_phrase(limited: Mapping[str, tuple[int, int]], waiting_behind: Mapping[str, str]) -> str:

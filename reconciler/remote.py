@@ -2,17 +2,20 @@
 
 Finding: every batch batchplan creates carries two tags (`batchplan_name`, and
 `batchplan_spec`, the spec hash), and every input it uploads is named after its content
-hash (`<stem>.batchplan-<sha256>.jsonl`). A batch whose answer was lost, or that an
-apply made before the state was lost, is found again by those tags; an upload by that
-name (and its size). How far back to look is decided here too: a walk of the batch list
-(newest first) stops at a floor, taken from the server's clock where it can be and from
-ours, less CLOCK_MARGIN, where it cannot.
+hash (`<stem>.batchplan-<sha256>.jsonl`). `find_batches` is the search, for plans and for
+apply's look after a lost answer: it lists the uploads (`GET /files?purpose=batch`); a
+spec whose input was never uploaded cannot have a batch; else it walks the batch list
+newest first and stops at the oldest upload of the inputs it looks for. A batch is made
+after its input was uploaded, and both timestamps are the server's: no clock skew can
+make the walk stop too soon, and no local clock is read. `keep_oldest` is the rule for
+choosing among a spec's batches, the same for every checkout whatever its state says.
 
 Reading: the plan needs the current copy of each batch the state does not know to be
 finished (a finished batch never changes), and the tagged batches of every spec whose
-batch may exist unrecorded. One page of `GET /batches?limit=100` answers for up to 100
-batches, so a list walk is used whenever it is cheaper than one `GET /batches/{id}` per
-batch run concurrently. Everything here only reads (GET).
+batch may exist unrecorded or twice. One page of `GET /batches?limit=100` answers for up
+to 100 batches, so a list walk is used whenever it is cheaper than one `GET /batches/{id}`
+per batch run concurrently. A 404 for a batch the state recorded is no proof it is gone
+(`retrieve_batch`). Everything here only reads (GET).
 """
 
 from __future__ import annotations
@@ -23,9 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .batch import BatchRecord
+from .batch import BatchFields, BatchRecord, BatchStatus
 from .errors import NotFound
-from .spec import TAG_NAME, TAG_SPEC
+from .spec import TAG_NAME, TAG_SPEC, spec_of
 
 if TYPE_CHECKING:
     from .api import Api
@@ -33,7 +36,6 @@ if TYPE_CHECKING:
     from .session import Session
     from .state import Entry, State
 
-CLOCK_MARGIN = 600  # seconds: our clock and the server's may differ; list a little further back
 UPLOAD_NAME = re.compile(r"batchplan-([0-9a-f]{64})\.jsonl$")
 
 
@@ -52,14 +54,41 @@ def uploaded_sha256(file: dict) -> str | None:
     return match.group(1) if match else None
 
 
+def tagged_batches(tagged: dict[str, list[dict]], name: str, spec_hash: str,
+                   skip: frozenset[str] | set[str] = frozenset()) -> list[dict]:
+    """The batches batchplan made for this name and this exact spec, other than those in `skip`."""
+    return [batch for batch in tagged.get(name, [])
+            if (batch.get("metadata") or {}).get(TAG_SPEC) == spec_hash
+            and (batch.get("metadata") or {}).get(TAG_NAME) == name and batch["id"] not in skip]
+
+
+def _oldest_first(batch: dict) -> tuple[int, str]:
+    return batch.get("created_at") or 0, batch["id"]
+
+
+def keep_oldest(batches: list[dict]) -> tuple[dict | None, list[dict]]:
+    """The keeper among one spec's batches, and the duplicates to cancel.
+
+    The keeper is the OLDEST running batch (server created_at, then id): a rule that reads
+    only what the server says, so two checkouts with different states choose the same one.
+    Every other running batch is a duplicate. With none running, the oldest completed one
+    is kept (a lost create that already finished is not made again); with none completed,
+    the newest of the rest (failed, expired, cancelled: the plan then says so).
+    """
+    running = sorted((b for b in batches if BatchStatus(b["status"]).running), key=_oldest_first)
+    if running:
+        return running[0], running[1:]
+    completed = sorted((b for b in batches if b["status"] == BatchStatus.COMPLETED), key=_oldest_first)
+    if completed:
+        return completed[0], []
+    rest = sorted(batches, key=_oldest_first)
+    return (rest[-1] if rest else None), []
+
+
 def find_tagged(tagged: dict[str, list[dict]], name: str, spec_hash: str,
                 skip: frozenset[str] | set[str] = frozenset()) -> dict | None:
-    """The newest batch batchplan made for this name and this exact spec, other than those in `skip`."""
-    for batch in tagged.get(name, []):
-        tags = batch.get("metadata") or {}
-        if tags.get(TAG_NAME) == name and tags.get(TAG_SPEC) == spec_hash and batch["id"] not in skip:
-            return batch
-    return None
+    """The batch to adopt for this name and spec (see keep_oldest), other than those in `skip`."""
+    return keep_oldest(tagged_batches(tagged, name, spec_hash, skip))[0]
 
 
 # -- what a plan reads ---------------------------------------------------------------------
@@ -70,43 +99,37 @@ class RemoteView:
     """What the server said during a plan's read.
 
     batches: current copies of batches known to state, by id (only those refreshed).
-    missing: ids the server answered 404 for.
-    tagged:  spec name -> batches that carry batchplan's tags for it, newest first (per provider).
+    missing: ids proven gone: 404 twice, and absent from the batch list (retrieve_batch).
+    tagged:  spec name -> batches that carry batchplan's tags for it, newest first; complete
+             for every spec that was searched (`searched`), from its input's upload on (each
+             spec on its own provider).
     base_urls: named provider -> where its profile points now, to tell a moved provider (moved_provider).
     """
 
     batches: dict[str, dict] = field(default_factory=dict)
     missing: frozenset[str] = frozenset()
     tagged: dict[str, list[dict]] = field(default_factory=dict)
+    searched: frozenset[str] = frozenset()
     base_urls: dict[str, str] = field(default_factory=dict)
 
 
-def _needs_search(desired: list[Desired], state: State | None) -> set[str]:
-    """Names whose batch may exist on the server without being recorded in state.
+def _search_inputs(desired: list[Desired], state: State | None) -> dict[str, BatchFields]:
+    """Name -> the fields (input) to search for, of every spec whose batch may exist unrecorded, or twice.
 
-    That includes a spec whose recorded hash differs: its replacement may already exist
-    (the state was restored from a backup or an older commit), and must not be made twice.
+    That is a spec with no batch in the state, a spec whose recorded hash differs (its
+    replacement may already exist: the state was restored from a backup or an older commit),
+    an entry with an intent (a create whose answer was lost), and a spec whose recorded batch
+    is not finished (the net: a create that landed late runs beside it). A spec whose batch
+    finished is not searched: that would walk the account back to its upload on every plan.
     """
-    if state is None:
-        return {d.name for d in desired}
-    names = {n for n, e in state.entries.items() if e.intent is not None}
+    entries = state.entries if state else {}
+    search = {n: e.intent.fields for n, e in entries.items() if e.intent is not None}
     for want in desired:
-        entry = state.entries.get(want.name)
-        if entry is None or entry.batch is None or entry.spec_hash != want.spec_hash:
-            names.add(want.name)
-    return names
-
-
-def _scan_floor(state: State | None, stale: list[tuple[str, int]], search: set[str]) -> int | None:
-    """The oldest created_at the list walk must reach; None means the whole account."""
-    if state is None:
-        return None
-    floors = [created for _, created in stale]  # the server's own clock: no margin needed
-    if search:  # our clock: reach a little further back, in case the two clocks differ
-        ours = [e.intent.at for n, e in state.entries.items() if n in search and e.intent]
-        ours.append(state.scan_floor if state.scan_floor is not None else state.created_at)
-        floors += [at - CLOCK_MARGIN for at in ours]
-    return min(floors) if floors else None
+        entry = entries.get(want.name)
+        if entry is None or entry.batch is None or entry.spec_hash != want.spec_hash or entry.intent \
+                or not entry.batch.terminal:
+            search[want.name] = want.fields()
+    return search
 
 
 def _unfinished(entries: dict[str, Entry]) -> list[tuple[str, int]]:
@@ -118,31 +141,89 @@ async def read_remote(api: Api, desired: list[Desired], state: State | None, *, 
                       full_scan: bool = False) -> RemoteView:
     """Read what the plan needs from the server. Sends only GET requests."""
     stale = _unfinished(state.entries if state else {})
-    search = _needs_search(desired, state)
+    search = _search_inputs(desired, state)
     if not search and not full_scan:
         batches, missing = await current_batches(api, stale, parallelism) if stale else ({}, [])
         return RemoteView(batches=batches, missing=frozenset(missing))
-    batches, tagged = await walk_batches(api, None if full_scan else _scan_floor(state, stale, search))
-    fetched, missing = await fetch_batches(api, [bid for bid, _ in stale if bid not in batches])
+    if full_scan:
+        batches, tagged = await walk_batches(api, None)
+    else:
+        found = await find_batches(api, list(search.values()))
+        batches, tagged = found.batches, found.tagged
+    rest = [(bid, created) for bid, created in stale if bid not in batches]
+    fetched, missing = await current_batches(api, rest, parallelism, walked=batches)
     batches.update(fetched)
     wanted = {bid for bid, _ in stale}
-    return RemoteView(batches={k: v for k, v in batches.items() if k in wanted},
-                      missing=frozenset(missing), tagged=tagged)
+    return RemoteView(batches={k: v for k, v in batches.items() if k in wanted}, missing=frozenset(missing),
+                      tagged=tagged, searched=frozenset(search))
+
+
+# -- the search ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Found:
+    """What find_batches saw: every batch walked (by id), the tagged ones by name (newest first),
+    and every upload batchplan made, by content hash (newest first)."""
+
+    batches: dict[str, dict]
+    tagged: dict[str, list[dict]]
+    uploads: dict[str, list[dict]]
+
+
+async def list_uploads(api: Api) -> dict[str, list[dict]]:
+    """sha256 -> every usable file batchplan uploaded with that content hash, newest first."""
+    uploads: dict[str, list[dict]] = {}
+    for file in await api.list_files("batch"):
+        sha = uploaded_sha256(file)
+        if sha and file.get("status") not in ("error", "deleted"):
+            uploads.setdefault(sha, []).append(file)
+    return uploads
+
+
+async def _input_created(api: Api, fields: BatchFields, uploads: dict[str, list[dict]]) -> int | None:
+    """The server's created_at of the oldest upload a batch of `fields` can have been made from;
+    None when there is none (then there is no such batch)."""
+    if fields.input_sha256:
+        files = uploads.get(fields.input_sha256, [])
+        return min((f["created_at"] for f in files), default=None)
+    if not fields.input_file_id:
+        return None
+    try:  # a file the spec names by id: its own created_at
+        return (await api.retrieve_file(fields.input_file_id))["created_at"]
+    except NotFound:
+        return None
+
+
+async def find_batches(api: Api, inputs: list[BatchFields]) -> Found:
+    """The search: batchplan's batches of these inputs, found through their uploads.
+
+    Lists the uploads; walks the batches newest first down to the oldest upload among the
+    inputs' (several uploads of one content, when a lost upload answer was sent again: the
+    oldest). A batch is never older than its input file, and both times are the server's."""
+    uploads = await list_uploads(api)
+    distinct = {(f.input_sha256, f.input_file_id): f for f in inputs}
+    created = await asyncio.gather(*(_input_created(api, f, uploads) for _, f in sorted(distinct.items(), key=str)))
+    floors = [c for c in created if c is not None]
+    if not floors:
+        return Found({}, {}, uploads)
+    batches, tagged = await walk_batches(api, min(floors))
+    return Found(batches, tagged, uploads)
 
 
 # -- walking and fetching ------------------------------------------------------------------
 
 
-async def current_batches(api: Api, stale: list[tuple[str, int]],
-                          parallelism: int) -> tuple[dict[str, dict], list[str]]:
-    """Current copies of the batches (id, created_at) by id, and the ids the server has no more.
+async def current_batches(api: Api, stale: list[tuple[str, int]], parallelism: int,
+                          walked: dict[str, dict] | None = None) -> tuple[dict[str, dict], list[str]]:
+    """Current copies of the batches (id, created_at) by id, and the ids proven gone.
 
     A list walk down to the oldest of them when that takes fewer requests than a GET each."""
     batches: dict[str, dict] = {}
     if len(stale) > parallelism:
         batches, _ = await walk_batches(api, min(created for _, created in stale), {bid for bid, _ in stale})
         batches = {bid: batches[bid] for bid, _ in stale if bid in batches}
-    fetched, missing = await fetch_batches(api, [bid for bid, _ in stale if bid not in batches])
+    fetched, missing = await fetch_batches(api, [(b, c) for b, c in stale if b not in batches], walked or batches)
     return {**batches, **fetched}, missing
 
 
@@ -167,38 +248,56 @@ async def walk_batches(api: Api, floor: int | None,
     return batches, tagged
 
 
-async def fetch_batches(api: Api, batch_ids: list[str]) -> tuple[dict[str, dict], list[str]]:
-    """One GET per batch, concurrently: the batches found by id, and the ids answered 404."""
-    async def one(batch_id: str) -> tuple[str, dict | None]:
-        try:
-            return batch_id, await api.retrieve_batch(batch_id)
-        except NotFound:
-            return batch_id, None
+NOT_FOUND_READS = 2  # GETs of a recorded batch before its 404 is checked against the batch list
 
-    results = await asyncio.gather(*(one(b) for b in batch_ids))
+
+async def retrieve_batch(api: Api, batch_id: str, created_at: int,
+                         walked: dict[str, dict] | None = None) -> dict | None:
+    """A batch the state recorded, as the server has it now; None only when it is proven gone.
+
+    A 404 is no proof (a server may answer one for a batch that exists): the GET is sent
+    again, then the batch is looked for in the list, walked down to its created_at (or in
+    `walked`, batches a walk just saw). Only a batch absent from both is gone."""
+    for _ in range(NOT_FOUND_READS):
+        try:
+            return await api.retrieve_batch(batch_id)
+        except NotFound:
+            pass
+    if walked and batch_id in walked:
+        return walked[batch_id]
+    batches, _ = await walk_batches(api, created_at, {batch_id})
+    return batches.get(batch_id)
+
+
+async def fetch_batches(api: Api, stale: list[tuple[str, int]],
+                        walked: dict[str, dict] | None = None) -> tuple[dict[str, dict], list[str]]:
+    """One retrieve_batch per (id, created_at), concurrently: the batches by id, and the ids proven gone."""
+    async def one(batch_id: str, created_at: int) -> tuple[str, dict | None]:
+        return batch_id, await retrieve_batch(api, batch_id, created_at, walked)
+
+    results = await asyncio.gather(*(one(b, c) for b, c in stale))
     return {k: v for k, v in results if v is not None}, sorted(k for k, v in results if v is None)
 
 
-# -- what apply looks for ------------------------------------------------------------------
+# -- what apply reuses ---------------------------------------------------------------------
 
 
-async def tagged_since(api: Api, since: int) -> dict[str, list[dict]]:
-    """Tagged batches by name, made since `since` by our clock (a create sent then, whose answer was lost)."""
-    _, tagged = await walk_batches(api, since - CLOCK_MARGIN)
-    return tagged
-
-
-async def uploaded_files(api: Api, sizes: dict[str, int]) -> dict[str, dict]:
-    """sha256 -> a usable file on the server uploaded by batchplan with that content hash.
+def reusable_uploads(uploads: dict[str, list[dict]], sizes: dict[str, int]) -> dict[str, dict]:
+    """sha256 -> an upload batchplan made with that content hash that may be used as that content.
 
     `sizes` holds the byte count known for a hash (from the state or the local input): a file of
     another size under that name is not the content its name says, and is never reused."""
     found: dict[str, dict] = {}
-    for file in await api.list_files("batch"):
-        sha = uploaded_sha256(file)
-        if sha and file.get("status") not in ("error", "deleted"):
-            found.setdefault(sha, file)
-    return {sha: f for sha, f in found.items() if sizes.get(sha, f["bytes"]) == f["bytes"]}
+    for sha, files in uploads.items():
+        usable = [f for f in files if sizes.get(sha, f["bytes"]) == f["bytes"]]
+        if usable:
+            found[sha] = usable[0]
+    return found
+
+
+async def uploaded_files(api: Api, sizes: dict[str, int]) -> dict[str, dict]:
+    """sha256 -> a usable file on the server uploaded by batchplan with that content hash (see reusable_uploads)."""
+    return reusable_uploads(await list_uploads(api), sizes)
 
 
 # -- what status, wait and refresh read ----------------------------------------------------
@@ -219,6 +318,16 @@ class Snapshot:
     def of(cls, entries: dict[str, Entry]) -> Snapshot:
         """What the state alone says (no server)."""
         return cls({n: e.batch for n, e in entries.items() if e.batch})
+
+    def by_spec(self) -> Snapshot:
+        """The same by spec name: a spec split into shards is one record (BatchRecord.combined), missing
+        when any of its shards is."""
+        groups: dict[str, list[str]] = {}
+        for name in self.records:
+            groups.setdefault(spec_of(name), []).append(name)
+        records = {spec: self.records[names[0]] if names == [spec] else
+                   BatchRecord.combined([self.records[n] for n in names]) for spec, names in groups.items()}
+        return Snapshot(records, frozenset(spec_of(n) for n in self.missing))
 
 
 def any_unfinished(entries: dict[str, Entry]) -> bool:
@@ -262,7 +371,7 @@ def _by_provider(desired: list[Desired], entries: dict[str, Entry],
 
 def _asks(desired: list[Desired], state: State | None, full_scan: bool) -> bool:
     """Whether read_remote would send anything for this (one provider's) share of the plan."""
-    return full_scan or bool(_needs_search(desired, state)) or bool(_unfinished(state.entries if state else {}))
+    return full_scan or bool(_search_inputs(desired, state)) or bool(_unfinished(state.entries if state else {}))
 
 
 async def read_remote_all(session: Session, desired: list[Desired], state: State | None, *, full_scan: bool = False,
@@ -296,7 +405,7 @@ def _merged(views: list[RemoteView], base_urls: dict[str, str]) -> RemoteView:
         for name, found in view.tagged.items():
             tagged.setdefault(name, []).extend(found)
     return RemoteView(batches=batches, missing=frozenset().union(*(v.missing for v in views)), tagged=tagged,
-                      base_urls=dict(base_urls))
+                      searched=frozenset().union(*(v.searched for v in views)), base_urls=dict(base_urls))
 
 
 def _unfinished_by_provider(entries: dict[str, Entry], base_urls: dict[str, str]) -> dict[str | None, dict[str, Entry]]:

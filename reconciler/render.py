@@ -15,20 +15,22 @@ from typing import TYPE_CHECKING
 import click
 
 from .plan import ORDER, Action, Change, Plan
+from .spec import shard_of, spec_of
 
 if TYPE_CHECKING:
     from .ledger import ApplyResult
     from .desired import Desired
     from .download import Report
-    from .operations import ImportedBatch, Migrated, Refreshed, Removed, StatusReport, Waited
+    from .operations import ImportedBatch, Migrated, Refreshed, Removed, StatusReport, Waited, Watched
     from .scaffold import Scaffolded
     from .state import Entry
 
 JSON_FORMAT_VERSION = "1"
 _COLOURS = {Action.CREATE: "green", Action.ADOPT: "cyan", Action.UPDATE: "yellow", Action.REPLACE: "yellow",
-            Action.CANCEL: "red", Action.FORGET: "magenta", Action.NOOP: None}
+            Action.CANCEL: "red", Action.FORGET: "magenta", Action.RETRY: "blue", Action.NOOP: None}
 _PHRASES = {Action.CREATE: "to create", Action.ADOPT: "to adopt", Action.UPDATE: "to update (state only)",
-            Action.REPLACE: "to replace", Action.CANCEL: "to cancel", Action.FORGET: "to forget",
+            Action.REPLACE: "to replace", Action.RETRY: "to retry", Action.CANCEL: "to cancel",
+            Action.FORGET: "to forget",
             Action.NOOP: "unchanged"}
 SHORT_HASH = 12  # hex digits of a sha256 shown in plans: enough to tell two contents apart
 
@@ -73,7 +75,8 @@ def _rerun_lines(change: Change) -> list[str]:
 
 def _create_lines(want: Desired) -> list[str]:
     """What a create makes: endpoint, model, input, metadata, expiry, and where download puts its results."""
-    source = (f"{want.input} (sha256 {_short_hash(want.input_sha256)}, {want.requests} requests)"
+    lines_of = f" lines {want.shard.first_line:,}-{want.shard.last_line:,}" if want.shard else ""
+    source = (f"{want.input}{lines_of} (sha256 {_short_hash(want.input_sha256)}, {want.requests} requests)"
               if want.input and want.input_sha256 else want.input_file_id)
     lines = [f"provider: {want.provider}"] if want.provider else []
     lines.append(f"endpoint: {want.endpoint}")
@@ -91,11 +94,16 @@ def _create_lines(want: Desired) -> list[str]:
 
 
 def _detail_lines(change: Change) -> list[str]:
+    queued = [change.queued] if change.queued else []  # first: it says this apply will not make it yet
     if change.action in (Action.REPLACE, Action.UPDATE):
-        return _diff_lines(change)
+        return queued + _diff_lines(change)
     if change.action is Action.CREATE and change.desired:
-        return _create_lines(change.desired)
-    return []
+        return queued + _create_lines(change.desired)
+    if change.action is Action.RETRY and change.retry and change.desired and not change.found:
+        sent = change.retry.selection
+        return [f"input: {sent.requests:,} of the {sent.total:,} lines of {change.desired.input}, as they are there "
+                f"(sha256 {_short_hash(sent.sha256)})"]
+    return queued
 
 
 def _estimate_lines(change: Change, estimated: bool) -> list[str]:
@@ -151,8 +159,15 @@ def summary_line(plan: Plan) -> str:
     counts = plan.summary()
     if not plan.has_changes:
         return f"No changes. {counts['noop']} batch(es) match their specs."
-    parts = [f"{counts[a.value]} {_PHRASES[a]}" for a in ORDER if counts[a.value] or a is Action.NOOP]
+    parts = [f"{counts[a.value]} {_PHRASES[a]}{_queued_count(plan, a)}" for a in ORDER
+             if counts[a.value] or a is Action.NOOP]
     return "Plan: " + ", ".join(parts) + "."
+
+
+def _queued_count(plan: Plan, action: Action) -> str:
+    """` (2 queued)` after the count of an action some of whose changes wait for capacity."""
+    queued = sum(1 for c in plan.queued if c.action is action)
+    return f" ({queued} queued)" if queued else ""
 
 
 def render_text(plan: Plan, colour: bool = False) -> str:
@@ -202,13 +217,21 @@ def _cost_summary(plan: Plan) -> dict:
     return {"cost_usd_min": low, "cost_usd_max": high}
 
 
+def _retry_fields(change: Change) -> dict:
+    """A retry's `requests` (sent again) and `attempt` (2 and up); nothing for other actions."""
+    if change.retry is None:
+        return {}
+    return {"requests": change.retry.selection.requests, "attempt": change.retry.attempt}
+
+
 def plan_document(plan: Plan) -> dict:
     """The public JSON plan (format_version 1): documented in the README; keep it stable."""
     return {
         "format_version": JSON_FORMAT_VERSION,
-        "actions": [{"name": c.name, "action": c.action.value, "reason": c.reason,
-                     "reason_code": c.reason_code.value, "before": _before(c), "after": _after(c),
-                     "estimate": c.estimate.model_dump(mode="json") if c.estimate else None}
+        "actions": [{"name": c.name, "spec": spec_of(c.name), "shard": shard_of(c.name), "action": c.action.value,
+                     "reason": c.reason, "reason_code": c.reason_code.value, "before": _before(c), "after": _after(c),
+                     "estimate": c.estimate.model_dump(mode="json") if c.estimate else None, **_retry_fields(c),
+                     "queued": c.queued is not None}
                     for c in plan.changes],
         "summary": {**plan.summary(), **_cost_summary(plan)},
     }
@@ -278,7 +301,10 @@ def render_apply_result(result: ApplyResult) -> Output:
     if result.failed:
         return Output(err=f"Apply finished with errors: {len(result.done)} done, {len(result.failed)} failed "
                           "(the state records what was done; fix the cause and run apply again).\n")
-    return Output(click.style(f"Apply complete: {len(result.done)} change(s).", bold=True) + "\n")
+    queued = len(result.queued)
+    later = (f" {queued} create(s) queued for enqueued-token capacity: `batchplan apply` makes them once "
+             "running batches finish (`batchplan apply --watch` waits and makes them).") if queued else ""
+    return Output(click.style(f"Apply complete: {len(result.done)} change(s).", bold=True) + later + "\n")
 
 
 def render_status(report: StatusReport, *, as_json: bool, width: int | None, colour: bool,
@@ -323,6 +349,17 @@ def render_wait(waited: Waited, timeout: float | None) -> Output:
     head = f"Timed out after {timeout:g}s" if waited.result.timed_out else "Finished"
     return Output(err=note + _lines([f"{head}: {len(problems)} of {len(waited.names)} batch(es) did not complete:",
                                      *(f"  {line}" for line in problems)]))
+
+
+def render_watched(watched: Watched) -> Output:
+    """`apply --watch`'s end: the creates that failed, then every watched batch as `wait` says it."""
+    waited = render_wait(watched.waited, None)
+    if not watched.failed:
+        return waited
+    failed = [f"  {name}: {why}" for name, why in sorted(watched.failed.items())]
+    return Output(waited.out, _lines([f"Stopped watching: {len(failed)} create(s) failed (the state records what was "
+                                      "done; fix the cause and run `batchplan apply --watch` again):", *failed])
+                  + waited.err)
 
 
 def render_refresh(refreshed: Refreshed) -> str:

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, BinaryIO, NamedTuple
 import orjson
 
 from .errors import StateError
+from .fsutil import atomic_writer
 from .inputs import hash_file
 
 if TYPE_CHECKING:  # the client (httpx) is loaded only by commands that talk to the server
@@ -155,15 +156,17 @@ def request_lines(path: Path) -> Iterator[tuple[str | None, int, int, bytes]]:
     with path.open("rb") as fh:
         for start, stop, raw in _numbered_lines(fh):
             if raw.strip():
-                yield _custom_id(raw), start, stop, raw
+                yield custom_id_of(raw), start, stop, raw
 
 
-# The custom_id of a request line that starts with it, as most do, without parsing the
-# body that follows (most of a line); any other line is parsed whole.
-_LEADING_CUSTOM_ID = re.compile(rb'\s*\{\s*"custom_id"\s*:\s*"([^"\\]*)"')
+# The custom_id of a line that starts with it (a request line), or with an `id` and then it
+# (a result line), as the API writes them, without parsing the body that follows (most of a
+# line); any other line is parsed whole.
+_LEADING_CUSTOM_ID = re.compile(rb'\s*\{\s*(?:"id"\s*:\s*"[^"\\]*"\s*,\s*)?"custom_id"\s*:\s*"([^"\\]*)"')
 
 
-def _custom_id(raw: bytes) -> str | None:
+def custom_id_of(raw: bytes | bytearray | memoryview) -> str | None:
+    """The custom_id of a request or result line; None when it has none."""
     if found := _LEADING_CUSTOM_ID.match(raw):
         with contextlib.suppress(UnicodeDecodeError):
             return found.group(1).decode()
@@ -250,23 +253,6 @@ class _ResultReader:
 
     def __call__(self, ref: LineRef) -> bytes:
         return os.pread(self.fds[ref.file], ref.stop - ref.start, ref.start)
-
-
-# Written here until reconciler/fsutil.py (the `core` branch) is on main: its atomic_writer
-# does the same, temp file next to the target, fsync, rename, and is meant to replace this.
-@contextlib.contextmanager
-def atomic_writer(path: Path) -> Iterator[BinaryIO]:
-    """A binary file that replaces `path` when the block ends without an error."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with tmp.open("wb") as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # -- the cache of downloaded result files -------------------------------------------------

@@ -14,6 +14,7 @@ request that failed with another 4xx is never retried: a bad request would fail 
     iter_retry_lines     those lines, streamed and checked against the sha256
     write_retry_input    the same, written atomically to a file to upload
     next_attempt         the attempt a plan should make now, if any
+    attempt_tag          the spec tag a retry batch carries, attempt number included
     retry_reason, status_phrase   the words of `plan` and `status`
 
 The outcome of earlier attempts comes from results.classify_results over the result files
@@ -32,17 +33,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from .errors import StalePlanError
-from .results import ErrorClass, Outcome, atomic_writer, request_lines
+from .fsutil import atomic_writer
+from .results import ErrorClass, Outcome, request_lines
 
 MAX_ATTEMPTS = 10
 REASONS = (ErrorClass.EXPIRED, ErrorClass.SERVER_ERROR, ErrorClass.RATE_LIMITED)  # what `on` may hold
 MISSING = "missing"  # a request with no line in any result file: nothing says why, so it is not retried
 RETRY_ENDS = frozenset({"completed", "expired"})  # the batch statuses after which a retry may follow
-TAG_ATTEMPT = "batchplan_attempt"  # metadata of a follow-up batch: its attempt number, "2" and up
 RETRY_SYMBOL = "↻"
 
 _REASON_NAMES = ", ".join(REASONS)
@@ -75,6 +76,14 @@ class RetryPolicy(BaseModel):
     # None is never kept: the validator turns a missing value into a message that says what to write.
     max_attempts: int = Field(None, validate_default=True)
     on: tuple[Annotated[ErrorClass, BeforeValidator(_retry_reason)], ...] = REASONS
+
+    @model_validator(mode="before")
+    @classmethod
+    def _on_as_written(cls, data: object) -> object:
+        """YAML 1.1 (pyyaml) reads a bare `on:` key as the boolean true: it is the `on` written."""
+        if isinstance(data, dict) and True in data and "on" not in data:
+            return {("on" if key is True else key): value for key, value in data.items()}
+        return data
 
     @field_validator("max_attempts", mode="before")
     @classmethod
@@ -197,6 +206,18 @@ def write_retry_input(input_path: Path, selection: RetrySelection, dest: Path) -
 def retry_filename(input_name: str, attempt: int, sha256: str) -> str:
     """The upload's name: content-addressed like every batchplan upload, and saying its attempt."""
     return f"{Path(input_name).stem}.attempt-{attempt}.batchplan-{sha256}.jsonl"
+
+
+def attempt_tag(spec_hash: str, attempt: int) -> str:
+    """The `batchplan_spec` tag of a spec's attempt: the spec hash for the first batch, the spec
+    hash and `/N` for attempt N of a retry.
+
+    Carried in the spec tag rather than a key of its own, so a spec keeps 14 metadata keys, and
+    every look for a spec's batch by its tags (adopt, a lost create, in any version of
+    batchplan) compares the whole tag: a retry batch is never taken for the first, nor
+    attempt 2 for attempt 3.
+    """
+    return spec_hash if attempt == 1 else f"{spec_hash}/{attempt}"
 
 
 def next_attempt(status: str, attempts_made: int, policy: RetryPolicy | None,

@@ -44,9 +44,11 @@ CONFIG_TEXT = """\
 # parallelism: 16                     # concurrent requests
 # timeout: 60                         # seconds per request
 # max_retries: 5                      # retries of a read, list or cancel on 429, 5xx and lost connections
+# retry: {max_attempts: 3}            # follow-up batches of the requests that end without a result (none by default)
+# max_wait: 60                        # seconds: the longest wait a server may ask for (Retry-After)
 """
 IGNORED = ("results/", "state/sandbox/", "state/cache.json", "state/tokens.json", "state/*.lock",
-           "state/*.lock.info", "state/*.backup")
+           "state/*.lock.info", "state/*.backup", "state/retries/")
 QUESTIONS = ("What is the capital of France?", "Name three prime numbers.")
 
 

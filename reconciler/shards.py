@@ -19,24 +19,23 @@ Nothing here holds a whole file: memory is bounded by one shard's custom_ids at 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import os
 import queue
-import re
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import Problem, StalePlanError, ValidationFailed
-from .inputs import (CHUNK, MAX_BYTES, MAX_EMBEDDING_INPUTS, MAX_REQUESTS, MAX_REPORTED, InputReport,
-                     LineProblem, _lines, scan_input)
+from .fsutil import atomic_writer
+from .inputs import (CHUNK, MAX_BYTES, MAX_EMBEDDING_INPUTS, MAX_REQUESTS, InputReport, _lines,
+                     scan_input)
+from .results import custom_id_of
 
 MB = 2**20
 # Why a shard was cut where it was: the limit its next line would have broken.
@@ -108,10 +107,17 @@ class Splitter:
         self.hashes: _ShardHashes | None = None
         self.problem: Callable[..., None] = lambda *args: None
 
-    def begin(self, path: Path, problem: Callable[..., None]) -> int:
-        """Start hashing shards of `path`; returns the longest line worth keeping (see inputs._lines)."""
+    def begin(self, path: Path, problem: Callable[..., None], hash_all: bool = False) -> int:
+        """Start hashing shards of `path`; returns the longest line worth keeping (see inputs._lines).
+
+        `hash_all`: the caller does not hash the file itself (a large file), so the shard hasher
+        follows the scan from the first byte: a file that stays one shard gets its hash from it,
+        and a split file is hashed once, shard by shard, not twice."""
         self.hashes = _ShardHashes(path)
         self.problem = problem
+        if hash_all:
+            self.publish_at = _ShardHashes.PUBLISH_EVERY
+            self._set_marks()
         return self.max_bytes
 
     def place(self, start: int, stop: int, inputs: int, line: int) -> bool:
@@ -162,16 +168,16 @@ class Splitter:
                      f"({self.max_bytes:,}); raise shard.max_bytes (at most {_size_text(MAX_BYTES)}) "
                      "or shorten the line", line)
 
-    def finish(self, file_sha256: str, lines: int, end: int) -> list[Shard]:
+    def finish(self, file_sha256: str | None, lines: int, end: int) -> list[Shard]:
         """The shards of a file of `lines` lines and `end` bytes, with their hashes.
 
-        A file that is one shard has the file's own hash.
+        A file that is one shard has the file's own hash (`file_sha256`, when the caller has it).
         """
         if not lines:
             self.cancel()
             return []
         spans = [*self.spans, _Span(self.start, end, self.first_line, lines + 1 - self.first_line, self.inputs, None)]
-        if len(spans) == 1:
+        if len(spans) == 1 and file_sha256 is not None:
             self.cancel()
             digests = [file_sha256]
         else:
@@ -191,8 +197,10 @@ class _ShardHashes:
 
     The thread reads the file itself (the page cache serves it), never past the start of
     the line the scan last placed, so the scan loop only posts offsets: one per cut and
-    one per PUBLISH_EVERY bytes. Nothing is hashed until a first cut: a file that is one
-    shard needs no hash but the file's own (inputs._BackgroundHash computes that one).
+    one per PUBLISH_EVERY bytes. For a small file, nothing is hashed until a first cut: a
+    file that is one shard needs no hash but the file's own, which the scan computes as it
+    reads. A large file is followed from its first byte (Splitter.begin's `hash_all`) and
+    is then hashed by this thread alone: its shards' hashes, or its own when it is one shard.
     """
 
     PUBLISH_EVERY = 8 * MB
@@ -305,12 +313,14 @@ class ShardReader(io.RawIOBase):
     returning them: an upload of changed bytes never completes.
     """
 
-    def __init__(self, path: Path, start: int, end: int, sha256: str | None = None):
+    def __init__(self, path: Path, start: int, end: int, sha256: str | None = None,
+                 advance: Callable[[int], None] | None = None):
         if not 0 <= start <= end:
             raise ValueError(f"not a byte range: [{start}, {end})")
         self._file = open(path, "rb", buffering=0)  # noqa: SIM115 (closed by close())
         super().__init__()
         self.path, self.start, self.end, self.sha256 = Path(path), start, end, sha256
+        self.advance = advance  # a progress bar's, for an upload
         self._pos = 0
         self._restart_hash()
 
@@ -354,6 +364,8 @@ class ShardReader(io.RawIOBase):
             self._hashed += n
             if self._hashed == self.size and self.sha256:
                 self._verify()
+            if self.advance is not None:
+                self.advance(n)
         self._pos += n
         return n
 
@@ -381,22 +393,14 @@ def open_shard(path: Path, shard: Shard) -> ShardReader:
     return ShardReader(path, shard.start, shard.end, shard.sha256)
 
 
+def open_verified(path: Path, start: int, end: int, sha256: str,
+                  advance: Callable[[int], None] | None = None) -> ShardReader:
+    """Bytes [start, end) of `path`, checked against `sha256` as they stream: an upload's source
+    (a shard, or a whole file as the range [0, size)), with a progress callback."""
+    return ShardReader(path, start, end, sha256, advance)
+
+
 # -- merging results ---------------------------------------------------------------------
-
-@contextlib.contextmanager
-def _atomic_writer(dest: Path) -> Iterator[BinaryIO]:
-    """A file that appears at `dest` complete or not at all (temp file, fsync, rename)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")
-    try:
-        with tmp.open("wb") as out:
-            yield out
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
-
 
 def _write_line(out: BinaryIO, data: bytes) -> None:
     out.write(data)
@@ -406,7 +410,7 @@ def _write_line(out: BinaryIO, data: bytes) -> None:
 
 def merge_jsonl(parts: list[Path], dest: Path) -> int:
     """Concatenate JSONL files in the given (shard) order into `dest`, atomically; returns its size."""
-    with _atomic_writer(dest) as out:
+    with atomic_writer(dest) as out:
         for part in parts:
             with part.open("rb") as fh:
                 last = b""
@@ -428,12 +432,14 @@ def merge_in_input_order(input_path: Path, shards: list[Shard], result_files: li
     seeking. A request with no result in the file (it failed, so it is in the error file)
     is skipped; a result whose custom_id no input line of its shard has (there should be
     none) follows that shard's ordered results, in file order, so nothing is dropped.
-    `result_files[i]` belongs to `shards[i]`; None when that shard has no such file.
+    `result_files[i]` belongs to `shards[i]`; None when that shard has no such file. A
+    shard's input lines are checked against its sha256 (when it has one) as they are read:
+    StalePlanError, and nothing written, when the input changed since.
     """
     if len(result_files) != len(shards):
         raise ValueError(f"{len(shards)} shards but {len(result_files)} result files")
     written = 0
-    with _atomic_writer(dest) as out:
+    with atomic_writer(dest) as out:
         for shard, results in zip(shards, result_files):
             if results is not None:
                 written += _merge_shard(input_path, shard, results, out)
@@ -444,9 +450,9 @@ def _merge_shard(input_path: Path, shard: Shard, results: Path, out: BinaryIO) -
     where, strays = _index_results(results)
     written = 0
     with results.open("rb", buffering=0) as fh:
-        with open_range(input_path, shard.start, shard.end) as requests:
+        with ShardReader(input_path, shard.start, shard.end, shard.sha256 or None) as requests:
             for raw, _, _ in _lines(requests, CHUNK, None):
-                place = where.pop(_custom_id(raw), None)
+                place = where.pop(custom_id_of(raw), None)
                 if place is not None:
                     _write_line(out, _read_at(fh, *place))
                     written += 1
@@ -462,32 +468,12 @@ def _index_results(results: Path) -> tuple[dict[str, tuple[int, int]], list[tupl
     strays: list[tuple[int, int]] = []
     with results.open("rb", buffering=0) as fh:
         for raw, start, stop in _lines(fh, CHUNK, None):
-            custom_id = _custom_id(raw)
+            custom_id = custom_id_of(raw)
             if custom_id is None or custom_id in where:
                 strays.append((start, stop))
             else:
                 where[custom_id] = (start, stop)
     return where, strays
-
-
-# The custom_id of a line that starts with it (as request lines usually do), or with the
-# API's "id" then it (as result lines do), without parsing the rest: a merge reads every
-# input line again, and most of a line is its body.
-_LEADING_CUSTOM_ID = re.compile(rb'\{\s*(?:"id"\s*:\s*"[^"\\]*"\s*,\s*)?"custom_id"\s*:\s*"([^"\\]*)"')
-
-
-def _custom_id(raw: bytes | bytearray | memoryview) -> str | None:
-    if found := _LEADING_CUSTOM_ID.match(raw):
-        try:
-            return found.group(1).decode()
-        except UnicodeDecodeError:
-            return None
-    try:
-        line = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return None
-    custom_id = line.get("custom_id") if type(line) is dict else None
-    return custom_id if type(custom_id) is str else None
 
 
 def _read_at(fh: BinaryIO, start: int, stop: int) -> bytes:

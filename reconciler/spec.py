@@ -16,8 +16,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, StringConstraints, ValidationError
 
 from .errors import PathError, Problem
+from .inputs import MAX_BYTES, MAX_REQUESTS
 from .paths import confine, not_a_file
 from .providers import PROVIDER_NAME
+from .retries import RetryPolicy
+from .yamldoc import AliasBudgetExceeded, composed
+from .shards import ShardLimits
 
 RESERVED_PREFIX = "batchplan_"
 TAG_NAME = "batchplan_name"
@@ -28,9 +32,8 @@ MAX_KEY_LENGTH = 64
 MAX_VALUE_LENGTH = 512
 EXPIRY_SECONDS = (3600, 2_592_000)  # 1 hour to 30 days
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
-
-# libyaml's loader is about 7x faster than the pure-Python one and just as safe; both give marks.
-SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+# A batch's address: its spec's name, or NAME[K] for shard K of a spec split into several batches.
+ADDRESS_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}(\[(0|[1-9][0-9]{0,5})\])?$"
 
 MetadataKey = Annotated[StrictStr, StringConstraints(max_length=MAX_KEY_LENGTH)]
 MetadataValue = Annotated[StrictStr, StringConstraints(max_length=MAX_VALUE_LENGTH)]
@@ -81,15 +84,47 @@ class Spec(BaseModel):
     output: str | None = None
     errors: str | None = None
     lifecycle: Lifecycle = Field(default_factory=Lifecycle)
+    shard: ShardLimits | None = None  # smaller shards than the API's limits (see shards.py)
     # USD this spec's batch may cost at most (its estimate's maximum); not a batch parameter, so
     # changing it replaces nothing. Checked by apply (budget.py).
     budget_usd: float | None = Field(default=None, ge=0, allow_inf_nan=False, strict=True)
     # A profile of batchplan.yaml's `providers:` (providers.py); none: the environment's server.
     # Part of what the batch is made from: moving a spec to another provider replaces its batch.
     provider: str | None = Field(default=None, pattern=PROVIDER_NAME)
+    # Follow-up batches for the requests that end without a result (retries.py); None: the
+    # default of batchplan.yaml, if any. Not a batch parameter: changing it replaces nothing.
+    retry: RetryPolicy | None = None
+
+    def retry_policy(self, default: RetryPolicy | None) -> RetryPolicy | None:
+        """Its own `retry:`, else batchplan.yaml's (`default`) when it has a local input to send again."""
+        return self.retry or (default if self.input is not None else None)
 
 
 FIELDS = tuple(Spec.model_fields)
+
+
+# -- addresses: NAME, or NAME[K] for shard K of a spec whose input is split ----------------
+
+
+def shard_address(name: str, index: int) -> str:
+    return f"{name}[{index}]"
+
+
+def spec_of(address: str) -> str:
+    """The spec name of an address: `big` for `big[2]` (and for `big`)."""
+    return address.partition("[")[0]
+
+
+def shard_of(address: str) -> int | None:
+    """K of `NAME[K]`; None for a plain name."""
+    _, bracket, rest = address.partition("[")
+    return int(rest.rstrip("]")) if bracket else None
+
+
+def address_key(address: str) -> tuple[str, int]:
+    """Sort key: by spec name, then shards in input order (`big[2]` before `big[10]`)."""
+    index = shard_of(address)
+    return spec_of(address), -1 if index is None else index
 
 
 @dataclass(frozen=True)
@@ -139,16 +174,12 @@ class _Document:
 
 
 def _documents(text: str) -> list[_Document]:
-    loader = SafeLoader(text)
+    """Every document with its lines; a spec with an alias is refused before anything walks it (yamldoc)."""
     docs = []
-    try:
-        while loader.check_node():
-            node = loader.get_node()
-            repeated: list = []
-            lines = _node_lines(node, repeated=repeated)
-            docs.append(_Document(loader.construct_document(node), lines, repeated))
-    finally:
-        loader.dispose()
+    for node, data in composed(text, alias_budget=0):
+        repeated: list = []
+        lines = _node_lines(node, repeated=repeated)
+        docs.append(_Document(data, lines, repeated))
     return docs
 
 
@@ -180,6 +211,8 @@ def _message(err: dict, loc: tuple) -> str:
     kind, value = err["type"], err.get("input")
     if kind == "extra_forbidden":
         return _unknown_field_message(loc)
+    if kind == "missing" and loc[:1] == ("retry",):
+        return err["msg"]  # RetryPolicy's own: it says what to write
     if kind == "missing":
         return {("endpoint",): f"missing; say which endpoint the requests go to, one of: {', '.join(ENDPOINTS)}",
                 ("output_expires_after", "anchor"): "missing; write anchor: created_at",
@@ -196,10 +229,18 @@ def _message(err: dict, loc: tuple) -> str:
     if loc == ("output_expires_after", "seconds") and kind in ("greater_than_equal", "less_than_equal"):
         low, high = EXPIRY_SECONDS
         return f"{value} is out of range; use {low} (1 hour) to {high} (30 days)"
+    if loc[:1] == ("shard",) and kind in ("greater_than_equal", "less_than_equal"):
+        return _shard_limit_message(loc, value)
     if loc == ("name",) and kind == "string_pattern_mismatch":
         return f"{_short(value)}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
     message = err["msg"].removeprefix("Value error, ")
     return f"{message}, not {_short(value)}" if kind.endswith("_type") or kind.endswith("_parsing") else message
+
+
+def _shard_limit_message(loc: tuple, value: object) -> str:
+    most = {"max_requests": f"{MAX_REQUESTS:,} requests", "max_bytes": f"{MAX_BYTES:,} bytes (200 MB)"}[loc[-1]]
+    return (f"{_short(value)} is out of range; use 1 to {most}, the Batch API's limit per batch (leave shard: "
+            "out to split at the API's limits)")
 
 
 def _metadata_problem(err: dict, loc: tuple, source: SpecSource) -> Problem:
@@ -222,7 +263,9 @@ def _short(value: object) -> str:
 
 def _unknown_field_message(loc: tuple) -> str:
     parent_fields = {(): FIELDS, ("output_expires_after",): ("anchor", "seconds"),
-                     ("lifecycle",): ("prevent_cancel", "ignore_changes")}.get(loc[:-1], ())
+                     ("lifecycle",): ("prevent_cancel", "ignore_changes"),
+                     ("retry",): tuple(RetryPolicy.model_fields),
+                     ("shard",): tuple(ShardLimits.model_fields)}.get(loc[:-1], ())
     guess = difflib.get_close_matches(str(loc[-1]), parent_fields, n=1)
     if guess:
         return f"unknown field; did you mean {guess[0]!r}?"
@@ -239,6 +282,14 @@ def _input_problem(data: dict, source: SpecSource) -> Problem | None:
                               "(a file already uploaded), not both", ("input_file_id",), "input")
     return source.problem("missing; give input (a JSONL file in this repo) or input_file_id (a file already "
                           "uploaded)", ("input",), "input")
+
+
+def _retry_problem(data: dict, source: SpecSource) -> Problem | None:
+    """A retry sends some lines of the input again: batchplan must be able to read them."""
+    if data.get("retry") is None or data.get("input_file_id") is None:
+        return None
+    return source.problem("needs input: (a JSONL file in this repo): with input_file_id batchplan cannot read the "
+                          "requests to send again; use input:, or remove retry:", ("retry",), "retry")
 
 
 def _metadata_limits(data: dict, source: SpecSource) -> list[Problem]:
@@ -273,6 +324,8 @@ def _check_document(doc: _Document, source: SpecSource, index: int) -> tuple[Loa
         problems += [p for p in _pydantic_problems(exc, source) if p.field != "name" or "name" in data]
     if problem := _input_problem(data, source):
         problems.append(problem)
+    if problem := _retry_problem(data, source):
+        problems.append(problem)
     problems += _metadata_limits(data, source)
     if problems:
         return None, problems
@@ -286,6 +339,8 @@ def load_spec_file(path: Path, repo_root: Path) -> tuple[list[LoadedSpec], list[
         docs = _documents(path.read_text(encoding="utf-8"))
     except yaml.MarkedYAMLError as exc:
         return [], [_yaml_problem(file, exc)]
+    except AliasBudgetExceeded as exc:
+        return [], [Problem(file, str(exc), exc.line, code="yaml")]
     except UnicodeDecodeError as exc:
         return [], [Problem(file, f"not UTF-8 text (byte {exc.start}); save the file as UTF-8", code="yaml")]
     except (OSError, yaml.YAMLError) as exc:

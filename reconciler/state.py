@@ -10,16 +10,17 @@ from __future__ import annotations
 import re
 import time
 import uuid
+from typing import Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_serializer
 
 from .batch import BatchFields, BatchRecord, BatchStatus
 from .errors import ConfigError
-from .spec import NAME_PATTERN
+from .spec import ADDRESS_PATTERN, address_key, spec_of
 
-__all__ = ["FORMAT_VERSION", "BatchFields", "BatchRecord", "BatchStatus", "Entry", "HistoryItem", "Intent", "State",
-           "Upload", "select_entries"]
+__all__ = ["FORMAT_VERSION", "BatchFields", "BatchRecord", "BatchStatus", "Entry", "HistoryItem", "Intent",
+           "Retries", "RetryIntent", "ShardPart", "State", "Upload", "format_verdict", "select_entries"]
 
 FORMAT_VERSION = 1
 
@@ -45,8 +46,58 @@ class HistoryItem(BaseModel):
     provider: str | None = Field(default=None, exclude_if=lambda value: value is None)  # where that batch is
 
 
+class RetryIntent(BaseModel):
+    """A retry batch about to be made: recorded first, so a lost answer is found by its tag.
+
+    `tag`: the `batchplan_spec` value the batch carries (the spec hash and the attempt, see
+    retries.attempt_tag); `input_sha256`: the retry input's content address."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    attempt: int
+    tag: str
+    input_sha256: str
+    at: int
+
+
+class Retries(BaseModel):
+    """The follow-up batches of an entry's batch: attempts 2 and up, oldest first.
+
+    `first` is the id of the batch they follow (attempt 1). When the entry's batch is no
+    longer that one (a replace made a new batch), these retries are of the old one and count
+    for nothing (retries.py: `attempt_records`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    first: str
+    batches: list[BatchRecord] = Field(default_factory=list)
+    intent: RetryIntent | None = None
+
+    def record(self, fresh: BatchRecord) -> bool:
+        """Replace the record of the batch with fresh's id, if it is one of these; whether it changed."""
+        for index, known in enumerate(self.batches):
+            if known.id == fresh.id and known != fresh:
+                self.batches[index] = fresh
+                return True
+        return False
+
+
+class ShardPart(BaseModel):
+    """Which part of its spec's input a shard's batch was made from: shard `index`, lines
+    first_line..last_line, bytes [start, end). Download merges shards' results by it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    index: int
+    start: int
+    end: int
+    first_line: int
+    last_line: int
+
+
 class Entry(BaseModel):
-    """One spec name: the batch made for it, from which fields, and what came before."""
+    """One address (a spec name, or NAME[K] for a shard): the batch made for it, from which
+    fields, and what came before."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -56,14 +107,26 @@ class Entry(BaseModel):
     intent: Intent | None = None
     history: list[HistoryItem] = Field(default_factory=list)
     prevent_cancel: bool = False
+    retries: Retries | None = None  # follow-up batches of `batch` (a spec's `retry:`); None: none made
+    shard: ShardPart | None = None
     # A named provider's base_url when the batch was made there: a profile moved since is shown as
     # drift by the plan, not followed (its batch is not on the new server). None for the environment's.
     base_url: str | None = Field(default=None, exclude_if=lambda value: value is None)
 
     @property
     def provider(self) -> str | None:
-        """The named provider this entry's batch is on (None: the environment's)."""
+        """The named provider this entry's batch (and its retries) are on (None: the environment's)."""
         return self.fields.provider
+
+    @model_serializer(mode="wrap")
+    def _without_empty_parts(self, handler) -> dict:
+        """`shard` only in a shard's entry, `retries` only once a retry was made: the entries of
+        specs that fit one batch and never retried stay as they were."""
+        data = handler(self)
+        for key in ("shard", "retries"):
+            if data.get(key) is None:
+                data.pop(key, None)
+        return data
 
 
 class Upload(BaseModel):
@@ -76,11 +139,12 @@ class Upload(BaseModel):
 class State(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    format_version: int = FORMAT_VERSION
+    format_version: StrictInt = FORMAT_VERSION  # strict: "2" or 2.0 is never read as a format (format_verdict)
     lineage: str = Field(default_factory=lambda: str(uuid.uuid4()))
     serial: int = 0
     created_at: int = Field(default_factory=lambda: int(time.time()))
-    scan_floor: int | None = None
+    scan_floor: int | None = None  # read by no one since the search goes through the uploads; kept so older
+    #                                state files still load
     uploads: dict[str, Upload] = Field(default_factory=dict)  # sha256 -> the environment provider's upload
     # named provider -> sha256 -> its upload there: a file id is only good on the server that gave it
     provider_uploads: dict[str, dict[str, Upload]] = Field(default_factory=dict, exclude_if=lambda value: not value)
@@ -91,8 +155,9 @@ class State(BaseModel):
     def _spec_names(cls, entries: dict[str, Entry]) -> dict[str, Entry]:
         """Names become paths (`results/<name>/`): a hand-edited `../../x` must not."""
         for name in entries:
-            if not re.fullmatch(NAME_PATTERN, name):
-                raise ValueError(f"{name!r} is not a name batchplan gives a spec (letters, digits, '.', '_', '-')")
+            if not re.fullmatch(ADDRESS_PATTERN, name):
+                raise ValueError(f"{name!r} is not a name batchplan gives a spec (letters, digits, '.', '_', '-'; "
+                                 "NAME[K] for a shard)")
         return entries
 
     def uploads_on(self, provider: str | None) -> dict[str, Upload]:
@@ -111,6 +176,8 @@ class State(BaseModel):
             if entry and entry.batch and entry.batch.id == fresh.id and entry.batch != fresh:
                 entry.batch = fresh
                 changed.append(name)
+            elif entry and entry.retries and entry.retries.record(fresh):  # the latest is a retry batch
+                changed.append(name)
         return changed
 
     def to_json(self) -> str:
@@ -119,12 +186,37 @@ class State(BaseModel):
         return text.decode() + "\n"
 
 
+def format_verdict(version: object, known: int) -> Literal["ok", "newer", "wrong"]:
+    """Whether a saved document's `format_version` is exactly the int `known` ("ok"), a later one ("newer":
+    made by a newer batchplan), or anything else ("wrong").
+
+    Compared strictly: "2", 2.0 and true are not 2 (a lax read took "2" for a format it could read),
+    though a number or numeric text above `known` still says "newer" rather than "damaged"."""
+    if type(version) is int and version == known:
+        return "ok"
+    try:
+        number = float(version) if isinstance(version, int | float | str) and not isinstance(version, bool) else None
+    except ValueError:
+        number = None
+    return "newer" if number is not None and number > known else "wrong"
+
+
 def select_entries(state: State | None, names: tuple[str, ...]) -> dict[str, Entry]:
-    """The state entries named (all of them when none are), sorted by name."""
+    """The state entries named (all of them when none are), shards in order. A spec's name
+    names all its shards: `big` selects big[0], big[1], ..."""
     entries = state.entries if state else {}
-    unknown = sorted(set(names) - set(entries))
+    chosen = expand_names(names, entries)
+    unknown = sorted(n for n in names if n not in chosen and not any(spec_of(c) == n for c in chosen))
     if unknown:
-        known = ", ".join(sorted(entries)) or "none"
+        known = ", ".join(sorted(entries, key=address_key)) or "none"
         raise ConfigError(f"no batch named {', '.join(unknown)} in the state (known: {known}); "
                           "`batchplan state list` shows them")
-    return {name: entries[name] for name in sorted(set(names) or entries)}
+    selected = chosen if names else set(entries)
+    return {name: entries[name] for name in sorted(selected, key=address_key)}
+
+
+def expand_names(names: tuple[str, ...] | frozenset[str], addresses) -> set[str]:
+    """The addresses among `addresses` that `names` name: an address itself, or every shard of a
+    spec name (`big` -> big[0], big[1], ...)."""
+    wanted = set(names)
+    return {a for a in addresses if a in wanted or spec_of(a) in wanted}

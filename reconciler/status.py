@@ -6,10 +6,11 @@ batches still running); nothing here talks to the server or writes the state.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from .batch import BatchStatus, short_id
+from .batch import BatchStatus, combined_status, short_id, status_tally
 from .remote import Snapshot
+from .spec import shard_of, spec_of
 from .state import Entry
 
 STATUS_FORMAT_VERSION = "1"
@@ -29,23 +30,52 @@ class StatusRow:
     output_file_id: str | None
     error_file_id: str | None
     note: str = ""
+    shards: int = 0  # a spec's line that stands for this many shards (their rows follow with --shards)
 
 
-def status_rows(entries: dict[str, Entry], snapshot: Snapshot) -> list[StatusRow]:
+def status_rows(entries: dict[str, Entry], snapshot: Snapshot, shards: bool = False) -> list[StatusRow]:
+    """One row per batch; a spec split into shards is one row with their counts summed, followed by
+    one row per shard when `shards`. `entries` are in address order (state.select_entries)."""
+    groups: dict[str, list[StatusRow]] = {}
+    for name in entries:
+        groups.setdefault(spec_of(name), []).append(_batch_row(name, snapshot))
     out = []
-    for name, entry in entries.items():
-        rec = snapshot.records.get(name)
-        if rec is None:
-            out.append(StatusRow(name, None, "none", 0, 0, 0, None, None, None,
-                           "no batch: an apply was interrupted before creating it; run `batchplan apply`"))
-            continue
-        counts = rec.request_counts or {}
-        status = "missing" if name in snapshot.missing else rec.status
-        note = "the server has no such batch (404)" if name in snapshot.missing else rec.error_codes()
-        out.append(StatusRow(name, rec.id, status, counts.get("completed", 0), counts.get("failed", 0),
-                       counts.get("total", 0), rec.created_at, rec.output_file_id if rec.terminal else None,
-                       rec.error_file_id if rec.terminal else None, note))
+    for spec, rows in groups.items():
+        if len(rows) == 1 and rows[0].name == spec:
+            out += rows
+        else:
+            out += [_spec_row(spec, rows), *(rows if shards else [])]
     return out
+
+
+def with_attempts(rows: list[StatusRow], phrases: dict[str, str]) -> list[StatusRow]:
+    """The rows with what each name's attempts came to (attempts.attempts_phrase) added to its note."""
+    return [replace(r, note="; ".join(filter(None, (r.note, phrases[r.name])))) if r.name in phrases else r
+            for r in rows]
+
+
+def _batch_row(name: str, snapshot: Snapshot) -> StatusRow:
+    rec = snapshot.records.get(name)
+    if rec is None:
+        return StatusRow(name, None, "none", 0, 0, 0, None, None, None,
+                         "no batch: an apply was interrupted before creating it; run `batchplan apply`")
+    counts = rec.request_counts or {}
+    status = "missing" if name in snapshot.missing else rec.status
+    note = "the server has no such batch (404)" if name in snapshot.missing else rec.error_codes()
+    return StatusRow(name, rec.id, status, counts.get("completed", 0), counts.get("failed", 0),
+                     counts.get("total", 0), rec.created_at, rec.output_file_id if rec.terminal else None,
+                     rec.error_file_id if rec.terminal else None, note)
+
+
+def _spec_row(spec: str, rows: list[StatusRow]) -> StatusRow:
+    """A spec's shards as one row: the combined status, the summed counts, the oldest age."""
+    statuses = [r.status for r in rows]
+    created = [r.created_at for r in rows if r.created_at is not None]
+    notes = sorted({r.note for r in rows if r.note and r.batch_id})
+    tally = status_tally(statuses) if len(set(statuses)) > 1 else ""
+    return StatusRow(spec, None, combined_status(statuses), sum(r.completed for r in rows),
+                     sum(r.failed for r in rows), sum(r.total for r in rows), min(created) if created else None,
+                     None, None, "; ".join(part for part in [tally, *notes] if part), shards=len(rows))
 
 
 def age(seconds: float) -> str:
@@ -63,7 +93,8 @@ def age(seconds: float) -> str:
 def status_document(table: list[StatusRow], now: float) -> dict:
     """The `status --json` document (format_version 1); keep it stable."""
     return {"format_version": STATUS_FORMAT_VERSION, "batches": [
-        {"name": r.name, "batch_id": r.batch_id, "status": r.status,
+        {"name": r.name, "spec": spec_of(r.name), "shard": shard_of(r.name), "shards": r.shards or None,
+         "batch_id": r.batch_id, "status": r.status,
          "request_counts": {"completed": r.completed, "failed": r.failed, "total": r.total},
          "created_at": r.created_at, "age_seconds": None if r.created_at is None else int(now - r.created_at),
          "output_file_id": r.output_file_id, "error_file_id": r.error_file_id, "note": r.note or None}
@@ -91,7 +122,8 @@ def status_table(table: list[StatusRow], now: float, wide: bool = False):
         grid.add_column(column, justify="right" if numeric else "left", overflow="fold",
                         no_wrap=numeric or column == "status", min_width=status_width if column == "status" else None)
     for r in table:
-        batch = "-" if r.batch_id is None else r.batch_id if wide else short_id(r.batch_id)
+        batch = f"{r.shards} shards" if r.shards else "-" if r.batch_id is None else \
+            r.batch_id if wide else short_id(r.batch_id)
         cells = [r.name, batch, r.status, f"{r.completed}/{r.total}", str(r.failed),
                  "-" if r.created_at is None else age(now - r.created_at)]
         grid.add_row(*cells, *([r.output_file_id or "-", r.error_file_id or "-"] if wide else []),

@@ -2,24 +2,24 @@
 
 Uploads are content-addressed: the file name carries the sha256 the plan was made with
 (remote.upload_filename), so an upload already on the server, or one whose answer was
-lost, is found by that name (and size) instead of being sent again. The file is hashed
-while httpx streams it; when what was sent is not the content the plan hashed (the file
-was edited in between), the upload is deleted and refused: a file on the server named
+lost, is found by that name (and size) instead of being sent again. What is sent is a
+byte range of the input file (a shard's, or the whole file) streamed straight from disk
+and hashed as httpx reads it; when it is not the content the plan hashed (the file was
+edited in between), the upload's body is never completed: a file on the server named
 after one hash must never hold another content.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import io
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING
 
 from . import feedback
-from .errors import AmbiguousWrite, BatchplanError, InputError, TransportError
+from .errors import AmbiguousWrite, BatchplanError, InputError, StalePlanError, TransportError
 from .remote import upload_filename, uploaded_files
+from .shards import ShardReader, open_verified
 
 if TYPE_CHECKING:
     from .api import Api
@@ -28,64 +28,33 @@ if TYPE_CHECKING:
 UPLOAD_ROUNDS = 3
 
 
-class HashingReader(io.RawIOBase):
-    """A binary file that keeps the sha256 of what was read from it (httpx reads an upload through it)."""
+class VerifiedSource:
+    """An input's planned bytes as api.upload_file opens them (`.open("rb")`, once per attempt):
+    the byte range of a shard, or a whole file, hashed as httpx streams it (shards.ShardReader).
 
-    def __init__(self, raw: BinaryIO, advance: Callable[[int], None] = lambda n: None):
-        super().__init__()
-        self.raw = raw
-        self.advance = advance  # a progress bar's, for a big file
-        self.digest = hashlib.sha256()
+    The read that reaches the end raises StalePlanError, before it returns the last bytes,
+    when they are not the content the plan hashed: the upload's body is never complete, so
+    the server never holds a file named after one hash with another content."""
 
-    def readable(self) -> bool:
-        return True
+    def __init__(self, path: Path, want: Desired, advance: Callable[[int], None]):
+        self.path, self.want, self.advance = path, want, advance
+        self.reader: ShardReader | None = None
 
-    def readinto(self, buffer) -> int:
-        n = self.raw.readinto(buffer)
-        self.digest.update(memoryview(buffer)[:n])
-        self.advance(n)
-        return n
+    @property
+    def size(self) -> int:
+        """The bytes an upload sends (api.upload_file's deadline grows with it)."""
+        start, end = self.want.upload_range()
+        return end - start
 
-    def seekable(self) -> bool:
-        return True
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        """Only back to the start (httpx rewinds before it streams): the hash then starts again."""
-        if (offset, whence) != (0, io.SEEK_SET):
-            raise io.UnsupportedOperation("a hashed upload is read from the start only")
-        self.digest = hashlib.sha256()
-        return self.raw.seek(0)
-
-    def tell(self) -> int:
-        return self.raw.tell()
-
-    def fileno(self) -> int:
-        return self.raw.fileno()  # httpx takes the length of the upload from the file's size
-
-    def close(self) -> None:
-        self.raw.close()
-        super().close()
-
-
-class HashedSource:
-    """An input file as api.upload_file opens it (`.open("rb")`, once per attempt), hashed as it is read."""
-
-    def __init__(self, path: Path, advance: Callable[[int], None] = lambda n: None):
-        self.path = path
-        self.advance = advance
-        self.reader: HashingReader | None = None
-
-    def open(self, mode: str = "rb") -> HashingReader:
+    def open(self, mode: str = "rb") -> ShardReader:
         self.close()
-        self.reader = HashingReader(self.path.open("rb"), self.advance)
+        start, end = self.want.upload_range()
+        self.reader = open_verified(self.path, start, end, str(self.want.input_sha256), self.advance)
         return self.reader
 
     def close(self) -> None:
         if self.reader is not None:
             self.reader.close()
-
-    def hexdigest(self) -> str | None:
-        return self.reader.digest.hexdigest() if self.reader is not None else None
 
 
 class Uploader:
@@ -121,7 +90,7 @@ class Uploader:
         for _ in range(UPLOAD_ROUNDS):
             try:
                 file = await self._send(want)
-                self.report(want.name, f"uploaded {want.input} as {file['id']}")
+                self.report(want.name, f"uploaded {_what(want)} as {file['id']}")
                 return file
             except AmbiguousWrite:
                 again = await self._find_lost(want.input_sha256, sizes)
@@ -131,26 +100,20 @@ class Uploader:
                              "run apply again")
 
     async def _send(self, want: Desired) -> dict:
-        """Upload the input, hashing it as httpx streams it; refuse content that is not the planned one."""
+        """Upload the input's planned bytes, verified as httpx streams them (see VerifiedSource)."""
         path = self.repo_root / str(want.input)
-        with feedback.current().transfer(f"upload {want.input}", want.input_bytes or 0) as advance:
-            source = HashedSource(path, advance)
+        start, end = want.upload_range()
+        what = _what(want)
+        with feedback.current().transfer(f"upload {what}", end - start) as advance:
+            source = VerifiedSource(path, want, advance)
             try:
-                file = await self.api.upload_file(source, upload_filename(want))  # type: ignore[arg-type]
+                return await self.api.upload_file(source, upload_filename(want))  # type: ignore[arg-type]
+            except (StalePlanError, OSError) as exc:
+                raise InputError(f"{what} changed since the plan was made (the plan hashed it as sha256 "
+                                 f"{str(want.input_sha256)[:12]}): nothing of it was uploaded. Run `batchplan plan` "
+                                 "to see the plan for its new content, then apply again") from exc
             finally:
                 source.close()
-        if source.hexdigest() != want.input_sha256:
-            await self._discard(want, file)
-            raise InputError(f"{want.input} changed while it was being uploaded (the plan was made with sha256 "
-                             f"{str(want.input_sha256)[:12]}); the upload {file['id']} was deleted and not used. "
-                             "Run `batchplan plan` to see the plan for its new content, then apply again")
-        return file
-
-    async def _discard(self, want: Desired, file: dict) -> None:
-        try:
-            await self.api.delete_file(file["id"])
-        except BatchplanError as exc:  # it holds other content than its name says: say so, never use it
-            self.report(want.name, f"could not delete the upload {file['id']} ({exc}); delete it by hand")
 
     async def _find_lost(self, sha: str, sizes: dict[str, int]) -> dict | None:
         """The file an upload without an answer made, if it landed (looking twice, as for creates)."""
@@ -159,3 +122,10 @@ class Uploader:
             await self.settle()
             found = (await uploaded_files(self.api, sizes)).get(sha)
         return found
+
+
+def _what(want: Desired) -> str:
+    """What an upload sends: `data/big.jsonl`, or for a shard `data/big.jsonl lines 50,001-100,000`."""
+    if want.shard is None:
+        return str(want.input)
+    return f"{want.input} lines {want.shard.first_line:,}-{want.shard.last_line:,}"

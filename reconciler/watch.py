@@ -49,21 +49,38 @@ class WaitResult:
 
 async def wait_until_finished(snapshot_of: Callable[[dict[str, Entry]], Awaitable[Snapshot]],
                               entries: dict[str, Entry], display: Display, *, interval: float,
-                              timeout: float | None, clock: Callable[[], float] = time.monotonic) -> WaitResult:
-    """Poll until every batch in `entries` is finished (or gone), or `timeout` seconds pass;
+                              timeout: float | None, clock: Callable[[], float] = time.monotonic,
+                              until: Callable[[Snapshot], bool] | None = None) -> WaitResult:
+    """Poll until every batch in `entries` is finished (or gone), `until(snapshot)` says so
+    (apply --watch: a batch ended and freed capacity), or `timeout` seconds pass;
     `snapshot_of(entries)` asks the servers about those still running."""
     deadline = None if timeout is None else clock() + timeout
     current = dict(entries)
     while True:
         snapshot = await snapshot_of(current)
         display.show(snapshot)
-        if all(r.terminal or n in snapshot.missing for n, r in snapshot.records.items()):
+        if all(r.terminal or n in snapshot.missing for n, r in snapshot.records.items()) or \
+                until is not None and until(snapshot):
             return WaitResult(snapshot, timed_out=False)
         left = None if deadline is None else deadline - clock()
         if left is not None and left <= 0:
             return WaitResult(snapshot, timed_out=True)
         current = {n: e.model_copy(update={"batch": snapshot.records.get(n, e.batch)}) for n, e in current.items()}
         await asyncio.sleep(interval if left is None else min(interval, left))
+
+
+class BySpec:
+    """A display that shows a spec split into shards as one batch (Snapshot.by_spec): `wait` treats a
+    spec's shards as one, while it polls and judges each shard."""
+
+    def __init__(self, display: Display):
+        self.display = display
+
+    def show(self, snapshot: Snapshot) -> None:
+        self.display.show(snapshot.by_spec())
+
+    def close(self) -> None:
+        self.display.close()
 
 
 def eta_phrase(rec, now: float) -> str:
@@ -132,10 +149,11 @@ class LineDisplay:
 class ProgressDisplay:
     """A live rich display for terminals: one bar per batch (requests done, age, rough ETA) and an overall bar."""
 
-    def __init__(self, names: list[str], console=None, wall: Callable[[], float] = time.time):
+    def __init__(self, names: list[str], console=None, wall: Callable[[], float] = time.time,
+                 no_batch: str = "no batch"):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        self.wall = wall
+        self.wall, self.no_batch = wall, no_batch  # no_batch: what a name without a batch shows (apply --watch: queued)
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
                                  console=console, transient=False)
@@ -152,7 +170,7 @@ class ProgressDisplay:
         for name, task in self.tasks.items():
             rec = snapshot.records.get(name)
             if rec is None:
-                self.progress.update(task, status="no batch")
+                self.progress.update(task, status=self.no_batch)
                 continue
             counts = rec.request_counts or {}
             total = counts.get("total") or None

@@ -51,11 +51,13 @@ def test_text_plan_with_estimates_and_a_total_as_a_whole_string():
         "\n"
         "  ± edit  replace  changed: metadata.team\n"
         "      ~ metadata.team: \"research\" -> \"ml\"\n"
+        "      re-runs 3 requests: batch batch_e already completed\n"
         "      estimate: gpt-4o, 1,000 requests, 2,000,000 input + ≤ 500,000 output tokens: $2.50 – $5.00 "
         "(at least: some input (images, tools, ...) is not counted)\n"
         "  + new   create   no batch for this spec in the state or on the server\n"
         "      endpoint: /v1/chat/completions\n"
         f"      input: data/x.jsonl (sha256 {'a' * 12}, 3 requests)\n"
+        "      metadata: {\"team\": \"research\"}\n"
         "      estimate: gpt-4o-mini, 1,000 requests, 2,000,000 input + ≤ 500,000 output tokens: $0.15 – $0.30\n"
         "\n"
         "Plan: 1 to create, 1 to replace, 1 unchanged.\n"
@@ -70,11 +72,13 @@ def test_text_plan_over_budget_warns_with_what_apply_will_refuse():
         "\n"
         "  ± edit  replace  changed: metadata.team\n"
         "      ~ metadata.team: \"research\" -> \"ml\"\n"
+        "      re-runs 3 requests: batch batch_e already completed\n"
         "      estimate: acme-llm-7, 1,000 requests, 2,000,000 input + ≤ 600,000 output tokens: "
         f"unknown ({UNPRICED})\n"
         "  + new   create   no batch for this spec in the state or on the server\n"
         "      endpoint: /v1/chat/completions\n"
         f"      input: data/x.jsonl (sha256 {'a' * 12}, 3 requests)\n"
+        "      metadata: {\"team\": \"research\"}\n"
         "      estimate: gpt-4o-mini, 1,000 requests, 2,000,000 input + ≤ 500,000 output tokens: $0.15 – $0.30\n"
         "\n"
         "Plan: 1 to create, 1 to replace, 1 unchanged.\n"
@@ -94,7 +98,9 @@ def test_markdown_plan_has_a_cost_column_and_a_total_as_a_whole_string():
         "| --- | ---: | ---: |\n"
         "| + create | 1 | $0.15 – $0.30 |\n"
         "| = adopt | 0 |  |\n"
+        "| ~ update | 0 |  |\n"
         "| ± replace | 1 | $0.50 – ? |\n"
+        "| ↻ retry | 0 |  |\n"
         "| - cancel | 0 |  |\n"
         "| # forget | 0 |  |\n"
         "| noop | 1 |  |\n"
@@ -114,6 +120,7 @@ def test_markdown_plan_has_a_cost_column_and_a_total_as_a_whole_string():
         "\n"
         "```diff\n"
         '~ metadata.team: "research" -> "ml"\n'
+        "re-runs 3 requests: batch batch_e already completed\n"
         f"estimate: gpt-4o, 1,000 requests, 2,000,000 input + unbounded output tokens: $0.50 – ? ({UNBOUNDED})\n"
         "```\n"
         "\n"
@@ -124,6 +131,7 @@ def test_markdown_plan_has_a_cost_column_and_a_total_as_a_whole_string():
         "```\n"
         "endpoint: /v1/chat/completions\n"
         f"input: data/x.jsonl (sha256 {'a' * 12}, 3 requests)\n"
+        'metadata: {"team": "research"}\n'
         "estimate: gpt-4o-mini, 1,000 requests, 2,000,000 input + ≤ 500,000 output tokens: $0.15 – $0.30\n"
         "```\n"
     )
@@ -137,7 +145,8 @@ def test_json_plan_has_an_estimate_per_action_and_the_cost_in_the_summary():
         "keep": None,
         "new": {"model": "gpt-4o-mini", "requests": 1000, "input_tokens": 2_000_000, "output_tokens_max": 500_000,
                 "cost_usd_min": 0.15, "cost_usd_max": 0.3, "lower_bound": False}}
-    assert document["summary"] == {"create": 1, "adopt": 0, "replace": 1, "cancel": 0, "forget": 0, "noop": 1,
+    assert document["summary"] == {"create": 1, "adopt": 0, "update": 0, "replace": 1, "retry": 0, "cancel": 0, "forget": 0,
+                                   "noop": 1,
                                    "cost_usd_min": 2.65, "cost_usd_max": 5.3}
     unknown = json.loads(render_json(_costed_plan()))
     assert unknown["actions"][0]["estimate"]["cost_usd_max"] is None

@@ -87,7 +87,7 @@ def test_init_adds_only_the_missing_lines_to_an_existing_gitignore(tmp_path):
     assert "  ignored state/sandbox/ (added to .gitignore)\n" in result.out
     assert (tmp_path / ".gitignore").read_text() == (
         "results/\n.venv/\n# batchplan: per machine or per run\nstate/sandbox/\nstate/cache.json\n"
-        "state/tokens.json\nstate/*.lock\nstate/*.lock.info\nstate/*.backup\n")
+        "state/tokens.json\nstate/*.lock\nstate/*.lock.info\nstate/*.backup\nstate/retries/\n")
 
 
 def test_init_gitignore_hides_what_batchplan_writes_from_git_status(tmp_path):
@@ -95,7 +95,7 @@ def test_init_gitignore_hides_what_batchplan_writes_from_git_status(tmp_path):
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
     written = ["results/a/output.jsonl", "state/sandbox/batchplan.state.json", "state/cache.json",
                "state/tokens.json", "state/batchplan.state.json.lock", "state/batchplan.state.json.lock.info",
-               "state/batchplan.state.json.backup", "state/batchplan.state.json"]
+               "state/batchplan.state.json.backup", "state/retries/results/file-1.jsonl", "state/batchplan.state.json"]
     for rel in written:
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_text("x\n")

@@ -471,6 +471,7 @@ def test_plan_markdown_for_a_pull_request_as_a_whole_string(repo, sandbox, sandb
         "| = adopt | 0 |  |\n"
         "| ~ update | 0 |  |\n"
         "| ± replace | 1 | $0.000002 – ? |\n"
+        "| ↻ retry | 0 |  |\n"
         "| - cancel | 0 |  |\n"
         "| # forget | 1 |  |\n"
         "| noop | 0 |  |\n"

@@ -285,7 +285,7 @@ def test_batchplan_yaml_that_is_a_directory_is_one_clear_message(repo):
 @pytest.mark.parametrize("damage", [
     pytest.param(b"{not json", id="syntax"),
     pytest.param(b"[1, 2, 3]", id="list"),
-    pytest.param(b'{"version": 2, "entries": {"data/a.jsonl": 7}}', id="entry"),
+    pytest.param(b'{"version": 3, "entries": {"data/a.jsonl": 7}}', id="entry"),  # 3: HashCache.VERSION
     pytest.param(b"[" * 100_000 + b"]" * 100_000, id="deep"),
     pytest.param(b"\xff\xfe", id="binary"),
 ])

@@ -198,12 +198,14 @@ def test_json_plan_is_the_documented_public_shape():
     document = json.loads(render_json(_mixed_plan()))
     assert document["format_version"] == "1"
     assert [a["name"] for a in document["actions"]] == ["done", "edit", "gone", "keep", "new"]
-    assert set(document["actions"][0]) == {"name", "action", "reason", "reason_code", "before", "after", "estimate"}
+    assert set(document["actions"][0]) == {"name", "spec", "shard", "action", "reason", "reason_code", "before",
+                                           "after", "estimate", "queued"}
+    assert (document["actions"][0]["spec"], document["actions"][0]["shard"]) == ("done", None)
     assert {a["name"]: a["reason_code"] for a in document["actions"]} == {
         "done": "spec_removed", "edit": "parameters_changed", "gone": "spec_removed", "keep": "up_to_date",
         "new": "no_batch"}
-    assert document["summary"] == {"create": 1, "adopt": 0, "update": 0, "replace": 1, "cancel": 1, "forget": 1,
-                                   "noop": 1, "cost_usd_min": None, "cost_usd_max": None}  # not estimated: see test_cost.py
+    assert document["summary"] == {"create": 1, "adopt": 0, "update": 0, "replace": 1, "retry": 0, "cancel": 1,
+                                   "forget": 1, "noop": 1, "cost_usd_min": None, "cost_usd_max": None}  # not estimated: see test_cost.py
     new = document["actions"][-1]
     assert new["before"] is None and new["after"]["metadata"] == {"team": "research"}
     gone = document["actions"][2]
@@ -251,3 +253,45 @@ def test_a_cancelling_batch_is_neither_running_nor_finished():
     (change,) = build_plan([d], state, RemoteView(), force_replace=frozenset({"a"})).changes
     assert change.action is Action.REPLACE and not change.cancels_old
     assert not state.entries["a"].batch.terminal  # so refresh keeps asking about it
+
+
+def test_the_oldest_running_batch_is_kept_and_every_other_one_is_a_duplicate():
+    d = want("a")
+    older, newer = batch("batch_1", tags=d.tags(), created_at=900), batch("batch_2", tags=d.tags(), created_at=1000)
+    state = state_with(a=entry_for(d, "batch_2"))
+    plan = build_plan([d], state, RemoteView(batches={"batch_2": newer}, tagged={"a": [newer, older]}))
+    assert [(c.action, c.reason_code.value) for c in plan.changes] == [(Action.ADOPT, "keep_oldest"),
+                                                                      (Action.CANCEL, "duplicate")]
+    assert plan.changes[0].found["id"] == "batch_1" and plan.changes[1].batch.id == "batch_2"
+    assert render_text(plan) == (
+        "batchplan will perform these actions:\n\n"
+        "  = a  adopt    batch batch_1 is the oldest running batch of this spec, so it is kept; the state's batch "
+        "batch_2 is cancelled as its duplicate\n"
+        "  - a  cancel   duplicate batch batch_2 (in_progress): same spec as batch_1, which is kept (made by a "
+        "create whose answer was lost, or by another checkout)\n\n"
+        "Plan: 1 to adopt, 1 to cancel, 0 unchanged.\n")
+    kept = build_plan([d], state_with(a=entry_for(d, "batch_1")), RemoteView(tagged={"a": [newer, older]}))
+    assert [(c.action, c.batch.id) for c in kept.changes] == [(Action.NOOP, "batch_1"), (Action.CANCEL, "batch_2")]
+
+
+def test_with_none_running_the_oldest_completed_batch_is_adopted_and_a_cancelled_one_never():
+    d = want("a")
+    tagged = [batch("batch_3", "cancelled", d.tags(), 1200), batch("batch_2", "completed", d.tags(), 1100),
+              batch("batch_1", "completed", d.tags(), 1000)]
+    (change,) = build_plan([d], None, RemoteView(tagged={"a": tagged})).changes
+    assert change.action is Action.ADOPT and change.found["id"] == "batch_1"
+
+
+def test_a_forced_replace_never_counts_the_batch_it_replaces_as_its_new_one():
+    d = want("a")
+    state = state_with(a=entry_for(d, "batch_1"))
+    remote = RemoteView(tagged={"a": [batch("batch_1", tags=d.tags())]})
+    (change,) = build_plan([d], state, remote, force_replace=frozenset({"a"})).changes
+    assert change.action is Action.REPLACE and change.found is None and change.cancels_old
+    interrupted = state_with(a=entry_for(d, "batch_1", intent=Intent(spec_hash=d.spec_hash, fields=d.fields(),
+                                                                     tags=d.tags(), at=0)))
+    remote = RemoteView(tagged={"a": [batch("batch_2", tags=d.tags(), created_at=1100),
+                                      batch("batch_1", tags=d.tags())]})
+    (change,) = build_plan([d], interrupted, remote).changes  # the re-run, with no --replace
+    assert (change.action, change.reason_code.value, change.found["id"]) == (Action.REPLACE, "interrupted_replace",
+                                                                            "batch_2")

@@ -75,6 +75,29 @@ def assert_converged(repo: Repo, server: EmulatorService, env: dict, names: list
     assert check.code == 0, check.out + check.err
 
 
+def kept(server: EmulatorService) -> dict[str, list[str]]:
+    """Spec name -> its tagged batches that were not cancelled (running or completed), newest first."""
+    named: dict[str, list[str]] = {}
+    for batch in server_batches(server):
+        name = (batch.get("metadata") or {}).get("batchplan_name")
+        if name and batch["status"] not in ("cancelling", "cancelled"):
+            named.setdefault(name, []).append(batch["id"])
+    return named
+
+
+def assert_quiet(repo: Repo, server: EmulatorService, env: dict, names: list[str]) -> None:
+    """The README's promise once every create has landed and one more apply ran: per spec exactly one
+    batch that was not cancelled (a duplicate that landed late was cancelled), the state names it,
+    no intent is left, and plan is empty."""
+    assert server.wait_idle(), "a request is still being handled"
+    alive = kept(server)
+    assert {n: len(ids) for n, ids in alive.items()} == {n: 1 for n in names}, alive
+    assert state_ids(repo) == {n: ids[0] for n, ids in alive.items()}
+    assert not any(e["intent"] for e in repo.state()["entries"].values())
+    check = run_cli("plan", "--detailed-exitcode", "-C", str(repo.root), env=env)
+    assert check.code == 0, check.out + check.err
+
+
 def make_repo(repo: Repo, count: int, settings: str = FAST_SETTINGS, shared: int = 0) -> list[str]:
     """`count` specs s0..; the first `shared + 1` of them read one input file."""
     (repo.root / "batchplan.yaml").write_text(settings)
@@ -218,7 +241,7 @@ def test_a_400_is_not_retried_and_shows_message_type_and_param(repo, sandbox, sa
 def test_a_list_is_retried_on_5xx_and_lost_connections(repo, emulator_server, api_env, fault):
     make_repo(repo, 1)
     emulator_server.add_fault(Fault(method="GET", path="/v1/batches", **fault))
-    result = run_cli("plan", "-C", str(repo.root), env=api_env)
+    result = run_cli("plan", "--scan-all", "-C", str(repo.root), env=api_env)  # nothing uploaded: no walk else
     assert result.code == 0, result.err
     assert emulator_server.count("GET", "/v1/batches") == 1 + emulator_server.fault_status()[0]["fired"]
 
@@ -227,7 +250,7 @@ def test_retries_are_bounded_and_the_last_error_is_shown(repo, emulator_server, 
     make_repo(repo, 1)  # max_retries: 2
     emulator_server.add_fault(Fault(action="reject", method="GET", status=500, times=None))
     started = time.monotonic()
-    result = run_cli("plan", "-C", str(repo.root), env=api_env)
+    result = run_cli("plan", "--scan-all", "-C", str(repo.root), env=api_env)  # the one GET a plan sends
     assert result.code == 1
     assert "GET /batches: server answered 500" in result.err and "Traceback" not in result.err
     assert emulator_server.count("GET") == 3
@@ -243,7 +266,7 @@ def test_a_read_and_a_cancel_are_retried_on_5xx(repo, emulator_server_factory):
     assert apply(repo, env).code == 0
     server.reset_log()
     server.add_fault(Fault(action="reject", method="GET", path_regex=r"^/v1/batches/batch_", status=502))
-    assert run_cli("plan", "-C", str(repo.root), env=env).code == 0  # refreshes each running batch
+    assert run_cli("status", "-C", str(repo.root), env=env).code == 0  # a GET of each running batch
     assert [r.status for r in server.requests].count(502) == 1 and server.count("GET", "/v1/batches/") == 3
     server.clear_faults()
     repo.remove_spec("s1")
@@ -292,7 +315,7 @@ def test_a_second_apply_fails_fast_saying_who_holds_the_lock(repo, sandbox, sand
     message = result.err
     assert "locked" in message and f"pid {holder.pid}" in message and os.uname().nodename in message
     assert "(batchplan apply --auto-approve)" in message and "since 20" in message
-    assert "--lock-timeout" in message and "batchplan force-unlock" in message
+    assert "--lock-timeout" in message and "stop it: its lock is released the moment it exits" in message
     assert took < 2 and sandbox.requests == []
 
 

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -15,13 +16,17 @@ from tests.helpers import ENDPOINT, env_for, run_cli
 RUNNING = Timing.uniform(3600)  # batches stay in flight for the whole test
 
 
-def _unrelated_batches(sandbox, count: int) -> None:
-    """Batches someone else made, already in the account."""
+def _unrelated_batches(sandbox, count: int, age: float = 60.0) -> None:
+    """Batches someone else made, already in the account, `age` seconds ago by the server's clock."""
     line = f'{{"custom_id":"x","method":"POST","url":"{ENDPOINT}","body":{{"model":"m"}}}}\n'
-    file_id = sandbox.emulator.upload_bytes(line.encode(), "other.jsonl", "batch")["id"]
-    for _ in range(count):
-        sandbox.emulator.create_batch({"input_file_id": file_id, "endpoint": ENDPOINT, "completion_window": "24h",
-                                       "metadata": {"owner": "someone-else"}})
+    clock, sandbox.emulator.clock = sandbox.emulator.clock, lambda: time.time() - age
+    try:
+        file_id = sandbox.emulator.upload_bytes(line.encode(), "other.jsonl", "batch")["id"]
+        for _ in range(count):
+            sandbox.emulator.create_batch({"input_file_id": file_id, "endpoint": ENDPOINT,
+                                           "completion_window": "24h", "metadata": {"owner": "someone-else"}})
+    finally:
+        sandbox.emulator.clock = clock
 
 
 @pytest.fixture
@@ -29,8 +34,8 @@ def busy_sandbox(sandbox_factory):
     return sandbox_factory(timing=RUNNING)
 
 
-def test_a_no_change_plan_reads_one_list_page_for_its_running_batches(repo, busy_sandbox):
-    _unrelated_batches(busy_sandbox, 150)  # older than ours, created seconds before
+def test_a_no_change_plan_reads_the_uploads_and_one_list_page_for_its_running_batches(repo, busy_sandbox):
+    _unrelated_batches(busy_sandbox, 150)  # older than ours
     for i in range(30):
         repo.spec(f"s{i:02d}")
     assert run_cli("apply", "--auto-approve", "-C", str(repo.root), env=env_for(busy_sandbox)).code == 0
@@ -39,7 +44,9 @@ def test_a_no_change_plan_reads_one_list_page_for_its_running_batches(repo, busy
     result = run_cli("plan", "--detailed-exitcode", "-C", str(repo.root), env=env_for(busy_sandbox))
 
     assert result.code == 0, result.out + result.err
-    assert busy_sandbox.requests == [("GET", "/v1/batches", 200)]  # not the 180 batches of the account
+    # the uploads, for the net's search (a running batch may have a duplicate), then the 30 running
+    # batches, newest first, down to their oldest upload: not the 180 batches of the account
+    assert busy_sandbox.requests == [("GET", "/v1/files", 200), ("GET", "/v1/batches", 200)]
 
 
 PROBE = """

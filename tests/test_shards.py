@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from reconciler.errors import StalePlanError, ValidationFailed
-from reconciler.inputs import MAX_BYTES, MAX_EMBEDDING_INPUTS, MAX_REQUESTS, scan_input
+from reconciler.inputs import MAX_BYTES, MAX_EMBEDDING_INPUTS, MAX_REQUESTS, scan_input, split_identity
 from reconciler.shards import (BY_BYTES, BY_INPUTS, BY_REQUESTS, Shard, ShardLimits, Splitter, describe_split,
                                merge_in_input_order, merge_jsonl, open_range, open_shard, split_input)
 from tests.helpers import ENDPOINT, request_line, write_jsonl
@@ -219,6 +219,14 @@ def test_appending_lines_changes_only_the_last_shard_and_adds_new_ones(data, ext
     assert last.end >= before[-1].end
 
 
+def test_a_large_file_that_is_one_shard_is_hashed_once_by_the_shard_hasher(tmp_path):
+    data = jsonl(chat_lines(6_000, pad=1500))
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(data)
+    report = split_input(path, ENDPOINT)
+    assert [s.sha256 for s in report.shards] == [report.sha256] == [hashlib.sha256(data).hexdigest()]
+
+
 def test_a_file_that_is_one_shard_has_the_files_own_hash(tmp_path):
     data = jsonl(chat_lines(3))
     path = tmp_path / "in.jsonl"
@@ -228,12 +236,14 @@ def test_a_file_that_is_one_shard_has_the_files_own_hash(tmp_path):
 
 
 def test_shards_of_a_large_file_are_hashed_while_it_is_scanned(tmp_path):
-    """Over 8 MiB: the file hash runs in one thread, the shard hashes follow the scan in another."""
+    """Over 8 MiB: one thread follows the scan and hashes each shard; the file is not hashed twice, so
+    its identity is the hash of its shards' hashes."""
     data = jsonl(chat_lines(12_000, pad=1500))
     path = tmp_path / "in.jsonl"
     path.write_bytes(data)
     report = split_input(path, ENDPOINT, ShardLimits(max_bytes=3 * 2**20))
-    assert report.sha256 == hashlib.sha256(data).hexdigest()
+    assert report.sha256 == split_identity(report.shards) == hashlib.sha256(
+        "".join(hashlib.sha256(data[s.start:s.end]).hexdigest() for s in report.shards).encode()).hexdigest()
     assert len(report.shards) == 7
     assert_tiles(report.shards, data)
     assert describe_split(report.shards, ShardLimits(max_bytes=3 * 2**20)) == "19.2 MB: 7 shards of <=3 MB"

@@ -69,10 +69,11 @@ def test_every_command_works_on_a_postgresql_workspace(pg_repo, emulator_server,
                            "The previous state is in the table batchplan.backup (workspace team).\n")
     assert cli(pg_repo, "import", "s1", batch_id, env=api_env).code == 0
     assert cli(pg_repo, "plan", "--detailed-exitcode", env=api_env).code == 0
-    assert cli(pg_repo, "force-unlock", env=api_env).code == 0  # nothing held: nothing to do
+    unlocked = cli(pg_repo, "force-unlock", "lock-1", env=api_env)  # nothing held: nothing to do, and says so
+    assert unlocked.code == 1 and "the state is not locked, so there is no lock lock-1 to remove" in unlocked.err
 
     # the state is only in the database; the per-machine caches stay in the repo's state/
-    assert sorted(p.name for p in (pg_repo.root / "state").iterdir()) == ["cache.json"]
+    assert sorted(p.name for p in (pg_repo.root / "state").iterdir()) == ["cache.json", "tokens.json"]
     assert query(pg_repo.url, "SELECT workspace FROM batchplan.state") == [("team",)]
 
 
@@ -99,7 +100,7 @@ def test_the_sandbox_keeps_its_batches_in_a_workspace_of_its_own(pg_repo):
 
 COMMANDS = [("plan",), ("apply", "--auto-approve"), ("status",), ("wait",), ("refresh",), ("download",),
             ("import", "s0", "batch_abc"), ("state", "list"), ("state", "show", "s0"), ("state", "rm", "s0"),
-            ("force-unlock",), ("state", "migrate", "--to", "state/copy.json")]
+            ("force-unlock", "lock-1"), ("state", "migrate", "--to", "state/copy.json")]
 
 
 @pytest.mark.parametrize("args", COMMANDS, ids=lambda args: " ".join(args[:2]))
@@ -136,13 +137,6 @@ def test_a_bad_state_setting_is_one_message_naming_where_it_was_said(repo, setti
     (repo.root / "batchplan.yaml").write_text(settings)
     result = cli(repo, "state", "list", *args, env={"BATCHPLAN_STATE_URL": None, "BATCHPLAN_WORKSPACE": None, **env})
     assert (result.code, result.out, result.err) == (1, "", f"Error: {message}\n")
-
-
-def test_force_unlock_force_is_for_a_postgresql_state_only(repo):
-    result = cli(repo, "force-unlock", "--force")
-    assert (result.code, result.err) == (1, "Error: force-unlock --force ends the lock holder's database session, "
-                                            "which only a state in PostgreSQL has; for a state file, stop the "
-                                            "process that holds the lock\n")
 
 
 # -- two checkouts, one database ----------------------------------------------------------------
@@ -221,10 +215,12 @@ def test_force_unlock_ends_a_live_holder_only_with_force_and_the_note_hides_the_
     (command,) = query(pg_repo.url, "SELECT command FROM batchplan.lock")[0]
     assert command == f"batchplan apply --auto-approve --state {masked(pg_repo.url)} --parallelism 1"
 
-    refused = cli(pg_repo, "force-unlock", "--state", url)
+    (lock_id,) = query(pg_repo.url, "SELECT lock_id FROM batchplan.lock")[0]
+    refused = cli(pg_repo, "force-unlock", lock_id, "--state", url)
     assert refused.code == 1 and "whose database session is alive" in refused.err and "s3cret" not in refused.err
-    forced = cli(pg_repo, "force-unlock", "--force", "--state", url)
+    forced = cli(pg_repo, "force-unlock", lock_id, "--force", "--state", url)
     assert forced.code == 0, forced.err
+    assert forced.err.startswith(f"Note: pid {proc.pid} of ") and "s3cret" not in forced.err
     assert forced.out.startswith(f"Removed the lock on {masked(pg_repo.url)} (workspace team) (held by pid "
                                  f"{proc.pid} of ")
     assert f"({command}) since " in forced.out and "s3cret" not in forced.out

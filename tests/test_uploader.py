@@ -1,27 +1,14 @@
-"""The uploader hashes an input while httpx streams it, and refuses content that is not the planned one."""
+"""The uploader hashes an input while httpx streams it, and never completes an upload of content
+that is not the planned one (one mechanism for whole files and shards: shards.ShardReader)."""
 
 from __future__ import annotations
 
 import hashlib
-import io
-
-import pytest
 
 from reconciler import operations
 from reconciler.operations import PlanRequest
 from reconciler.project import Project
-from reconciler.uploader import HashingReader
 from tests.helpers import run_cli
-
-
-def test_the_hashing_reader_hashes_what_is_read_and_starts_again_when_rewound():
-    reader = HashingReader(io.BytesIO(b"abcdef"))
-    assert reader.read(2) == b"ab"
-    reader.seek(0)  # httpx rewinds before it streams: what was read before does not count
-    assert reader.read() == b"abcdef"
-    assert reader.digest.hexdigest() == hashlib.sha256(b"abcdef").hexdigest()
-    with pytest.raises(io.UnsupportedOperation):
-        reader.seek(3)
 
 
 def test_an_input_edited_after_the_plan_is_not_uploaded_as_the_planned_one(repo, emulator_server, api_env,
@@ -38,13 +25,48 @@ def test_an_input_edited_after_the_plan_is_not_uploaded_as_the_planned_one(repo,
     applied = operations.apply(Project.open(chdir=str(repo.root)), PlanRequest(), planfile=None,
                                review=edit_the_input, report=lambda name, text: reported.append(f"{name}: {text}"))
     (why,) = applied.result.failed.values()
-    assert why.startswith("data/a.jsonl changed while it was being uploaded (the plan was made with sha256 ")
-    assert "was deleted and not used" in why and "Run `batchplan plan`" in why
-    assert emulator_server.emulator.list_files()["data"] == []  # the upload named after the old hash is gone
-    assert emulator_server.count("DELETE", "/v1/files/") == 1 and emulator_server.count("POST", "/v1/batches") == 0
+    assert why.startswith("data/a.jsonl changed since the plan was made (the plan hashed it as sha256 ")
+    assert "nothing of it was uploaded" in why and "Run `batchplan plan`" in why
+    assert emulator_server.emulator.list_files()["data"] == []  # the body was never completed
+    assert emulator_server.count("POST", "/v1/batches") == 0
     assert repo.state()["entries"] == {}  # its intent was dropped: nothing was made
 
     again = run_cli("apply", "--auto-approve", "-C", str(repo.root), env=api_env)
     assert again.code == 0, again.out + again.err
     (file,) = emulator_server.emulator.list_files()["data"]
     assert hashlib.sha256(data.read_bytes()).hexdigest() in file["filename"]
+
+
+def test_a_saved_plan_hashes_its_input_as_it_uploads_and_refuses_an_edit_made_after_the_plan(repo, emulator_server,
+                                                                                           api_env, monkeypatch):
+    """`apply PLANFILE` checks the inputs when it starts (stale plan); an edit after that check, same size,
+    is caught by the same hashing upload: nothing named after the planned hash holds other content."""
+    for key, value in api_env.items():
+        monkeypatch.setenv(key, value)
+    repo.spec("a")
+    data = repo.root / "data" / "a.jsonl"
+    planfile = repo.root / "tfplan"
+    assert run_cli("plan", "--out", str(planfile), "-C", str(repo.root), env=api_env).code == 0
+    size = data.stat().st_size
+
+    def edit_the_input(plan) -> None:
+        data.write_text(data.read_text().replace('"a-1"', '"a-7"'))
+        assert data.stat().st_size == size
+
+    applied = operations.apply(Project.open(chdir=str(repo.root)), PlanRequest(), planfile=planfile,
+                               review=edit_the_input, report=lambda name, text: None)
+    (why,) = applied.result.failed.values()
+    assert why.startswith("data/a.jsonl changed since the plan was made") and "nothing of it was uploaded" in why
+    assert emulator_server.emulator.list_files()["data"] == [] and emulator_server.count("POST", "/v1/batches") == 0
+
+
+def test_an_upload_of_another_size_under_the_planned_name_is_never_reused(repo, emulator_server, api_env):
+    repo.spec("a")
+    data = repo.root / "data" / "a.jsonl"
+    sha = hashlib.sha256(data.read_bytes()).hexdigest()
+    emulator_server.emulator.upload_bytes(data.read_bytes() + b"\n", f"a.batchplan-{sha}.jsonl", "batch")
+    result = run_cli("apply", "--auto-approve", "-C", str(repo.root), env=api_env)
+    assert result.code == 0, result.out + result.err
+    assert emulator_server.count("POST", "/v1/files") == 1  # uploaded again, at its own size
+    batch = emulator_server.emulator.list_batches()["data"][0]
+    assert emulator_server.emulator.get_file(batch["input_file_id"])["bytes"] == data.stat().st_size

@@ -175,15 +175,22 @@ MISTAKES = [
             ("data/a.jsonl:2: body.model: 'gpt-4o' differs from 'gpt-4o-mini' on line 1; a batch uses one model",)),
     Mistake("empty file", lambda r: (_data(r, "a.jsonl", []), r.spec("a", input="../data/a.jsonl")),
             ("data/a.jsonl: the file holds no requests", "(input of specs/a.yaml:2)")),
-    Mistake("over 50,000 requests", lambda r: _spec_with_bytes(r, _too_many_requests()),
-            ("data/a.jsonl:50001: more than 50,000 requests",)),
-    Mistake("over 200 MB", lambda r: (_sparse_file(r, MAX_BYTES + 1), r.spec("a", input="../data/a.jsonl")),
-            ("data/a.jsonl: 209,715,201 bytes is over the Batch API's limit of 200 MB",)),
-    Mistake("over 50,000 embedding inputs",
-            lambda r: _spec_with_data(r, [{"custom_id": f"e{i}", "method": "POST", "url": "/v1/embeddings",
-                                           "body": {"model": "text-embedding-3-small", "input": ["x"] * 25_000}}
-                                          for i in range(3)], endpoint="/v1/embeddings"),
-            ("data/a.jsonl:3: body.input: more than 50,000 embedding inputs in the file",)),
+    Mistake("shard.max_requests 0",
+            lambda r: (r.data("a.jsonl"), _yaml(r, "a.yaml", SPEC + "shard:\n  max_requests: 0\n")),
+            ("specs/a.yaml:5: shard.max_requests: 0 is out of range; use 1 to 50,000 requests, the Batch API's "
+             "limit per batch",)),
+    Mistake("shard.max_bytes over the API's limit",
+            lambda r: (r.data("a.jsonl"), _yaml(r, "a.yaml", SPEC + f"shard:\n  max_bytes: {MAX_BYTES + 1}\n")),
+            ("specs/a.yaml:5: shard.max_bytes: 209715201 is out of range; use 1 to 209,715,200 bytes (200 MB)",)),
+    Mistake("unknown key under shard",
+            lambda r: (r.data("a.jsonl"), _yaml(r, "a.yaml", SPEC + "shard:\n  max_request: 9\n")),
+            ("specs/a.yaml:5: shard.max_request: unknown field; did you mean 'max_requests'?",)),
+    Mistake("a line over 200 MB", lambda r: (_sparse_file(r, MAX_BYTES + 1), r.spec("a", input="../data/a.jsonl")),
+            ("data/a.jsonl:1: the line is 209,715,201 bytes; no batch can hold a line over 200 MB (the Batch API's "
+             "file limit): shorten it",)),
+    Mistake("a line over shard.max_bytes",
+            lambda r: (r.data("a.jsonl"), _yaml(r, "a.yaml", SPEC + "shard:\n  max_bytes: 100\n")),
+            ("data/a.jsonl:1: the line is ", "bytes, more than the spec's shard.max_bytes (100)")),
     Mistake("first 20 problems and how many more",
             lambda r: _spec_with_data(r, [request_line("a")] + ["nope"] * 25),
             ("data/a.jsonl:21: not valid JSON", "data/a.jsonl: ... and 5 more problems in this file")),
@@ -422,7 +429,7 @@ def test_an_upload_left_by_a_crashed_run_is_found_by_hash_and_reused(repo, sandb
     sandbox.reset_log()
     _apply(repo, sandbox_env)
     assert sandbox.count("POST", "/v1/files") == 0
-    assert sandbox.count("GET", "/v1/files") == 1  # one listing finds it
+    assert sandbox.count("GET", "/v1/files") == 2  # the plan's search lists the uploads, and the uploader finds it
     (upload,) = repo.state()["uploads"].values()
     assert upload["file_id"] == file_id
 

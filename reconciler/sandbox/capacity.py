@@ -9,6 +9,10 @@ would move to `in_progress`, the tokens of the model's batches `in_progress` or
 counts them (reconciler/tokens.py), so a client that schedules with the same counts never
 sees this failure unless someone else used the capacity.
 
+`limits_from_env` reads the limits `--sandbox` runs use from BATCHPLAN_SANDBOX_LIMITS
+(`gpt-4o-mini=2000000,gpt-4o=500000`), and `parse_limits` the same `MODEL=N` items from
+`sandbox serve --enqueued-token-limit`.
+
 `timeline` reads back, from the world, when each counted batch held its tokens, and
 `peak_in_flight` the most any model ever held at once: what a test asserts stays within
 the limit.
@@ -16,15 +20,36 @@ the limit.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from reconciler.errors import ConfigError
 from reconciler.tokens import COUNTED_ENDPOINTS, count_file
 
 CODE = "token_limit_exceeded"
+LIMITS_ENV = "BATCHPLAN_SANDBOX_LIMITS"
 ORGANIZATION = "org-batchplansandbox"
 HOLDING = ("in_progress", "finalizing")  # the statuses whose tokens count against the limit
+
+
+def parse_limits(items: Iterable[str], source: str) -> dict[str, int]:
+    """`MODEL=N` items as {model: N}; ConfigError naming `source` and the item when one is not that."""
+    limits: dict[str, int] = {}
+    for item in items:
+        model, _, count = item.strip().rpartition("=")
+        if not model.strip() or not count.strip().isdigit() or int(count) <= 0:
+            raise ConfigError(f"{source}: {item.strip()!r} is not MODEL=TOKENS with a whole number of tokens above "
+                              "0 (e.g. gpt-4o-mini=2000000)")
+        limits[model.strip()] = int(count)
+    return limits
+
+
+def limits_from_env() -> dict[str, int]:
+    """The enqueued-token limits BATCHPLAN_SANDBOX_LIMITS sets (comma-separated MODEL=N); none when unset."""
+    value = os.environ.get(LIMITS_ENV, "")
+    return parse_limits([item for item in value.split(",") if item.strip()], LIMITS_ENV)
 
 
 def batch_tokens(path: Path, endpoint: str, model: str) -> int:

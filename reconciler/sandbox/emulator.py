@@ -176,20 +176,21 @@ class Emulator:
     input file (200 MB), lower to show the limits with small files; `seed` the order of
     result lines (never the input order, as the real API promises none);
     `enqueued_token_limits` model -> the input tokens its batches may hold in flight (see
-    capacity.py; a model not named has no limit).
+    capacity.py; a model not named has no limit); `skew` seconds added to `clock`: a server
+    clock that leads (or, negative, lags) the client's, in every created_at and Date header.
     """
 
     def __init__(self, root: Path | None = None, timing: Timing = Timing(), fail_rate: float = 0.0,
                  clock: Callable[[], float] = time.time, *, models: Iterable[str] | None = None,
                  request_faults: Iterable[RequestFault] = (), expire_after: float | None = None,
                  max_requests: int = MAX_REQUESTS, max_upload_bytes: int = files.MAX_BATCH_UPLOAD_BYTES,
-                 seed: int = 0, enqueued_token_limits: Mapping[str, int] | None = None):
+                 seed: int = 0, enqueued_token_limits: Mapping[str, int] | None = None, skew: float = 0.0):
         if not 0.0 <= fail_rate <= 1.0:
             raise ValueError(f"fail_rate must be between 0 and 1, not {fail_rate}")
         self.store = WorldStore(root)
         self.timing = timing
         self.fail_rate = fail_rate
-        self.clock = clock
+        self.clock = (lambda: clock() + skew) if skew else clock
         self.models = None if models is None else frozenset(models)
         self.batch_faults = BatchFaults(requests=tuple(request_faults), expire_after=expire_after)
         self.max_requests, self.max_upload_bytes, self.seed = max_requests, max_upload_bytes, seed

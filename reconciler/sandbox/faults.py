@@ -7,7 +7,9 @@ transport) it came through.
 
 from __future__ import annotations
 
+import io
 import re
+import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -20,6 +22,7 @@ FAULT_ERRORS = {
           "rate_limit_exceeded"),
     500: ("The server had an error while processing your request (sandbox fault).", "server_error", None),
     503: ("The server is overloaded or not ready yet (sandbox fault).", "server_error", None),
+    404: ("No such object (sandbox fault: it may well exist).", "invalid_request_error", None),
 }
 
 
@@ -34,12 +37,26 @@ class Fault(BaseModel):
     - `error_after_commit`: do the request, then answer `status` (500) with an error;
     - `reject`: answer `status` (429) without doing anything; `retry_after` (seconds)
       and `retry_after_ms` set the `Retry-After` / `retry-after-ms` headers;
-    - `stall`: wait `seconds`, then do the request and answer, or drop if `then="drop"`.
+    - `stall`: wait `seconds`, then do the request and answer, or drop if `then="drop"`;
+      a create stalled past the client's timeout and settling wait is a create that lands late;
+    - `not_found`: answer 404 without doing anything, as a server may for an object that
+      exists (`path_regex="^/v1/batches/batch_x$"`: the next GET of that batch).
+
+    And answers no real server gives, for the client's limits (each after doing the request):
+    - `endless_pages`: a list answer that always says `has_more`; with `fresh_ids` its items get
+      new ids on every page (a cursor that never repeats), else the same page comes back whatever
+      `after` says;
+    - `drip`: the answer's bytes one at a time, `seconds` apart (through the socket door: in
+      process the sleeps would hold up the client's own event loop);
+    - `huge_body`: a 200 list answer of `size` bytes (streamed: the sandbox never holds it);
+    - `damage`: the JSON answer with the fields in `set_null` made null and those in `remove`
+      left out, at the top and in every item of a `data` list.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    action: Literal["drop_after_commit", "error_after_commit", "reject", "stall"]
+    action: Literal["drop_after_commit", "error_after_commit", "reject", "stall", "not_found", "endless_pages",
+                    "drip", "huge_body", "damage"]
     method: str | None = None
     path: str = "/v1/"
     path_regex: str | None = None
@@ -52,6 +69,10 @@ class Fault(BaseModel):
     retry_after_ms: int | None = None
     seconds: float = 0.0
     then: Literal["answer", "drop"] = "answer"
+    fresh_ids: bool = False
+    size: int = Field(0, ge=0)
+    set_null: tuple[str, ...] = ()
+    remove: tuple[str, ...] = ()
 
     def matches(self, method: str, path: str) -> bool:
         if self.method is not None and self.method.upper() != method:
@@ -68,6 +89,23 @@ class Fault(BaseModel):
         message, kind, code = FAULT_ERRORS.get(status, (f"Sandbox fault: status {status}.", "server_error", None))
         return EmulatorError(status, self.message or message, code=code, type=kind)
 
+    def rewrite(self, payload: object, fired: int) -> object:
+        """The answer an `endless_pages` or `damage` fault sends instead of `payload` (its `fired`-th time)."""
+        if not isinstance(payload, dict):
+            return payload
+        if self.action == "endless_pages":
+            items = [dict(item, id=f"{item['id']}_page{fired}") if self.fresh_ids else item
+                     for item in payload.get("data") or []]
+            return {**payload, "data": items, "has_more": True, "last_id": items[-1]["id"] if items else None}
+        items = payload.get("data")
+        return {**self._damaged(payload), **({"data": [self._damaged(i) for i in items]}
+                                             if isinstance(items, list) and "data" not in self.set_null else {})}
+
+    def _damaged(self, item: object) -> object:
+        if not isinstance(item, dict):
+            return item
+        return {**{k: v for k, v in item.items() if k not in self.remove}, **dict.fromkeys(self.set_null)}
+
     def retry_headers(self) -> dict[str, str]:
         headers = {}
         if self.retry_after is not None:
@@ -78,6 +116,44 @@ class Fault(BaseModel):
 
 
 FAULT_LIST = TypeAdapter(list[Fault])
+
+
+class DripStream(io.RawIOBase):
+    """An answer's bytes one at a time, `seconds` apart: what a `drip` fault sends."""
+
+    def __init__(self, data: bytes, seconds: float):
+        self.data, self.seconds, self.at = data, seconds, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        if self.at >= len(self.data):
+            return b""
+        time.sleep(self.seconds)
+        self.at += 1
+        return self.data[self.at - 1:self.at]
+
+
+class HugeListStream(io.RawIOBase):
+    """A JSON list answer of exactly `size` bytes (one long padding string), made as it is read."""
+
+    HEAD, TAIL = b'{"object": "list", "data": [], "has_more": false, "padding": "', b'"}'
+    SMALLEST = len(HEAD) + len(TAIL)
+
+    def __init__(self, size: int):
+        self.size, self.at = max(size, self.SMALLEST), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        start = self.at
+        self.at = stop = min(self.size, start + (size if size >= 0 else 1 << 20))
+        tail_start = self.size - len(self.TAIL)
+        pad = max(0, min(stop, tail_start) - max(start, len(self.HEAD)))
+        return (self.HEAD[start:stop] + b"x" * pad
+                + self.TAIL[max(start - tail_start, 0):max(stop - tail_start, 0)])
 
 
 @dataclass

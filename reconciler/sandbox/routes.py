@@ -237,6 +237,20 @@ def control_get_batch_faults(app: EmulatorService, req: Request) -> Reply:
     return json_reply(app.emulator.batch_faults.model_dump(mode="json"))
 
 
+def control_set_limits(app: EmulatorService, req: Request) -> Reply:
+    """Replace the enqueued-token limits ({model: tokens}; capacity.py), for batches validated from now on."""
+    limits = req.json()
+    if not isinstance(limits, dict) or not all(
+            isinstance(model, str) and type(tokens) is int and tokens > 0 for model, tokens in limits.items()):
+        raise bad_request("Invalid limits: give {model: tokens}, each a whole number above 0.", "limits")
+    app.emulator.enqueued_token_limits = dict(limits)
+    return control_get_limits(app, req)
+
+
+def control_get_limits(app: EmulatorService, req: Request) -> Reply:
+    return json_reply(app.emulator.enqueued_token_limits)
+
+
 def control_requests(app: EmulatorService, req: Request) -> Reply:
     return json_reply({"data": [entry._asdict() for entry in app.requests]})
 
@@ -272,6 +286,8 @@ CONTROL_ROUTES = _routes([
     ("GET", "/_sandbox/faults", control_get_faults),
     ("POST", "/_sandbox/batch-faults", control_set_batch_faults),
     ("GET", "/_sandbox/batch-faults", control_get_batch_faults),
+    ("POST", "/_sandbox/limits", control_set_limits),
+    ("GET", "/_sandbox/limits", control_get_limits),
     ("GET", "/_sandbox/requests", control_requests),
     ("POST", "/_sandbox/reset-log", control_reset_log),
 ])

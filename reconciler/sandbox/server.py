@@ -11,6 +11,7 @@ the emulator in process instead (transport.py).
 
 from __future__ import annotations
 
+import errno
 import signal
 import socket
 import socketserver
@@ -21,6 +22,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Callable, TextIO
 
+from reconciler.errors import ConfigError
+from reconciler.sandbox.capacity import limits_from_env
 from reconciler.sandbox.emulator import Emulator, Timing, timing_from_env
 from reconciler.sandbox.models import models_from_env
 from reconciler.sandbox.routes import Body, Reply, Request
@@ -107,8 +110,17 @@ class EmulatorServer(EmulatorService):
         return self
 
     def serve_forever(self, announce: Callable[[str], None] | None = None) -> None:
-        """Serve in the calling thread until Ctrl-C; `announce(url)` runs once the port is bound."""
-        self._bind()
+        """Serve in the calling thread until Ctrl-C; `announce(url)` runs once the port is bound.
+
+        A port that cannot be had (in use, or privileged) is one ConfigError naming it."""
+        try:
+            self._bind()
+        except OSError as exc:
+            if self.owns_emulator:
+                self.emulator.close()
+            why = "another program is listening there" if exc.errno == errno.EADDRINUSE else exc.strerror or exc
+            raise ConfigError(f"sandbox serve: cannot listen on {self.host}:{self.port}: {why}; pick another port "
+                              "with --port (or stop that program)") from None
         if announce is not None:
             announce(self.url)
         try:
@@ -175,7 +187,8 @@ class EmulatorServer(EmulatorService):
 
 def _write(handler: _Handler, reply: Reply) -> None:
     try:
-        handler.send_response(reply.status)
+        handler.send_response_only(reply.status)  # not send_response: its Date header is this machine's clock
+        handler.send_header("Server", handler.version_string())
         for name, value in reply.wire_headers().items():
             handler.send_header(name, value)
         handler.end_headers()
@@ -189,21 +202,28 @@ def _write(handler: _Handler, reply: Reply) -> None:
 
 def start_sandbox(root: Path, timing: Timing | None = None) -> EmulatorServer:
     """A started sandbox on 127.0.0.1 (free port) whose world persists under `root`; stop() it."""
-    emulator = Emulator(root, timing or timing_from_env(), models=models_from_env())
+    emulator = Emulator(root, timing or timing_from_env(), models=models_from_env(),
+                        enqueued_token_limits=limits_from_env())
     return EmulatorServer(emulator, port=0, require_auth=False, owns_emulator=True).start()
 
 
 def serve(host: str = "127.0.0.1", port: int = 8089, root: Path | None = None, timing: Timing | None = None,
           fail_rate: float = 0.0, latency: float = 0.0, require_auth: bool = True,
-          models: frozenset[str] | None = None, auth: str = "bearer", prefix: str = "/v1") -> None:
+          models: frozenset[str] | None = None, enqueued_token_limits: dict[str, int] | None = None,
+          auth: str = "bearer", prefix: str = "/v1") -> None:
     """Run a sandbox in the foreground until Ctrl-C or SIGTERM; one line per request goes to stderr.
 
-    `models` (see models.py) defaults to the list `BATCHPLAN_SANDBOX_MODELS` names, else the built-in one.
-    `auth` and `prefix` make it stand for another provider (Azure OpenAI: `api-key`, `/openai/v1`)."""
+    `models` (see models.py) defaults to the list `BATCHPLAN_SANDBOX_MODELS` names, else the built-in one;
+    `enqueued_token_limits` (capacity.py) to those BATCHPLAN_SANDBOX_LIMITS sets. `auth` and `prefix`
+    make it stand for another provider (Azure OpenAI: `api-key`, `/openai/v1`)."""
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM too ends cleanly: no temp world left
-    emulator = Emulator(root, timing or timing_from_env(), fail_rate, models=models or models_from_env())
+    limits = limits_from_env() if enqueued_token_limits is None else enqueued_token_limits
+    emulator = Emulator(root, timing or timing_from_env(), fail_rate, models=models or models_from_env(),
+                        enqueued_token_limits=limits)
     server = EmulatorServer(emulator, host, port, latency, require_auth, log_stream=sys.stderr,
                             owns_emulator=True, auth=auth, prefix=prefix)
     where = f"world in {root}" if root is not None else "world in memory"
+    if limits:
+        where += "; enqueued-token limits: " + ", ".join(f"{m} {tokens:,}" for m, tokens in sorted(limits.items()))
     server.serve_forever(lambda url: print(f"batchplan sandbox listening on {url} ({where}); Ctrl-C to stop",
                                            flush=True))

@@ -20,13 +20,17 @@ import dataclasses
 import threading
 import time
 import traceback
+from email.utils import formatdate
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, NamedTuple, TextIO
 
+import orjson
+
 from reconciler.sandbox.emulator import Emulator, EmulatorError
-from reconciler.sandbox.faults import ArmedFault, Fault
-from reconciler.sandbox.routes import API_ROUTES, CONTROL_ROUTES, Reply, Request, Route, error_reply, route
+from reconciler.sandbox.faults import ArmedFault, DripStream, Fault, HugeListStream
+from reconciler.sandbox.routes import (API_ROUTES, CONTROL_ROUTES, Reply, Request, Route, error_reply, json_reply,
+                                       route)
 
 
 class LoggedRequest(NamedTuple):
@@ -96,12 +100,13 @@ class EmulatorService:
             return [{**armed.fault.model_dump(), "seen": armed.seen, "fired": armed.fired}
                     for armed in self._faults]
 
-    def _fault_for(self, method: str, path: str) -> Fault | None:
-        """The first fault (in order added) that fires on this request; later ones never see it."""
+    def _fault_for(self, method: str, path: str) -> tuple[Fault, int] | None:
+        """The first fault (in order added) that fires on this request, and how often it has fired
+        (this time included); later ones never see the request."""
         with self._lock:
             for armed in self._faults:
                 if armed.trigger(method, path):
-                    return armed.fault
+                    return armed.fault, armed.fired
         return None
 
     @property
@@ -170,6 +175,8 @@ class EmulatorService:
         with self._counted_in_flight():
             reply = _drained(req, self._api_reply(req))
             self._record(req.method, req.path, "dropped" if reply is None else reply.status, started, req.headers)
+        if reply is not None:  # the server's clock, skew and all, as the real API's Date header says it
+            reply.headers.setdefault("Date", formatdate(self.emulator.clock(), usegmt=True))
         return reply
 
     @contextmanager
@@ -191,15 +198,20 @@ class EmulatorService:
         if routed is None:
             return error_reply(EmulatorError(404, f"Invalid URL ({req.method} {req.path})."))
         req = routed
-        fault = self._fault_for(req.method, req.path)
-        if fault is None:
+        fired = self._fault_for(req.method, req.path)
+        if fired is None:
             return self._dispatch(API_ROUTES, req)
+        fault, times = fired
         if fault.action == "reject":
             return error_reply(fault.error(429), fault.retry_headers())
+        if fault.action == "not_found":
+            return error_reply(fault.error(404))
         if fault.action == "stall":
             time.sleep(fault.seconds)
             if not self.is_open:  # closed while we slept: the world may be gone
                 raise ConnectionAbortedError("the sandbox closed while a request stalled")
+        if fault.action == "endless_pages":
+            req.query.pop("after", None)  # a server that ignores the cursor
         reply = self._dispatch(API_ROUTES, req)  # the request is done, whatever the client hears
         if fault.action == "error_after_commit":
             reply.close()
@@ -207,7 +219,7 @@ class EmulatorService:
         if fault.action == "drop_after_commit" or fault.then == "drop":
             reply.close()
             return None
-        return reply
+        return _misbehaving(fault, times, reply)
 
     def _routed(self, req: Request) -> Request | None:
         """The request with this service's prefix mapped to the routes' `/v1`; None when outside it."""
@@ -228,6 +240,21 @@ class EmulatorService:
             traceback.print_exc()
             return error_reply(EmulatorError(500, "The sandbox failed on this request (see its stderr).",
                                              type="server_error"))
+
+
+def _misbehaving(fault: Fault, fired: int, reply: Reply) -> Reply:
+    """The answer of an `endless_pages`, `drip`, `huge_body` or `damage` fault, made from the real `reply`."""
+    if fault.action == "huge_body":
+        reply.close()
+        return Reply(200, stream=HugeListStream(fault.size), stream_size=max(fault.size, HugeListStream.SMALLEST))
+    if fault.action == "drip":
+        body = b"".join(reply.chunks())
+        reply.close()
+        return Reply(reply.status, content_type=reply.content_type, stream=DripStream(body, fault.seconds),
+                     stream_size=len(body))
+    if fault.action in ("endless_pages", "damage") and reply.stream is None:
+        return json_reply(fault.rewrite(orjson.loads(reply.body), fired), reply.status, reply.headers)
+    return reply
 
 
 def _drained(req: Request, reply: Reply | None) -> Reply | None:

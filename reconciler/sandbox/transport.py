@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import IO
 
+from reconciler.sandbox.capacity import limits_from_env
 from reconciler.sandbox.emulator import Emulator, Timing, timing_from_env
 from reconciler.sandbox.models import models_from_env
 from reconciler.sandbox.routes import CHUNK, Body, Reply, Request
@@ -71,11 +72,13 @@ class EmulatorTransport(EmulatorService, httpx.AsyncBaseTransport):
 
 
 def open_sandbox(root: Path, timing: Timing | None = None) -> EmulatorTransport:
-    """The `--sandbox` emulator in this process, its world persisted under `root` (no key needed).
+    """The `--sandbox` emulator in this process, its world persisted under `root` (no key needed),
+    with the enqueued-token limits BATCHPLAN_SANDBOX_LIMITS sets.
 
     The client that uses it closes it.
     """
-    emulator = Emulator(root, timing or timing_from_env(), models=models_from_env())
+    emulator = Emulator(root, timing or timing_from_env(), models=models_from_env(),
+                        enqueued_token_limits=limits_from_env())
     return EmulatorTransport(emulator, require_auth=False, owns_emulator=True)
 
 

@@ -1,6 +1,7 @@
 """The state store seam: where the state lives, and how one writer at a time changes it.
 
-    StateStore (abstract)   lock · unlock · holder · load · save (compare-and-swap) · backup · force_unlock
+    StateStore (abstract)   lock · unlock · holder · holder_alive · load · save (compare-and-swap) · backup ·
+                            force_unlock
      ├── FileStore          stores/file.py: a JSON file, an OS file lock, `<file>.backup`
      └── PostgresStore      stores/postgres.py: a jsonb row per workspace, advisory locks
 
@@ -26,6 +27,7 @@ import getpass
 import os
 import socket
 import uuid
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,7 +36,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import LockError, StateError
+from ..errors import LockError, Notice, StateError
 
 if TYPE_CHECKING:
     from ..state import State
@@ -79,13 +81,20 @@ class LockInfo:
         return f"pid {self.pid} of {self.who}@{self.host} ({self.command}) since {self.since}"
 
 
-def lock_error(location: str, holder: LockInfo | None, waited: float) -> LockError:
-    """The one message for a lock another process holds: who, and the three ways on."""
+def lock_error(location: str, holder: LockInfo | None, waited: float, way_out: str) -> LockError:
+    """The one message for a lock another process holds: who, and the ways on.
+
+    `way_out` is the store's own last resort, for a holder that will not finish: force-unlock only
+    where it can help (a file lock dies with its holder anyway, so there it is "stop that process")."""
     who = f"by {holder.describe()}" if holder else "by another process"
     after = f" after waiting {waited:g}s" if waited else ""
-    unlock = " ".join(filter(None, ["batchplan force-unlock", holder.id if holder else None]))
     return LockError(f"the state {location} is locked {who}{after}. Wait for it to finish, retry with "
-                     f"--lock-timeout SECONDS to wait, or, if that process is gone, run `{unlock}`")
+                     f"--lock-timeout SECONDS to wait, or, {way_out}")
+
+
+def warn_forcing(holder: LockInfo, location: str, what: str) -> None:
+    """Say, before it is done, whose live lock `force-unlock --force` breaks and what happens to it."""
+    warnings.warn(Notice(f"{holder.describe()} still holds the lock on {location}; --force {what}"), stacklevel=2)
 
 
 class StateStore(ABC):
@@ -128,9 +137,12 @@ class StateStore(ABC):
         """Keep the version stored now as the backup (called once per run, before its first save)."""
 
     @abstractmethod
-    def force_unlock(self, lock_id: str | None) -> LockInfo | None:
-        """Remove the lock whose holder note has `lock_id` (None: whoever holds it); the removed note.
-        Raises LockError when the id does not match the holder's, or when the holder is still alive."""
+    def force_unlock(self, lock_id: str, *, force: bool = False) -> LockInfo:
+        """Remove the lock whose holder note has `lock_id`; the removed note.
+
+        Raises LockError (nothing changed) when there is no such note, or when its holder is
+        still alive, unless `force`: then a Notice naming the holder comes first, and the store
+        takes the lock from it as far as it can (see each store)."""
 
     def local_files(self) -> dict[Path, str]:
         """The files this store keeps on this machine, each with what it is ("the state file"):

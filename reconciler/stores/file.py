@@ -15,7 +15,9 @@ its target, so two links to one state share one lock.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import time
 from pathlib import Path
 
@@ -25,8 +27,8 @@ from pydantic import ValidationError
 
 from ..errors import LockError, StateError
 from ..fsutil import atomic_write
-from ..state import FORMAT_VERSION, State
-from .base import LockInfo, StateConflict, StateStore, lock_error
+from ..state import FORMAT_VERSION, State, format_verdict
+from .base import LockInfo, StateConflict, StateStore, lock_error, warn_forcing
 
 
 class FileStore(StateStore):
@@ -41,6 +43,7 @@ class FileStore(StateStore):
         self.lock_path = path.with_name(path.name + ".lock")
         self.info_path = path.with_name(path.name + ".lock.info")
         self._lock: filelock.FileLock | None = None
+        self._held_id: str | None = None
 
     # -- the lock ------------------------------------------------------------------------
 
@@ -50,8 +53,9 @@ class FileStore(StateStore):
         try:
             lock.acquire()
         except filelock.Timeout:
-            raise lock_error(self.location, self._holder_note(), timeout) from None
-        self._lock = lock
+            raise lock_error(self.location, self._holder_note(), timeout, "if that process hangs, stop it: its lock "
+                             "is released the moment it exits (a dead process never holds this lock)") from None
+        self._lock, self._held_id = lock, info.id
         try:  # atomic: a process that finds the lock taken never reads half a note
             atomic_write(self.info_path, json.dumps(info.to_dict(), sort_keys=True))
         except OSError as exc:  # a full disk: let the lock go, change nothing
@@ -61,7 +65,8 @@ class FileStore(StateStore):
 
     def unlock(self) -> None:
         if self._lock is not None:
-            self.info_path.unlink(missing_ok=True)
+            if (note := self.holder()) is not None and note.id == self._held_id:  # not a note `--force` let in
+                self.info_path.unlink(missing_ok=True)
             self._lock.release()
             self._lock = None
 
@@ -79,24 +84,43 @@ class FileStore(StateStore):
         return held
 
     def holder_alive(self, info: LockInfo) -> bool:
-        """The OS lock tells: a holder that died has released it. (Taking it for a moment is how to ask.)"""
-        probe = filelock.FileLock(str(self.lock_path), timeout=0)
+        """Whether a process holds the OS lock now (a holder that died has released it)."""
+        return self._flock_held()
+
+    def _flock_held(self) -> bool:
+        """Ask the kernel with a non-blocking flock on the lock file; no file, no holder. Creates nothing."""
         try:
-            probe.acquire()
-        except filelock.Timeout:
+            fd = os.open(self.lock_path, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
             return True
-        probe.release()
+        finally:
+            os.close(fd)  # closing drops the probe's own lock, if it got it
         return False
 
-    def force_unlock(self, lock_id: str | None) -> LockInfo | None:
-        held = self.holder()
-        if lock_id and held and held.id != lock_id:
+    def force_unlock(self, lock_id: str, *, force: bool = False) -> LockInfo:
+        """Remove a dead holder's note. A live holder is refused; with `force`, after a Notice, its lock file
+        is unlinked too, so the next command locks a new one (the live holder's saves then fail the serial
+        check if another writer saved first: nothing is overwritten)."""
+        held, alive = self.holder(), self._flock_held()
+        if held is None:
+            state = "is locked by a process that left no note" if alive else "is not locked"
+            raise LockError(f"the state {self.path} {state}, so there is no lock {lock_id} to remove; nothing was "
+                            "changed")
+        if held.id != lock_id:
             raise LockError(f"the lock on {self.path} has id {held.id}, not {lock_id}; nothing was changed")
-        if held is not None and self.holder_alive(held):
-            raise LockError(f"the lock on {self.path} is held by {held.describe()}, which is still running; "
-                            "nothing was changed. Wait for it to finish")
+        if alive and not force:
+            raise LockError(f"the lock on {self.path} is held by {held.describe()}, which is still running; nothing "
+                            "was changed. Wait for it to finish or stop it (its lock goes with it); "
+                            "`force-unlock --force` takes the lock from it anyway")
+        if alive:
+            warn_forcing(held, str(self.path), "removes it while that process runs on: its next save fails if "
+                                               "another command saves first")
+            self.lock_path.unlink(missing_ok=True)
         self.info_path.unlink(missing_ok=True)
-        self.lock_path.unlink(missing_ok=True)
         return held
 
     def local_files(self) -> dict[Path, str]:
@@ -158,10 +182,14 @@ class FileStore(StateStore):
             raise StateError(f"{self.path}: not valid JSON ({exc}); {fix}") from exc
         except RecursionError:  # arrays in arrays, thousands deep: no state is shaped like that
             raise StateError(f"{self.path}: nested too deeply to be a batchplan state; {fix}") from None
-        version = data.get("format_version") if isinstance(data, dict) else None
-        if isinstance(version, int) and version > FORMAT_VERSION:
+        version = data.get("format_version", FORMAT_VERSION) if isinstance(data, dict) else FORMAT_VERSION
+        verdict = format_verdict(version, FORMAT_VERSION)
+        if verdict == "newer":
             raise StateError(f"{self.path}: written by a newer batchplan (state format {version}, this one "
                              f"reads {FORMAT_VERSION}); upgrade batchplan to use this state")
+        if verdict == "wrong":
+            raise StateError(f"{self.path}: format_version: {version!r} is not a state format this batchplan reads "
+                             f"(the integer {FORMAT_VERSION}); {fix}")
         try:
             return State.model_validate(data)
         except ValidationError as exc:

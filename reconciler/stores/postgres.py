@@ -15,7 +15,7 @@ pg_try_advisory_lock on this store's own connection, which stays open until `clo
 server drops it the moment that session ends, so a killed process never leaves a lock
 behind: the note in `lock` is then stale, and `holder_alive()` tells (the note's backend pid
 no longer holds the advisory lock in pg_locks). `force_unlock()` removes a stale note; a
-live holder cannot be taken over, so it refuses, unless called with `terminate=True`, which
+live holder cannot be taken over, so it refuses, unless called with `force=True`, which
 ends the holder's database session (pg_terminate_backend) and so releases its lock. The
 holder then fails at its next save, and everything it saved before stays.
 
@@ -42,7 +42,7 @@ import orjson
 from pydantic import ValidationError
 
 from ..errors import LockError, StateError
-from .base import LockInfo, StateConflict, StateStore, lock_error
+from .base import LockInfo, StateConflict, StateStore, lock_error, warn_forcing
 
 if TYPE_CHECKING:
     import psycopg
@@ -270,7 +270,10 @@ class PostgresStore(StateStore):
         while not self._try_lock():
             left = deadline - time.monotonic()
             if left <= 0:
-                raise lock_error(self.location, self.holder(), timeout)
+                holder = self.holder()
+                raise lock_error(self.location, holder, timeout, "if that process is gone but its database session "
+                                 "lingers (a lost machine), run `batchplan force-unlock --force "
+                                 f"{holder.id if holder else 'LOCK_ID'}`")
             time.sleep(min(LOCK_POLL_SECONDS, left))
         try:
             with self._sql("write the lock note") as cur:
@@ -321,20 +324,24 @@ class PostgresStore(StateStore):
             cur.execute(_HOLDS_ADVISORY, (row[0], unsigned >> 32, unsigned & 0xFFFF_FFFF))
             return cur.fetchone()[0]
 
-    def force_unlock(self, lock_id: str | None, *, terminate: bool = False) -> LockInfo | None:
-        """Remove the lock note `lock_id` (None: whoever's) whose session is gone; a live holder is refused,
-        unless `terminate` ends its database session (which releases its lock). The removed note."""
+    def force_unlock(self, lock_id: str, *, force: bool = False) -> LockInfo:
+        """Remove the lock note `lock_id` whose session is gone; a live holder is refused, unless `force`
+        ends its database session (which releases its lock), after a Notice. The removed note."""
         note = self.holder()
         if note is None:
-            return None
-        if lock_id and note.id != lock_id:
+            raise LockError(self._message(f"the state is not locked, so there is no lock {lock_id} to remove; "
+                                          "nothing was changed"))
+        if note.id != lock_id:
             raise LockError(self._message(f"the state lock has id {note.id}, not {lock_id}; nothing was changed"))
         if self.holder_alive(note):
-            if not terminate:
+            if not force:
                 raise LockError(self._message(
                     f"the state lock is held by {note.describe()}, whose database session is alive: it is not "
                     "stale, and a PostgreSQL lock cannot be taken over. Wait for it to finish, stop that process, "
-                    "or run `batchplan force-unlock --force` to end its database session; nothing was changed"))
+                    f"or run `batchplan force-unlock --force {lock_id}` to end its database session; nothing was "
+                    "changed"))
+            warn_forcing(note, self.location, "ends its database session: that process fails at its next save, "
+                                              "and what it saved stays")
             self._terminate_holder(note)
         with self._sql("remove the lock note") as cur:
             cur.execute("DELETE FROM batchplan.lock WHERE workspace = %s AND lock_id = %s", (self.workspace, note.id))
@@ -368,13 +375,14 @@ class PostgresStore(StateStore):
         return None if row is None else self._parse(row[0], "the backup")
 
     def _parse(self, text: str, what: str) -> State:
-        from ..state import State
+        from ..state import FORMAT_VERSION, State
 
         try:
             state = State.model_validate_json(text)  # pydantic's own parser: faster than loads + validate
         except ValidationError as exc:
             data = orjson.loads(text)
-            self._refuse_newer(data.get("format_version") if isinstance(data, dict) else None, what)
+            self._refuse_newer(data.get("format_version", FORMAT_VERSION) if isinstance(data, dict) else FORMAT_VERSION,
+                               what)
             first = exc.errors()[0]
             where = ".".join(map(str, first["loc"])) or "top level"
             raise StateError(self._message(
@@ -384,11 +392,16 @@ class PostgresStore(StateStore):
         return state
 
     def _refuse_newer(self, version: object, what: str) -> None:
-        from ..state import FORMAT_VERSION
+        from ..state import FORMAT_VERSION, format_verdict
 
-        if isinstance(version, int) and version > FORMAT_VERSION:
+        verdict = format_verdict(version, FORMAT_VERSION)
+        if verdict == "newer":
             raise StateError(self._message(f"{what} was written by a newer batchplan (state format {version}, this "
                                            f"one reads {FORMAT_VERSION}); upgrade batchplan to use this state"))
+        if verdict == "wrong":
+            raise StateError(self._message(f"{what}: format_version: {version!r} is not a state format this "
+                                           f"batchplan reads (the integer {FORMAT_VERSION}); restore a good version "
+                                           "from the tables batchplan.backup or batchplan.history"))
 
     def save(self, state: State, expected_serial: int | None) -> None:
         # compact and unsorted: jsonb keeps neither indentation nor key order, and parses less
