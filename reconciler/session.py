@@ -74,7 +74,12 @@ class Session:
         async def main() -> None:
             result.append(await work(self))
 
-        self._loop.run_until_complete(main())
+        task = self._loop.create_task(main())
+        try:
+            self._loop.run_until_complete(task)
+        except BaseException:
+            _end_task(self._loop, task)
+            raise
         return result[0]
 
     async def client(self, provider: str | None = None) -> Api:
@@ -107,6 +112,19 @@ class Session:
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.run_until_complete(loop.shutdown_default_executor())
             loop.close()
+
+
+def _end_task(loop: asyncio.AbstractEventLoop, task: asyncio.Task) -> None:
+    """End the work's task after a Ctrl-C or SIGTERM: one that landed in a task the work started (the
+    reads of several providers run side by side) leaves the work's own task waiting on it, and it would
+    raise the KeyboardInterrupt again from whatever the loop runs next (closing the clients)."""
+    if task.done():
+        return
+    task.cancel()
+    try:
+        loop.run_until_complete(task)
+    except BaseException:  # its end is all that matters now: the first interrupt is the one raised
+        pass
 
 
 def _cancel_leftover_tasks(loop: asyncio.AbstractEventLoop) -> None:
