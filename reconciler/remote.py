@@ -21,6 +21,7 @@ per batch run concurrently. A 404 for a batch the state recorded is no proof it 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -390,11 +391,19 @@ async def read_remote_all(session: Session, desired: list[Desired], state: State
 
     async def one(provider: str | None) -> RemoteView:
         want, share = shares[provider]
-        return await read_remote(await session.client(provider), want, share, full_scan=full_scan,
+        view = await read_remote(await session.client(provider), want, share, full_scan=full_scan,
                                  parallelism=session.connection(provider).parallelism)
+        return _own(view, {w.name for w in want} | set(share.entries if share else ()))
 
     views = await asyncio.gather(*(one(p) for p in asked))
     return _merged(views, base_urls)
+
+
+def _own(view: RemoteView, names: set[str]) -> RemoteView:
+    """A provider's view with the tagged batches of its own specs only: two providers may be one server
+    (two projects of one account), and a spec's batches are only those on its own provider."""
+    return dataclasses.replace(view, tagged={n: found for n, found in view.tagged.items() if n in names},
+                               searched=view.searched & names)
 
 
 def _merged(views: list[RemoteView], base_urls: dict[str, str]) -> RemoteView:

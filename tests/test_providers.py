@@ -295,3 +295,71 @@ def test_per_provider_settings_and_limits_parse_and_a_bad_one_names_its_field(re
     with pytest.raises(ConfigError, match=r"batchplan.yaml: providers.research.auth: Input should be 'bearer' or "
                                           r"'api-key'"):
         Project.open(str(repo.root))
+
+
+def test_a_duplicate_on_a_named_provider_is_cancelled_there_and_nothing_goes_to_the_other(repo, slow_servers):
+    from reconciler.remote import keep_oldest
+
+    research, azure = slow_servers
+    three_specs(repo, research, azure)
+    environment = env(research)
+    assert cli(repo, "apply", "--auto-approve", environment=environment).code == 0
+    recorded = azure.emulator.get_batch(repo.state()["entries"]["embed"]["batch"]["id"])
+    second = azure.emulator.create_batch({key: recorded[key] for key in ("input_file_id", "endpoint",
+                                                                         "completion_window", "metadata")})
+    keeper, (duplicate,) = keep_oldest([recorded, second])  # the same second: the lower id is kept
+    research.reset_log(), azure.reset_log()
+
+    planned = cli(repo, "plan", "--json", environment=environment)
+    changes = [(a["name"], a["action"], a["reason_code"]) for a in planned.json["actions"] if a["action"] != "noop"]
+    assert changes == [("embed", "cancel", "duplicate")] if keeper is recorded else \
+        [("embed", "adopt", "keep_oldest"), ("embed", "cancel", "duplicate")]
+    assert cli(repo, "apply", "--auto-approve", environment=environment).code == 0
+    assert [p for m, p, _ in api_requests(azure) if m == "POST"] == [f"/openai/v1/batches/{duplicate['id']}/cancel"]
+    assert [p for m, p, _ in api_requests(research) if m == "POST"] == []
+    assert repo.state()["entries"]["embed"]["batch"]["id"] == keeper["id"]
+
+
+def test_a_profile_s_own_limits_queue_its_specs_and_the_top_level_ones_the_rest(repo, servers):
+    from reconciler.tokens import count_file
+
+    research, azure = servers
+    three_specs(repo, research, azure)
+    repo.spec("eval2", provider="research")
+    repo.spec("plain2")
+    tokens = sorted(count_file(repo.root / "data" / f"{n}.jsonl", "/v1/chat/completions").input_tokens
+                    for n in ("eval", "eval2"))
+    (repo.root / "batchplan.yaml").write_text(  # room for either research spec, not for both
+        settings(research, azure) + f"    limits: {{gpt-4o-mini: {{enqueued_tokens: {sum(tokens) - 1}}}}}\n"
+        "limits: {gpt-4o-mini: {enqueued_tokens: 2000000}}\n")
+    planned = cli(repo, "plan", "--json", environment=env(research))
+    assert planned.code == 0, planned.err
+    assert {a["name"]: a["queued"] for a in planned.json["actions"]} == {
+        "embed": False, "eval": False, "eval2": True, "plain": False, "plain2": False}
+
+
+def test_a_retry_is_made_on_its_spec_s_provider_and_its_results_read_there(repo, emulator_factory):
+    from reconciler.sandbox.outcomes import BatchFaults, RequestFault
+
+    research = EmulatorServer(emulator_factory(timing=Timing.uniform(0.05))).start()
+    azure = EmulatorServer(emulator_factory(timing=Timing.uniform(0.05), request_faults=[
+        RequestFault(custom_id="^embed-1$", status=500)]), auth="api-key", prefix="/openai/v1").start()
+    try:
+        three_specs(repo, research, azure)
+        repo.spec("embed", provider="azure-east", retry={"max_attempts": 2})
+        environment = env(research)
+        assert cli(repo, "apply", "--auto-approve", environment=environment).code == 0
+        assert cli(repo, "wait", "--interval", "0.05", "--timeout", "20", environment=environment).code == 0
+        azure.emulator.batch_faults = BatchFaults()
+        research.reset_log()
+        planned = cli(repo, "plan", "--json", environment=environment)
+        assert [(a["name"], a["action"], a["requests"]) for a in planned.json["actions"] if a["action"] != "noop"] \
+            == [("embed", "retry", 1)]
+        assert cli(repo, "apply", "--auto-approve", environment=environment).code == 0
+        retry = repo.state()["entries"]["embed"]["retries"]["batches"][0]["id"]
+        assert azure.emulator.get_batch(retry)["metadata"]["batchplan_name"] == "embed"
+        assert [p for m, p, _ in api_requests(research) if m == "POST"] == []
+        assert set(repo.state()["provider_uploads"]["azure-east"]) >= {
+            f["filename"].split("batchplan-")[1][:64] for f in azure.emulator.list_files(purpose="batch")["data"]}
+    finally:
+        research.stop(), azure.stop()
