@@ -60,15 +60,17 @@ MAX_PAGES = 10_000  # pages of one list walk: 1,000,000 batches at 100 a page
 MIN_RATE = 16 << 10  # bytes per second a request's body and answer must average, past its timeout
 
 
-def check_base_url(base_url: str, allow_insecure: bool = False) -> str:
-    """Refuse plain http to anything but loopback: the API key would travel in clear."""
+def check_base_url(base_url: str, allow_insecure: bool = False, source: str = "OPENAI_BASE_URL") -> str:
+    """Refuse plain http to anything but loopback: the API key would travel in clear.
+
+    `source` names where the URL was given (the variable, or a provider's base_url), for the message."""
     parts = urlsplit(base_url)
     shown = masked_url(base_url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"OPENAI_BASE_URL={shown!r} is not an http(s) URL")
+        raise ConfigError(f"{source}={shown!r} is not an http(s) URL")
     if parts.scheme == "http" and not allow_insecure and not _is_loopback(parts.hostname):
         raise ConfigError(
-            f"OPENAI_BASE_URL={shown!r} uses plain http to a host that is not this machine, so the "
+            f"{source}={shown!r} uses plain http to a host that is not this machine, so the "
             "API key would travel in clear; use https, or pass --allow-insecure-http if you really mean it")
     return base_url.rstrip("/")
 
@@ -136,6 +138,10 @@ def _api_error(response: httpx.Response, body: bytes, what: str) -> ApiError:
                code=error.get("code"), request=what)
 
 
+def _auth_header(style: str, api_key: str) -> dict[str, str]:
+    return {"api-key": api_key} if style == "api-key" else {"Authorization": f"Bearer {api_key}"}
+
+
 class _Deadline:
     """The whole request's time budget: `timeout` seconds, plus the time its bytes need at MIN_RATE.
 
@@ -193,13 +199,16 @@ class Api:
 
     `transport` replaces the network (the in-process sandbox, a test's); when None, the
     TEST_TRANSPORT of the current context, else real HTTP. `max_wait` caps every single
-    wait (a backoff, a Retry-After, a 429's pause); `max_pages` a list walk.
+    wait (a backoff, a Retry-After, a 429's pause); `max_pages` a list walk. `auth` is how the
+    key is sent: `bearer` (Authorization: Bearer KEY, OpenAI's) or `api-key` (api-key: KEY,
+    Azure OpenAI's); `headers` go with every request (OpenAI-Project, OpenAI-Organization).
     """
 
     def __init__(self, base_url: str, api_key: str, *, parallelism: int = 16, timeout: float = 60.0,
                  max_retries: int = 5, max_retry_seconds: float = 120.0, backoff: float = 0.5,
                  max_wait: float = DEFAULT_MAX_WAIT, max_pages: int = MAX_PAGES,
-                 transport: httpx.AsyncBaseTransport | None = None):
+                 transport: httpx.AsyncBaseTransport | None = None, auth: str = "bearer",
+                 headers: dict[str, str] | None = None):
         self.base_url = base_url
         self.shown_url = masked_url(base_url)  # what messages say: never the user and password in it
         self.timeout = timeout
@@ -214,7 +223,7 @@ class Api:
         self.stopping = asyncio.Event()  # set: send no new create, wait for nothing, list no further
         self._client = httpx.AsyncClient(
             base_url=base_url + "/",
-            headers={"Authorization": f"Bearer {api_key}", "User-Agent": f"batchplan/{__version__}"},
+            headers={**(headers or {}), **_auth_header(auth, api_key), "User-Agent": f"batchplan/{__version__}"},
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
             limits=httpx.Limits(max_connections=parallelism, max_keepalive_connections=parallelism),
             transport=transport or TEST_TRANSPORT.get(),

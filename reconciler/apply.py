@@ -14,6 +14,11 @@ it gets the same settling wait and look before anything is sent: always, whateve
 age, since its time was read on another clock (a shared state may be applied from several
 machines). The ledger (ledger.py) saves the state as work completes and once more at the
 end, whatever happened, so a re-run converges.
+
+Each change goes to its own provider's client (providers.py): uploads, creates, retries and the
+look for a lost create to the provider the spec names, the cancel of a replaced or removed batch
+to the provider it was made on, so moving a spec to another provider creates on the new one and
+cancels on the old. A duplicate is cancelled where it was found: on the spec's provider.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from .api import Api
@@ -42,15 +47,20 @@ SETTLE_MAX = 10.0  # seconds: the longest we wait for a create sent without an a
 class Applier:
     """Walks a plan's changes in stages, one handler per action (see `run`)."""
 
-    def __init__(self, api: Api, txn: Transaction, plan: Plan, *, repo_root: Path,
+    def __init__(self, apis: Mapping[str | None, Api], txn: Transaction, plan: Plan, *, repo_root: Path,
                  report: Callable[[str, str], None] = lambda name, text: None, work_dir: Path | None = None):
-        self.api = api
+        self.apis = apis  # provider (None: the environment's) -> its client
+        self.repo_root = repo_root
         self.work_dir = work_dir or repo_root / "state" / "retries"  # per machine: retry inputs (retrier.py)
         self.plan = plan
         self.report = report
         self.ledger = Ledger(txn, report)
-        self.uploader = Uploader(api, repo_root, report, settle=self.settle)
-        self.stopping = api.stopping  # set by apply_plan on a signal; the Api then sends no new create
+        # one uploader per provider: a file id is only good on the server that gave it
+        self.uploaders = {provider: Uploader(api, repo_root, report, settle=self.settle)
+                          for provider, api in apis.items()}
+        self.stopping = asyncio.Event()  # set by apply_plan on a signal; then no client sends a new create
+        for api in apis.values():
+            api.stopping = self.stopping
 
     # -- the table of contents -----------------------------------------------------------
 
@@ -95,7 +105,7 @@ class Applier:
 
     def _settle_seconds(self) -> float:
         """Seconds a create sent without an answer may still take to land: the client's timeout, capped."""
-        return min(self.api.timeout, SETTLE_MAX)
+        return min(max(api.timeout for api in self.apis.values()), SETTLE_MAX)
 
     async def settle(self) -> None:
         """Wait until every create this client sent without an answer has landed, or never will:
@@ -141,25 +151,30 @@ class Applier:
 
     # -- stage 3: uploads ----------------------------------------------------------------
 
-    async def upload(self, creates: list[Change]) -> dict[str, str]:
-        """sha256 -> uploaded file id, for every local input the creates need."""
-        needed: dict[str, list[Change]] = {}
-        for change in creates:
-            if change.desired and change.desired.input_sha256:
-                needed.setdefault(change.desired.input_sha256, []).append(change)
-        if not needed:
-            return {}
-        sizes = {sha: upload.bytes for sha, upload in self.ledger.state.uploads.items()}
+    async def upload(self, creates: list[Change]) -> FileIds:
+        """(provider, sha256) -> uploaded file id, for every local input the creates need, each on the
+        provider that creates from it."""
+        sending = by_provider(c for c in creates if c.desired and c.desired.input_sha256)
+        sizes = {sha: upload.bytes for sha, upload in self.ledger.state.all_uploads()}
         sizes.update({c.desired.input_sha256: c.desired.input_bytes for c in self.plan.changes
                       if c.desired and c.desired.input_sha256 and c.desired.input_bytes is not None})
-        on_server, failed = await self.uploader.ensure({sha: cs[0].desired for sha, cs in needed.items()}, sizes)
+        found = await asyncio.gather(*(self._upload_to(p, cs, sizes) for p, cs in sending.items()))
+        return {(p, sha): file_id for p, ids in zip(sending, found) for sha, file_id in ids.items()}
+
+    async def _upload_to(self, provider: str | None, creates: list[Change], sizes: dict[str, int]) -> dict[str, str]:
+        """sha256 -> file id on one provider, for the inputs of that provider's creates."""
+        needed: dict[str, list[Change]] = {}
+        for change in creates:
+            needed.setdefault(change.desired.input_sha256, []).append(change)  # type: ignore[union-attr]
+        on_server, failed = await self.uploaders[provider].ensure({sha: cs[0].desired for sha, cs in needed.items()},
+                                                                  sizes)
         for sha, error in failed.items():
             for change in needed[sha]:
                 self.ledger.fail(change.name, error)
                 self.ledger.not_sent(change)
         for sha, file in on_server.items():
             if sha in needed:
-                self.ledger.record_upload(sha, file)
+                self.ledger.record_upload(sha, file, provider)
         return {sha: file["id"] for sha, file in on_server.items()}
 
     # -- stage 4: adopt and create -------------------------------------------------------
@@ -169,7 +184,7 @@ class Applier:
         old batch is cancelled: see Ledger.record_batch)."""
         self.ledger.record_batch(change, batch, verb)
 
-    async def _create_all(self, creates: list[Change], file_ids: dict[str, str]) -> None:
+    async def _create_all(self, creates: list[Change], file_ids: FileIds) -> None:
         pending = creates
         for _ in range(CREATE_ROUNDS):
             if not pending:
@@ -181,9 +196,9 @@ class Applier:
             self.ledger.fail(change.name, TransportError(f"create got no answer {CREATE_ROUNDS} times; run apply "
                                                          "again (the intent is recorded, nothing will be duplicated)"))
 
-    def _create_params(self, want: Desired, file_ids: dict[str, str]) -> dict:
+    def _create_params(self, want: Desired, file_ids: FileIds) -> dict:
         params = {
-            "input_file_id": want.input_file_id or file_ids[want.input_sha256 or ""],
+            "input_file_id": want.input_file_id or file_ids[(want.provider, want.input_sha256 or "")],
             "endpoint": want.endpoint,
             "completion_window": want.completion_window,
             "metadata": {**want.metadata, **want.tags()},
@@ -192,11 +207,12 @@ class Applier:
             params["output_expires_after"] = want.output_expires_after
         return params
 
-    async def create_batch(self, change: Change, file_ids: dict[str, str]) -> bool | None:
+    async def create_batch(self, change: Change, file_ids: FileIds) -> bool | None:
         """POST /batches: True when settled (created, failed for sure, or not sent); None when the answer was lost."""
         assert change.desired is not None
         try:
-            batch = await self.api.create_batch(self._create_params(change.desired, file_ids))
+            batch = await self.apis[change.desired.provider].create_batch(self._create_params(change.desired,
+                                                                                              file_ids))
         except Interrupted:
             self.ledger.not_sent(change)  # the next apply creates it
             return True
@@ -234,9 +250,16 @@ class Applier:
 
     async def look_for(self, changes: list[Change]) -> list[Change]:
         """The search for what each change's create may have made (remote.find_batches, down to its
-        input's upload): the batch kept (keep_oldest: running, else completed) is adopted and its
-        duplicates are cancelled. Returns the changes with no batch on the server."""
-        found = await find_batches(self.api, [c.desired.fields() for c in changes if c.desired])
+        input's upload, on the spec's provider): the batch kept (keep_oldest: running, else completed)
+        is adopted and its duplicates are cancelled. Returns the changes with no batch on the server."""
+        groups = by_provider(changes)
+        absent = await asyncio.gather(*(self._look_for_on(p, cs) for p, cs in groups.items()))
+        gone = {id(change) for group in absent for change in group}
+        return [change for change in changes if id(change) in gone]  # in the plan's order
+
+    async def _look_for_on(self, provider: str | None, changes: list[Change]) -> list[Change]:
+        """`look_for` on one provider's server, for the changes whose spec names it."""
+        found = await find_batches(self.apis[provider], [c.desired.fields() for c in changes if c.desired])
         absent = []
         for change in changes:
             want = change.desired
@@ -248,7 +271,7 @@ class Applier:
             if keeper is None:
                 absent.append(change)
                 continue
-            cancelled = await asyncio.gather(*(self._send_cancel(want.name, d["id"]) for d in duplicates))
+            cancelled = await asyncio.gather(*(self._send_cancel(want.name, d["id"], provider) for d in duplicates))
             if None not in cancelled:  # else: nothing recorded; the next apply cancels them, then adopts
                 self.adopt(change, keeper, verb="found its lost create on the server:")
         return absent
@@ -267,13 +290,13 @@ class Applier:
     async def _cancel_all(self, changes: list[Change]) -> list[bool]:
         return list(await asyncio.gather(*(self._cancel(c) for c in changes)))
 
-    async def _send_cancel(self, name: str, batch_id: str) -> str | None:
-        """POST /batches/{id}/cancel: the batch's status after it ("finished" when it had already
-        finished); None when it was not sent (stopping) or failed (recorded as `name`'s failure)."""
+    async def _send_cancel(self, name: str, batch_id: str, provider: str | None) -> str | None:
+        """POST /batches/{id}/cancel on `provider`: the batch's status after it ("finished" when it had
+        already finished); None when it was not sent (stopping) or failed (recorded as `name`'s failure)."""
         if self.stopping.is_set():
             return None
         try:
-            return (await self.api.cancel_batch(batch_id))["status"]
+            return (await self.apis[provider].cancel_batch(batch_id))["status"]
         except ApiError as exc:
             if exc.status == 409:  # it finished meanwhile; nothing left to cancel
                 return "finished"
@@ -286,7 +309,7 @@ class Applier:
         """Carry out a change's cancel (a spec removed, a replaced batch, a duplicate); whether it was done."""
         assert change.batch is not None
         batch_id = change.batch.id
-        status = await self._send_cancel(change.name, batch_id)
+        status = await self._send_cancel(change.name, batch_id, _old_provider(change))
         if status is None:
             return False
         if change.cancels_duplicate:
@@ -298,6 +321,29 @@ class Applier:
             self.report(change.name, f"cancelled old batch {batch_id} ({status})")
         self.ledger.save_soon()
         return True
+
+
+FileIds = dict[tuple[str | None, str], str]  # (provider, sha256) -> the file id of that input there
+
+
+def by_provider(changes: Iterable[Change]) -> dict[str | None, list[Change]]:
+    """The changes grouped by the provider their spec names (None: the environment's), in order."""
+    groups: dict[str | None, list[Change]] = {}
+    for change in changes:
+        groups.setdefault(change.desired.provider if change.desired else None, []).append(change)
+    return groups
+
+
+def _old_provider(change: Change) -> str | None:
+    """The provider the batch a change cancels was made on (a replace may move the spec to another;
+    a duplicate's `before` is its spec's fields, where it was found)."""
+    return change.before.provider if change.before else None
+
+
+def providers_of(plan: Plan) -> set[str | None]:
+    """Every provider applying `plan` may talk to: where its specs go, and where its old batches are."""
+    return {c.desired.provider for c in plan.changes if c.desired} | \
+        {c.before.provider for c in plan.changes if c.before}
 
 
 async def apply_plan(applier: Applier) -> ApplyResult:

@@ -12,7 +12,8 @@ This module is what the rest of batchplan asks about them:
                       retry batches, finds a retry batch whose create answer was lost, and
                       reads the result files of ended attempts (through the ResultsCache, each
                       file downloaded once per machine) into a RetrySelection; it hands
-                      build_plan plain values (AttemptsView)
+                      build_plan plain values (AttemptsView); read_attempts_all runs it on each
+                      provider whose specs retry, with that provider's client (providers.py)
     retry_desired     the retry input as a Desired: its lines written once per content to the
                       per-machine work directory, for the uploader and the estimate
 
@@ -33,7 +34,7 @@ from typing import TYPE_CHECKING
 
 from .batch import BatchRecord
 from .inputs import hash_file
-from .remote import fetch_batches, find_batches, find_tagged
+from .remote import fetch_batches, find_batches, find_tagged, moved_provider
 from .results import AttemptFiles, ResultsCache, classify_results
 from .retries import (MAX_ATTEMPTS, RETRY_ENDS, RetryPolicy, RetrySelection, attempt_tag, retry_candidates,
                       status_phrase, write_retry_input)
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
     from .api import Api
     from .desired import Desired
     from .remote import RemoteView
+    from .session import Session
     from .state import Entry, State
 
 
@@ -122,7 +124,8 @@ async def read_attempts(api: Api, desired: list[Desired], state: State | None, r
     wanted = {want.name: (want, entry) for want in desired if (entry := _retrying(want, state))}
     if not wanted:
         return {}
-    running = [rec.id for _, entry in wanted.values() for rec in attempt_records(entry)[1:] if not rec.terminal]
+    running = [(rec.id, rec.created_at) for _, entry in wanted.values() for rec in attempt_records(entry)[1:]
+               if not rec.terminal]
     fetched, _ = await fetch_batches(api, running)
     lost = await _lost_retries(api, {name: entry for name, (_, entry) in wanted.items()})
     views = {}
@@ -134,6 +137,27 @@ async def read_attempts(api: Api, desired: list[Desired], state: State | None, r
         found = lost.get(name) if selection is not None and _due(entry, want, len(records)) else None
         views[name] = AttemptsView(records, selection, found)
     return views
+
+
+async def read_attempts_all(session: Session, desired: list[Desired], state: State | None, remote: RemoteView, *,
+                            root: Path, cache: ResultsCache) -> dict[str, AttemptsView]:
+    """`read_attempts` on each provider whose specs retry, with that provider's client, merged. A spec whose
+    provider moved (remote.moved_provider) is left out: its attempts are on a server no longer asked."""
+    groups: dict[str | None, list[Desired]] = {}
+    for want in desired:
+        entry = _retrying(want, state)
+        if entry is not None and not moved_provider(entry, remote.base_urls):
+            groups.setdefault(want.provider, []).append(want)
+    session.require(groups)
+
+    async def one(provider: str | None) -> dict[str, AttemptsView]:
+        return await read_attempts(await session.client(provider), groups[provider], state, remote, root=root,
+                                   cache=cache)
+
+    views: dict[str, AttemptsView] = {}
+    for found in await asyncio.gather(*(one(p) for p in groups)):
+        views.update(found)
+    return dict(sorted(views.items()))
 
 
 def _now(record: BatchRecord, *fresh: dict[str, dict]) -> BatchRecord:

@@ -123,6 +123,9 @@ class BatchFields(BaseModel):
     input: str | None = None
     input_sha256: str | None = None
     input_file_id: str | None = None
+    # The named provider the batch is made on (providers.py). Left out when None, so the fields of a
+    # spec that names none dump, hash and diff exactly as they did before providers existed.
+    provider: str | None = Field(default=None, exclude_if=lambda value: value is None)
 
 
 class BatchRecord(BaseModel):

@@ -360,15 +360,22 @@ def sandbox() -> None:
 @click.option("--enqueued-token-limit", "limits", multiple=True, metavar="MODEL=TOKENS",
               help="Fail a batch of MODEL with token_limit_exceeded when its input tokens would take the model's "
                    "batches in progress over TOKENS, as the API does (repeatable) [default: BATCHPLAN_SANDBOX_LIMITS].")
+@click.option("--auth", type=click.Choice(["bearer", "api-key"]), default="bearer", show_default=True,
+              help="The header the key must come in: Authorization: Bearer KEY (OpenAI), or api-key: KEY "
+                   "(Azure OpenAI).")
+@click.option("--prefix", default="/v1", show_default=True, metavar="PATH",
+              help="Where the API is served, e.g. /openai/v1 as Azure OpenAI serves it.")
 @debug_option
-def sandbox_serve(host, port, world, step_seconds, fail_rate, latency, no_auth, limits) -> None:
-    """Serve the emulator over HTTP at http://HOST:PORT/v1 until Ctrl-C."""
+def sandbox_serve(host, port, world, step_seconds, fail_rate, latency, no_auth, limits, auth, prefix) -> None:
+    """Serve the emulator over HTTP at http://HOST:PORT/v1 (or --prefix) until Ctrl-C."""
     from .sandbox import Timing, serve
     from .sandbox.capacity import parse_limits
 
+    if not prefix.startswith("/") or prefix.rstrip("/") in ("", "/_sandbox"):
+        raise click.BadParameter("give a path such as /v1 or /openai/v1", param_hint="--prefix")
     timing = Timing.uniform(step_seconds) if step_seconds is not None else Timing()
     serve(host=host, port=port, root=Path(world) if world else None, timing=timing, fail_rate=fail_rate,
-          latency=latency, require_auth=not no_auth,
+          latency=latency, require_auth=not no_auth, auth=auth, prefix=prefix.rstrip("/"),
           enqueued_token_limits=parse_limits(limits, "--enqueued-token-limit") if limits else None)
 
 

@@ -16,8 +16,10 @@ import dataclasses
 import functools
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .batch import BatchFields
 from .errors import Problem, ValidationFailed
@@ -25,6 +27,9 @@ from .inputs import HashCache, InputReport
 from .retries import RetryPolicy
 from .shards import Shard, ShardLimits, describe_split
 from .spec import TAG_NAME, TAG_SPEC, LoadedSpec, load_specs, resolve_input, shard_address, spec_of
+
+if TYPE_CHECKING:
+    from .providers import Profile
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,8 @@ class Desired:
     models: tuple[str, ...] = ()    # the models the input's requests name, for the plan's create lines
     ignore_changes: tuple[str, ...] = ()  # lifecycle.ignore_changes: fields whose edit only updates the state
     budget_usd: float | None = None  # the spec's own budget (budget.py); not part of the batch's fields
+    provider: str | None = None  # the spec's named provider (None: the environment's); part of the fields
+    base_url: str | None = None  # that provider's base_url now, recorded with the batch to show a move as drift
     retry: RetryPolicy | None = None  # the spec's retry: (else batchplan.yaml's); not part of the batch's fields
     shard: Shard | None = None      # the part of the input this batch holds, when the spec is split
     split: str = ""                 # why the spec makes its shards (shards.describe_split), when split
@@ -72,7 +79,8 @@ class Desired:
     def _fields(self) -> BatchFields:
         return BatchFields(endpoint=self.endpoint, completion_window=self.completion_window,
                            metadata=dict(self.metadata), output_expires_after=self.output_expires_after,
-                           input=self.input, input_sha256=self.input_sha256, input_file_id=self.input_file_id)
+                           input=self.input, input_sha256=self.input_sha256, input_file_id=self.input_file_id,
+                           provider=self.provider)
 
     @functools.cached_property
     def spec_hash(self) -> str:
@@ -86,7 +94,8 @@ def spec_hash(fields: BatchFields) -> str:
     """Identity of a batch's parameters and input content (not of the input's path).
 
     It is sent as a tag with every batch and kept in every state: the dict hashed must stay
-    exactly what it always was (the BatchFields keys, less `input`)."""
+    exactly what it always was (the BatchFields keys, less `input`; `provider` only when a spec
+    names one, so the hashes of specs that name none never change)."""
     identity = fields.model_dump(exclude={"input"})
     canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
@@ -131,14 +140,28 @@ def _read_input(loaded: LoadedSpec, repo_root: Path, cache: HashCache,
     return rel, report, []
 
 
+def _provider_problem(loaded: LoadedSpec, providers: Mapping[str, Profile]) -> Problem | None:
+    """A spec's provider must be one of batchplan.yaml's profiles (checked offline)."""
+    name = loaded.spec.provider
+    if name is None or name in providers:
+        return None
+    known = f"known providers: {', '.join(sorted(providers))}" if providers else \
+        "batchplan.yaml names no providers (add it under providers:, or remove the field to use the environment's)"
+    return loaded.source.problem(f"unknown provider {name!r}; {known}", ("provider",), "unknown_provider")
+
+
 def _limits(loaded: LoadedSpec) -> ShardLimits:
     return loaded.spec.shard or ShardLimits()
 
 
-def _resolve(loaded: LoadedSpec, repo_root: Path, cache: HashCache, scanned: dict,
-             results: str, default_retry: RetryPolicy | None = None) -> tuple[list[Desired], list[Problem]]:
-    """The spec's batches: one, or one per shard of its input."""
+def _resolve(loaded: LoadedSpec, repo_root: Path, cache: HashCache, scanned: dict, results: str,
+             default_retry: RetryPolicy | None = None,
+             providers: Mapping[str, Profile] | None = None) -> tuple[list[Desired], list[Problem]]:
+    """The spec's batches: one, or one per shard of its input (each on the spec's provider)."""
+    providers = providers or {}
     spec = loaded.spec
+    if problem := _provider_problem(loaded, providers):
+        return [], [problem]
     rel_input = report = None
     if spec.input is not None:
         rel_input, report, problems = _read_input(loaded, repo_root, cache, scanned)
@@ -154,7 +177,8 @@ def _resolve(loaded: LoadedSpec, repo_root: Path, cache: HashCache, scanned: dic
         errors=spec.errors, input_bytes=report.size if report else None,
         models=tuple(sorted(report.models)) if report else (), ignore_changes=spec.lifecycle.ignore_changes,
         budget_usd=spec.budget_usd,
-        retry=spec.retry_policy(default_retry),
+        retry=spec.retry_policy(default_retry), provider=spec.provider,
+        base_url=providers[spec.provider].base_url.rstrip("/") if spec.provider else None,
     )
     if report is None or len(report.shards) <= 1:
         return [whole], []
@@ -165,17 +189,19 @@ def _resolve(loaded: LoadedSpec, repo_root: Path, cache: HashCache, scanned: dic
 
 
 def load_desired(specs_dir: Path, repo_root: Path, cache: HashCache, results: str = "results",
-                 default_retry: RetryPolicy | None = None) -> list[Desired]:
+                 default_retry: RetryPolicy | None = None,
+                 providers: Mapping[str, Profile] | None = None) -> list[Desired]:
     """Every spec, validated with its input file; raises ValidationFailed listing all problems.
 
     `results`: the results directory (repo-relative), for the output path of a spec that names none.
-    `default_retry`: batchplan.yaml's `retry:`, for the specs with a local input and none of their own."""
+    `default_retry`: batchplan.yaml's `retry:`, for the specs with a local input and none of their own.
+    `providers`: batchplan.yaml's profiles, which a spec's `provider:` must name."""
     repo_root = repo_root.resolve()
     loaded, problems = load_specs(specs_dir, repo_root)
     scanned: dict = {}
     desired = []
     for item in loaded:
-        found, bad = _resolve(item, repo_root, cache, scanned, results, default_retry)
+        found, bad = _resolve(item, repo_root, cache, scanned, results, default_retry, providers)
         problems += bad
         desired += found
     if problems:

@@ -51,7 +51,7 @@ def import_entry(want: Desired, batch: dict, input_file: dict | None, local_inpu
     if want.output_expires_after:
         notes.append("the API does not return output_expires_after; recorded the spec's value unchecked")
     entry = Entry(spec_hash=want.spec_hash if not differs else spec_hash(fields), fields=fields,
-                  batch=BatchRecord.from_api(batch), prevent_cancel=want.prevent_cancel)
+                  batch=BatchRecord.from_api(batch), prevent_cancel=want.prevent_cancel, base_url=want.base_url)
     return Imported(entry, tuple(differs), tuple(notes))
 
 

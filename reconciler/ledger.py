@@ -129,11 +129,13 @@ class Ledger:
         old = entry.batch
         if old and old.id != batch["id"]:
             entry.history.append(HistoryItem(batch_id=old.id, spec_hash=entry.spec_hash,
-                                             status=old_status or old.status, replaced_at=int(time.time())))
+                                             status=old_status or old.status, replaced_at=int(time.time()),
+                                             provider=entry.provider))
         # fields stay exactly the desired ones (the uploaded file id is on the batch record),
         # so the next plan's diff shows only what the user changed
         entry.spec_hash, entry.fields, entry.prevent_cancel = want.spec_hash, want.fields(), want.prevent_cancel
         entry.batch, entry.intent, entry.shard = BatchRecord.from_api(batch), None, shard_part(want)
+        entry.base_url = want.base_url
 
     def update_fields(self, change: Change) -> None:
         """Record the spec's new fields without touching its batch (lifecycle.ignore_changes: nothing is sent)."""
@@ -142,8 +144,8 @@ class Ledger:
         entry.spec_hash, entry.fields, entry.prevent_cancel = want.spec_hash, want.fields(), want.prevent_cancel
         self.done(change.name, f"updated the state only; batch {entry.batch.id} kept")
 
-    def record_upload(self, sha256: str, file: dict) -> None:
-        self.state.uploads[sha256] = Upload(file_id=file["id"], bytes=file["bytes"])
+    def record_upload(self, sha256: str, file: dict, provider: str | None = None) -> None:
+        self.state.uploads_on(provider)[sha256] = Upload(file_id=file["id"], bytes=file["bytes"])
 
     def remove(self, name: str, text: str) -> None:
         """The name leaves the state (cancelled or forgotten)."""

@@ -4,7 +4,8 @@ Each function reads the specs, the state (through the project's store) and the s
 changes what its command changes, and returns a value for cli.py to render; it prints
 nothing and asks nothing itself. A command that changes the state does it inside one
 `store.transaction(...)`: lock, load, change, save once if anything changed. A command
-talks to the server through one Session: one event loop and one client. Where the user
+talks to the servers through one Session: one event loop and one client per provider,
+each batch's work sent to the provider it is on (providers.py). Where the user
 must approve (apply), the caller's `review` runs between two turns of that loop, with the
 plan made and the lock held, never while a request is waiting.
 """
@@ -29,10 +30,11 @@ from .session import Session
 if TYPE_CHECKING:
     from .ledger import ApplyResult
     from .desired import Desired
-    from .download import Report
+    from .download import Manifest, Report, Target
     from .importer import Imported
     from .plan import Change, Plan
     from .project import Project
+    from .queue import Limits
     from .scaffold import Scaffolded
     from .batch import BatchFields, BatchRecord
     from .state import Entry, State
@@ -72,7 +74,7 @@ def _load_desired(project: Project) -> list[Desired]:
 
     cache = project.hash_cache()
     desired = load_desired(project.specs_dir, project.root, cache, os.path.relpath(project.results_dir, project.root),
-                           project.retry)
+                           project.retry, project.providers)
     cache.save()
     return desired
 
@@ -84,12 +86,12 @@ def _entries(state: State | None, names: tuple[str, ...]) -> dict[str, Entry]:
 
 
 def _snapshot(session: Session, entries: dict[str, Entry]) -> Snapshot:
-    """What the server says now about `entries`; it is asked only about batches still running."""
-    from .remote import Snapshot, any_unfinished, take_snapshot
+    """What the servers say now about `entries`; each is asked only about its batches still running."""
+    from .remote import Snapshot, any_unfinished, take_snapshot_all
 
     if not any_unfinished(entries):
         return Snapshot.of(entries)
-    return session.run(lambda api: take_snapshot(api, entries, session.project.parallelism))
+    return session.run(lambda s: take_snapshot_all(s, entries, session.project.base_urls()))
 
 
 # -- init, validate, plan, apply -------------------------------------------------------
@@ -150,16 +152,17 @@ class PlanRequest:
     scan_all: bool = False
 
 
-async def _make_plan(project: Project, api, desired: list[Desired], state: State | None,
+async def _make_plan(project: Project, session: Session, desired: list[Desired], state: State | None,
                      request: PlanRequest) -> Plan:
-    from .attempts import read_attempts
+    from .attempts import read_attempts_all
     from .plan import build_plan
-    from .remote import read_remote
+    from .remote import read_remote_all
     from .results import ResultsCache
 
-    remote = await read_remote(api, desired, state, parallelism=project.parallelism, full_scan=request.scan_all)
-    attempts = await read_attempts(api, desired, state, remote, root=project.root,
-                                   cache=ResultsCache(project.retries_dir / "results"))
+    remote = await read_remote_all(session, desired, state, full_scan=request.scan_all,
+                                   base_urls=project.base_urls())
+    attempts = await read_attempts_all(session, desired, state, remote, root=project.root,
+                                       cache=ResultsCache(project.retries_dir / "results"))
     return build_plan(desired, state, remote, targets=request.targets, force_replace=request.replace,
                       attempts=attempts)
 
@@ -197,21 +200,32 @@ def _with_queue(project: Project, the_plan: Plan, state: State | None) -> Plan:
 
     PlanError when a batch is over its model's whole limit: it could never run. Weights come
     from the token cache, which the estimates filled moments ago; a running batch's input
-    not in it is counted again if its content is still the one it was made from.
+    not in it is counted again if its content is still the one it was made from. Each
+    provider is queued against its own limits: its profile's `limits:`, else the top-level ones.
     """
-    if not project.limits.root or not the_plan.sending:
+    if not the_plan.sending or not any(_limits_of(project, p).root for p in _sending_providers(the_plan)):
         return the_plan
-    from .queue import plan_candidates, plan_in_flight, schedule
+    from .queue import plan_candidates, plan_in_flight, schedule_by_provider
 
     cache = project.token_cache()
 
     def weigh(fields: BatchFields) -> dict[str, int] | None:
         return _weight(project.root, cache, fields)
 
-    found = schedule(plan_candidates(the_plan, weigh), plan_in_flight(state, the_plan, weigh), project.limits)
+    found = schedule_by_provider(plan_candidates(the_plan, weigh), plan_in_flight(state, the_plan, weigh),
+                                 lambda provider: _limits_of(project, provider))
     cache.save()
     found.check()
     return the_plan.with_queue(found)
+
+
+def _sending_providers(the_plan: Plan) -> set[str | None]:
+    return {c.desired.provider for c in the_plan.sending if c.desired}
+
+
+def _limits_of(project: Project, provider: str | None) -> Limits:
+    """The enqueued-token limits on `provider`: its profile's own `limits:`, else the top-level block."""
+    return project.provider_limits(provider) or project.limits
 
 
 def _weight(root: Path, cache: TokenCache, fields: BatchFields) -> dict[str, int] | None:
@@ -236,7 +250,7 @@ def plan(project: Project, request: PlanRequest, out: Path | None = None) -> Pla
     desired = _load_desired(project)
     state = _load_state(project)
     with Session(project) as session:
-        the_plan = session.run(lambda api: _make_plan(project, api, desired, state, request))
+        the_plan = session.run(lambda s: _make_plan(project, s, desired, state, request))
     the_plan = _with_queue(project, _with_estimates(project, the_plan), state)
     if out is not None:
         from .planfile import save_plan
@@ -261,7 +275,6 @@ def apply(project: Project, request: PlanRequest, *, planfile: Path | None, revi
     under it now are left queued (a saved plan keeps the queue it was made with). `session`: one
     the caller keeps open across applies (apply_watch); else this apply's own.
     """
-    from .apply import Applier, apply_plan
     from .budget import check_budget
 
     saved = None
@@ -272,23 +285,48 @@ def apply(project: Project, request: PlanRequest, *, planfile: Path | None, revi
         saved = dataclasses.replace(saved_plan, budget_usd=project.budget_usd), inputs  # today's budget
         check_budget(saved[0])
     desired = None if saved else _load_desired(project)
-    project.credentials()  # before taking the lock: a missing key is said at once
-    with (nullcontext(session) if session else Session(project)) as session, \
-            _transaction(project) as txn:  # the client is made on first use: after the lock
+    with (nullcontext(session) if session else Session(project)) as session:
+        session.require(_providers_needed(desired, saved[0] if saved else None))  # before the lock: said at once
+        return _apply_locked(project, session, request, (planfile, saved) if saved else None, desired, review,
+                             report)
+
+
+def _providers_needed(desired: list[Desired] | None, saved: Plan | None) -> set[str | None]:
+    """The providers an apply surely talks to (the environment's when no spec names one, as before providers)."""
+    from .apply import providers_of
+
+    needed = providers_of(saved) if saved else {d.provider for d in desired or []}
+    return needed or {None}
+
+
+def _apply_locked(project: Project, session: Session, request: PlanRequest,
+                  from_file: tuple[Path, tuple[Plan, dict]] | None, desired: list[Desired] | None,
+                  review: Callable[[Plan], None], report: Callable[[str, str], None]) -> Applied:
+    """apply's work under the state lock: plan (or check the saved plan `from_file`), review, carry out."""
+    from .apply import Applier, apply_plan, providers_of
+    from .budget import check_budget
+
+    planfile, saved = from_file or (None, None)
+    with _transaction(project) as txn:  # the clients are made on first use: after the lock
         state = txn.state if txn.existed else None
         if saved:
             from .planfile import check_fresh
 
             check_fresh(planfile, *saved, state, project.root)
         the_plan = saved[0] if saved else _with_queue(project, _with_estimates(
-            project, session.run(lambda api: _make_plan(project, api, desired, state, request))), state)
+            project, session.run(lambda s: _make_plan(project, s, desired, state, request))), state)
         check_budget(the_plan)
         review(the_plan)  # the loop is idle here: asking the user holds up no request
         if not the_plan.has_changes:
             txn.state.record_batches(the_plan.refreshed)  # newly seen statuses; saved if any changed
             return Applied(the_plan, None)
-        result = session.run(lambda api: apply_plan(Applier(api, txn, the_plan, repo_root=project.root,
-                                                            report=report, work_dir=project.retries_dir)))
+
+        async def carry_out(s: Session) -> ApplyResult:
+            apis = await s.clients(providers_of(the_plan))
+            return await apply_plan(Applier(apis, txn, the_plan, repo_root=project.root, report=report,
+                                            work_dir=project.retries_dir))
+
+        result = session.run(carry_out)
     return Applied(the_plan, result)
 
 
@@ -321,7 +359,7 @@ def apply_watch(project: Project, request: PlanRequest, *, review: Callable[[Pla
                 queued, polled = bool(applied.plan.queued), _watched_entries(project, names)
                 if not queued and not _any_running(polled, names):
                     break
-                session.run(lambda api: _poll_until_freed(project, api, polled, shown, interval, queued))
+                session.run(lambda s: _poll_until_freed(project, s, polled, shown, interval, queued))
                 applied = apply(project, PlanRequest(targets=frozenset(names)), planfile=None, review=_creates_only,
                                 report=report, session=session)
         except KeyboardInterrupt:
@@ -350,15 +388,17 @@ def _any_running(entries: dict[str, Entry], names: list[str]) -> bool:
     return any_unfinished({n: e for n, e in entries.items() if n in names})
 
 
-async def _poll_until_freed(project: Project, api, entries: dict[str, Entry], shown: Display, interval: float,
-                            queued: bool) -> None:
+async def _poll_until_freed(project: Project, session: Session, entries: dict[str, Entry], shown: Display,
+                            interval: float, queued: bool) -> None:
     """Poll until every batch has ended, or until one ended that freed capacity while creates wait for it
     (queued, or a batch to make again because it failed for want of capacity). A batch that failed for
     capacity frees none: the server's capacity is smaller than batchplan thought (someone else's batches
-    hold some), so it is made again once one of ours ends, or when none of ours runs any more."""
+    hold some), so it is made again once one of ours ends, or when none of ours runs any more. Each
+    batch is asked about on its own provider (remote.take_snapshot_all)."""
     import asyncio
 
     from .queue import failed_for_capacity
+    from .remote import take_snapshot_all
     from .watch import wait_until_finished
 
     running = {n for n, e in entries.items() if not e.batch.terminal}
@@ -371,8 +411,8 @@ async def _poll_until_freed(project: Project, api, entries: dict[str, Entry], sh
         waiting = queued or any(failed_for_capacity(r) for r in snapshot.records.values())
         return waiting and any(not failed_for_capacity(r) for r in ended)
 
-    await wait_until_finished(api, entries, shown, interval=interval, timeout=None,
-                              parallelism=project.parallelism, until=freed)
+    await wait_until_finished(lambda current: take_snapshot_all(session, current, project.base_urls()), entries,
+                              shown, interval=interval, timeout=None, until=freed)
 
 
 def _creates_only(the_plan: Plan) -> None:
@@ -453,7 +493,7 @@ class Waited:
 def wait(project: Project, names: tuple[str, ...], *, interval: float | None, timeout: float | None,
          display: Callable[[list[str]], Display]) -> Waited:
     """Poll until the batches have finished (or `timeout`), then record what was seen, under the lock."""
-    from .remote import any_unfinished
+    from .remote import any_unfinished, providers_to_ask, take_snapshot_all
     from .spec import spec_of
     from .watch import BySpec, WaitResult, wait_until_finished
 
@@ -464,10 +504,12 @@ def wait(project: Project, names: tuple[str, ...], *, interval: float | None, ti
     with Session(project) as session:
         if not any_unfinished(entries):
             return Waited(list(entries), WaitResult(_snapshot(session, entries), timed_out=False))
+        session.require(providers_to_ask(entries, project.base_urls()))  # a missing key: said before the display
         shown = BySpec(display(list(dict.fromkeys(spec_of(name) for name in entries))))
         try:
-            result = session.run(lambda api: wait_until_finished(
-                api, entries, shown, interval=interval, timeout=timeout, parallelism=project.parallelism))
+            result = session.run(lambda s: wait_until_finished(
+                lambda current: take_snapshot_all(s, current, project.base_urls()), entries, shown,
+                interval=interval, timeout=timeout))
         finally:
             shown.close()
     try:
@@ -496,13 +538,13 @@ def refresh(project: Project) -> Refreshed:
         return Refreshed(txn.state.record_batches(snapshot.records), snapshot)
 
 
-async def _batch_of(api, name: str, batch_id: str, entry: Entry | None) -> dict:
-    """The batch `batch_id`, once it is known to be one of `name`'s: in its entry (current or history),
-    or tagged with its name (a batch cancelled with its removed spec has no entry any more)."""
+async def _batch_of(session: Session, provider: str | None, name: str, batch_id: str, entry: Entry | None) -> dict:
+    """The batch `batch_id` on `provider`, once it is known to be one of `name`'s: in its entry (current or
+    history), or tagged with its name (a batch cancelled with its removed spec has no entry any more)."""
     from .spec import TAG_NAME
 
     try:
-        batch = await api.retrieve_batch(batch_id)
+        batch = await (await session.client(provider)).retrieve_batch(batch_id)
     except NotFound:
         raise ConfigError(f"the server has no batch {batch_id}; `batchplan state show {name}` lists its "
                           "batches (`batch` and `history`)") from None
@@ -513,9 +555,26 @@ async def _batch_of(api, name: str, batch_id: str, entry: Entry | None) -> dict:
     return batch
 
 
-def _download_records(project: Project, session: Session, names: tuple[str, ...],
-                      batch_id: str | None) -> tuple[dict[str, BatchRecord | None], State | None, bool]:
-    """(name -> the record of the batch to download, the state, whether those are the names' latest batches)."""
+@dataclass(frozen=True)
+class _ToDownload:
+    records: dict[str, BatchRecord | None]  # name -> the record of the batch to download
+    state: State | None
+    latest: bool                            # whether those are the names' latest batches
+    providers: dict[str, str | None]        # name -> the provider that batch is on
+
+
+def _batch_provider(entry: Entry | None, batch_id: str, spec_provider: str | None) -> str | None:
+    """The provider batch `batch_id` of an entry is on: its current one's, a replaced one's (history),
+    else the spec's (a batch cancelled with its removed spec has no entry any more)."""
+    if entry is None:
+        return spec_provider
+    if entry.batch and entry.batch.id == batch_id:
+        return entry.provider
+    return next((h.provider for h in entry.history if h.batch_id == batch_id), entry.provider)
+
+
+def _download_records(project: Project, session: Session, names: tuple[str, ...], batch_id: str | None,
+                      spec_providers: dict[str, str | None]) -> _ToDownload:
     from .batch import BatchRecord
     from .state import select_entries
 
@@ -523,23 +582,25 @@ def _download_records(project: Project, session: Session, names: tuple[str, ...]
     if batch_id is None:
         entries = _latest(_entries(state, names))
         snapshot = _snapshot(session, entries)
-        return {n: snapshot.records.get(n) for n in entries}, state, True
+        return _ToDownload({n: snapshot.records.get(n) for n in entries}, state, True,
+                           {n: e.provider for n, e in entries.items()})
     (name,) = names
     entry = state.entries.get(name) if state else None
-    batch = session.run(lambda api: _batch_of(api, name, batch_id, entry))
+    provider = _batch_provider(entry, batch_id, spec_providers.get(name))
+    session.require([provider])
+    batch = session.run(lambda s: _batch_of(s, provider, name, batch_id, entry))
     current = entry is not None and entry.batch is not None and entry.batch.id == batch_id
     if current:
         select_entries(state, names)
-    return {name: BatchRecord.from_api(batch)}, state, current
+    return _ToDownload({name: BatchRecord.from_api(batch)}, state, current, {name: provider})
 
 
 def download(project: Project, names: tuple[str, ...], *, batch_id: str | None = None, join: bool = False) -> Report:
     """Write each finished batch's result files, skipping those already on disk intact.
 
     `batch_id`: that batch of the one name instead of its latest. `join`: also joined.jsonl."""
-    from .download import (MANIFEST, Manifest, Report, destinations, download_files, every_attempt,
-                           files_to_download, merge_shards, not_yet_downloaded, notes_on_earlier_files,
-                           restore_latest, sharded_specs, spec_inputs)
+    from .download import (MANIFEST, Manifest, Report, destinations, every_attempt, files_to_download, merge_shards,
+                           not_yet_downloaded, notes_on_earlier_files, restore_latest, sharded_specs, spec_inputs)
     from .spec import load_specs, shard_of, spec_of
 
     specs, problems = load_specs(project.specs_dir, project.root)
@@ -547,7 +608,8 @@ def download(project: Project, names: tuple[str, ...], *, batch_id: str | None =
         raise ValidationFailed(problems)
     manifest = Manifest(project.results_dir / MANIFEST)
     with Session(project) as session:
-        records, state, latest = _download_records(project, session, names, batch_id)
+        found = _download_records(project, session, names, batch_id, {s.spec.name: s.spec.provider for s in specs})
+        records, state, latest = found.records, found.state, found.latest
         own = [n for n in records if shard_of(n) is None]  # a shard's latest files are its spec's, merged
         area = project.results_area(spec_inputs(specs, project.root))
         dests = destinations(specs, list(dict.fromkeys([*own, *map(spec_of, records)])), area)
@@ -564,7 +626,7 @@ def download(project: Project, names: tuple[str, ...], *, batch_id: str | None =
         try:
             restore_latest(restore, manifest, report)
             if todo:
-                session.run(lambda api: download_files(api, todo, manifest, report))
+                session.run(lambda s: _download_from_each(s, todo, found.providers, manifest, report))
             _merge_attempts(project, state, earlier, records, dests, manifest, report)
             for spec, shards in (sharded_specs(records, state) if latest else {}).items():
                 merge_shards(spec, shards, records, state, dests[spec], project.results_dir, project.root,
@@ -572,10 +634,20 @@ def download(project: Project, names: tuple[str, ...], *, batch_id: str | None =
         finally:
             manifest.save()
     if join:
-        _join_all(project, state, records, report)
+        _join_all(project, found.state, records, report)
     return report
 
 
+async def _download_from_each(session: Session, todo: list[Target], providers: dict[str, str | None],
+                              manifest: Manifest, report: Report) -> None:
+    """Each file from the provider its batch is on, one provider after the other (a stable report)."""
+    from .download import download_files
+    from .providers import sort_key
+
+    session.require(providers[t.name] for t in todo)  # every key before the first download
+    for provider in sorted({providers[t.name] for t in todo}, key=sort_key):
+        share = [t for t in todo if providers[t.name] == provider]
+        await download_files(await session.client(provider), share, manifest, report)
 def _earlier_attempts(state: State | None, records: dict[str, BatchRecord | None]) -> dict[str, list[BatchRecord]]:
     """name -> the attempts before its latest, for each name that has retried and whose latest has ended."""
     from .attempts import attempt_records
@@ -630,7 +702,7 @@ def _input_of(project: Project, state: State | None, name: str, rec: BatchRecord
     entry = state.entries.get(name) if state else None
     if entry is None or not entry.fields.input:
         return None, "its input is not a local file named in the state"
-    sha = next((s for s, up in state.uploads.items() if up.file_id == rec.input_file_id), None) \
+    sha = next((s for s, up in state.all_uploads() if up.file_id == rec.input_file_id), None) \
         or (entry.fields.input_sha256 if entry.batch and entry.batch.id == rec.id else None)
     path = project.root / entry.fields.input
     if sha is None or not path.is_file() or hash_file(path) != sha:
@@ -649,8 +721,10 @@ class ImportedBatch:
     imported: Imported
 
 
-async def _fetch_for_import(api, want: Desired, batch_id: str) -> tuple[dict, dict | None]:
-    """The batch, and its input file (None when gone, or when the spec names no local input)."""
+async def _fetch_for_import(session: Session, want: Desired, batch_id: str) -> tuple[dict, dict | None]:
+    """The batch, and its input file (None when gone, or when the spec names no local input), from the
+    provider the spec names."""
+    api = await session.client(want.provider)
     try:
         batch = await api.retrieve_batch(batch_id)
     except NotFound:
@@ -679,7 +753,7 @@ def import_batch(project: Project, name: str, batch_id: str) -> ImportedBatch:
             raise StateError(f"the state already has an entry for {name}; `batchplan state rm {name}` first "
                              "(it leaves its batch alone on the server), then import")
         with Session(project) as session:
-            batch, input_file = session.run(lambda api: _fetch_for_import(api, want, batch_id))
+            batch, input_file = session.run(lambda s: _fetch_for_import(s, want, batch_id))
         imported = import_entry(want, batch, input_file, project.root / want.input if want.input else None)
         txn.state.entries[name] = imported.entry
     return ImportedBatch(batch_id, batch["status"], imported)

@@ -22,7 +22,7 @@ from .batch import BatchFields, BatchRecord
 from .desired import Desired
 from .errors import PlanError
 from .queue import failed_for_capacity
-from .remote import RemoteView, find_tagged, keep_oldest, tagged_batches
+from .remote import RemoteView, find_tagged, keep_oldest, moved_provider, tagged_batches
 from .spec import address_key, spec_of
 from .state import Entry, State, expand_names
 
@@ -75,6 +75,8 @@ class ReasonCode(str, Enum):
     RESHARDED = "resharded"                          # cancel / forget: the spec is split otherwise now,
     #                                                  and no longer has this address (NAME or NAME[K])
     CHANGES_IGNORED = "changes_ignored"              # update: only fields lifecycle.ignore_changes lists
+    PROVIDER_MOVED = "provider_moved"                # replace / forget: the batch's provider now points at
+    #                                                  another server (its base_url changed): not followed
     WITHOUT_RESULT = "without_result"                # retry: requests the ended batches left without a result
     #                                                  (found_untracked: the retry batch is already made)
     KEEP_OLDEST = "keep_oldest"                      # adopt: an older running batch of this spec is kept,
@@ -257,6 +259,8 @@ def _plan_desired(want: Desired, entry: Entry | None, remote: RemoteView, forced
     """The change for a spec, then a cancel for each duplicate of the batch it keeps."""
     if entry is None or entry.batch is None:
         return _plan_new(want, entry, remote)
+    if moved := moved_provider(entry, remote.base_urls):
+        return _plan_moved_replace(want, entry, remote, moved)
     after = want.fields()
     record = _current(entry, remote)
     if record.id in remote.missing:
@@ -394,6 +398,28 @@ def _plan_retry(want: Desired, entry: Entry, view: AttemptsView, noop: Change) -
                   before=entry.fields, after=want.fields(), desired=want, batch=view.latest, retry=planned)
 
 
+def _moved_phrase(entry: Entry, moved: tuple[str, str]) -> str:
+    assert entry.batch is not None
+    return (f"provider {entry.provider}'s base_url changed ({moved[0]} -> {moved[1]}): batch {entry.batch.id} "
+            f"stays on {moved[0]}, not followed (cancel it there by hand if it still runs)")
+
+
+def _plan_moved_replace(want: Desired, entry: Entry, remote: RemoteView, moved: tuple[str, str]) -> list[Change]:
+    """The batch's provider points at another server now: shown as drift, a new batch made on the new
+    server, the old one neither asked about nor cancelled (this client cannot reach it). `batch` stays
+    None so apply cancels nothing; the old batch goes to the history. A new batch already on the new
+    server is adopted (keep_oldest), its duplicates there cancelled."""
+    assert entry.batch is not None
+    diff = (FieldChange("provider.base_url", moved[0], moved[1]), *field_diff(entry.fields, want.fields()))
+    found, duplicates = keep_oldest(tagged_batches(remote.tagged, want.name, want.spec_hash,
+                                                   _earlier(entry, entry.batch)))
+    reason = _moved_phrase(entry, moved) + "; a new batch is made there"
+    if found:
+        reason += f"; its new batch {found['id']} already exists (an earlier apply was interrupted): adopting it"
+    return [Change(want.name, Action.REPLACE, reason, ReasonCode.PROVIDER_MOVED, before=entry.fields,
+                   after=want.fields(), desired=want, found=found, diff=diff), *_duplicates(want, found, duplicates)]
+
+
 def _plan_update(want: Desired, entry: Entry, record: BatchRecord) -> Change | None:
     """An update of the state only, when every changed field is one the spec's lifecycle.ignore_changes
     lists: as in Terraform, the batch is kept (not re-run, not cancelled); else None."""
@@ -438,6 +464,9 @@ def _plan_removed(name: str, entry: Entry, remote: RemoteView, why: tuple[str, R
             return Change(name, Action.FORGET, f"{gone}; its interrupted create left no batch",
                           ReasonCode.INTERRUPTED_CREATE, before=entry.fields)
         entry = entry.model_copy(update={"batch": BatchRecord.from_api(found)})
+    if moved := moved_provider(entry, remote.base_urls):
+        return Change(name, Action.FORGET, f"{gone}; {_moved_phrase(entry, moved)}; only the state entry goes",
+                      ReasonCode.PROVIDER_MOVED, before=entry.fields)
     record = _current(entry, remote)
     before = entry.fields
     if record.id in remote.missing:

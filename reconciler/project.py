@@ -4,9 +4,11 @@ Settings come from command-line flags, then an optional `batchplan.yaml` at the 
 root, then defaults. Every path is relative to the repo root and, symlinks resolved, must
 stay inside it (paths.confine); only a state file given with `--state` may live elsewhere,
 with its lock and caches next to it. The API key and base URL come from the environment,
-exactly as the official SDK reads them (OPENAI_API_KEY, OPENAI_BASE_URL); the key is never
-written anywhere. `--sandbox` swaps the server for the embedded emulator, with its own
-state file and world under `state/sandbox/`.
+exactly as the official SDK reads them (OPENAI_API_KEY, OPENAI_BASE_URL, OPENAI_PROJECT_ID,
+OPENAI_ORG_ID), or for a spec that names a provider, from its profile in batchplan.yaml
+(`providers:`, see providers.py) and the variable that profile names; a key is never
+written anywhere. `--sandbox` swaps every provider for an embedded emulator of its own,
+with its own state file and worlds under `state/sandbox/`.
 
 The state is a file, or a workspace in PostgreSQL when its location is a
 `postgresql://` URL (`--state URL`, else BATCHPLAN_STATE_URL, else `state:` in
@@ -31,9 +33,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .errors import ConfigError, PathError
 from .inputs import HashCache
 from .paths import Area, confine, not_a_file, shown
+from .providers import Connection, Defaults, Profile, check_names
 from .retries import RetryPolicy
 from .yamldoc import CONFIG_ALIAS_BUDGET, AliasBudgetExceeded, composed
 from .queue import Limits
+
 if TYPE_CHECKING:
     from .api import Api
     from .prices import ModelPrice, PriceTable
@@ -73,6 +77,7 @@ class Settings(BaseModel):
     max_wait: float = Field(default=60.0, gt=0, le=3600)  # seconds: the longest wait for a server that asks to wait
     # Big jobs (see README "Big jobs"): each model's enqueued-token limit; apply queues what does not fit.
     limits: Limits = Field(default_factory=Limits)
+    providers: dict[str, Profile] = Field(default_factory=dict)  # named profiles (providers.py)
 
 
 def _read_settings(root: Path) -> Settings:
@@ -83,7 +88,9 @@ def _read_settings(root: Path) -> Settings:
         if why := not_a_file(confine(CONFIG_FILE, root, root)):
             raise ConfigError(f"{CONFIG_FILE}: {why}")
         data = _one_document(path.read_text(encoding="utf-8"))
-        return Settings.model_validate(data)
+        settings = Settings.model_validate(data)
+        check_names(settings.providers, CONFIG_FILE)
+        return settings
     except PathError as exc:
         raise ConfigError(f"{CONFIG_FILE}: {exc}; batchplan reads it only from inside the repository") from None
     except UnicodeDecodeError as exc:
@@ -97,7 +104,16 @@ def _read_settings(root: Path) -> Settings:
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(map(str, err["loc"])) or "top level"  # a list or a string where the settings belong
-        raise ConfigError(f"{CONFIG_FILE}: {where}: {err['msg']}") from exc
+        raise ConfigError(f"{CONFIG_FILE}: {where}: {_settings_message(err)}") from exc
+
+
+def _settings_message(err: Any) -> str:
+    """Pydantic's message, or what to write instead of a key in a committed file (never its value)."""
+    loc = tuple(err["loc"])
+    if loc[:1] == ("providers",) and len(loc) == 3 and err["type"] == "extra_forbidden" and "key" in str(loc[2]):
+        return ("a key never goes in this file (it is committed): put it in an environment variable and name "
+                "that variable in api_key_env")
+    return err["msg"]
 
 
 def _one_document(text: str) -> object:
@@ -192,6 +208,7 @@ class Project:
     price_overrides: dict[str, ModelPrice] = field(default_factory=dict)
     retry: RetryPolicy | None = None  # batchplan.yaml's `retry:`, for the specs that have none
     limits: Limits = field(default_factory=Limits)
+    providers: dict[str, Profile] = field(default_factory=dict)  # batchplan.yaml's named profiles
 
     @classmethod
     def open(cls, chdir: str | None = None, specs: str | None = None, state: str | None = None,
@@ -218,7 +235,8 @@ class Project:
                    allow_insecure_http=allow_insecure_http, state_url=state_url,
                    workspace=_workspace(settings), budget_usd=settings.budget_usd,
                    default_max_output_tokens=settings.default_max_output_tokens,
-                   price_overrides=_price_overrides(settings.prices), retry=settings.retry, limits=settings.limits)
+                   price_overrides=_price_overrides(settings.prices), retry=settings.retry, limits=settings.limits,
+                   providers=dict(settings.providers))
 
     def store(self, location: str | None = None, workspace: str | None = None) -> StateStore:
         """Where this project's state lives: every command reads and changes the state through it.
@@ -252,7 +270,11 @@ class Project:
 
     @property
     def sandbox_world(self) -> Path:
+        """Where --sandbox keeps its worlds: the unnamed provider's here, each named one's in <name>/."""
         return self.state_path.parent / "world"
+
+    def sandbox_world_of(self, provider: str | None) -> Path:
+        return self.sandbox_world / provider if provider else self.sandbox_world
 
     def hash_cache(self) -> HashCache:
         return HashCache(self.state_path.parent / "cache.json")
@@ -273,31 +295,45 @@ class Project:
 
         return PriceTable(self.price_overrides)
 
-    def credentials(self) -> tuple[str, str]:
-        """(base_url, api_key), checked before anything is sent."""
-        if self.sandbox:
-            return "", "sandbox"
-        from .api import DEFAULT_BASE_URL, check_base_url
+    def connection(self, provider: str | None = None) -> Connection:
+        """How to reach `provider` (None: the environment's), checked before anything is sent: ConfigError
+        names a missing key's variable, an unknown provider, or a base URL that would send the key in clear."""
+        from .providers import from_environment, from_profile, sandbox_connection
 
-        key = os.environ.get("OPENAI_API_KEY", "").strip()
-        if not key:
-            raise ConfigError("OPENAI_API_KEY is not set; this command talks to the server. Set it, or "
-                              "pass --sandbox to use the embedded emulator (no key, no network)")
-        base = os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
-        return check_base_url(base, self.allow_insecure_http), key
+        defaults = Defaults(self.parallelism, self.timeout, self.max_retries, self.allow_insecure_http)
+        profile = self.providers.get(provider) if provider else None
+        if provider and profile is None:
+            known = ", ".join(sorted(self.providers)) or "none"
+            raise ConfigError(f"provider {provider} is not in {CONFIG_FILE} (providers: {known}); the state names it "
+                              "for a batch made there: restore its profile, or `batchplan state rm NAME` to stop "
+                              "tracking that batch")
+        if self.sandbox:
+            return sandbox_connection(provider, profile, defaults)
+        return from_profile(provider, profile, defaults) if provider and profile else from_environment(defaults)
+
+    def provider_limits(self, provider: str | None) -> Limits | None:
+        """A named provider's own `limits:` (queue.py), None when its profile sets none (or for the
+        environment's provider): the queue then uses the project's."""
+        profile = self.providers.get(provider) if provider else None
+        return profile.limits if profile else None
+
+    def base_urls(self) -> dict[str, str]:
+        """Where each named provider is now (its profile's base_url): the state records it with each batch."""
+        return {name: profile.base_url.rstrip("/") for name, profile in sorted(self.providers.items())}
 
     @asynccontextmanager
-    async def connect(self) -> AsyncIterator[Api]:
-        """An Api client for the real server, or for the sandbox emulator in this process."""
+    async def connect(self, provider: str | None = None) -> AsyncIterator[Api]:
+        """An Api client for `provider`'s server, or for its own sandbox emulator in this process."""
         from .api import Api
 
-        base, key = self.credentials()
-        transport = None
+        conn = self.connection(provider)
+        base, transport = conn.base_url, None
         if self.sandbox:  # in this process: no server, no port; closing the Api closes it
             from .sandbox import open_sandbox
 
-            transport = open_sandbox(self.sandbox_world)
+            transport = open_sandbox(self.sandbox_world_of(provider))
             base = transport.url
-        async with Api(base, key, parallelism=self.parallelism, timeout=self.timeout,
-                       max_retries=self.max_retries, max_wait=self.max_wait, transport=transport) as api:
+        async with Api(base, conn.api_key, parallelism=conn.parallelism, timeout=conn.timeout,
+                       max_retries=conn.max_retries, max_wait=self.max_wait, transport=transport, auth=conn.auth,
+                       headers=conn.headers) as api:
             yield api

@@ -25,6 +25,11 @@ small one that would fit. Letting small batches jump ahead could starve a large 
 as long as small ones keep coming; FIFO makes the order of creates the order of the plan.
 A candidate with several models (the API refuses such a file, but tokens are counted per
 model all the same) stands in the queue of each of its models.
+
+Each provider (providers.py) is another account on another server, with limits of its own:
+the queues are kept per (provider, model). `schedule_by_provider` runs `schedule` once per
+provider, with that provider's `limits:` (its profile's, else the top-level block) and the
+tokens its own batches hold.
 """
 
 from __future__ import annotations
@@ -92,6 +97,7 @@ class Candidate:
     tokens: Mapping[str, int]
     order_key: tuple = ()
     requests: int = 0
+    provider: str | None = None  # where it is created (None: the environment's): its queues are that provider's
 
 
 class Waiting(NamedTuple):
@@ -150,22 +156,27 @@ def plan_candidates(plan: Plan, weigh: Weigh) -> list[Candidate]:
 
     One batchplan cannot count (an uploaded file, an endpoint it does not count) weighs
     nothing, so it never waits: the server is the judge of it."""
-    return [Candidate(c.name, dict(weigh(c.desired.fields()) or {}), queue_order(c.name), c.desired.requests or 0)
+    return [Candidate(c.name, dict(weigh(c.desired.fields()) or {}), queue_order(c.name), c.desired.requests or 0,
+                      c.desired.provider)
             for c in plan.sending if c.desired is not None]
 
 
-def plan_in_flight(state: State | None, plan: Plan, weigh: Weigh) -> dict[str, int]:
-    """The tokens per model that batchplan's own batches in flight hold, as the plan saw them.
+def plan_in_flight(state: State | None, plan: Plan, weigh: Weigh) -> dict[str | None, dict[str, int]]:
+    """provider -> the tokens per model that batchplan's own batches in flight there hold, as the plan saw them.
 
     In flight: validating, in_progress or finalizing (the API counts a batch from its
     creation). The state's batches (with the statuses the plan read: a replaced batch still
     running counts until it is cancelled), and the running ones the plan adopts."""
     entries = state.entries if state else {}
-    weights = [weigh(entry.fields) for name, entry in entries.items()
-               if (record := plan.refreshed.get(name) or entry.batch) and record.running]
-    weights += [weigh(c.desired.fields()) for c in plan.changes
-                if c.found and c.desired and BatchStatus(c.found.get("status")).running]
-    return tokens_in_flight(w for w in weights if w)
+    held = [(entry.fields, weigh(entry.fields)) for name, entry in entries.items()
+            if (record := plan.refreshed.get(name) or entry.batch) and record.running]
+    held += [(c.desired.fields(), weigh(c.desired.fields())) for c in plan.changes
+             if c.found and c.desired and BatchStatus(c.found.get("status")).running]
+    by_provider: dict[str | None, list[Mapping[str, int]]] = {}
+    for fields, weighed in held:
+        if weighed:
+            by_provider.setdefault(fields.provider, []).append(weighed)
+    return {provider: tokens_in_flight(weights) for provider, weights in by_provider.items()}
 
 
 def schedule(candidates: Iterable[Candidate], in_flight: Mapping[str, int], limits: Limits) -> Schedule:
@@ -196,6 +207,19 @@ def schedule(candidates: Iterable[Candidate], in_flight: Mapping[str, int], limi
             for model, tokens in candidate.tokens.items():
                 held[model] = held.get(model, 0) + tokens
     return Schedule(tuple(now), tuple(queued), tuple(too_big))
+
+
+def schedule_by_provider(candidates: Iterable[Candidate], in_flight: Mapping[str | None, Mapping[str, int]],
+                         limits_of: Callable[[str | None], Limits]) -> Schedule:
+    """`schedule` on each provider's candidates, against the tokens its batches hold (`in_flight`,
+    provider -> model -> tokens) and its limits (`limits_of(provider)`): the queues are kept per
+    (provider, model). The parts in provider order, the environment's first."""
+    groups: dict[str | None, list[Candidate]] = {}
+    for candidate in candidates:
+        groups.setdefault(candidate.provider, []).append(candidate)
+    parts = [schedule(groups[p], in_flight.get(p, {}), limits_of(p)) for p in sorted(groups, key=lambda p: p or "")]
+    return Schedule(tuple(c for s in parts for c in s.now), tuple(w for s in parts for w in s.queued),
+                    tuple(b for s in parts for b in s.too_big))
 
 
 def queued_phrase(limited: Mapping[str, tuple[int, int]], waiting_behind: Mapping[str, str]) -> str:

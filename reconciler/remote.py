@@ -21,6 +21,7 @@ per batch run concurrently. A 404 for a batch the state recorded is no proof it 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ from .spec import TAG_NAME, TAG_SPEC, spec_of
 if TYPE_CHECKING:
     from .api import Api
     from .desired import Desired
+    from .session import Session
     from .state import Entry, State
 
 UPLOAD_NAME = re.compile(r"batchplan-([0-9a-f]{64})\.jsonl$")
@@ -100,13 +102,16 @@ class RemoteView:
     batches: current copies of batches known to state, by id (only those refreshed).
     missing: ids proven gone: 404 twice, and absent from the batch list (retrieve_batch).
     tagged:  spec name -> batches that carry batchplan's tags for it, newest first; complete
-             for every spec that was searched (`searched`), from its input's upload on.
+             for every spec that was searched (`searched`), from its input's upload on (each
+             spec on its own provider).
+    base_urls: named provider -> where its profile points now, to tell a moved provider (moved_provider).
     """
 
     batches: dict[str, dict] = field(default_factory=dict)
     missing: frozenset[str] = frozenset()
     tagged: dict[str, list[dict]] = field(default_factory=dict)
     searched: frozenset[str] = frozenset()
+    base_urls: dict[str, str] = field(default_factory=dict)
 
 
 def _search_inputs(desired: list[Desired], state: State | None) -> dict[str, BatchFields]:
@@ -338,3 +343,101 @@ async def take_snapshot(api: Api, entries: dict[str, Entry], parallelism: int) -
     records = Snapshot.of(entries).records
     records.update({names[bid]: BatchRecord.from_api(batch) for bid, batch in fetched.items()})
     return Snapshot(records, frozenset(names[bid] for bid in gone))
+
+
+# -- several providers: each read goes to the server its batches are on ---------------------
+
+
+def moved_provider(entry: Entry, base_urls: dict[str, str]) -> tuple[str, str] | None:
+    """(base_url then, base_url now) when the named provider this entry's batch was made on now points at
+    another server: its batch is not there, so it is neither asked about nor followed (the plan shows it)."""
+    provider = entry.provider
+    if not provider or entry.base_url is None or provider not in base_urls:
+        return None
+    now = base_urls[provider]
+    return (entry.base_url, now) if now != entry.base_url else None
+
+
+def _by_provider(desired: list[Desired], entries: dict[str, Entry],
+                 base_urls: dict[str, str]) -> dict[str | None, tuple[list[Desired], dict[str, Entry]]]:
+    """provider -> (its desired batches, its state entries), entries on a moved provider left out."""
+    groups: dict[str | None, tuple[list[Desired], dict[str, Entry]]] = {}
+    for want in desired:
+        groups.setdefault(want.provider, ([], {}))[0].append(want)
+    for name, entry in entries.items():
+        if not moved_provider(entry, base_urls):
+            groups.setdefault(entry.provider, ([], {}))[1][name] = entry
+    return groups
+
+
+def _asks(desired: list[Desired], state: State | None, full_scan: bool) -> bool:
+    """Whether read_remote would send anything for this (one provider's) share of the plan."""
+    return full_scan or bool(_search_inputs(desired, state)) or bool(_unfinished(state.entries if state else {}))
+
+
+async def read_remote_all(session: Session, desired: list[Desired], state: State | None, *, full_scan: bool = False,
+                          base_urls: dict[str, str] | None = None) -> RemoteView:
+    """`read_remote` on every provider the plan involves, concurrently, merged into one RemoteView.
+
+    Every provider that will be asked is resolved first (session.require): a missing key is said
+    before anything is sent to any of them. With no spec and no state, the environment's provider is
+    read, as before providers existed."""
+    base_urls = base_urls or {}
+    groups = _by_provider(desired, state.entries if state else {}, base_urls) or {None: ([], {})}
+    shares = {p: (want, state.model_copy(update={"entries": entries}) if state else None)
+              for p, (want, entries) in groups.items()}
+    asked = [p for p, (want, share) in shares.items() if _asks(want, share, full_scan)]
+    session.require(asked)
+
+    async def one(provider: str | None) -> RemoteView:
+        want, share = shares[provider]
+        view = await read_remote(await session.client(provider), want, share, full_scan=full_scan,
+                                 parallelism=session.connection(provider).parallelism)
+        return _own(view, {w.name for w in want} | set(share.entries if share else ()))
+
+    views = await asyncio.gather(*(one(p) for p in asked))
+    return _merged(views, base_urls)
+
+
+def _own(view: RemoteView, names: set[str]) -> RemoteView:
+    """A provider's view with the tagged batches of its own specs only: two providers may be one server
+    (two projects of one account), and a spec's batches are only those on its own provider."""
+    return dataclasses.replace(view, tagged={n: found for n, found in view.tagged.items() if n in names},
+                               searched=view.searched & names)
+
+
+def _merged(views: list[RemoteView], base_urls: dict[str, str]) -> RemoteView:
+    batches: dict[str, dict] = {}
+    tagged: dict[str, list[dict]] = {}
+    for view in views:
+        batches.update(view.batches)
+        for name, found in view.tagged.items():
+            tagged.setdefault(name, []).extend(found)
+    return RemoteView(batches=batches, missing=frozenset().union(*(v.missing for v in views)), tagged=tagged,
+                      searched=frozenset().union(*(v.searched for v in views)), base_urls=dict(base_urls))
+
+
+def _unfinished_by_provider(entries: dict[str, Entry], base_urls: dict[str, str]) -> dict[str | None, dict[str, Entry]]:
+    return {p: share for p, (_, share) in _by_provider([], entries, base_urls).items() if any_unfinished(share)}
+
+
+def providers_to_ask(entries: dict[str, Entry], base_urls: dict[str, str]) -> set[str | None]:
+    """The providers a snapshot of `entries` asks: those with a batch still running (not on a moved one)."""
+    return set(_unfinished_by_provider(entries, base_urls))
+
+
+async def take_snapshot_all(session: Session, entries: dict[str, Entry],
+                            base_urls: dict[str, str] | None = None) -> Snapshot:
+    """`take_snapshot` on every provider with a batch still running, merged; the rest from the state."""
+    groups = _unfinished_by_provider(entries, base_urls or {})
+    session.require(groups)
+
+    async def one(provider: str | None) -> Snapshot:
+        return await take_snapshot(await session.client(provider), groups[provider],
+                                   session.connection(provider).parallelism)
+
+    snapshots = await asyncio.gather(*(one(p) for p in groups))
+    records = Snapshot.of(entries).records
+    for snapshot in snapshots:
+        records.update(snapshot.records)
+    return Snapshot(records, frozenset().union(*(s.missing for s in snapshots)))

@@ -78,7 +78,8 @@ def _create_lines(want: Desired) -> list[str]:
     lines_of = f" lines {want.shard.first_line:,}-{want.shard.last_line:,}" if want.shard else ""
     source = (f"{want.input}{lines_of} (sha256 {_short_hash(want.input_sha256)}, {want.requests} requests)"
               if want.input and want.input_sha256 else want.input_file_id)
-    lines = [f"endpoint: {want.endpoint}"]
+    lines = [f"provider: {want.provider}"] if want.provider else []
+    lines.append(f"endpoint: {want.endpoint}")
     if want.models:
         lines.append(f"model{'s' * (len(want.models) > 1)}: {', '.join(want.models)}")
     lines.append(f"input: {source}")

@@ -6,7 +6,8 @@ recorded first (Entry.retries.intent, one atomic state write), its input is uplo
 the Uploader under a content-addressed name), and its create is never sent again blindly:
 a create whose answer is lost, or an intent an apply left moments ago, is looked for by its
 tag (`batchplan_spec` = the spec hash and the attempt, retries.attempt_tag) first, and
-again after a settling delay.
+again after a settling delay. A retry batch is made on its spec's provider (providers.py),
+where the batches it follows are: its input is uploaded there and looked for there.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import asyncio
 import time
 from typing import TYPE_CHECKING
 
+from .apply import by_provider
 from .attempts import retry_desired
 from .errors import AmbiguousWrite, ApiError, BatchplanError, Interrupted, TransportError
 from .batch import BatchFields
@@ -32,12 +34,11 @@ CREATE_ROUNDS = 3
 
 
 class Retrier:
-    """The retries of one apply, carried out with its applier's client, ledger, uploader and waits."""
+    """The retries of one apply, carried out with its applier's clients, ledger, uploaders and waits."""
 
     def __init__(self, applier: Applier):
         self.applier = applier
         self.ledger = applier.ledger
-        self.api = applier.api
         self._maybe_sent: set[str] = set()  # names whose create got no answer: their intent stays
 
     async def run(self, changes: list[Change]) -> None:
@@ -78,8 +79,15 @@ class Retrier:
 
     async def _look_for(self, changes: list[Change]) -> list[Change]:
         """Record the retry batch each change's intent may have made; return the changes with none."""
+        groups = by_provider(changes)
+        absent = await asyncio.gather(*(self._look_for_on(p, cs) for p, cs in groups.items()))
+        gone = {id(change) for group in absent for change in group}
+        return [change for change in changes if id(change) in gone]  # in the plan's order
+
+    async def _look_for_on(self, provider: str | None, changes: list[Change]) -> list[Change]:
+        """`_look_for` on one provider's server, for the retries of the specs that name it."""
         intents: dict[str, RetryIntent] = {c.name: self.ledger.retry_intent(c.name) for c in changes}
-        found = await find_batches(self.api, [_retry_fields(c, intents[c.name]) for c in changes])
+        found = await find_batches(self.applier.apis[provider], [_retry_fields(c, intents[c.name]) for c in changes])
         tagged = found.tagged
         absent = []
         for change in changes:
@@ -101,19 +109,25 @@ class Retrier:
             assert change.desired is not None and change.retry is not None
             try:
                 inputs[change.name] = retry_desired(change.desired, change.retry.attempt, change.retry.selection,
-                                                    self.applier.uploader.repo_root, self.applier.work_dir)
+                                                    self.applier.repo_root, self.applier.work_dir)
             except BatchplanError as exc:
                 self.ledger.fail(change.name, exc)
                 self.ledger.drop_retry_intent(change.name)
         return inputs
 
     async def _upload(self, changes: list[Change], inputs: dict[str, Desired]) -> dict[str, str]:
-        """name -> the uploaded file id of its retry input (one upload per content, reused if on the server)."""
-        if not changes:
-            return {}
+        """name -> the uploaded file id of its retry input (one upload per content and provider, reused if
+        on the server)."""
+        groups = by_provider(changes)
+        found = await asyncio.gather(*(self._upload_to(p, cs, inputs) for p, cs in groups.items()))
+        return {name: file_id for ids in found for name, file_id in ids.items()}
+
+    async def _upload_to(self, provider: str | None, changes: list[Change],
+                         inputs: dict[str, Desired]) -> dict[str, str]:
+        """`_upload` to one provider's server, for the retries of the specs that name it."""
         needed = {inputs[c.name].input_sha256: inputs[c.name] for c in changes}
         sizes = {sha: want.input_bytes for sha, want in needed.items()}
-        on_server, failed = await self.applier.uploader.ensure(needed, sizes)  # type: ignore[arg-type]
+        on_server, failed = await self.applier.uploaders[provider].ensure(needed, sizes)  # type: ignore[arg-type]
         file_ids = {}
         for change in changes:
             sha = inputs[change.name].input_sha256
@@ -121,7 +135,7 @@ class Retrier:
                 self.ledger.fail(change.name, failed[sha])
                 self.ledger.drop_retry_intent(change.name)
             elif sha in on_server:
-                self.ledger.record_upload(sha, on_server[sha])
+                self.ledger.record_upload(sha, on_server[sha], provider)
                 file_ids[change.name] = on_server[sha]["id"]
         return file_ids
 
@@ -141,10 +155,10 @@ class Retrier:
 
     async def _create(self, change: Change, sent: Desired, file_id: str) -> bool:
         """True when settled (made, refused, or not sent); False when the answer was lost."""
-        params = self.applier._create_params(sent, {sent.input_sha256 or "": file_id})
+        params = self.applier._create_params(sent, {(sent.provider, sent.input_sha256 or ""): file_id})
         params["metadata"][TAG_SPEC] = self._tag(change)  # the spec and the attempt, not the retry input's hash
         try:
-            batch = await self.api.create_batch(params)
+            batch = await self.applier.apis[sent.provider].create_batch(params)
         except AmbiguousWrite:
             self._maybe_sent.add(change.name)
             return False

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr, StringConstraints,
 from .errors import PathError, Problem
 from .inputs import MAX_BYTES, MAX_REQUESTS
 from .paths import confine, not_a_file
+from .providers import PROVIDER_NAME
 from .retries import RetryPolicy
 from .yamldoc import AliasBudgetExceeded, composed
 from .shards import ShardLimits
@@ -87,6 +88,9 @@ class Spec(BaseModel):
     # USD this spec's batch may cost at most (its estimate's maximum); not a batch parameter, so
     # changing it replaces nothing. Checked by apply (budget.py).
     budget_usd: float | None = Field(default=None, ge=0, allow_inf_nan=False, strict=True)
+    # A profile of batchplan.yaml's `providers:` (providers.py); none: the environment's server.
+    # Part of what the batch is made from: moving a spec to another provider replaces its batch.
+    provider: str | None = Field(default=None, pattern=PROVIDER_NAME)
     # Follow-up batches for the requests that end without a result (retries.py); None: the
     # default of batchplan.yaml, if any. Not a batch parameter: changing it replaces nothing.
     retry: RetryPolicy | None = None

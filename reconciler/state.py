@@ -43,6 +43,7 @@ class HistoryItem(BaseModel):
     spec_hash: str
     status: str
     replaced_at: int
+    provider: str | None = Field(default=None, exclude_if=lambda value: value is None)  # where that batch is
 
 
 class RetryIntent(BaseModel):
@@ -108,6 +109,14 @@ class Entry(BaseModel):
     prevent_cancel: bool = False
     retries: Retries | None = None  # follow-up batches of `batch` (a spec's `retry:`); None: none made
     shard: ShardPart | None = None
+    # A named provider's base_url when the batch was made there: a profile moved since is shown as
+    # drift by the plan, not followed (its batch is not on the new server). None for the environment's.
+    base_url: str | None = Field(default=None, exclude_if=lambda value: value is None)
+
+    @property
+    def provider(self) -> str | None:
+        """The named provider this entry's batch (and its retries) are on (None: the environment's)."""
+        return self.fields.provider
 
     @model_serializer(mode="wrap")
     def _without_empty_parts(self, handler) -> dict:
@@ -136,7 +145,9 @@ class State(BaseModel):
     created_at: int = Field(default_factory=lambda: int(time.time()))
     scan_floor: int | None = None  # read by no one since the search goes through the uploads; kept so older
     #                                state files still load
-    uploads: dict[str, Upload] = Field(default_factory=dict)
+    uploads: dict[str, Upload] = Field(default_factory=dict)  # sha256 -> the environment provider's upload
+    # named provider -> sha256 -> its upload there: a file id is only good on the server that gave it
+    provider_uploads: dict[str, dict[str, Upload]] = Field(default_factory=dict, exclude_if=lambda value: not value)
     entries: dict[str, Entry] = Field(default_factory=dict)
 
     @field_validator("entries")
@@ -148,6 +159,14 @@ class State(BaseModel):
                 raise ValueError(f"{name!r} is not a name batchplan gives a spec (letters, digits, '.', '_', '-'; "
                                  "NAME[K] for a shard)")
         return entries
+
+    def uploads_on(self, provider: str | None) -> dict[str, Upload]:
+        """sha256 -> upload, on one provider (None: the environment's)."""
+        return self.provider_uploads.setdefault(provider, {}) if provider else self.uploads
+
+    def all_uploads(self) -> list[tuple[str, Upload]]:
+        """(sha256, upload) of every upload recorded, on any provider."""
+        return [*self.uploads.items(), *(item for on in self.provider_uploads.values() for item in on.items())]
 
     def record_batches(self, records: dict[str, BatchRecord]) -> list[str]:
         """Copy newer records of the batches the entries name (same id only); the names that changed."""

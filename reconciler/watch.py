@@ -1,7 +1,7 @@
 """Watching batches until they have finished (`batchplan wait`), and the displays that show it.
 
-Each poll asks the server (remote.take_snapshot) only about batches the state does not
-already know to be finished (a finished batch never changes). Nothing here writes the
+Each poll asks the servers (remote.take_snapshot_all: each batch's own provider) only about
+batches the state does not already know to be finished (a finished batch never changes). Nothing here writes the
 state: operations.py records the last Snapshot with `State.record_batches` under the lock.
 """
 
@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from .api import Api
-from .remote import Snapshot, take_snapshot
+from .remote import Snapshot
 from .state import Entry
 
 
@@ -48,15 +47,17 @@ class WaitResult:
         return out
 
 
-async def wait_until_finished(api: Api, entries: dict[str, Entry], display: Display, *, interval: float,
-               timeout: float | None, parallelism: int, clock: Callable[[], float] = time.monotonic,
-               until: Callable[[Snapshot], bool] | None = None) -> WaitResult:
+async def wait_until_finished(snapshot_of: Callable[[dict[str, Entry]], Awaitable[Snapshot]],
+                              entries: dict[str, Entry], display: Display, *, interval: float,
+                              timeout: float | None, clock: Callable[[], float] = time.monotonic,
+                              until: Callable[[Snapshot], bool] | None = None) -> WaitResult:
     """Poll until every batch in `entries` is finished (or gone), `until(snapshot)` says so
-    (apply --watch: a batch ended and freed capacity), or `timeout` seconds pass."""
+    (apply --watch: a batch ended and freed capacity), or `timeout` seconds pass;
+    `snapshot_of(entries)` asks the servers about those still running."""
     deadline = None if timeout is None else clock() + timeout
     current = dict(entries)
     while True:
-        snapshot = await take_snapshot(api, current, parallelism)
+        snapshot = await snapshot_of(current)
         display.show(snapshot)
         if all(r.terminal or n in snapshot.missing for n, r in snapshot.records.items()) or \
                 until is not None and until(snapshot):

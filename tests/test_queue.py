@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from reconciler.errors import PlanError
 from reconciler.queue import (Candidate, Limits, Schedule, Waiting, failed_for_capacity, human_tokens,
-                              schedule, tokens_in_flight, weight)
+                              schedule, schedule_by_provider, tokens_in_flight, weight)
 from reconciler.sandbox import Timing
 from reconciler.sandbox.capacity import Occupancy, peak_in_flight
 from reconciler.state import BatchRecord
@@ -316,3 +316,16 @@ def test_peak_in_flight_frees_before_it_takes_at_the_same_moment():
     timeline = [Occupancy("a", MINI, 5, 0, 10), Occupancy("b", MINI, 7, 10, None), Occupancy("c", MINI, 1, 2, 12),
                 Occupancy("d", FOUR_O, 3, 0, 1)]
     assert peak_in_flight(timeline) == {MINI: 8, FOUR_O: 3}
+
+
+def test_each_provider_queues_against_its_own_limits_and_its_own_batches_in_flight():
+    """Queues are kept per (provider, model): research's small limit and its queue hold nothing up on the
+    environment's provider, and the tokens in flight there do not count against research."""
+    limits = {None: LIMITS, "research": Limits.model_validate({MINI: {"enqueued_tokens": 1_000}})}
+    candidates = [Candidate("a", {MINI: 900}, provider="research"), Candidate("b", {MINI: 900}, provider="research"),
+                  Candidate("c", {MINI: 1_500_000}), Candidate("d", {MINI: 500_000})]
+    result = schedule_by_provider(candidates, {None: {MINI: 100_000}}, limits.__getitem__)
+    assert result == Schedule(
+        now=(candidates[2], candidates[0]),  # the environment's provider first, then named ones by name
+        queued=(Waiting(candidates[3], "queued: waits for 500k of 2M enqueued tokens of gpt-4o-mini"),
+                Waiting(candidates[1], "queued: waits for 900 of 1k enqueued tokens of gpt-4o-mini")))

@@ -88,8 +88,10 @@ class EmulatorServer(EmulatorService):
     """An EmulatorService served on loopback HTTP (see EmulatorService for the log and faults)."""
 
     def __init__(self, emulator: Emulator, host: str = "127.0.0.1", port: int = 0, latency: float = 0.0,
-                 require_auth: bool = True, *, log_stream: TextIO | None = None, owns_emulator: bool = False):
-        super().__init__(emulator, latency, require_auth, log_stream=log_stream, owns_emulator=owns_emulator)
+                 require_auth: bool = True, *, log_stream: TextIO | None = None, owns_emulator: bool = False,
+                 auth: str = "bearer", prefix: str = "/v1"):
+        super().__init__(emulator, latency, require_auth, log_stream=log_stream, owns_emulator=owns_emulator,
+                         auth=auth, prefix=prefix)
         self.host, self.port = host, port
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -155,14 +157,17 @@ class EmulatorServer(EmulatorService):
 
     @property
     def url(self) -> str:
-        """The API base URL, `/v1` included, as clients take it."""
-        if self._httpd is None:
-            raise RuntimeError("start the EmulatorServer before asking for its url")
-        return f"http://{self.host}:{self.port}/v1"
+        """The API base URL, its prefix (`/v1`, or e.g. `/openai/v1`) included, as clients take it."""
+        return self._origin() + self.prefix
 
     @property
     def control_url(self) -> str:
-        return self.url.removesuffix("/v1") + "/_sandbox"
+        return self._origin() + "/_sandbox"
+
+    def _origin(self) -> str:
+        if self._httpd is None:
+            raise RuntimeError("start the EmulatorServer before asking for its url")
+        return f"http://{self.host}:{self.port}"
 
     # one request
 
@@ -204,17 +209,19 @@ def start_sandbox(root: Path, timing: Timing | None = None) -> EmulatorServer:
 
 def serve(host: str = "127.0.0.1", port: int = 8089, root: Path | None = None, timing: Timing | None = None,
           fail_rate: float = 0.0, latency: float = 0.0, require_auth: bool = True,
-          models: frozenset[str] | None = None, enqueued_token_limits: dict[str, int] | None = None) -> None:
+          models: frozenset[str] | None = None, enqueued_token_limits: dict[str, int] | None = None,
+          auth: str = "bearer", prefix: str = "/v1") -> None:
     """Run a sandbox in the foreground until Ctrl-C or SIGTERM; one line per request goes to stderr.
 
     `models` (see models.py) defaults to the list `BATCHPLAN_SANDBOX_MODELS` names, else the built-in one;
-    `enqueued_token_limits` (capacity.py) to those BATCHPLAN_SANDBOX_LIMITS sets."""
+    `enqueued_token_limits` (capacity.py) to those BATCHPLAN_SANDBOX_LIMITS sets. `auth` and `prefix`
+    make it stand for another provider (Azure OpenAI: `api-key`, `/openai/v1`)."""
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM too ends cleanly: no temp world left
     limits = limits_from_env() if enqueued_token_limits is None else enqueued_token_limits
     emulator = Emulator(root, timing or timing_from_env(), fail_rate, models=models or models_from_env(),
                         enqueued_token_limits=limits)
     server = EmulatorServer(emulator, host, port, latency, require_auth, log_stream=sys.stderr,
-                            owns_emulator=True)
+                            owns_emulator=True, auth=auth, prefix=prefix)
     where = f"world in {root}" if root is not None else "world in memory"
     if limits:
         where += "; enqueued-token limits: " + ", ".join(f"{m} {tokens:,}" for m, tokens in sorted(limits.items()))

@@ -7,10 +7,16 @@ sockets, for other processes and for faults that need a real connection;
 
 Control requests (`/_sandbox/...`) are never delayed, faulted or logged: the log is
 what clients did to the API.
+
+A service can stand for another provider than OpenAI (see reconciler/providers.py): `auth`
+says which header the key must come in (`bearer`: Authorization: Bearer KEY; `api-key`:
+Azure OpenAI's api-key: KEY), and `prefix` where the API is served (`/v1`, or Azure's
+`/openai/v1`). The headers that say who is asking are kept with each logged request.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 import traceback
@@ -33,6 +39,11 @@ class LoggedRequest(NamedTuple):
     status: int | str  # "dropped" when the client got no answer
 
 
+# The request headers kept in the log (lower case): how the client authenticated and for whom.
+LOGGED_HEADERS = ("authorization", "api-key", "openai-project", "openai-organization")
+API_PREFIX = "/v1"  # where the routes are (routes.py); a service under another prefix maps it here
+
+
 class TimedRequest(NamedTuple):
     """A logged request with when it arrived and when it was answered (time.monotonic())."""
 
@@ -50,14 +61,18 @@ class EmulatorService:
     """
 
     def __init__(self, emulator: Emulator, latency: float = 0.0, require_auth: bool = True, *,
-                 log_stream: TextIO | None = None, owns_emulator: bool = False):
+                 log_stream: TextIO | None = None, owns_emulator: bool = False, auth: str = "bearer",
+                 prefix: str = API_PREFIX):
         self.emulator = emulator
         self.latency = latency
         self.require_auth = require_auth
+        self.auth = auth  # "bearer" or "api-key": the header a key must come in
+        self.prefix = "/" + prefix.strip("/")
         self.log_stream = log_stream
         self.owns_emulator = owns_emulator  # closing the door also closes the emulator
         self._lock = threading.Lock()
         self._log: list[LoggedRequest] = []
+        self._headers: list[dict[str, str]] = []  # LOGGED_HEADERS of each logged request
         self._times: list[tuple[float, float]] = []  # (arrived, answered), one per log entry
         self._in_flight = 0  # API requests being handled right now
         self._faults: list[ArmedFault] = []
@@ -99,6 +114,11 @@ class EmulatorService:
         with self._lock:
             return list(self._log)
 
+    def headers(self) -> list[tuple[LoggedRequest, dict[str, str]]]:
+        """Each logged request with the headers that say who asked (LOGGED_HEADERS present, lower case)."""
+        with self._lock:
+            return list(zip(self._log, self._headers))
+
     def timeline(self) -> list[TimedRequest]:
         """The request log with arrival and answer times, in the order answered."""
         with self._lock:
@@ -127,12 +147,15 @@ class EmulatorService:
         with self._lock:
             self._log.clear()
             self._times.clear()
+            self._headers.clear()
 
-    def _record(self, method: str, path: str, status: int | str, started: float) -> None:
+    def _record(self, method: str, path: str, status: int | str, started: float, headers: Any = None) -> None:
         # Recorded before the answer is written, so a client that has its answer sees it logged.
         with self._lock:
             self._log.append(LoggedRequest(method, path, status))
             self._times.append((started, time.monotonic()))
+            self._headers.append({name: headers.get(name) for name in LOGGED_HEADERS
+                                  if headers is not None and headers.get(name) is not None})
         if self.log_stream is not None:
             elapsed = (time.monotonic() - started) * 1000
             print(f"{method} {path} {status} {elapsed:.0f}ms", file=self.log_stream, flush=True)
@@ -151,7 +174,7 @@ class EmulatorService:
         started = time.monotonic()
         with self._counted_in_flight():
             reply = _drained(req, self._api_reply(req))
-            self._record(req.method, req.path, "dropped" if reply is None else reply.status, started)
+            self._record(req.method, req.path, "dropped" if reply is None else reply.status, started, req.headers)
         if reply is not None:  # the server's clock, skew and all, as the real API's Date header says it
             reply.headers.setdefault("Date", formatdate(self.emulator.clock(), usegmt=True))
         return reply
@@ -169,8 +192,12 @@ class EmulatorService:
     def _api_reply(self, req: Request) -> Reply | None:
         if self.latency:
             time.sleep(self.latency)
-        if self.require_auth and not _authorized(req.headers):
-            return error_reply(_unauthorized())
+        if self.require_auth and not _authorized(req.headers, self.auth):
+            return error_reply(_unauthorized(self.auth))
+        routed = self._routed(req)
+        if routed is None:
+            return error_reply(EmulatorError(404, f"Invalid URL ({req.method} {req.path})."))
+        req = routed
         fired = self._fault_for(req.method, req.path)
         if fired is None:
             return self._dispatch(API_ROUTES, req)
@@ -193,6 +220,14 @@ class EmulatorService:
             reply.close()
             return None
         return _misbehaving(fault, times, reply)
+
+    def _routed(self, req: Request) -> Request | None:
+        """The request with this service's prefix mapped to the routes' `/v1`; None when outside it."""
+        if self.prefix == API_PREFIX:
+            return req
+        if req.path != self.prefix and not req.path.startswith(self.prefix + "/"):
+            return None
+        return dataclasses.replace(req, path=API_PREFIX + req.path[len(self.prefix):])
 
     def _dispatch(self, routes: list[Route], req: Request) -> Reply:
         try:
@@ -233,11 +268,16 @@ def _drained(req: Request, reply: Reply | None) -> Reply | None:
     return reply
 
 
-def _authorized(headers: Any) -> bool:
+def _authorized(headers: Any, auth: str = "bearer") -> bool:
+    if auth == "api-key":  # as Azure OpenAI takes a key: its own header, no scheme
+        return bool((headers.get("api-key") or "").strip())
     scheme, _, key = headers.get("Authorization", "").partition(" ")
     return scheme.lower() == "bearer" and bool(key.strip())
 
 
-def _unauthorized() -> EmulatorError:
+def _unauthorized(auth: str = "bearer") -> EmulatorError:
+    if auth == "api-key":
+        return EmulatorError(401, "Access denied due to missing subscription key. Make sure to include "
+                                  "subscription key when making requests to an API (header api-key).")
     return EmulatorError(401, "You didn't provide an API key. You need to provide your API key in an "
                               "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).")
