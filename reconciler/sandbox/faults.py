@@ -34,12 +34,15 @@ class Fault(BaseModel):
     - `error_after_commit`: do the request, then answer `status` (500) with an error;
     - `reject`: answer `status` (429) without doing anything; `retry_after` (seconds)
       and `retry_after_ms` set the `Retry-After` / `retry-after-ms` headers;
-    - `stall`: wait `seconds`, then do the request and answer, or drop if `then="drop"`.
+    - `stall`: wait `seconds`, then do the request and answer, or drop if `then="drop"`;
+    - `hold`: wait until the test calls `release_held()` on the service (or `seconds` passed,
+      when given), then do the request and answer: a create that lands late, at a moment the
+      test chooses, long after its client gave up on it.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    action: Literal["drop_after_commit", "error_after_commit", "reject", "stall"]
+    action: Literal["drop_after_commit", "error_after_commit", "reject", "stall", "hold"]
     method: str | None = None
     path: str = "/v1/"
     path_regex: str | None = None
