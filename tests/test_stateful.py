@@ -37,7 +37,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, currently_in_test_context, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
@@ -54,7 +54,7 @@ STEP = 100.0  # seconds of the server's clock per batch step
 SKEWS = (0.0, -1000.0, 1000.0)  # the server's clock against ours: beyond remote.CLOCK_MARGIN (600 s)
 LIVE = ("validating", "in_progress", "finalizing")
 EXAMPLES = int(os.environ.get("BATCHPLAN_STATEFUL_EXAMPLES", 40))
-STEPS = 12
+STEPS = 16
 
 CREATE, UPLOAD = r"^/v1/batches$", r"^/v1/files$"
 FAULTS = {  # what one request of an apply may suffer; `nth` counts the requests the fault matches
@@ -68,8 +68,16 @@ FAULTS = {  # what one request of an apply may suffer; `nth` counts the requests
                                             path_regex=r"^/v1/batches/batch_[0-9a-f]+$"),
     "cancel answer dropped": dict(action="drop_after_commit", method="POST", path_regex=r"/cancel$"),
 }
-FAULT_PLANS = st.lists(st.tuples(st.sampled_from(sorted(FAULTS)), st.integers(1, 3)), max_size=2)
-KILLS = st.none() | st.tuples(st.integers(1, 12), st.sampled_from(["unsent", "sent"]))
+FAULT_PLANS = st.lists(st.tuples(st.sampled_from(sorted(FAULTS)), st.integers(1, 2)), max_size=2)
+EDIT = st.tuples(st.sampled_from(NAMES), st.none() | st.integers(0, 2), st.booleans())  # name, version, shared
+EDITS = st.lists(EDIT, max_size=2)
+KILLS = st.none() | st.tuples(st.integers(1, 8), st.sampled_from(["unsent", "sent"]))
+
+
+def count(what: str) -> None:
+    """Count it in `pytest --hypothesis-show-statistics` (a regression test replays steps outside Hypothesis)."""
+    if currently_in_test_context():
+        event(what)
 
 
 class Killed(BaseException):
@@ -140,6 +148,7 @@ class ApplyMachine(RuleBasedStateMachine):
         try:
             result = run_cli(*args, "-C", str(self.repo.root), env=self.env)
         except Killed:
+            count(f"{args[0]} killed")
             self._restore_last_write()
             return None
         finally:
@@ -165,30 +174,48 @@ class ApplyMachine(RuleBasedStateMachine):
         try:
             return self.cli(*args, kill=kill)
         finally:
-            self.held += sum(f["fired"] for f in self.server.fault_status() if f["action"] == "hold")
+            for (kind, _), status in zip(faults, self.server.fault_status()):
+                if status["fired"]:
+                    count(f"fault fired: {kind}")
+                    self.held += status["fired"] if status["action"] == "hold" else 0
             self.server.clear_faults()
 
     # -- the steps ------------------------------------------------------------------------
 
-    @initialize(skew=st.sampled_from(SKEWS))
-    def server_clock_skew(self, skew: float) -> None:
+    @initialize(skew=st.sampled_from(SKEWS), names=st.sets(st.sampled_from(NAMES), min_size=1, max_size=2),
+                applied=st.booleans())
+    def start(self, skew: float, names: set[str], applied: bool) -> None:
+        """The server's clock against ours; a repo with a spec or two, applied cleanly or not yet."""
         self.skew = skew
+        self.edit_specs([(name, 0, False) for name in sorted(names)])
+        if applied:
+            self.apply(edits=[], faults=[])
 
-    @rule(name=st.sampled_from(NAMES), version=st.integers(0, 2), shared_input=st.booleans())
-    def write_spec(self, name: str, version: int, shared_input: bool) -> None:
-        data = "shared" if shared_input else name
-        self.repo.spec(name, input=f"../data/{data}.jsonl", metadata={"v": str(version)})
-        self.specs.add(name)
+    @rule(edits=st.lists(EDIT, min_size=1, max_size=2))
+    def edit_specs(self, edits: list[tuple[str, int | None, bool]]) -> None:
+        """Write each spec (a version of its metadata, its own input or the shared one), or remove it
+        (version None)."""
+        for name, version, shared_input in edits:
+            if version is not None:
+                self.repo.spec(name, input=f"../data/{'shared' if shared_input else name}.jsonl",
+                               metadata={"v": str(version)})
+                self.specs.add(name)
+            elif name in self.specs:
+                self.specs.remove(name)
+                self.repo.remove_spec(name)
 
-    @rule(name=st.sampled_from(NAMES))
-    def remove_spec(self, name: str) -> None:
-        if name in self.specs:
-            self.specs.remove(name)
-            self.repo.remove_spec(name)
+    @rule(edits=EDITS, faults=FAULT_PLANS)
+    def apply(self, edits: list[tuple[str, int | None, bool]], faults: list[tuple[str, int]]) -> None:
+        """Edit specs, then apply: in one step, so that most applies have work for the faults to cut into."""
+        self.edit_specs(edits)
+        self.with_faults(faults, "apply", "--auto-approve")
 
-    @rule(faults=FAULT_PLANS, kill=KILLS)
-    def apply(self, faults: list[tuple[str, int]], kill: tuple[int, str] | None) -> None:
-        self.with_faults(faults, "apply", "--auto-approve", kill=kill)
+    @rule(edits=EDITS, faults=FAULT_PLANS, at=st.integers(1, 8), how=st.sampled_from(["unsent", "sent"]))
+    def apply_killed(self, edits: list[tuple[str, int | None, bool]], faults: list[tuple[str, int]], at: int,
+                     how: str) -> None:
+        """The same, killed at its `at`-th request (an apply sends 3 to 10 here), if it gets that far."""
+        self.edit_specs(edits)
+        self.with_faults(faults, "apply", "--auto-approve", kill=(at, how))
 
     @rule(name=st.sampled_from(NAMES), faults=FAULT_PLANS, kill=KILLS)
     def apply_replace(self, name: str, faults: list[tuple[str, int]], kill: tuple[int, str] | None) -> None:

@@ -27,7 +27,7 @@ def state() -> Iterator[ApplyMachine]:
 # the tags), so it never clears the intent: it stays in the state for good, and every plan
 # walks the batch list for it.
 def test_a_forced_replace_killed_before_its_create_leaves_no_intent(state):
-    state.write_spec(name="s1", shared_input=True, version=1)
+    state.edit_specs([("s1", 1, True)])
     state.apply_replace(faults=[], kill=None, name="s1")  # no batch yet: a create
     state.apply_replace(faults=[], kill=(2, "sent"), name="s1")
     state.check_quiet()
@@ -38,7 +38,7 @@ def test_a_forced_replace_killed_before_its_create_leaves_no_intent(state):
 # without looking at the server, so the replacement runs untracked and the spec's batch in the
 # state is a cancelled one.
 def test_a_state_restored_to_before_a_forced_replace_adopts_the_replacement(state):
-    state.write_spec(name="s0", shared_input=False, version=0)
+    state.edit_specs([("s0", 0, False)])
     state.apply_replace(faults=[], kill=None, name="s0")  # no batch yet: a create
     state.apply_replace(faults=[], kill=None, name="s0")  # the replacement; the original is cancelled
     state.restore_backup()  # the state before the replace
@@ -49,9 +49,60 @@ def test_a_state_restored_to_before_a_forced_replace_adopts_the_replacement(stat
 # (cancelled) original with a batch of the new version, and nothing cancels the untracked
 # replacement of the old version: two batches of one spec run.
 def test_a_state_restored_to_before_a_forced_replace_then_an_edit_runs_one_batch(state):
-    state.write_spec(name="s0", shared_input=False, version=0)
+    state.edit_specs([("s0", 0, False)])
     state.apply_replace(faults=[], kill=None, name="s0")
     state.apply_replace(faults=[], kill=None, name="s0")
-    state.write_spec(name="s0", shared_input=True, version=1)
+    state.edit_specs([("s0", 1, True)])
     state.restore_backup()
+    state.check_quiet()
+
+
+# Scenario: the server's clock 1000 s behind ours, and `state rm` of a spec whose batch runs.
+# The next apply looks for the spec's batch only down to our clock less CLOCK_MARGIN (600 s),
+# misses the batch the server dated 1000 s back, and creates a second one.
+def test_state_rm_with_the_server_clock_behind_ours_adopts_the_batch(state):
+    state.start(skew=-1000.0, names={"s1"}, applied=True)
+    state.state_rm(name="s1")
+    state.apply(edits=[], faults=[])
+    state.one_running_batch_per_spec_version()
+    state.check_quiet()
+
+
+# Scenario: the state file lost, and the spec edited since. The next apply finds no batch of the
+# new version and creates one; the batch of the old version, which carries the spec's name, runs on
+# beside it, tracked by nothing.
+def test_a_lost_state_then_an_edit_leaves_one_batch_running(state):
+    state.start(skew=0.0, names={"s1"}, applied=True)
+    state.lose_state()
+    state.edit_specs([("s1", 1, False)])
+    state.check_quiet()
+
+
+# Scenario: one 404 for a running batch that exists (a GET answered wrongly once). The plan
+# takes the batch for gone and creates another; the first one runs on beside it.
+def test_one_404_for_a_running_batch_makes_no_second_batch(state):
+    state.start(skew=0.0, names={"s0"}, applied=True)
+    state.apply(edits=[], faults=[("one 404 for a batch that exists", 1)])
+    state.one_running_batch_per_spec_version()
+    state.check_quiet()
+
+
+# Scenario: a spec removed (its batch cancelled), then put back as it was. The plan finds the
+# cancelled batch by its tags (same name, same spec hash) and adopts it: the state names a
+# cancelled batch, the plan is a noop, and the spec never runs again.
+def test_a_spec_removed_then_put_back_runs_again(state):
+    state.start(skew=0.0, names={"s2"}, applied=True)
+    state.apply(edits=[("s2", None, False)], faults=[])  # removed: its batch is cancelled
+    state.edit_specs([("s2", 0, False)])  # back, exactly as it was
+    state.check_quiet()
+
+
+# Scenario: a create held by the server past the settling window (it lands after its client
+# looked twice and sent it again). Nothing can stop the second batch being made; the net, the
+# next apply, must cancel one of the two.
+def test_a_create_that_lands_late_is_cancelled_by_the_next_apply(state):
+    state.start(skew=0.0, names={"s0"}, applied=False)
+    state.apply(edits=[], faults=[("create held until released (late)", 1)])
+    state.one_running_batch_per_spec_version()
+    state.late_creates_land()
     state.check_quiet()
