@@ -106,3 +106,24 @@ def test_a_create_that_lands_late_is_cancelled_by_the_next_apply(state):
     state.one_running_batch_per_spec_version()
     state.late_creates_land()
     state.check_quiet()
+
+
+# Scenario: an apply killed just after it sent a create (request 4: its answer dies with it),
+# then the spec edited. The next apply finds no batch of the new version and creates one; the
+# killed apply's batch, of the old version, is never cancelled and runs beside it.
+def test_a_create_cut_off_by_a_kill_then_an_edit_leaves_one_batch_running(state):
+    state.start(skew=0.0, names={"s1"}, applied=False)
+    state.apply_killed(at=4, edits=[], faults=[], how="sent")
+    state.apply(edits=[("s1", 1, False)], faults=[])
+    state.check_quiet()
+
+
+# Scenario: a replace (the spec's input changed) killed just after it sent the new create, then
+# the edit reverted. The next apply plans a noop for the old batch, warns that the killed apply's
+# batch is not tracked, never cancels it, and never clears the intent: two batches of the spec
+# run, and every plan walks the batch list for the intent.
+def test_a_replace_cut_off_by_a_kill_then_reverted_leaves_one_batch_and_no_intent(state):
+    state.start(skew=0.0, names={"s0"}, applied=True)
+    state.apply_killed(at=4, edits=[("s0", 0, True)], faults=[], how="sent")
+    state.apply(edits=[("s0", 0, False)], faults=[])
+    state.check_quiet()
