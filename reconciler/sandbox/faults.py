@@ -42,6 +42,10 @@ class Fault(BaseModel):
     - `not_found`: answer 404 without doing anything, as a server may for an object that
       exists (`path_regex="^/v1/batches/batch_x$"`: the next GET of that batch).
 
+    - `hold`: wait until the test calls `release_held()` on the service (or `seconds` passed,
+      when given), then do the request and answer: a create that lands late, at a moment the
+      test chooses, long after its client gave up on it.
+
     And answers no real server gives, for the client's limits (each after doing the request):
     - `endless_pages`: a list answer that always says `has_more`; with `fresh_ids` its items get
       new ids on every page (a cursor that never repeats), else the same page comes back whatever
@@ -55,8 +59,8 @@ class Fault(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    action: Literal["drop_after_commit", "error_after_commit", "reject", "stall", "not_found", "endless_pages",
-                    "drip", "huge_body", "damage"]
+    action: Literal["drop_after_commit", "error_after_commit", "reject", "stall", "hold", "not_found",
+                    "endless_pages", "drip", "huge_body", "damage"]
     method: str | None = None
     path: str = "/v1/"
     path_regex: str | None = None

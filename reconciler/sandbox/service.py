@@ -61,6 +61,7 @@ class EmulatorService:
         self._times: list[tuple[float, float]] = []  # (arrived, answered), one per log entry
         self._in_flight = 0  # API requests being handled right now
         self._faults: list[ArmedFault] = []
+        self._release = threading.Event()  # set by release_held: what `hold` faults wait for
 
     @property
     def is_open(self) -> bool:
@@ -79,6 +80,13 @@ class EmulatorService:
 
     def clear_faults(self) -> None:
         self.set_faults([])
+
+    def release_held(self) -> None:
+        """Let every request a `hold` fault holds now go on: each is done and answered (to a
+        client that has most likely given up); requests held from here on wait for the next call."""
+        with self._lock:
+            gate, self._release = self._release, threading.Event()
+        gate.set()
 
     def fault_status(self) -> list[dict]:
         with self._lock:
@@ -179,8 +187,8 @@ class EmulatorService:
             return error_reply(fault.error(429), fault.retry_headers())
         if fault.action == "not_found":
             return error_reply(fault.error(404))
-        if fault.action == "stall":
-            time.sleep(fault.seconds)
+        if fault.action in ("stall", "hold"):
+            self._wait_out(fault)
             if not self.is_open:  # closed while we slept: the world may be gone
                 raise ConnectionAbortedError("the sandbox closed while a request stalled")
         if fault.action == "endless_pages":
@@ -193,6 +201,14 @@ class EmulatorService:
             reply.close()
             return None
         return _misbehaving(fault, times, reply)
+
+    def _wait_out(self, fault: Fault) -> None:
+        if fault.action == "stall":
+            time.sleep(fault.seconds)
+            return
+        with self._lock:
+            gate = self._release
+        gate.wait(fault.seconds or None)
 
     def _dispatch(self, routes: list[Route], req: Request) -> Reply:
         try:
