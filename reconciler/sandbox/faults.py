@@ -40,8 +40,7 @@ class Fault(BaseModel):
     - `stall`: wait `seconds`, then do the request and answer, or drop if `then="drop"`;
       a create stalled past the client's timeout and settling wait is a create that lands late;
     - `not_found`: answer 404 without doing anything, as a server may for an object that
-      exists (`path_regex="^/v1/batches/batch_x$"`: the next GET of that batch).
-
+      exists (`path_regex="^/v1/batches/batch_x$"`: the next GET of that batch);
     - `hold`: wait until the test calls `release_held()` on the service (or `seconds` passed,
       when given), then do the request and answer: a create that lands late, at a moment the
       test chooses, long after its client gave up on it.
