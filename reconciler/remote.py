@@ -61,6 +61,26 @@ def tagged_batches(tagged: dict[str, list[dict]], name: str, spec_hash: str,
             and (batch.get("metadata") or {}).get(TAG_NAME) == name and batch["id"] not in skip]
 
 
+def adoptable(batches: list[dict]) -> list[dict]:
+    """The batches a plan may record as a spec's: running or completed. One that failed, expired,
+    was cancelled or is being cancelled is no batch of the spec (a spec removed, its batch
+    cancelled, then put back as it was, runs again)."""
+    return [b for b in batches if BatchStatus(b["status"]).running or b["status"] == BatchStatus.COMPLETED]
+
+
+def superseded_batches(tagged: dict[str, list[dict]], name: str, spec_hash: str,
+                       skip: frozenset[str] | set[str] = frozenset()) -> list[dict]:
+    """The running batches batchplan made for this name from another version of its spec (not
+    this spec hash, nor one of its retries' `HASH/N`), other than those in `skip`, oldest first."""
+    def other_version(batch: dict) -> bool:
+        tag = (batch.get("metadata") or {}).get(TAG_SPEC) or ""
+        return tag != spec_hash and not tag.startswith(f"{spec_hash}/")
+
+    return sorted((batch for batch in tagged.get(name, [])
+                   if (batch.get("metadata") or {}).get(TAG_NAME) == name and batch["id"] not in skip
+                   and BatchStatus(batch["status"]).running and other_version(batch)), key=_oldest_first)
+
+
 def _oldest_first(batch: dict) -> tuple[int, str]:
     return batch.get("created_at") or 0, batch["id"]
 
@@ -109,22 +129,25 @@ class RemoteView:
     searched: frozenset[str] = frozenset()
 
 
-def _search_inputs(desired: list[Desired], state: State | None) -> dict[str, BatchFields]:
-    """Name -> the fields (input) to search for, of every spec whose batch may exist unrecorded, or twice.
+def _search_inputs(desired: list[Desired], state: State | None) -> dict[str, list[BatchFields]]:
+    """Name -> the fields (inputs) to search for, of every spec whose batch may exist unrecorded, or twice.
 
     That is a spec with no batch in the state, a spec whose recorded hash differs (its
     replacement may already exist: the state was restored from a backup or an older commit),
-    an entry with an intent (a create whose answer was lost), and a spec whose recorded batch
-    is not finished (the net: a create that landed late runs beside it). A spec whose batch
-    finished is not searched: that would walk the account back to its upload on every plan.
+    an entry with an intent (a create whose answer was lost: its own input is searched too,
+    since the batch it may have made, of an earlier version of the spec, must be cancelled),
+    a spec whose recorded batch is not finished (the net: a create that landed late runs
+    beside it), and one whose recorded batch ended without completing (a forced replace the
+    state does not know of may run). A spec whose batch completed is not searched: that would
+    walk the account back to its upload on every plan.
     """
     entries = state.entries if state else {}
-    search = {n: e.intent.fields for n, e in entries.items() if e.intent is not None}
+    search = {n: [e.intent.fields] for n, e in entries.items() if e.intent is not None}
     for want in desired:
         entry = entries.get(want.name)
         if entry is None or entry.batch is None or entry.spec_hash != want.spec_hash or entry.intent \
-                or not entry.batch.terminal:
-            search[want.name] = want.fields()
+                or entry.batch.status != BatchStatus.COMPLETED:
+            search.setdefault(want.name, []).append(want.fields())
     return search
 
 
@@ -144,7 +167,7 @@ async def read_remote(api: Api, desired: list[Desired], state: State | None, *, 
     if full_scan:
         batches, tagged = await walk_batches(api, None)
     else:
-        found = await find_batches(api, list(search.values()))
+        found = await find_batches(api, [fields for inputs in search.values() for fields in inputs])
         batches, tagged = found.batches, found.tagged
     rest = [(bid, created) for bid, created in stale if bid not in batches]
     fetched, missing = await current_batches(api, rest, parallelism, walked=batches)
