@@ -134,12 +134,12 @@ def _search_inputs(desired: list[Desired], state: State | None) -> dict[str, lis
 
     That is a spec with no batch in the state, a spec whose recorded hash differs (its
     replacement may already exist: the state was restored from a backup or an older commit),
-    an entry with an intent (a create whose answer was lost: its own input is searched too,
-    since the batch it may have made, of an earlier version of the spec, must be cancelled),
-    a spec whose recorded batch is not finished (the net: a create that landed late runs
-    beside it), and one whose recorded batch ended without completing (a forced replace the
-    state does not know of may run). A spec whose batch completed is not searched: that would
-    walk the account back to its upload on every plan.
+    an entry with an intent (a create whose answer was lost), a spec whose recorded batch is
+    not finished (the net: a create that landed late runs beside it), and one whose recorded
+    batch ended without completing (a forced replace the state does not know of may run). A
+    spec whose batch completed is not searched: that would walk the account back to its
+    upload on every plan. The inputs of the recorded version and of the intent's are searched
+    too: a batch of an earlier version of the spec that runs untracked is cancelled (superseded).
     """
     entries = state.entries if state else {}
     search = {n: [e.intent.fields] for n, e in entries.items() if e.intent is not None}
@@ -148,6 +148,8 @@ def _search_inputs(desired: list[Desired], state: State | None) -> dict[str, lis
         if entry is None or entry.batch is None or entry.spec_hash != want.spec_hash or entry.intent \
                 or entry.batch.status != BatchStatus.COMPLETED:
             search.setdefault(want.name, []).append(want.fields())
+            if entry is not None:
+                search[want.name].append(entry.fields)
     return search
 
 
