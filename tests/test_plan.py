@@ -129,7 +129,7 @@ def test_an_untracked_running_batch_of_an_earlier_spec_version_is_cancelled_as_s
     old, new = want("a", team="research"), want("a", team="ml")
     entry = entry_for(new, "batch_1", "completed",
                       intent=Intent(spec_hash=old.spec_hash, fields=old.fields(), tags=old.tags(), at=900))
-    remote = RemoteView(tagged={"a": [batch("batch_9", tags=old.tags())]})
+    remote = RemoteView(tagged={"a": [batch("batch_9", tags={"team": "research", **old.tags()})]})
     plan = build_plan([new], state_with(a=entry), remote)
     assert [(c.action, c.reason_code.value) for c in plan.changes] == [(Action.UPDATE, "intent_resolved"),
                                                                       (Action.CANCEL, "superseded")]
