@@ -169,7 +169,9 @@ async def read_remote(api: Api, desired: list[Desired], state: State | None, *, 
     if full_scan:
         batches, tagged = await walk_batches(api, None)
     else:
-        found = await find_batches(api, [fields for inputs in search.values() for fields in inputs])
+        unrecorded = any(not state or want.name not in state.entries for want in desired)
+        found = await find_batches(api, [fields for inputs in search.values() for fields in inputs],
+                                   every_upload=unrecorded)
         batches, tagged = found.batches, found.tagged
     rest = [(bid, created) for bid, created in stale if bid not in batches]
     fetched, missing = await current_batches(api, rest, parallelism, walked=batches)
@@ -216,15 +218,19 @@ async def _input_created(api: Api, fields: BatchFields, uploads: dict[str, list[
         return None
 
 
-async def find_batches(api: Api, inputs: list[BatchFields]) -> Found:
+async def find_batches(api: Api, inputs: list[BatchFields], *, every_upload: bool = False) -> Found:
     """The search: batchplan's batches of these inputs, found through their uploads.
 
     Lists the uploads; walks the batches newest first down to the oldest upload among the
     inputs' (several uploads of one content, when a lost upload answer was sent again: the
-    oldest). A batch is never older than its input file, and both times are the server's."""
+    oldest). A batch is never older than its input file, and both times are the server's.
+    `every_upload`: down to the oldest of all batchplan's uploads, for a spec the state has no
+    entry for (a lost state): an earlier version of it, whose input is not known, may still run."""
     uploads = await list_uploads(api)
     distinct = {(f.input_sha256, f.input_file_id): f for f in inputs}
     created = await asyncio.gather(*(_input_created(api, f, uploads) for _, f in sorted(distinct.items(), key=str)))
+    if every_upload:
+        created.append(min((f["created_at"] for files in uploads.values() for f in files), default=None))
     floors = [c for c in created if c is not None]
     if not floors:
         return Found({}, {}, uploads)
