@@ -127,3 +127,14 @@ def test_a_replace_cut_off_by_a_kill_then_reverted_leaves_one_batch_and_no_inten
     state.apply_killed(at=4, edits=[("s0", 0, True)], faults=[], how="sent")
     state.apply(edits=[("s0", 0, False)], faults=[])
     state.check_quiet()
+
+
+# Scenario: an apply killed after its create (the spec's shared input), the state lost, and the
+# spec moved to its own input. The search went down only to the new input's upload, newer than
+# the old batch, so the batch of the earlier version was never seen and ran on beside the new one.
+def test_a_lost_state_then_a_new_input_cancels_the_batch_of_the_old_input(state):
+    state.start(skew=0.0, names={"s0"}, applied=False)
+    state.apply_killed(at=5, edits=[("s0", 0, True)], faults=[], how="unsent")
+    state.lose_state()
+    state.edit_specs([("s0", 0, False)])
+    state.check_quiet()
