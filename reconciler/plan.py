@@ -374,11 +374,13 @@ def _listed(record: BatchRecord) -> dict:
 
 
 def _duplicates(want: Desired, keeper: dict | None, duplicates: list[dict]) -> list[Change]:
-    """A cancel of each duplicate of `keeper`: same name, same spec, also running."""
-    return [Change(want.name, Action.CANCEL, f"duplicate batch {dup['id']} ({dup['status']}): same spec as "
-                   f"{keeper['id']}, which is kept (made by a create whose answer was lost, or by another checkout)",
+    """A cancel of each duplicate of `keeper`: same name, same spec, also running. With no keeper (a
+    forced --replace makes a new batch), of each running batch of the spec the state does not track."""
+    kept = f"{keeper['id']}, which is kept (made by a create whose answer was lost, or by another checkout)" \
+        if keeper else "the new batch --replace makes (not in the state: made by a replace it does not know of)"
+    return [Change(want.name, Action.CANCEL, f"duplicate batch {dup['id']} ({dup['status']}): same spec as {kept}",
                    ReasonCode.DUPLICATE, before=want.fields(), desired=want, batch=BatchRecord.from_api(dup))
-            for dup in duplicates if keeper]
+            for dup in duplicates]
 
 
 def _earlier(entry: Entry, record: BatchRecord) -> set[str]:
@@ -404,8 +406,9 @@ def _plan_replace(want: Desired, entry: Entry, record: BatchRecord, remote: Remo
         raise PlanError(f"{want.name}: replacing it would cancel batch {record.id}, which is {record.status}, "
                         f"and its spec sets lifecycle.prevent_cancel; wait until it finishes "
                         f"(`batchplan wait {want.name}`) or remove prevent_cancel")
-    found, duplicates = (None, []) if forced and not resumed else \
-        keep_oldest(adoptable(tagged_batches(remote.tagged, want.name, want.spec_hash, _earlier(entry, record))))
+    same_spec = tagged_batches(remote.tagged, want.name, want.spec_hash, _earlier(entry, record))
+    found, duplicates = (None, [b for b in same_spec if BatchStatus(b["status"]).running]) if forced and \
+        not resumed else keep_oldest(adoptable(same_spec))  # forced: a new batch; one running untracked goes
     if found:
         reason += f"; its new batch {found['id']} already exists (an earlier apply was interrupted): adopting it"
     if record.running:

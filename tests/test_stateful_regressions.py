@@ -138,3 +138,14 @@ def test_a_lost_state_then_a_new_input_cancels_the_batch_of_the_old_input(state)
     state.lose_state()
     state.edit_specs([("s0", 0, False)])
     state.check_quiet()
+
+
+# Scenario: the state restored to before a forced replace, then `apply --replace` again. The
+# forced replace made a new batch and left the untracked replacement of the same spec running.
+def test_a_forced_replace_on_a_state_restored_to_before_one_cancels_the_untracked_replacement(state):
+    state.start(skew=0.0, names={"s1"}, applied=True)
+    state.apply_replace(faults=[], kill=None, name="s1")
+    state.restore_backup()
+    state.apply_replace(faults=[], kill=None, name="s1")
+    state.one_running_batch_per_spec_version()
+    state.check_quiet()
