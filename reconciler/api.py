@@ -158,6 +158,8 @@ class _Deadline:
         self._extend(0)
 
     def _extend(self, received: int) -> None:
+        if self.scope.expired():  # it fired (the request is being cut off): asyncio refuses a reschedule now
+            return
         self.scope.reschedule(self.start + self.timeout + (self.sending + received) / MIN_RATE)
 
     async def chunks(self, response: httpx.Response) -> AsyncIterator[bytes]:

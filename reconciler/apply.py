@@ -87,6 +87,8 @@ class Applier:
                     self.ledger.remove(change.name, "forgotten (removed from the state; nothing sent)")
                 elif change.action is Action.UPDATE:
                     self.ledger.update_fields(change)
+                    if change.name not in result.failed:  # the plan searched for the intent's batch
+                        self.ledger.drop_intent(change.name)
         finally:
             self.ledger.save()
         if self.stopping.is_set():
@@ -312,8 +314,8 @@ class Applier:
         status = await self._send_cancel(change.name, batch_id, _old_provider(change))
         if status is None:
             return False
-        if change.cancels_duplicate:
-            self.ledger.done(change.name, f"cancelled duplicate {batch_id} ({status})")
+        if change.cancels_duplicate:  # a duplicate, or a batch of an earlier version: superseded
+            self.ledger.done(change.name, f"cancelled {change.reason_code.value} {batch_id} ({status})")
         elif change.action is Action.CANCEL:
             self.ledger.remove(change.name, f"cancelled {batch_id} ({status})")
         else:

@@ -137,6 +137,15 @@ class Ledger:
         entry.batch, entry.intent, entry.shard = BatchRecord.from_api(batch), None, shard_part(want)
         entry.base_url = want.base_url
 
+    def drop_intent(self, name: str) -> None:
+        """The plan kept the name's batch, having searched for what its intent may have made (an
+        interrupted apply's create, of this version of the spec or an earlier one) and found nothing
+        left to adopt or cancel, or cancelled it: the intent is resolved. One that lands later still
+        is the next plan's (its batch runs, so it is searched)."""
+        entry = self.state.entries.get(name)
+        if entry is not None and entry.intent is not None:
+            entry.intent = None
+
     def update_fields(self, change: Change) -> None:
         """Record the spec's new fields without touching its batch (lifecycle.ignore_changes: nothing is sent)."""
         want, entry = change.desired, self.state.entries[change.name]

@@ -8,7 +8,10 @@ The diff is set arithmetic over spec names: desired − state = create or adopt,
 state − desired = cancel or forget, and the intersection is compared by spec hash.
 Where the server holds more than one running batch of a spec (a create whose answer was
 lost and that landed late, or two checkouts), the oldest is kept (remote.keep_oldest) and
-every other one gets a change of its own: a cancel with reason_code `duplicate`.
+every other one gets a change of its own: a cancel with reason_code `duplicate`. A running
+batch of the name made from an earlier version of its spec that the state does not track (a
+lost state, an interrupted apply's create) is cancelled too (reason_code `superseded`): at most
+one batch runs per spec name.
 """
 
 from __future__ import annotations
@@ -18,12 +21,12 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import TYPE_CHECKING
 
-from .batch import BatchFields, BatchRecord
+from .batch import BatchFields, BatchRecord, BatchStatus
 from .desired import Desired
 from .errors import PlanError
 from .queue import failed_for_capacity
-from .remote import RemoteView, find_tagged, keep_oldest, moved_provider, tagged_batches
-from .spec import address_key, spec_of
+from .remote import RemoteView, adoptable, find_tagged, keep_oldest, moved_provider, superseded_batches, tagged_batches
+from .spec import TAG_NAME, TAG_SPEC, address_key, spec_of
 from .state import Entry, State, expand_names
 
 if TYPE_CHECKING:
@@ -82,6 +85,10 @@ class ReasonCode(str, Enum):
     KEEP_OLDEST = "keep_oldest"                      # adopt: an older running batch of this spec is kept,
     #                                                  and the state's is cancelled as its duplicate
     DUPLICATE = "duplicate"                          # cancel: a second running batch of the same spec
+    INTENT_RESOLVED = "intent_resolved"              # update: an interrupted apply's create left no batch to
+    #                                                  adopt (or only one superseded): its intent is dropped
+    SUPERSEDED = "superseded"                        # cancel: a running batch of an earlier version of the
+    #                                                  spec that the state does not track
     TOKEN_LIMIT_EXCEEDED = "token_limit_exceeded"    # create: the last batch failed for want of enqueued-token
     #                                                  capacity (someone else's batches used it): made again
 
@@ -154,7 +161,9 @@ class Change:
 
     @property
     def cancels_duplicate(self) -> bool:
-        return self.action is Action.CANCEL and self.reason_code is ReasonCode.DUPLICATE
+        """A cancel of an extra running batch of a name whose entry stays: a duplicate of the batch
+        kept, or a batch of an earlier version of the spec (superseded). Apply's net sends these first."""
+        return self.action is Action.CANCEL and self.reason_code in (ReasonCode.DUPLICATE, ReasonCode.SUPERSEDED)
 
 
 @dataclass(frozen=True)
@@ -256,7 +265,13 @@ def _current(entry: Entry, remote: RemoteView) -> BatchRecord:
 
 
 def _plan_desired(want: Desired, entry: Entry | None, remote: RemoteView, forced: bool) -> list[Change]:
-    """The change for a spec, then a cancel for each duplicate of the batch it keeps."""
+    """The change for a spec, then a cancel for each duplicate of the batch it keeps, and one for
+    each untracked running batch of an earlier version of the spec."""
+    return _plan_version(want, entry, remote, forced) + _superseded(want, entry, remote)
+
+
+def _plan_version(want: Desired, entry: Entry | None, remote: RemoteView, forced: bool) -> list[Change]:
+    """The change for a spec (create, adopt, update, replace or keep), then its duplicates' cancels."""
     if entry is None or entry.batch is None:
         return _plan_new(want, entry, remote)
     if moved := moved_provider(entry, remote.base_urls):
@@ -279,7 +294,7 @@ def _plan_new(want: Desired, entry: Entry | None, remote: RemoteView) -> list[Ch
     """A spec with no batch in the state: adopt the one the server has (keep_oldest), else create."""
     after = want.fields()
     earlier = {h.batch_id for h in entry.history} if entry else set()
-    found, duplicates = keep_oldest(tagged_batches(remote.tagged, want.name, want.spec_hash, earlier))
+    found, duplicates = keep_oldest(adoptable(tagged_batches(remote.tagged, want.name, want.spec_hash, earlier)))
     if found:
         return [Change(want.name, Action.ADOPT, f"batch {found['id']} on the server was made for this spec "
                        "but is not in the state; recording it, creating nothing", ReasonCode.FOUND_UNTRACKED,
@@ -293,26 +308,67 @@ def _plan_new(want: Desired, entry: Entry | None, remote: RemoteView) -> list[Ch
 
 def _plan_kept(want: Desired, entry: Entry, record: BatchRecord, remote: RemoteView) -> list[Change]:
     """The state's batch matches the spec: keep it, unless an older batch of the same spec runs too
-    (keep_oldest: every checkout keeps that one); each other running batch is a duplicate."""
-    found = duplicates = None
-    if record.running:  # a batch of a spec that finished is not looked for (see remote._search_inputs)
-        running = tagged_batches(remote.tagged, want.name, want.spec_hash, {h.batch_id for h in entry.history})
-        if record.id not in {b["id"] for b in running}:
-            running.append(remote.batches.get(record.id) or _listed(record))
-        found, duplicates = keep_oldest(running)
+    (keep_oldest: every checkout keeps that one), or it ended without completing while another batch
+    of the spec runs untracked (a forced replace the state does not know of: a state restored from a
+    backup); each other running batch is a duplicate."""
+    found, duplicates = _running_keeper(want, entry, record, remote)
     if found and found["id"] != record.id:
-        return [Change(want.name, Action.ADOPT, f"batch {found['id']} is the oldest running batch of this spec, so "
-                       f"it is kept; the state's batch {record.id} is cancelled as its duplicate",
-                       ReasonCode.KEEP_OLDEST, before=entry.fields, after=want.fields(), desired=want,
-                       batch=record, found=found), *_duplicates(want, found, duplicates or [])]
+        reason = f"batch {found['id']} is the oldest running batch of this spec, so it is kept; the state's " \
+                 f"batch {record.id} is cancelled as its duplicate" if record.running else \
+                 f"the state's batch {record.id} is {record.status}, and batch {found['id']} of this spec runs " \
+                 "but is not in the state (made by a replace the state does not know of); recording it"
+        code = ReasonCode.KEEP_OLDEST if record.running else ReasonCode.FOUND_UNTRACKED
+        return [Change(want.name, Action.ADOPT, reason, code, before=entry.fields, after=want.fields(), desired=want,
+                       batch=record, found=found), *_duplicates(want, found, duplicates)]
     if failed_for_capacity(record):  # not a result: the server had no room then; the failed one stays in history
         return [Change(want.name, Action.CREATE, f"the last batch failed: enqueued token limit (batch {record.id})",
                        ReasonCode.TOKEN_LIMIT_EXCEEDED, before=entry.fields, after=want.fields(), desired=want,
                        batch=record)]
-    return [Change(want.name, Action.NOOP, f"batch {record.id} is {record.status}", ReasonCode.UP_TO_DATE,
-                   before=entry.fields, after=want.fields(), desired=want, batch=record,
-                   warnings=_drift(want.name, record) + _orphan_warning(want, entry, record, remote)),
-            *_duplicates(want, found, duplicates or [])]
+    kept = Change(want.name, Action.NOOP, f"batch {record.id} is {record.status}", ReasonCode.UP_TO_DATE,
+                  before=entry.fields, after=want.fields(), desired=want, batch=record,
+                  warnings=_drift(want.name, record))
+    if entry.intent:  # searched for (remote._search_inputs): what it made is kept, adopted or cancelled here
+        kept = replace(kept, action=Action.UPDATE, reason_code=ReasonCode.INTENT_RESOLVED,
+                       reason=f"state only: an interrupted apply's create left nothing to adopt; its intent is "
+                              f"dropped, and batch {record.id} ({record.status}) is kept")
+    return [kept, *_duplicates(want, found, duplicates)]
+
+
+def _running_keeper(want: Desired, entry: Entry, record: BatchRecord,
+                    remote: RemoteView) -> tuple[dict | None, list[dict]]:
+    """keep_oldest among the spec's running batches (the state's among them) that the entry's history
+    does not hold; none looked for when the state's batch completed (remote._search_inputs)."""
+    if record.status == BatchStatus.COMPLETED:
+        return None, []
+    tagged = tagged_batches(remote.tagged, want.name, want.spec_hash, {h.batch_id for h in entry.history})
+    running = [b for b in tagged if b["id"] != record.id and BatchStatus(b["status"]).running]
+    if record.running:
+        running.append(remote.batches.get(record.id) or _listed(record))
+    return keep_oldest(running)
+
+
+def _superseded(want: Desired, entry: Entry | None, remote: RemoteView) -> list[Change]:
+    """A cancel of each running batch of this name made from an earlier version of its spec that the
+    state does not track (the state was lost, or an interrupted apply made it): at most one batch
+    runs per spec name. Refused, as a replace is, when the spec sets lifecycle.prevent_cancel."""
+    tracked = {entry.batch.id} if entry and entry.batch else set()
+    tracked |= {r.id for r in entry.retries.batches} if entry and entry.retries else set()
+    batches = superseded_batches(remote.tagged, want.name, want.spec_hash, tracked)
+    if batches and (want.prevent_cancel or (entry is not None and entry.prevent_cancel)):
+        raise PlanError(f"{want.name}: batch {batches[0]['id']} ({batches[0]['status']}) runs an earlier version "
+                        "of this spec and is not tracked, and the spec sets lifecycle.prevent_cancel, so it is "
+                        "not cancelled; wait until it finishes, or remove prevent_cancel")
+    return [Change(want.name, Action.CANCEL, f"batch {b['id']} ({b['status']}) runs an earlier version of this "
+                   "spec and is not tracked (made before the state was lost, or by an interrupted apply)",
+                   ReasonCode.SUPERSEDED, before=_served_fields(b), desired=want, batch=BatchRecord.from_api(b))
+            for b in batches]
+
+
+def _served_fields(batch: dict) -> BatchFields:
+    """What a batch was made from, as the server tells it (an earlier version's local input is not known)."""
+    metadata = {k: v for k, v in (batch.get("metadata") or {}).items() if k not in (TAG_NAME, TAG_SPEC)}
+    return BatchFields(endpoint=batch["endpoint"], completion_window=batch["completion_window"],
+                       metadata=metadata, input_file_id=batch["input_file_id"])
 
 
 def _listed(record: BatchRecord) -> dict:
@@ -322,11 +378,13 @@ def _listed(record: BatchRecord) -> dict:
 
 
 def _duplicates(want: Desired, keeper: dict | None, duplicates: list[dict]) -> list[Change]:
-    """A cancel of each duplicate of `keeper`: same name, same spec, also running."""
-    return [Change(want.name, Action.CANCEL, f"duplicate batch {dup['id']} ({dup['status']}): same spec as "
-                   f"{keeper['id']}, which is kept (made by a create whose answer was lost, or by another checkout)",
+    """A cancel of each duplicate of `keeper`: same name, same spec, also running. With no keeper (a
+    forced --replace makes a new batch), of each running batch of the spec the state does not track."""
+    kept = f"{keeper['id']}, which is kept (made by a create whose answer was lost, or by another checkout)" \
+        if keeper else "the new batch --replace makes (not in the state: made by a replace it does not know of)"
+    return [Change(want.name, Action.CANCEL, f"duplicate batch {dup['id']} ({dup['status']}): same spec as {kept}",
                    ReasonCode.DUPLICATE, before=want.fields(), desired=want, batch=BatchRecord.from_api(dup))
-            for dup in duplicates if keeper]
+            for dup in duplicates]
 
 
 def _earlier(entry: Entry, record: BatchRecord) -> set[str]:
@@ -341,18 +399,6 @@ def _interrupted_replacement(want: Desired, entry: Entry, record: BatchRecord, r
     return find_tagged(remote.tagged, want.name, want.spec_hash, _earlier(entry, record))
 
 
-def _orphan_warning(want: Desired, entry: Entry, record: BatchRecord, remote: RemoteView) -> tuple[str, ...]:
-    """An interrupted apply's batch for an older version of the spec: not tracked, so say so."""
-    intent = entry.intent
-    if not intent or intent.spec_hash == want.spec_hash:
-        return ()
-    orphan = find_tagged(remote.tagged, want.name, intent.spec_hash, _earlier(entry, record))
-    if not orphan:
-        return ()
-    return (f"batch {orphan['id']} ({orphan['status']}) was made for an earlier version of this spec by an "
-            "interrupted apply and is not tracked; cancel it on the server if it is not wanted",)
-
-
 def _plan_replace(want: Desired, entry: Entry, record: BatchRecord, remote: RemoteView, forced: bool,
                   resumed: dict | None = None) -> list[Change]:
     """Replace the state's batch. The new batch may already exist (an interrupted apply made it): it is
@@ -364,14 +410,15 @@ def _plan_replace(want: Desired, entry: Entry, record: BatchRecord, remote: Remo
         raise PlanError(f"{want.name}: replacing it would cancel batch {record.id}, which is {record.status}, "
                         f"and its spec sets lifecycle.prevent_cancel; wait until it finishes "
                         f"(`batchplan wait {want.name}`) or remove prevent_cancel")
-    found, duplicates = (None, []) if forced and not resumed else \
-        keep_oldest(tagged_batches(remote.tagged, want.name, want.spec_hash, _earlier(entry, record)))
+    same_spec = tagged_batches(remote.tagged, want.name, want.spec_hash, _earlier(entry, record))
+    found, duplicates = (None, [b for b in same_spec if BatchStatus(b["status"]).running]) if forced and \
+        not resumed else keep_oldest(adoptable(same_spec))  # forced: a new batch; one running untracked goes
     if found:
         reason += f"; its new batch {found['id']} already exists (an earlier apply was interrupted): adopting it"
     if record.running:
         reason += f"; batch {record.id} is {record.status} and will be cancelled"
     return [Change(want.name, Action.REPLACE, reason, code, before=entry.fields, after=want.fields(), desired=want,
-                   batch=record, found=found, diff=tuple(diff), warnings=_orphan_warning(want, entry, record, remote)),
+                   batch=record, found=found, diff=tuple(diff)),
             *_duplicates(want, found, duplicates)]
 
 

@@ -63,6 +63,26 @@ def tagged_batches(tagged: dict[str, list[dict]], name: str, spec_hash: str,
             and (batch.get("metadata") or {}).get(TAG_NAME) == name and batch["id"] not in skip]
 
 
+def adoptable(batches: list[dict]) -> list[dict]:
+    """The batches a plan may record as a spec's: running or completed. One that failed, expired,
+    was cancelled or is being cancelled is no batch of the spec (a spec removed, its batch
+    cancelled, then put back as it was, runs again)."""
+    return [b for b in batches if BatchStatus(b["status"]).running or b["status"] == BatchStatus.COMPLETED]
+
+
+def superseded_batches(tagged: dict[str, list[dict]], name: str, spec_hash: str,
+                       skip: frozenset[str] | set[str] = frozenset()) -> list[dict]:
+    """The running batches batchplan made for this name from another version of its spec (not
+    this spec hash, nor one of its retries' `HASH/N`), other than those in `skip`, oldest first."""
+    def other_version(batch: dict) -> bool:
+        tag = (batch.get("metadata") or {}).get(TAG_SPEC) or ""
+        return tag != spec_hash and not tag.startswith(f"{spec_hash}/")
+
+    return sorted((batch for batch in tagged.get(name, [])
+                   if (batch.get("metadata") or {}).get(TAG_NAME) == name and batch["id"] not in skip
+                   and BatchStatus(batch["status"]).running and other_version(batch)), key=_oldest_first)
+
+
 def _oldest_first(batch: dict) -> tuple[int, str]:
     return batch.get("created_at") or 0, batch["id"]
 
@@ -114,22 +134,27 @@ class RemoteView:
     base_urls: dict[str, str] = field(default_factory=dict)
 
 
-def _search_inputs(desired: list[Desired], state: State | None) -> dict[str, BatchFields]:
-    """Name -> the fields (input) to search for, of every spec whose batch may exist unrecorded, or twice.
+def _search_inputs(desired: list[Desired], state: State | None) -> dict[str, list[BatchFields]]:
+    """Name -> the fields (inputs) to search for, of every spec whose batch may exist unrecorded, or twice.
 
     That is a spec with no batch in the state, a spec whose recorded hash differs (its
     replacement may already exist: the state was restored from a backup or an older commit),
-    an entry with an intent (a create whose answer was lost), and a spec whose recorded batch
-    is not finished (the net: a create that landed late runs beside it). A spec whose batch
-    finished is not searched: that would walk the account back to its upload on every plan.
+    an entry with an intent (a create whose answer was lost), a spec whose recorded batch is
+    not finished (the net: a create that landed late runs beside it), and one whose recorded
+    batch ended without completing (a forced replace the state does not know of may run). A
+    spec whose batch completed is not searched: that would walk the account back to its
+    upload on every plan. The inputs of the recorded version and of the intent's are searched
+    too: a batch of an earlier version of the spec that runs untracked is cancelled (superseded).
     """
     entries = state.entries if state else {}
-    search = {n: e.intent.fields for n, e in entries.items() if e.intent is not None}
+    search = {n: [e.intent.fields] for n, e in entries.items() if e.intent is not None}
     for want in desired:
         entry = entries.get(want.name)
         if entry is None or entry.batch is None or entry.spec_hash != want.spec_hash or entry.intent \
-                or not entry.batch.terminal:
-            search[want.name] = want.fields()
+                or entry.batch.status != BatchStatus.COMPLETED:
+            search.setdefault(want.name, []).append(want.fields())
+            if entry is not None:
+                search[want.name].append(entry.fields)
     return search
 
 
@@ -149,7 +174,9 @@ async def read_remote(api: Api, desired: list[Desired], state: State | None, *, 
     if full_scan:
         batches, tagged = await walk_batches(api, None)
     else:
-        found = await find_batches(api, list(search.values()))
+        unrecorded = any(not state or want.name not in state.entries for want in desired)
+        found = await find_batches(api, [fields for inputs in search.values() for fields in inputs],
+                                   every_upload=unrecorded)
         batches, tagged = found.batches, found.tagged
     rest = [(bid, created) for bid, created in stale if bid not in batches]
     fetched, missing = await current_batches(api, rest, parallelism, walked=batches)
@@ -196,15 +223,19 @@ async def _input_created(api: Api, fields: BatchFields, uploads: dict[str, list[
         return None
 
 
-async def find_batches(api: Api, inputs: list[BatchFields]) -> Found:
+async def find_batches(api: Api, inputs: list[BatchFields], *, every_upload: bool = False) -> Found:
     """The search: batchplan's batches of these inputs, found through their uploads.
 
     Lists the uploads; walks the batches newest first down to the oldest upload among the
     inputs' (several uploads of one content, when a lost upload answer was sent again: the
-    oldest). A batch is never older than its input file, and both times are the server's."""
+    oldest). A batch is never older than its input file, and both times are the server's.
+    `every_upload`: down to the oldest of all batchplan's uploads, for a spec the state has no
+    entry for (a lost state): an earlier version of it, whose input is not known, may still run."""
     uploads = await list_uploads(api)
     distinct = {(f.input_sha256, f.input_file_id): f for f in inputs}
     created = await asyncio.gather(*(_input_created(api, f, uploads) for _, f in sorted(distinct.items(), key=str)))
+    if every_upload:
+        created.append(min((f["created_at"] for files in uploads.values() for f in files), default=None))
     floors = [c for c in created if c is not None]
     if not floors:
         return Found({}, {}, uploads)

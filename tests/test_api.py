@@ -72,3 +72,22 @@ def test_a_download_that_keeps_failing_shows_the_last_error_and_writes_nothing(e
     with pytest.raises(ApiError, match=r"GET /files/\{id\}/content: server answered 503"):
         asyncio.run(run())
     assert emulator_server.count("GET") == 3 and os.listdir(tmp_path) == []
+
+
+def test_a_deadline_that_fired_is_not_moved_and_the_request_times_out():
+    """A body chunk that arrives after the whole-request deadline fired (the task is being cut off)
+    does not move it: asyncio refuses to reschedule an expiring timeout ("Cannot change state of
+    expiring Timeout"), and the request ends with the timeout, as apply expects."""
+    from reconciler.api import _Deadline
+
+    async def cut_off() -> None:
+        async with asyncio.timeout(None) as scope:
+            deadline = _Deadline(scope, 0.0, 0)
+            scope.reschedule(asyncio.get_running_loop().time() - 1)
+            try:
+                await asyncio.sleep(0.01)
+            finally:
+                deadline._extend(1 << 16)  # what chunks() does with a piece that came late
+
+    with pytest.raises(TimeoutError):
+        asyncio.run(cut_off())

@@ -56,7 +56,29 @@ def test_a_tagged_batch_of_another_spec_hash_is_not_adopted():
     d = want("a")
     stale_tags = {**d.tags(), "batchplan_spec": "0" * 32}
     plan = build_plan([d], None, RemoteView(tagged={"a": [batch("batch_1", tags=stale_tags)]}))
-    assert actions(plan) == {"a": Action.CREATE}
+    assert [(c.action, c.reason_code.value) for c in plan.changes] == [(Action.CREATE, "no_batch"),
+                                                                      (Action.CANCEL, "superseded")]
+
+
+def test_a_cancelled_or_failed_batch_of_the_spec_is_not_adopted_so_it_runs_again():
+    d = want("a")
+    for status in ("cancelled", "cancelling", "failed", "expired"):
+        plan = build_plan([d], None, RemoteView(tagged={"a": [batch("batch_1", status, d.tags())]}))
+        assert actions(plan) == {"a": Action.CREATE}, status
+
+
+def test_an_ended_batch_in_the_state_gives_way_to_its_running_untracked_replacement():
+    d = want("a")
+    replacement = batch("batch_2", tags=d.tags(), created_at=1100)
+    state = state_with(a=entry_for(d, "batch_1", "cancelled"))
+    plan = build_plan([d], state, RemoteView(tagged={"a": [replacement, batch("batch_1", "cancelled", d.tags())]}))
+    assert [(c.action, c.reason_code.value) for c in plan.changes] == [(Action.ADOPT, "found_untracked")]
+    assert plan.changes[0].found["id"] == "batch_2" and plan.changes[0].batch.id == "batch_1"
+    assert render_text(plan) == (
+        "batchplan will perform these actions:\n\n"
+        "  = a  adopt    the state's batch batch_1 is cancelled, and batch batch_2 of this spec runs but is not "
+        "in the state (made by a replace the state does not know of); recording it\n\n"
+        "Plan: 1 to adopt, 0 unchanged.\n")
 
 
 def test_noop_when_state_and_spec_agree():
@@ -103,14 +125,36 @@ def test_an_interrupted_forced_replace_adopts_its_batch_and_cancels_the_old_one(
         assert change.action is Action.REPLACE and change.found["id"] == "batch_2" and change.cancels_old
 
 
-def test_an_untracked_batch_of_an_earlier_spec_version_is_reported():
+def test_an_untracked_running_batch_of_an_earlier_spec_version_is_cancelled_as_superseded():
     old, new = want("a", team="research"), want("a", team="ml")
     entry = entry_for(new, "batch_1", "completed",
                       intent=Intent(spec_hash=old.spec_hash, fields=old.fields(), tags=old.tags(), at=900))
+    remote = RemoteView(tagged={"a": [batch("batch_9", tags={"team": "research", **old.tags()})]})
+    plan = build_plan([new], state_with(a=entry), remote)
+    assert [(c.action, c.reason_code.value) for c in plan.changes] == [(Action.UPDATE, "intent_resolved"),
+                                                                      (Action.CANCEL, "superseded")]
+    assert plan.changes[1].cancels_duplicate and plan.changes[1].batch.id == "batch_9"
+    assert render_text(plan) == (
+        "batchplan will perform these actions:\n\n"
+        "  ~ a  update   state only: an interrupted apply's create left nothing to adopt; its intent is dropped, "
+        "and batch batch_1 (completed) is kept\n"
+        "  - a  cancel   batch batch_9 (in_progress) runs an earlier version of this spec and is not tracked "
+        "(made before the state was lost, or by an interrupted apply)\n\n"
+        "Plan: 1 to update (state only), 1 to cancel, 0 unchanged.\n")
+    (cancel,) = [c for c in json.loads(render_json(plan))["actions"] if c["action"] == "cancel"]
+    assert (cancel["reason_code"], cancel["before"]["batch_id"], cancel["before"]["metadata"]) == \
+        ("superseded", "batch_9", {"team": "research"})
+    assert actions(build_plan([new], state_with(a=entry_for(new, "batch_1", "completed")),
+                              RemoteView(tagged={"a": [batch("batch_9", "cancelled", old.tags())]}))) == \
+        {"a": Action.NOOP}  # one that ended is left alone
+
+
+def test_a_superseded_batch_is_not_cancelled_when_the_spec_prevents_cancels():
+    old, new = want("a", team="research"), want("a", team="ml", prevent_cancel=True)
     remote = RemoteView(tagged={"a": [batch("batch_9", tags=old.tags())]})
-    (change,) = build_plan([new], state_with(a=entry), remote).changes
-    assert change.action is Action.NOOP
-    assert "batch_9 (in_progress) was made for an earlier version" in change.warnings[0]
+    with pytest.raises(PlanError, match="a: batch batch_9 \\(in_progress\\) runs an earlier version of this spec "
+                                        "and is not tracked, and the spec sets lifecycle.prevent_cancel"):
+        build_plan([new], None, remote)
 
 
 def test_force_replace_of_an_unchanged_spec():

@@ -77,6 +77,30 @@ def test_a_create_whose_answer_is_late_or_lost_is_ambiguous_and_still_lands(sand
     assert len(sandbox.emulator.list_batches()["data"]) == 1
 
 
+def test_a_held_create_outlives_its_client_and_lands_when_released(emulator_factory):
+    """A `hold` fault on a transport with its own executor: the client times out and closes its loop
+    at once (the default executor would wait for the held request); the batch appears only on release."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    emulator = emulator_factory()
+    file_id = emulator.upload_bytes(b'{"custom_id": "a"}\n', "in.jsonl", "batch")["id"]
+    with ThreadPoolExecutor(2) as pool:
+        sandbox = EmulatorTransport(emulator, executor=pool)
+        sandbox.add_fault(Fault(action="hold", method="POST", path="/v1/batches"))
+
+        async def run() -> None:
+            async with api_for(sandbox, timeout=0.1) as api:
+                with pytest.raises(AmbiguousWrite):
+                    await api.create_batch(batch_params(file_id))
+
+        asyncio.run(run())
+        assert not sandbox.wait_idle(timeout=0.2) and emulator.list_batches()["data"] == []
+        sandbox.release_held()
+        assert sandbox.wait_idle()
+    assert len(emulator.list_batches()["data"]) == 1
+    assert sandbox.requests == [("POST", "/v1/batches", 200)]
+
+
 def test_a_429_through_the_transport_is_waited_out_and_retried(sandbox):
     sandbox.add_fault(Fault(action="reject", method="GET", status=429, retry_after_ms=200))
 

@@ -40,7 +40,10 @@ class Fault(BaseModel):
     - `stall`: wait `seconds`, then do the request and answer, or drop if `then="drop"`;
       a create stalled past the client's timeout and settling wait is a create that lands late;
     - `not_found`: answer 404 without doing anything, as a server may for an object that
-      exists (`path_regex="^/v1/batches/batch_x$"`: the next GET of that batch).
+      exists (`path_regex="^/v1/batches/batch_x$"`: the next GET of that batch);
+    - `hold`: wait until the test calls `release_held()` on the service (or `seconds` passed,
+      when given), then do the request and answer: a create that lands late, at a moment the
+      test chooses, long after its client gave up on it.
 
     And answers no real server gives, for the client's limits (each after doing the request):
     - `endless_pages`: a list answer that always says `has_more`; with `fresh_ids` its items get
@@ -55,8 +58,8 @@ class Fault(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    action: Literal["drop_after_commit", "error_after_commit", "reject", "stall", "not_found", "endless_pages",
-                    "drip", "huge_body", "damage"]
+    action: Literal["drop_after_commit", "error_after_commit", "reject", "stall", "hold", "not_found",
+                    "endless_pages", "drip", "huge_body", "damage"]
     method: str | None = None
     path: str = "/v1/"
     path_regex: str | None = None

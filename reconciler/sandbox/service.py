@@ -76,6 +76,7 @@ class EmulatorService:
         self._times: list[tuple[float, float]] = []  # (arrived, answered), one per log entry
         self._in_flight = 0  # API requests being handled right now
         self._faults: list[ArmedFault] = []
+        self._release = threading.Event()  # set by release_held: what `hold` faults wait for
 
     @property
     def is_open(self) -> bool:
@@ -94,6 +95,13 @@ class EmulatorService:
 
     def clear_faults(self) -> None:
         self.set_faults([])
+
+    def release_held(self) -> None:
+        """Let every request a `hold` fault holds now go on: each is done and answered (to a
+        client that has most likely given up); requests held from here on wait for the next call."""
+        with self._lock:
+            gate, self._release = self._release, threading.Event()
+        gate.set()
 
     def fault_status(self) -> list[dict]:
         with self._lock:
@@ -206,8 +214,8 @@ class EmulatorService:
             return error_reply(fault.error(429), fault.retry_headers())
         if fault.action == "not_found":
             return error_reply(fault.error(404))
-        if fault.action == "stall":
-            time.sleep(fault.seconds)
+        if fault.action in ("stall", "hold"):
+            self._wait_out(fault)
             if not self.is_open:  # closed while we slept: the world may be gone
                 raise ConnectionAbortedError("the sandbox closed while a request stalled")
         if fault.action == "endless_pages":
@@ -228,6 +236,14 @@ class EmulatorService:
         if req.path != self.prefix and not req.path.startswith(self.prefix + "/"):
             return None
         return dataclasses.replace(req, path=API_PREFIX + req.path[len(self.prefix):])
+
+    def _wait_out(self, fault: Fault) -> None:
+        if fault.action == "stall":
+            time.sleep(fault.seconds)
+            return
+        with self._lock:
+            gate = self._release
+        gate.wait(fault.seconds or None)
 
     def _dispatch(self, routes: list[Route], req: Request) -> Reply:
         try:

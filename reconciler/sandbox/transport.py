@@ -12,6 +12,10 @@ request log behave alike, and a client sees what a socket would give it:
   httpx.ReadTimeout, while the request itself still lands;
 - an answer a fault drops raises httpx.RemoteProtocolError, as a hang-up does;
 - a download streams from the emulator's file in 1 MiB pieces.
+
+Requests are answered on the client loop's default executor, which the loop waits for
+when it closes; pass `executor` to answer on a pool of the test's own instead, so that
+a request still held or stalled outlives the client that sent it (as on a real server).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import tempfile
 from collections.abc import AsyncIterator
+from concurrent.futures import Executor
 from pathlib import Path
 from typing import IO
 
@@ -42,9 +47,10 @@ class EmulatorTransport(EmulatorService, httpx.AsyncBaseTransport):
     url = "http://localhost/v1"
 
     def __init__(self, emulator: Emulator, latency: float = 0.0, require_auth: bool = True, *,
-                 owns_emulator: bool = False):
+                 owns_emulator: bool = False, executor: Executor | None = None):
         super().__init__(emulator, latency, require_auth, owns_emulator=owns_emulator)
         self._closed = False
+        self.executor = executor  # None: the client loop's default one
 
     @property
     def is_open(self) -> bool:
@@ -54,7 +60,7 @@ class EmulatorTransport(EmulatorService, httpx.AsyncBaseTransport):
         spool, length = await _spool(request.stream)
         req = Request.of(request.method, request.url.raw_path.decode("ascii"), request.headers,
                          Body(spool, length))
-        answer = asyncio.get_running_loop().run_in_executor(None, self._respond_and_close, req, spool)
+        answer = asyncio.get_running_loop().run_in_executor(self.executor, self._respond_and_close, req, spool)
         reply = await _in_time(answer, request)
         if reply is None:
             raise httpx.RemoteProtocolError("Server disconnected without sending a response.", request=request)
