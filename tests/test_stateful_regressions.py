@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.test_stateful import ApplyMachine
+from tests.stateful_machine import ApplyMachine
 
 
 @pytest.fixture
