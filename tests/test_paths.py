@@ -17,20 +17,17 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.sandbox import Timing
 from tests.helpers import Repo, run_cli, spawn_cli
 
-FAST = Timing.uniform(0.05)
+@pytest.fixture
+def server(emulator_server):
+    """conftest's sandbox on loopback (0.05 s steps), under a short name."""
+    return emulator_server
 
 
 @pytest.fixture
-def server(emulator_server_factory):
-    return emulator_server_factory(timing=FAST)
-
-
-@pytest.fixture
-def env(server) -> dict:
-    return {"OPENAI_BASE_URL": server.url, "OPENAI_API_KEY": "sk-test-secret-key", "NO_COLOR": "1"}
+def env(api_env) -> dict:
+    return api_env
 
 
 def cli(repo: Repo, env: dict | None, *args: str):
