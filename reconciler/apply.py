@@ -114,6 +114,14 @@ class Applier:
         the client timeout bounds an ordinary one (one later still is caught by the next plan's net)."""
         await self._wait(self._settle_seconds())
 
+    async def _settle_then_look_for(self, changes: list[Change], note: str) -> list[Change]:
+        """Tell each change why it waits (`note`, with the wait in {seconds}), settle, and look for their batches
+        again: returns the changes still with no batch on the server."""
+        for change in changes:
+            self.report(change.name, note.format(seconds=self._settle_seconds()))
+        await self.settle()
+        return await self.look_for(changes)
+
     # -- stage 1: intents ----------------------------------------------------------------
 
     async def record_intent(self, creates: list[Change]) -> list[Change]:
@@ -134,11 +142,8 @@ class Applier:
         self.ledger.save()
         if not earlier:
             return creates
-        for change in earlier:
-            self.report(change.name, f"an earlier apply may have sent this create; looking for it in "
-                                     f"{self._settle_seconds():g}s before creating")
-        await self.settle()
-        absent = await self.look_for(earlier)
+        absent = await self._settle_then_look_for(earlier, "an earlier apply may have sent this create; looking for "
+                                                           "it in {seconds:g}s before creating")
         self.ledger.save()
         return [c for c in creates if c not in earlier or c in absent]
 
@@ -242,11 +247,8 @@ class Applier:
         """
         absent = await self.look_for(unsure)
         if absent and not self.stopping.is_set():
-            for change in absent:
-                self.report(change.name, f"create got no answer and is not on the server yet; "
-                                         f"looking again in {self._settle_seconds():g}s before sending it again")
-            await self.settle()
-            absent = await self.look_for(absent)
+            absent = await self._settle_then_look_for(absent, "create got no answer and is not on the server yet; "
+                                                              "looking again in {seconds:g}s before sending it again")
         self.ledger.save()
         return absent
 

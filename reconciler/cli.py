@@ -7,51 +7,20 @@ from `plan --detailed-exitcode` when there are changes; 130 when interrupted.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
 import shutil
 import sys
-import threading
 import traceback
-import warnings
-from pathlib import Path
 
 import click
 
 from . import __version__, feedback, operations  # operations loads nothing heavy until a command runs
-from .errors import BatchplanError, Interrupted, Notice, PlanError
-from .options import (OFFLINE, STATE_ONLY, Group, Invocation, common_options, debug_option, global_options,
-                      lock_timeout_option, names_argument, plan_options, project_options)
-
-
-def _render():
-    from . import render  # here: --help does not load the models a plan is made of
-
-    return render
-
-
-def _is_terminal(stream) -> bool:
-    try:
-        return stream is not None and stream.isatty()
-    except (AttributeError, OSError, ValueError):
-        return False
-
-
-def colour_on() -> bool:
-    return not os.environ.get("NO_COLOR") and _is_terminal(sys.stdout)
-
-
-def echo(text: str = "", err: bool = False, nl: bool = True) -> None:
-    colour = False if os.environ.get("NO_COLOR") else None  # None: only when writing to a terminal
-    click.echo(text, err=err, nl=nl, color=colour)
-
-
-def emit(output) -> None:
-    """Print a render.Output (its standard output part, then its standard error part) or a str."""
-    for text, err in ((output, False),) if isinstance(output, str) else ((output.out, False), (output.err, True)):
-        if text:
-            echo(text, err=err, nl=False)
+from .cli_sandbox import sandbox_group
+from .cli_state import state_group
+from .errors import BatchplanError, Interrupted, PlanError
+from .options import (OFFLINE, STATE_ONLY, Group, Invocation, common_options, global_options, lock_timeout_option,
+                      names_argument, plan_options, project_options)
+from .terminal import (colour_on, echo, emit, hint_if_empty, is_terminal, notices, progress_display, renderer,
+                       run_feedback, sigterm_as_ctrl_c)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -76,7 +45,7 @@ def init(project) -> None:
 
     Never overwrites: a file already there is kept as it is; .gitignore only gets the lines it lacks.
     """
-    emit(_render().render_init(operations.init(project)))
+    emit(renderer().render_init(operations.init(project)))
 
 
 @cli.command()
@@ -87,13 +56,6 @@ def validate(project) -> None:
     echo(f"{checked.specs} spec(s) valid; {checked.files} input file(s), {checked.requests:,} request(s).")
     for name, why in sorted(checked.splits.items()):
         echo(f"  {name}: {why}")
-
-
-def _hint_if_empty(project, empty: bool) -> None:
-    """Say on standard error when the state is empty but the sandbox's holds batches (a forgotten --sandbox)."""
-    hint = operations.sandbox_hint(project) if empty else None
-    if hint:
-        echo(f"Note: {hint}", err=True)
 
 
 @cli.command()
@@ -107,8 +69,8 @@ def _hint_if_empty(project, empty: bool) -> None:
 def plan(project, request, as_json, fmt, out, detailed_exitcode) -> int:
     """Show what apply would change and what it may cost. Reads the server; writes nothing but the caches."""
     the_plan = operations.plan(project, request, project.root / out if out else None)  # -C DIR: relative to DIR
-    emit(_render().render_plan(the_plan, "json" if as_json else (fmt or "text"), colour=colour_on()))
-    _hint_if_empty(project, the_plan.serial == 0)
+    emit(renderer().render_plan(the_plan, "json" if as_json else (fmt or "text"), colour=colour_on()))
+    hint_if_empty(project, the_plan.serial == 0)
     if out:
         echo(f"Saved the plan to {out}; apply exactly it with `batchplan apply {out}`.", err=True)
     return 2 if detailed_exitcode and the_plan.has_changes else 0
@@ -117,7 +79,7 @@ def plan(project, request, as_json, fmt, out, detailed_exitcode) -> int:
 def _confirm(auto_approve: bool) -> None:
     if auto_approve:
         return
-    if not _is_terminal(sys.stdin):
+    if not is_terminal(sys.stdin):
         raise PlanError("apply needs confirmation but standard input is not a terminal; nothing was changed. "
                         "Review the plan, then run `batchplan apply --auto-approve`")
     answer = click.prompt("Do you want to perform these actions? Only 'yes' will be accepted", default="",
@@ -148,7 +110,7 @@ def apply(project, request, planfile, auto_approve, watch, interval) -> int:
     apply; `--watch` stays until all are made and every batch has ended, as `wait` shows it.
     """
     def review(the_plan) -> None:
-        emit(_render().render_text(the_plan, colour_on()))
+        emit(renderer().render_text(the_plan, colour_on()))
         if the_plan.has_changes and not planfile:
             _confirm(auto_approve)
 
@@ -159,15 +121,15 @@ def apply(project, request, planfile, auto_approve, watch, interval) -> int:
         if planfile:
             raise click.UsageError("--watch plans every round itself; it takes no PLANFILE")
         watched = operations.apply_watch(project, request, review=review, report=report, interval=interval,
-                                         display=lambda names: _display(names, no_batch="queued"))
-        emit(_render().render_watched(watched))
+                                         display=lambda names: progress_display(names, no_batch="queued"))
+        emit(renderer().render_watched(watched))
         waited = watched.waited
         return 1 if watched.failed or waited.result and waited.result.problems(waited.names) else 0
     applied = operations.apply(project, request, planfile=project.root / planfile if planfile else None,
                                review=review, report=report)
     if applied.result is None:
         return 0
-    emit(_render().render_apply_result(applied.result))
+    emit(renderer().render_apply_result(applied.result))
     return 1 if applied.result.failed else 0
 
 
@@ -190,17 +152,10 @@ def status_cmd(project, names, as_json, layout, shards) -> int:
     records it in the state.
     """
     report = operations.status(project, names, shards)
-    width = shutil.get_terminal_size().columns if _is_terminal(sys.stdout) else None
-    emit(_render().render_status(report, as_json=as_json, width=width, colour=colour_on(), wide=layout == "wide"))
-    _hint_if_empty(project, not report.rows and not as_json)
+    width = shutil.get_terminal_size().columns if is_terminal(sys.stdout) else None
+    emit(renderer().render_status(report, as_json=as_json, width=width, colour=colour_on(), wide=layout == "wide"))
+    hint_if_empty(project, not report.rows and not as_json)
     return 0
-
-
-def _display(names: list[str], no_batch: str = "no batch"):
-    """A live progress display on a terminal, one line per change otherwise."""
-    from .watch import LineDisplay, ProgressDisplay
-
-    return ProgressDisplay(names, no_batch=no_batch) if _is_terminal(sys.stdout) else LineDisplay(echo)
 
 
 @cli.command("wait")
@@ -218,9 +173,9 @@ def wait_cmd(project, names, timeout, interval) -> int:
     all completed; 1 when any failed, expired or was cancelled, or the timeout passed. The
     final statuses are recorded in the state (under the state lock).
     """
-    waited = operations.wait(project, names, interval=interval, timeout=timeout, display=_display)
-    emit(_render().render_wait(waited, timeout))
-    _hint_if_empty(project, waited.result is None)
+    waited = operations.wait(project, names, interval=interval, timeout=timeout, display=progress_display)
+    emit(renderer().render_wait(waited, timeout))
+    hint_if_empty(project, waited.result is None)
     return 1 if waited.result and waited.result.problems(waited.names) else 0
 
 
@@ -245,8 +200,8 @@ def download_cmd(project, names, batch_id, join) -> int:
     if batch_id and len(names) != 1:
         raise click.UsageError("--batch BATCH_ID needs exactly one NAME: `batchplan download NAME --batch ID`")
     report = operations.download(project, names, batch_id=batch_id, join=join)
-    emit(_render().render_download(report))
-    _hint_if_empty(project, report.empty)
+    emit(renderer().render_download(report))
+    hint_if_empty(project, report.empty)
     return 1 if report.failed else 0
 
 
@@ -258,7 +213,7 @@ def refresh_cmd(project) -> None:
 
     Sends only GET requests: nothing changes on the server.
     """
-    emit(_render().render_refresh(operations.refresh(project)))
+    emit(renderer().render_refresh(operations.refresh(project)))
 
 
 @cli.command("import")
@@ -272,57 +227,10 @@ def import_cmd(project, name, batch_id) -> None:
     The next plan is a noop for NAME when the batch was made from what the spec says
     (endpoint, completion window, metadata, input), else a replace that shows the difference.
     """
-    emit(_render().render_import(operations.import_batch(project, name, batch_id), name))
+    emit(renderer().render_import(operations.import_batch(project, name, batch_id), name))
 
 
-@cli.group("state")
-def state_group() -> None:
-    """Read, edit or move the state by hand; never calls the server.
-
-    For the sandbox's state: `batchplan --sandbox state list`.
-    """
-
-
-@state_group.command("list")
-@project_options(*STATE_ONLY)
-def state_list(project) -> None:
-    """Every name in the state, with its batch id and status as last recorded."""
-    entries = operations.state_entries(project)
-    emit(_render().render_entries(entries))
-    _hint_if_empty(project, not entries)
-
-
-@state_group.command("show")
-@project_options(*STATE_ONLY)
-@click.argument("name")
-def state_show(project, name) -> None:
-    """One entry of the state, as JSON."""
-    import json
-
-    (entry,) = operations.state_entries(project, (name,)).values()
-    echo(json.dumps(entry.model_dump(mode="json"), indent=2, sort_keys=True))
-
-
-@state_group.command("rm")
-@project_options(*STATE_ONLY)
-@lock_timeout_option
-@click.argument("name")
-def state_rm(project, name) -> None:
-    """Stop tracking NAME: remove its entry from the state. Its batch is left alone on the server."""
-    emit(_render().render_removed(name, operations.remove_entry(project, name)))
-
-
-@state_group.command("migrate")
-@project_options(*STATE_ONLY)
-@lock_timeout_option
-@click.option("--to", "to", required=True, metavar="URL|FILE",
-              help="Where to copy the state: postgresql://USER@HOST:PORT/DATABASE, or a state file path.")
-@click.option("--workspace", metavar="NAME", help="The target's workspace in PostgreSQL [default: this one's].")
-@click.option("--force", is_flag=True, help="Replace a state the target already holds (kept as its backup).")
-def state_migrate(project, to, workspace, force) -> None:
-    """Copy the state, lineage and serial kept, to another place: a state file into PostgreSQL
-    or back. Prints the batchplan.yaml lines that switch to it. Never calls the server."""
-    emit(_render().render_migrated(operations.migrate_state(project, to, workspace, force)))
+cli.add_command(state_group)  # cli_state.py; added here, as help lists commands in the order added
 
 
 # -- locks and the sandbox -----------------------------------------------------------------
@@ -341,87 +249,14 @@ def force_unlock_cmd(project, lock_id, force) -> None:
     echo(f"Removed the lock on {location} (held by {held.describe()}).")
 
 
-@cli.group()
-def sandbox() -> None:
-    """The embedded Files + Batches API emulator."""
-
-
-@sandbox.command("serve")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
-@click.option("--port", default=8089, show_default=True, type=int, help="Port to listen on.")
-@click.option("--dir", "world", type=click.Path(file_okay=False), help="Keep the world on disk here.")
-@click.option("--step-seconds", type=click.FloatRange(0), default=None,
-              help="Seconds per lifecycle step (validating, in_progress, finalizing) [default: 2/3/1].")
-@click.option("--fail-rate", type=click.FloatRange(0, 1), default=0.0, show_default=True,
-              help="Share of requests that fail into the error file.")
-@click.option("--latency", type=click.FloatRange(0), default=0.0, show_default=True,
-              help="Seconds added to every request.")
-@click.option("--no-auth", is_flag=True, help="Accept requests without an API key.")
-@click.option("--enqueued-token-limit", "limits", multiple=True, metavar="MODEL=TOKENS",
-              help="Fail a batch of MODEL with token_limit_exceeded when its input tokens would take the model's "
-                   "batches in progress over TOKENS, as the API does (repeatable) [default: BATCHPLAN_SANDBOX_LIMITS].")
-@click.option("--auth", type=click.Choice(["bearer", "api-key"]), default="bearer", show_default=True,
-              help="The header the key must come in: Authorization: Bearer KEY (OpenAI), or api-key: KEY "
-                   "(Azure OpenAI).")
-@click.option("--prefix", default="/v1", show_default=True, metavar="PATH",
-              help="Where the API is served, e.g. /openai/v1 as Azure OpenAI serves it.")
-@debug_option
-def sandbox_serve(host, port, world, step_seconds, fail_rate, latency, no_auth, limits, auth, prefix) -> None:
-    """Serve the emulator over HTTP at http://HOST:PORT/v1 (or --prefix) until Ctrl-C."""
-    from .sandbox import Timing, serve
-    from .sandbox.capacity import parse_limits
-
-    if not prefix.startswith("/") or prefix.rstrip("/") in ("", "/_sandbox"):
-        raise click.BadParameter("give a path such as /v1 or /openai/v1", param_hint="--prefix")
-    timing = Timing.uniform(step_seconds) if step_seconds is not None else Timing()
-    serve(host=host, port=port, root=Path(world) if world else None, timing=timing, fail_rate=fail_rate,
-          latency=latency, require_auth=not no_auth, auth=auth, prefix=prefix.rstrip("/"),
-          enqueued_token_limits=parse_limits(limits, "--enqueued-token-limit") if limits else None)
-
-
-def _feedback() -> feedback.Feedback:
-    """Progress bars for big files on a terminal; a line per retry on standard error everywhere."""
-    def notice(text: str) -> None:
-        echo(f"  {text}", err=True)
-
-    return feedback.ProgressBars(notice) if _is_terminal(sys.stderr) else feedback.Feedback(notice)
-
-
-@contextlib.contextmanager
-def _notices():
-    """Print each Notice the work issues as `Note: ...` on standard error, as it happens."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("always", Notice)
-        other = warnings.showwarning
-
-        def show(message, category, filename, lineno, file=None, line=None) -> None:
-            if issubclass(category, Notice):
-                echo(f"Note: {message}", err=True)
-            else:
-                other(message, category, filename, lineno, file, line)
-        warnings.showwarning = show
-        yield
-
-
-@contextlib.contextmanager
-def _sigterm_as_ctrl_c():
-    """SIGTERM ends any command as Ctrl-C does (exit 130, the state saved), not silently mid-write;
-    apply installs its own handlers for both while it carries a plan out."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+cli.add_command(sandbox_group)  # cli_sandbox.py: `sandbox serve`
 
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: runs the CLI and maps every outcome to an exit code."""
     invocation = Invocation()  # one per run: tests call main() many times in one process
     try:
-        with feedback.use(_feedback()), _notices(), _sigterm_as_ctrl_c():
+        with feedback.use(run_feedback()), notices(), sigterm_as_ctrl_c():
             code = cli.main(args=argv, prog_name="batchplan", standalone_mode=False, obj=invocation)
     except click.exceptions.Exit as exc:
         code = exc.exit_code

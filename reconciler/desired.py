@@ -111,8 +111,8 @@ def _scan(path: Path, endpoint: str, cache: HashCache, rel: str,
 
 def _input_problems(file: str, report: InputReport, used_by: str) -> list[Problem]:
     """A file's problems; those with no line also say which spec reads the file."""
-    problems = [Problem(file, p.message if p.line else f"{p.message} (input of {used_by})", p.line, p.param,
-                        p.code) for p in report.problems]
+    problems = [dataclasses.replace(p, file=file, message=p.message if p.line else f"{p.message} (input of {used_by})")
+                for p in report.problems]
     if report.more_problems:
         problems.append(Problem(file, f"... and {report.more_problems} more problem"
                                 f"{'s' if report.more_problems != 1 else ''} in this file", code="more"))

@@ -52,7 +52,10 @@ class Notice(UserWarning):
 
 @dataclass(frozen=True)
 class Problem:
-    """One thing wrong in a spec or input file, located as precisely as we can."""
+    """One thing wrong in a spec or input file, located as precisely as we can.
+
+    For an input line, `code` is the Batch API's error code and `field` its `param`; the scan
+    names the file by its path, and the spec's loader renames it as the user wrote it."""
 
     file: str
     message: str

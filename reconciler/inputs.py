@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, BinaryIO
 import orjson
 
 from . import feedback
-from .errors import Notice
+from .errors import Notice, Problem
 
 if TYPE_CHECKING:
     from .shards import Shard, Splitter
@@ -42,16 +42,6 @@ CHUNK = 1 << 20  # bytes read (and hashed) at a time
 REQUIRED_FIELDS = ("custom_id", "method", "url", "body")
 
 
-@dataclass(frozen=True)
-class LineProblem:
-    """One problem in an input file. `code` is the Batch API's error code for it."""
-
-    code: str
-    message: str
-    line: int | None = None
-    param: str | None = None
-
-
 @dataclass
 class InputReport:
     """What one pass over an input file found."""
@@ -61,7 +51,7 @@ class InputReport:
     requests: int = 0
     models: list[str] = field(default_factory=list)
     embedding_inputs: int = 0
-    problems: list[LineProblem] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)  # code: the Batch API's error code; field: its param
     more_problems: int = 0
     shards: list[Shard] = field(default_factory=list)  # filled only when scanned with a Splitter
 
@@ -69,7 +59,7 @@ class InputReport:
     def ok(self) -> bool:
         return not self.problems
 
-    def add(self, problem: LineProblem, limit: int) -> None:
+    def add(self, problem: Problem, limit: int) -> None:
         if len(self.problems) < limit:
             self.problems.append(problem)
         else:
@@ -83,7 +73,8 @@ class _Scanner:
     anything wrong to a helper that words the problem.
     """
 
-    def __init__(self, endpoint: str, report: InputReport, limit: int, splitter: Splitter | None = None):
+    def __init__(self, file: str, endpoint: str, report: InputReport, limit: int, splitter: Splitter | None = None):
+        self.file = file  # the path as given: the caller, who knows the spec, names the file in its own words
         self.endpoint = endpoint
         self.report = report
         self.limit = limit
@@ -96,7 +87,7 @@ class _Scanner:
         self.max_inputs = MAX_EMBEDDING_INPUTS if splitter is None else -1
 
     def problem(self, code: str, message: str, line: int | None, param: str | None = None) -> None:
-        self.report.add(LineProblem(code, message, line, param), self.limit)
+        self.report.add(Problem(self.file, message, line, param, code), self.limit)
 
     def feed(self, raw: bytes | bytearray | memoryview, n: int, start: int = 0, stop: int = 0) -> None:
         """Check line `n`, which holds bytes [start, stop) of the file (its newline included)."""
@@ -298,10 +289,10 @@ def scan_input(path: Path, endpoint: str, *, limit: int = MAX_REPORTED, chunk_si
     report = InputReport()
     report.size = path.stat().st_size
     if report.size > MAX_BYTES and splitter is None:
-        report.add(LineProblem("file_too_large", f"{report.size:,} bytes is over the Batch API's limit of "
-                               f"{MAX_BYTES // 2**20} MB; split the file"), limit)
+        report.add(Problem(str(path), f"{report.size:,} bytes is over the Batch API's limit of "
+                           f"{MAX_BYTES // 2**20} MB; split the file", code="file_too_large"), limit)
         return report
-    scanner = _Scanner(endpoint, report, limit, splitter)
+    scanner = _Scanner(str(path), endpoint, report, limit, splitter)
     # A small file is hashed as it is read: a thread would cost more than it saves. A large
     # one being split is hashed by the splitter's own thread alone (see shards._ShardHashes).
     large = report.size > _BackgroundHash.PIECE
@@ -325,7 +316,7 @@ def scan_input(path: Path, endpoint: str, *, limit: int = MAX_REPORTED, chunk_si
         report.shards = splitter.finish(report.sha256 or None, n, stop)
         report.sha256 = report.sha256 or split_identity(report.shards)
     if report.requests == 0:
-        report.add(LineProblem("empty_file", "the file holds no requests; add at least one line"), limit)
+        report.add(Problem(str(path), "the file holds no requests; add at least one line", code="empty_file"), limit)
     return report
 
 

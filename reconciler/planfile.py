@@ -27,7 +27,7 @@ from .paths import confine
 from .plan import Action, Change, FieldChange, Plan, PlannedRetry, ReasonCode
 from .shards import Shard, open_range
 from .batch import BatchFields, BatchRecord
-from .state import State, format_verdict
+from .state import State, format_refusal
 
 PLANFILE_VERSION = 4  # 2: before/after hold only the batch fields; reason_code. 3: estimates, budget_usd. 4: retries
 _READS_INPUT = (Action.CREATE, Action.REPLACE, Action.RETRY)  # the actions that send lines of a local input
@@ -174,13 +174,10 @@ def load_plan(path: Path, project) -> tuple[Plan, dict]:
     except (OSError, ValueError) as exc:
         raise PlanError(f"{path}: not a batchplan plan file ({exc})") from exc
     version = document.get("format_version") if isinstance(document, dict) else None
-    verdict = format_verdict(version, PLANFILE_VERSION)
-    if verdict == "newer":
-        raise PlanError(f"{path}: made by a newer batchplan (plan file format {version}, this one reads "
-                        f"{PLANFILE_VERSION}); apply it with that batchplan, or make a new plan with this one")
-    if verdict == "wrong":
-        raise PlanError(f"{path}: plan file format {version!r} is not {PLANFILE_VERSION}; make a new plan with this "
-                        "batchplan")
+    refusal = format_refusal(version, PLANFILE_VERSION, "plan file", wrong_fix="make a new plan with this batchplan",
+                             newer_fix="apply it with that batchplan, or make a new plan with this one")
+    if refusal:
+        raise PlanError(f"{path}: {refusal}")
     if document.get("batchplan_version") != __version__:
         raise PlanError(f"{path}: made by batchplan {document.get('batchplan_version')}, this is {__version__}; "
                         "plan again with this version")

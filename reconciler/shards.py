@@ -25,13 +25,13 @@ import os
 import queue
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .errors import Problem, StalePlanError, ValidationFailed
+from .errors import StalePlanError, ValidationFailed
 from .fsutil import atomic_writer
 from .inputs import (CHUNK, MAX_BYTES, MAX_EMBEDDING_INPUTS, MAX_REQUESTS, InputReport, _lines,
                      scan_input)
@@ -268,8 +268,7 @@ def split_input(path: Path, endpoint: str, limits: ShardLimits | None = None, *,
     report = scan_input(path, endpoint, splitter=Splitter(limits))
     if not report.ok:
         more = [f"... and {report.more_problems} more"] if report.more_problems else []
-        raise ValidationFailed([Problem(file or str(path), p.message, p.line, p.param, p.code)
-                                for p in report.problems], more)
+        raise ValidationFailed([replace(p, file=file) if file else p for p in report.problems], more)
     return report
 
 

@@ -19,10 +19,11 @@ from .batch import BatchFields, BatchRecord, BatchStatus
 from .errors import ConfigError
 from .spec import ADDRESS_PATTERN, address_key, spec_of
 
-__all__ = ["FORMAT_VERSION", "BatchFields", "BatchRecord", "BatchStatus", "Entry", "HistoryItem", "Intent",
-           "Retries", "RetryIntent", "ShardPart", "State", "Upload", "format_verdict", "select_entries"]
+__all__ = ["FORMAT_VERSION", "UPGRADE", "BatchFields", "BatchRecord", "BatchStatus", "Entry", "HistoryItem", "Intent",
+           "Retries", "RetryIntent", "ShardPart", "State", "Upload", "format_refusal", "select_entries"]
 
 FORMAT_VERSION = 1
+UPGRADE = "upgrade batchplan to use this state"  # the fix for a state a newer batchplan wrote, in every store
 
 
 class Intent(BaseModel):
@@ -139,7 +140,7 @@ class Upload(BaseModel):
 class State(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    format_version: StrictInt = FORMAT_VERSION  # strict: "2" or 2.0 is never read as a format (format_verdict)
+    format_version: StrictInt = FORMAT_VERSION  # strict: "2" or 2.0 is never read as a format (format_refusal)
     lineage: str = Field(default_factory=lambda: str(uuid.uuid4()))
     serial: int = 0
     created_at: int = Field(default_factory=lambda: int(time.time()))
@@ -186,7 +187,7 @@ class State(BaseModel):
         return text.decode() + "\n"
 
 
-def format_verdict(version: object, known: int) -> Literal["ok", "newer", "wrong"]:
+def _format_verdict(version: object, known: int) -> Literal["ok", "newer", "wrong"]:
     """Whether a saved document's `format_version` is exactly the int `known` ("ok"), a later one ("newer":
     made by a newer batchplan), or anything else ("wrong").
 
@@ -199,6 +200,18 @@ def format_verdict(version: object, known: int) -> Literal["ok", "newer", "wrong
     except ValueError:
         number = None
     return "newer" if number is not None and number > known else "wrong"
+
+
+def format_refusal(version: object, known: int, kind: str, *, newer_fix: str, wrong_fix: str) -> str | None:
+    """Why a saved document with this `format_version` cannot be read, or None when it is `known`: the one
+    wording of every refusal (`kind`: "state", "plan file"), ending with the fix for each case."""
+    verdict = _format_verdict(version, known)
+    if verdict == "newer":
+        return f"written by a newer batchplan ({kind} format {version}, this one reads {known}); {newer_fix}"
+    if verdict == "wrong":
+        return (f"format_version: {version!r} is not a {kind} format this batchplan reads (the integer {known}); "
+                f"{wrong_fix}")
+    return None
 
 
 def select_entries(state: State | None, names: tuple[str, ...]) -> dict[str, Entry]:

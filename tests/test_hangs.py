@@ -233,9 +233,9 @@ def test_a_state_format_version_is_compared_strictly(repo, sandbox, sandbox_env,
 
 
 @pytest.mark.parametrize("version, said", [
-    (str(PLANFILE_VERSION), f"plan file format '{PLANFILE_VERSION}' is not {PLANFILE_VERSION}; make a new plan "
-                            "with this batchplan"),
-    (PLANFILE_VERSION + 1.0, f"made by a newer batchplan (plan file format {PLANFILE_VERSION + 1.0}, this one reads "
+    (str(PLANFILE_VERSION), f"format_version: '{PLANFILE_VERSION}' is not a plan file format this batchplan reads "
+                            f"(the integer {PLANFILE_VERSION}); make a new plan with this batchplan"),
+    (PLANFILE_VERSION + 1.0, f"written by a newer batchplan (plan file format {PLANFILE_VERSION + 1.0}, this one reads "
                              f"{PLANFILE_VERSION}); apply it with that batchplan, or make a new plan with this one"),
 ])
 def test_a_plan_file_format_version_is_compared_strictly(repo, sandbox, sandbox_env, version, said):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from reconciler.inputs import LineProblem
+from reconciler.errors import Problem
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ def too_many_tasks(limit: int) -> dict:
                        "per batch."}
 
 
-def api_worded(problems: list[LineProblem]) -> list[dict]:
+def api_worded(problems: list[Problem]) -> list[dict]:
     """`batch.errors.data` entries for scan_input's problems, in the real API's wording."""
-    return [{"code": p.code, "line": p.line, "message": API_WORDING.get(p.code, p.message), "param": p.param}
+    return [{"code": p.code, "line": p.line, "message": API_WORDING.get(p.code, p.message), "param": p.field}
             for p in problems]

@@ -27,7 +27,7 @@ from pydantic import ValidationError
 
 from ..errors import LockError, StateError
 from ..fsutil import atomic_write
-from ..state import FORMAT_VERSION, State, format_verdict
+from ..state import FORMAT_VERSION, UPGRADE, State, format_refusal
 from .base import LockInfo, StateConflict, StateStore, lock_error, warn_forcing
 
 
@@ -183,13 +183,9 @@ class FileStore(StateStore):
         except RecursionError:  # arrays in arrays, thousands deep: no state is shaped like that
             raise StateError(f"{self.path}: nested too deeply to be a batchplan state; {fix}") from None
         version = data.get("format_version", FORMAT_VERSION) if isinstance(data, dict) else FORMAT_VERSION
-        verdict = format_verdict(version, FORMAT_VERSION)
-        if verdict == "newer":
-            raise StateError(f"{self.path}: written by a newer batchplan (state format {version}, this one "
-                             f"reads {FORMAT_VERSION}); upgrade batchplan to use this state")
-        if verdict == "wrong":
-            raise StateError(f"{self.path}: format_version: {version!r} is not a state format this batchplan reads "
-                             f"(the integer {FORMAT_VERSION}); {fix}")
+        refusal = format_refusal(version, FORMAT_VERSION, "state", newer_fix=UPGRADE, wrong_fix=fix)
+        if refusal:
+            raise StateError(f"{self.path}: {refusal}")
         try:
             return State.model_validate(data)
         except ValidationError as exc:

@@ -392,16 +392,12 @@ class PostgresStore(StateStore):
         return state
 
     def _refuse_newer(self, version: object, what: str) -> None:
-        from ..state import FORMAT_VERSION, format_verdict
+        from ..state import FORMAT_VERSION, UPGRADE, format_refusal
 
-        verdict = format_verdict(version, FORMAT_VERSION)
-        if verdict == "newer":
-            raise StateError(self._message(f"{what} was written by a newer batchplan (state format {version}, this "
-                                           f"one reads {FORMAT_VERSION}); upgrade batchplan to use this state"))
-        if verdict == "wrong":
-            raise StateError(self._message(f"{what}: format_version: {version!r} is not a state format this "
-                                           f"batchplan reads (the integer {FORMAT_VERSION}); restore a good version "
-                                           "from the tables batchplan.backup or batchplan.history"))
+        refusal = format_refusal(version, FORMAT_VERSION, "state", newer_fix=UPGRADE, wrong_fix="restore a good "
+                                 "version from the tables batchplan.backup or batchplan.history")
+        if refusal:
+            raise StateError(self._message(f"{what}: {refusal}"))
 
     def save(self, state: State, expected_serial: int | None) -> None:
         # compact and unsorted: jsonb keeps neither indentation nor key order, and parses less
