@@ -42,6 +42,11 @@ def cli(repo: Repo, *args: str, env: dict | None = None):
     return run_cli(*args, "-C", str(repo.root), env=env)
 
 
+# Every bound below is far under the hang its test guards against (a wait of 30 s or more, or forever) and far
+# over a command's start on a busy two-core machine, so a loaded CI machine cannot fail a test that is right.
+PROMPTLY = 15.0
+
+
 def timed(call):
     started = time.monotonic()
     result = call()
@@ -65,7 +70,7 @@ def test_an_alias_bomb_in_a_spec_is_refused_before_any_walk(repo):
     for command in ("validate", "plan", "apply"):
         result, took = timed(lambda: cli(repo, command, "--sandbox", *(["--auto-approve"] * (command == "apply")))
                              if command != "validate" else cli(repo, command))
-        assert result.code == 1 and took < 5, (command, took, result.err)
+        assert result.code == 1 and took < PROMPTLY, (command, took, result.err)
         assert ("specs/bomb.yaml:2: YAML anchors and aliases (&name, *name) are not allowed in a spec; write the "
                 "value out, so that a reviewer sees what the batch gets") in result.err, result.err
 
@@ -87,7 +92,7 @@ def test_batchplan_yaml_allows_a_few_aliases_but_not_a_bomb_or_a_loop(repo, text
     assert cli(repo, "validate").code == 0
     (repo.root / "batchplan.yaml").write_text(text)
     result, took = timed(lambda: cli(repo, "validate"))
-    assert took < 5 and result.err == (f"Error: batchplan.yaml:{line}: YAML aliases here repeat more than 1,000 "
+    assert took < PROMPTLY and result.err == (f"Error: batchplan.yaml:{line}: YAML aliases here repeat more than 1,000 "
                                        "values in all (an alias bomb, or a loop such as &a [*a]); write the values "
                                        "out\n")
 
@@ -100,7 +105,7 @@ def test_a_retry_after_longer_than_max_wait_gives_up_at_once_with_a_clear_messag
     emulator_server.add_fault(Fault(action="reject", method="GET", path="/v1/files", retry_after=999999,
                                     times=None))
     result, took = timed(lambda: cli(repo, "plan", env=env_for(emulator_server)))
-    assert took < 5 and result.code == 1
+    assert took < PROMPTLY and result.code == 1
     assert result.err == ("Error: GET /files: server answered 429: asked to wait 999999 s before trying again "
                           "(Retry-After), longer than batchplan waits (60 s, `max_wait:` in batchplan.yaml); "
                           "nothing more was sent. Try again later\n")
@@ -117,8 +122,8 @@ def test_one_ctrl_c_cuts_a_long_retry_after_wait_and_exits_130(repo, emulator_se
     time.sleep(0.3)  # into the 100 s wait
     sent = time.monotonic()
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=10)
-    assert proc.returncode == 130 and time.monotonic() - sent < 5, (out, err)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and time.monotonic() - sent < PROMPTLY, (out, err)
     assert "Traceback" not in err
 
 
@@ -166,8 +171,8 @@ def test_sigterm_stops_an_apply_that_lists_files_forever(repo, emulator_server):
     wait_until(lambda: emulator_server.count("GET", "/v1/files") >= 20, proc)
     sent = time.monotonic()
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=10)
-    assert proc.returncode == 130 and time.monotonic() - sent < 5, (out, err)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and time.monotonic() - sent < PROMPTLY, (out, err)
     assert emulator_server.count("POST", "/v1/files") == 0 and emulator_server.count("POST", "/v1/batches") == 0
 
 
@@ -178,7 +183,8 @@ def test_an_answer_that_drips_ends_at_the_whole_requests_deadline(repo, emulator
     make_repo(repo, settings="timeout: 1\nmax_retries: 0\n")
     emulator_server.add_fault(Fault(action="drip", method="GET", path="/v1/files", seconds=0.05, times=None))
     result, took = timed(lambda: cli(repo, "plan", env=env_for(emulator_server)))
-    assert result.code == 1 and took < 4, (took, result.err)  # each byte beats the 1 s read timeout
+    # each byte beats the 1 s read timeout, but not the whole request's deadline
+    assert result.code == 1 and took < PROMPTLY, (took, result.err)
     assert result.err == (f"Error: GET /files: no answer from {emulator_server.url} (the request timed out after "
                           "1 s (`timeout:` in batchplan.yaml))\n")
 
@@ -188,7 +194,7 @@ def test_a_huge_json_answer_is_refused_without_being_read(repo, emulator_server)
     emulator_server.add_fault(Fault(action="huge_body", method="GET", path="/v1/files", size=300 << 20,
                                     times=None))
     result, took = timed(lambda: cli(repo, "plan", env=env_for(emulator_server)))
-    assert result.code == 1 and took < 5
+    assert result.code == 1 and took < PROMPTLY
     assert result.err == ("Error: GET /files: unexpected answer from the server: the answer is larger than 32 MB, "
                           "more than batchplan reads for one JSON answer; stopped reading (is OPENAI_BASE_URL an "
                           "OpenAI-compatible API?)\n")
@@ -367,4 +373,4 @@ def test_a_read_waiting_out_a_429_is_interrupted_when_apply_stops(emulator_serve
             await api.retrieve_batch("batch_abc")
 
     result, took = timed(lambda: pytest.raises(Interrupted, asyncio.run, run()))
-    assert took < 3 and str(result.value) == "GET /batches/{id}: not sent, batchplan is stopping"
+    assert took < PROMPTLY and str(result.value) == "GET /batches/{id}: not sent, batchplan is stopping"
