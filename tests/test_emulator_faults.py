@@ -119,13 +119,13 @@ def test_nth_request_from_then_on_a_limited_number_of_times(emulator_server, htt
 # --- latency and the log ---
 
 def test_latency_delays_api_requests_but_not_control_requests(emulator_server_factory):
-    server = emulator_server_factory(latency=0.4, require_auth=False)
+    server = emulator_server_factory(latency=1.5, require_auth=False)
     started = time.monotonic()
     assert httpx.get(f"{server.url}/batches").status_code == 200
-    assert time.monotonic() - started >= 0.4
+    assert time.monotonic() - started >= 1.5
     started = time.monotonic()
     assert httpx.get(f"{server.control_url}/requests").status_code == 200
-    assert time.monotonic() - started < 0.3
+    assert time.monotonic() - started < 1.0  # a loopback GET, even on a busy machine
 
 
 def test_request_log_counts(emulator_server, http, input_file_id):

@@ -203,7 +203,7 @@ def test_lock_timeout_waits_for_the_holder_to_finish(pg_store):
     started = time.monotonic()
     with pytest.raises(LockError, match=r"after waiting 0.5s"):
         other.lock(LockInfo.new("batchplan apply"), 0.5)
-    assert 0.5 <= time.monotonic() - started < 2.0
+    assert 0.5 <= time.monotonic() - started < 4.0
     threading.Timer(0.3, holder.unlock).start()
     other.lock(LockInfo.new("batchplan apply"), 5.0)
     assert other.holder().command == "batchplan apply" and other.holder().id != HOLDER.id
@@ -230,8 +230,8 @@ def test_a_sigkilled_holder_releases_the_lock_at_once(pg_store, pg_url):
         child.wait()
         child.stdout.close()
     started = time.monotonic()
-    other.lock(LockInfo.new("batchplan apply"), 5.0)  # no force-unlock: the server dropped the lock
-    assert time.monotonic() - started < 1.0
+    other.lock(LockInfo.new("batchplan apply"), 10.0)  # no force-unlock: the server dropped the lock
+    assert time.monotonic() - started < 5.0  # at once, not after waiting out the 10 s
     assert other.holder().id != lock_id
 
 
