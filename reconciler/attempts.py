@@ -199,7 +199,8 @@ async def _selection(api: Api, want: Desired, records: tuple[BatchRecord, ...], 
     if records[-1].status not in RETRY_ENDS or len(records) >= want.retry.max_attempts or _all_done(records):
         return None
     files = await asyncio.gather(*(_attempt_files(api, rec, cache) for rec in records))
-    return retry_candidates(root / want.input, classify_results(files), want.retry)
+    shard = (want.shard.start, want.shard.end) if want.shard else None  # a shard's retry: its lines only
+    return retry_candidates(root / want.input, classify_results(files), want.retry, shard)
 
 
 def _all_done(records: tuple[BatchRecord, ...]) -> bool:

@@ -153,13 +153,17 @@ class RetrySelection:
         return self.total - self.succeeded
 
 
-def retry_candidates(input_path: Path, outcome: Outcome, policy: RetryPolicy) -> RetrySelection:
-    """One streaming pass over the input: which lines to send again (see RetrySelection)."""
+def retry_candidates(input_path: Path, outcome: Outcome, policy: RetryPolicy,
+                     byte_range: tuple[int, int] | None = None) -> RetrySelection:
+    """One streaming pass over the input: which lines to send again (see RetrySelection).
+
+    `byte_range`: a shard's bytes [start, end): only its lines are counted and chosen from
+    (its attempts' result files say nothing of the other shards' requests)."""
     spans: list[tuple[int, int]] = []
     reasons: Counter[str] = Counter()
     kept: Counter[str] = Counter()
     digest, total, succeeded, size = hashlib.sha256(), 0, 0, 0
-    for custom_id, start, stop, raw in request_lines(input_path):
+    for custom_id, start, stop, raw in request_lines(input_path, *(byte_range or (0, None))):
         total += 1
         if custom_id in outcome.succeeded:
             succeeded += 1
