@@ -334,16 +334,21 @@ def sharded_specs(records: dict[str, BatchRecord | None], state: State | None) -
 
 
 def merge_shards(spec: str, names: list[str], records: dict[str, BatchRecord | None], state: State,
-                 dests: dict[str, Path], results: Path, root: Path, manifest: Manifest, report: Report) -> None:
+                 dests: dict[str, Path], results: Path, root: Path, manifest: Manifest, report: Report,
+                 earlier: dict[str, list[BatchRecord]] | None = None) -> None:
     """Write a sharded spec's output and errors as one file each, from its shards' own downloaded
     files, in input order (shards.merge_in_input_order), streaming; a merged file still intact
-    from the same shard files is skipped."""
+    from the same shard files is skipped. When a shard has retried (`earlier`: its attempts
+    before its latest), every attempt of every shard is merged (merge_shard_attempts)."""
     recs = [records[n] for n in names]
     if any(rec is None or not rec.terminal for rec in recs):
         done = sum(1 for rec in recs if rec is not None and rec.terminal)
         report.notes.append(f"{spec}: {done} of {len(names)} shards finished; its merged files are written once "
                             f"all have (`batchplan wait {spec}`)")
         return
+    if earlier and any(n in earlier for n in names):
+        attempts = {n: [*earlier.get(n, []), records[n]] for n in names}
+        return merge_shard_attempts(spec, attempts, state, dests, results, root, manifest, report)
     here = {t.dest for t in report.fetched}
     for kind, key, default in KINDS:
         ids = [getattr(rec, key) for rec in recs]
@@ -358,6 +363,47 @@ def merge_shards(spec: str, names: list[str], records: dict[str, BatchRecord | N
         how = _merge(state, names, parts, merged.dest, root)
         manifest.add(merged, merged.dest.stat().st_size)
         report.written.append(f"{spec}: wrote {merged.rel} from {len(names)} shards, {how}")
+
+
+def merge_shard_attempts(spec: str, attempts: dict[str, list[BatchRecord]], state: State, dests: dict[str, Path],
+                         results: Path, root: Path, manifest: Manifest, report: Report) -> None:
+    """A sharded spec some of whose shards retried: every attempt of every shard (each in its batch's
+    own directory) merged into the spec's output and errors files, shard by shard in input order
+    (results.merge_parts), each shard's bytes checked against the sha256 it was made from."""
+    from .results import AttemptFiles, InputPart, merge_parts
+
+    parts, here = [], {t.dest for t in report.fetched}
+    for name, records in attempts.items():
+        files = [AttemptFiles(*(batch_dir(results, name, rec.id) / default if getattr(rec, key) else None
+                                for _, key, default in KINDS)) for rec in records]
+        if any(path not in here for pair in files for path in pair if path):
+            report.notes.append(f"{spec}: its shards' attempts were not merged: not every result file of {name} "
+                                "is here")
+            return
+        entry = state.entries[name]
+        parts.append(InputPart(files, entry.shard.start, entry.shard.end, entry.fields.input_sha256)
+                     if entry.shard else InputPart(files))
+    batches = sum(len(records) for records in attempts.values())
+    shown = f"from {len(attempts)} shards, {batches} batches in all"
+    # In the manifest under every attempt's batch id, shard by shard, so an intact merge of the same attempts is kept
+    key = "shards-merged-" + hashlib.sha256("\n".join(",".join(r.id for r in records)
+                                                      for records in attempts.values()).encode()).hexdigest()[:24]
+    targets = [Target(spec, kind, key, dests[kind], _rel(dests[kind], root)) for kind, _, _ in KINDS]
+    if all(manifest.intact(target) for target in targets):
+        report.skipped.append(f"{spec}: {targets[0].rel} and {targets[1].rel} already merged {shown}")
+        return
+    first = state.entries[next(iter(attempts))]
+    try:
+        merged = merge_parts(root / str(first.fields.input), parts, dests["output"], dests["errors"])
+    except (StalePlanError, OSError) as exc:
+        why = exc if isinstance(exc, StalePlanError) else f"cannot read {first.fields.input}: {exc.strerror or exc}"
+        report.notes.append(f"{spec}: its shards' attempts were not merged: {why}; each batch's files are in its "
+                            "own directory")
+        return
+    for target in targets:
+        manifest.add(target, target.dest.stat().st_size)
+    report.written.append(f"{spec}: wrote {targets[0].rel} ({merged.outputs:,} results) and {targets[1].rel} "
+                          f"({merged.errors:,} without a result), merged {shown}")
 
 
 def _merged_id(file_ids: list[str | None]) -> str:

@@ -243,10 +243,12 @@ def retry_reason(selection: RetrySelection, attempt: int, policy: RetryPolicy) -
     return text
 
 
-def status_phrase(selection: RetrySelection, attempts: int, policy: RetryPolicy | None) -> str:
-    """What `status` says of a spec's attempts, e.g. "4,988 of 5,000 requests done over 2 attempts"."""
+def status_phrase(selection: RetrySelection, attempts: int, policy: RetryPolicy | None, used: bool = True) -> str:
+    """What `status` says of a spec's attempts, e.g. "4,988 of 5,000 requests done over 2 attempts".
+
+    `used`: False when some requests still have attempts left (a shard that made fewer than another)."""
     most = policy.max_attempts if policy is not None else 1
-    if selection.without_result and attempts >= most:
+    if selection.without_result and attempts >= most and used:
         return (f"{attempts} of {most} attempt{'s' if most != 1 else ''} used; "
                 f"{_requests(selection.without_result)} without a result")
     return f"{selection.succeeded:,} of {_requests(selection.total)} done over {attempts} " \

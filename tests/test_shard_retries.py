@@ -21,7 +21,9 @@ LIMIT = 4  # requests per shard: q-0..q-3, q-4..q-7, q-8..q-9
 
 def make_repo(root: Path, count: int = 10, retry: dict | None = None) -> Repo:
     repo = Repo(root)
-    write_jsonl(repo.root / "data" / "big.jsonl", [request_line(f"q-{i}", max_tokens=10) for i in range(count)])
+    lines = [request_line(f"q-{i}", max_tokens=10) for i in range(count)]
+    lines[9]["body"]["messages"][0]["role"] = "wizard"  # a bad request (a 400, never retried) in the last shard
+    write_jsonl(repo.root / "data" / "big.jsonl", lines)
     repo.spec("big", input="../data/big.jsonl", shard={"max_requests": LIMIT},
               retry=retry or {"max_attempts": 3})
     (repo.root / "batchplan.yaml").write_text("timeout: 0.5\nmax_retries: 2\n")
@@ -54,7 +56,33 @@ def test_a_failed_shard_alone_is_retried_from_its_own_lines_and_every_attempt_is
     apply_and_wait(repo, env)
     sandbox.emulator.batch_faults = BatchFaults()  # the next attempt goes well
 
+    # Only big[1] (q-4..q-7) has requests to send again: q-5 (500) and q-6 (429). big[2]'s q-9 is a 400.
     sha = hashlib.sha256(input_lines(repo, 5, 6)).hexdigest()
     plan = cli(repo, env, "plan")
-    print(plan.out, plan.err)
-    assert 0
+    assert plan.out == (
+        "batchplan will perform these actions:\n"
+        "\n"
+        "  ↻ big[1]  retry    2 of 4 requests without a result (1 server_error, 1 rate_limited); attempt 2 of 3\n"
+        f"      input: 2 of the 4 lines 5-8 of data/big.jsonl, as they are there (sha256 {sha[:12]})\n"
+        "      estimate: gpt-4o-mini, 2 requests, 20 input + ≤ 20 output tokens: $0.000002 – $0.000008\n"
+        "\n"
+        "Plan: 1 to retry, 2 unchanged.\n"
+        "Cost: ≈ $0.000002 – $0.000008 for 1 batch (batch prices as of 2026-10-21).\n"), plan.out + plan.err
+    (action,) = [a for a in cli(repo, env, "plan", "--json").json["actions"] if a["action"] != "noop"]
+    assert (action["name"], action["action"], action["requests"], action["attempt"]) == ("big[1]", "retry", 2, 2)
+
+    apply_and_wait(repo, env)
+    (retry_input,) = (f for f in sandbox.emulator.list_files(purpose="batch")["data"] if ".attempt-2." in f["filename"])
+    assert sandbox.emulator.open_content(retry_input["id"])[0].read() == input_lines(repo, 5, 6)  # byte for byte
+    assert cli(repo, env, "plan").out == "No changes. 3 batch(es) match their specs.\n"
+    assert cli(repo, env, "status").out.splitlines()[-1] == "big: 9 of 10 requests done over 2 attempts"
+
+    download = cli(repo, env, "download")
+    assert download.code == 0 and ("big: wrote results/big/output.jsonl (9 results) and results/big/errors.jsonl "
+                                   "(1 without a result), merged from 3 shards, 4 batches in all") in download.out
+    results = repo.root / "results" / "big"
+    assert custom_ids(results / "output.jsonl") == [f"q-{i}" for i in range(9)]  # shard order, then line order
+    assert custom_ids(results / "errors.jsonl") == ["q-9"]
+    again = cli(repo, env, "download").out
+    assert again.splitlines()[-2:] == ["  big: results/big/output.jsonl and results/big/errors.jsonl already merged "
+                                       "from 3 shards, 4 batches in all", "Downloaded 0 file(s); 7 already there."]
