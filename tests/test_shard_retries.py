@@ -86,3 +86,40 @@ def test_a_failed_shard_alone_is_retried_from_its_own_lines_and_every_attempt_is
     again = cli(repo, env, "download").out
     assert again.splitlines()[-2:] == ["  big: results/big/output.jsonl and results/big/errors.jsonl already merged "
                                        "from 3 shards, 4 batches in all", "Downloaded 0 file(s); 7 already there."]
+
+
+def test_expired_shards_each_retry_their_own_requests_and_status_sums_them(sandbox_factory, tmp_path):
+    sandbox = sandbox_factory(timing=STEPS, max_requests=LIMIT, expire_after=0.5)
+    env = env_for(sandbox)
+    repo = make_repo(tmp_path / "repo", retry={"max_attempts": 2, "on": ["expired"]})
+    apply_and_wait(repo, env)
+    sandbox.emulator.batch_faults = BatchFaults()
+    assert [line.split("  retry    ")[1] for line in cli(repo, env, "plan").out.splitlines() if "↻" in line] == [
+        "2 of 4 requests without a result (expired); attempt 2 of 2",
+        "2 of 4 requests without a result (expired); attempt 2 of 2",
+        "2 of 2 requests without a result (expired); attempt 2 of 2"]  # q-9, the bad request, never ran
+    assert status_notes(repo, env) == ["big: 4 of 10 requests done over 1 attempt",
+                                       "big[0]: 2 of 4 requests done over 1 attempt",
+                                       "big[1]: 2 of 4 requests done over 1 attempt",
+                                       "big[2]: 0 of 2 requests done over 1 attempt"]
+    apply_and_wait(repo, env)
+
+    entries = repo.state()["entries"]
+    for index, lines in enumerate([range(0, 4), range(4, 8), range(8, 10)]):  # each retry input: its shard's lines
+        (retry,) = entries[f"big[{index}]"]["retries"]["batches"]
+        sent = sandbox.emulator.open_content(retry["input_file_id"])[0].read().splitlines(keepends=True)
+        assert sent and b"".join(sent) == input_lines(repo, *(i for i in lines if input_lines(repo, i) in sent))
+    assert status_notes(repo, env) == ["big: 2 of 2 attempts used; 1 request without a result",
+                                       "big[0]: 4 of 4 requests done over 2 attempts",
+                                       "big[1]: 4 of 4 requests done over 2 attempts",
+                                       "big[2]: 2 of 2 attempts used; 1 request without a result"]
+    assert "merged from 3 shards, 6 batches in all" in cli(repo, env, "download").out
+    results = repo.root / "results" / "big"
+    assert custom_ids(results / "output.jsonl") == [f"q-{i}" for i in range(9)]
+    errors = (results / "errors.jsonl").read_text()
+    assert custom_ids(results / "errors.jsonl") == ["q-9"] and json.loads(errors)["response"]["status_code"] == 400  # its latest
+
+
+def status_notes(repo: Repo, env: dict) -> list[str]:
+    """The notes under `status --shards`' table: what each spec's and shard's attempts came to."""
+    return [line for line in cli(repo, env, "status", "--shards").out.splitlines() if ": " in line]
