@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
 from pathlib import Path
 
-from reconciler.sandbox import Timing
+from reconciler.sandbox import Fault, Timing
 from reconciler.sandbox.outcomes import BatchFaults, RequestFault
-from tests.helpers import Repo, env_for, request_line, run_cli, write_jsonl
+from tests.helpers import Repo, env_for, request_line, run_cli, spawn_cli, write_jsonl
+from tests.test_reliability import batches_by_name, uploads_by_name, wait_for
 
 STEPS = Timing(validating=0.05, in_progress=0.4, finalizing=0.05)
 LIMIT = 4  # requests per shard: q-0..q-3, q-4..q-7, q-8..q-9
@@ -118,6 +120,36 @@ def test_expired_shards_each_retry_their_own_requests_and_status_sums_them(sandb
     assert custom_ids(results / "output.jsonl") == [f"q-{i}" for i in range(9)]
     errors = (results / "errors.jsonl").read_text()
     assert custom_ids(results / "errors.jsonl") == ["q-9"] and json.loads(errors)["response"]["status_code"] == 400  # its latest
+
+
+def test_a_kill_between_a_shard_retry_upload_and_its_create_makes_exactly_one_retry(emulator_server_factory,
+                                                                                   tmp_path):
+    """SIGKILL while big[1]'s retry create is on its way (and lands after the kill): adopted, not made twice."""
+    server = emulator_server_factory(timing=STEPS, max_requests=LIMIT, latency=0.01,
+                                     request_faults=[RequestFault(custom_id="^q-[56]$", status=500)])
+    env = env_for(server)
+    repo = make_repo(tmp_path / "repo")
+    apply_and_wait(repo, env)
+    server.emulator.batch_faults = BatchFaults()
+    server.add_fault(Fault(action="stall", method="POST", path_regex="^/v1/batches$", seconds=0.3, then="answer"))
+    proc = spawn_cli("apply", "--auto-approve", "-C", str(repo.root), env=env)
+    wait_for(lambda: server.fault_status()[0]["fired"] or proc.poll() is not None)
+    proc.kill()
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL  # killed with the upload done and the create not answered
+    assert repo.state()["entries"]["big[1]"]["retries"]["intent"]["tag"].endswith("/2")
+
+    assert (done := cli(repo, env, "apply", "--auto-approve")).code == 0, done.out + done.err
+    server.wait_idle()
+    cli(repo, env, "wait", "--interval", "0.05")
+    made = batches_by_name(server)
+    assert {name: len(ids) for name, ids in made.items()} == {"big[0]": 1, "big[1]": 2, "big[2]": 1}
+    retries = repo.state()["entries"]["big[1]"]["retries"]
+    assert [b["id"] for b in retries["batches"]] == [made["big[1]"][0]] and retries["intent"] is None
+    assert sum(".attempt-2." in name for name in uploads_by_name(server)) == 1  # the retry input, uploaded once
+    assert cli(repo, env, "plan", "--detailed-exitcode").code == 0
+    assert cli(repo, env, "download").code == 0
+    assert custom_ids(repo.root / "results" / "big" / "output.jsonl") == [f"q-{i}" for i in range(9)]
 
 
 def status_notes(repo: Repo, env: dict) -> list[str]:
