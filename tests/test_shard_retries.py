@@ -12,6 +12,8 @@ import json
 import signal
 from pathlib import Path
 
+import pytest
+
 from reconciler.sandbox import Fault, Timing
 from reconciler.sandbox.outcomes import BatchFaults, RequestFault
 from tests.helpers import Repo, env_for, request_line, run_cli, spawn_cli, write_jsonl
@@ -155,3 +157,58 @@ def test_a_kill_between_a_shard_retry_upload_and_its_create_makes_exactly_one_re
 def status_notes(repo: Repo, env: dict) -> list[str]:
     """The notes under `status --shards`' table: what each spec's and shard's attempts came to."""
     return [line for line in cli(repo, env, "status", "--shards").out.splitlines() if ": " in line]
+
+
+# --- the pieces, over real files --------------------------------------------------------------
+
+def shard_ranges(source: Path, *sizes: int) -> list[tuple[int, int]]:
+    """The byte ranges of consecutive runs of `sizes` lines of `source`."""
+    lines, ranges, start = source.read_bytes().splitlines(keepends=True), [], 0
+    for size in sizes:
+        end = start + sum(len(line) for line in lines[:size])
+        ranges.append((start, end))
+        lines, start = lines[size:], end
+    return ranges
+
+
+def test_a_shard_selection_counts_and_chooses_only_the_shard_lines(tmp_path):
+    from reconciler.results import classify_results
+    from reconciler.retries import RetryPolicy, iter_retry_lines, retry_candidates
+    from tests.test_retries import expired, failed, ok, request, write
+
+    source = write(tmp_path / "in.jsonl", [request(c) for c in "abcdef"])
+    second = shard_ranges(source, 3, 3)[1]  # d, e, f
+    outcome = classify_results([(write(tmp_path / "o.jsonl", [ok("e")]),
+                                 write(tmp_path / "e.jsonl", [expired("d"), failed("f", 500)]))])
+    selection = retry_candidates(source, outcome, RetryPolicy(max_attempts=2), second)
+    assert (selection.total, selection.succeeded, selection.requests, dict(selection.reasons)) == (
+        3, 1, 2, {"expired": 1, "server_error": 1})
+    lines = source.read_bytes().splitlines(keepends=True)
+    assert b"".join(iter_retry_lines(source, selection)) == lines[3] + lines[5]  # byte for byte, its lines only
+    assert not selection.kept  # a, b, c (another shard's) are not "missing": they are not counted at all
+
+
+def test_merge_parts_puts_every_shard_attempts_in_input_order_and_checks_each_shard_bytes(tmp_path):
+    from reconciler.errors import StalePlanError
+    from reconciler.results import InputPart, merge_parts
+    from tests.test_retries import expired, failed, ok, request, write
+
+    source = write(tmp_path / "in.jsonl", [request(c) for c in "abcdef"])
+    (a, b), raw = shard_ranges(source, 3, 3), source.read_bytes()
+    first = [(write(tmp_path / "0-1o.jsonl", [ok("c"), ok("a")]), write(tmp_path / "0-1e.jsonl", [failed("b", 400)]))]
+    second = [(write(tmp_path / "1-1o.jsonl", [ok("f"), ok("zz")]),
+               write(tmp_path / "1-1e.jsonl", [expired("e"), failed("d", 500)])),
+              (write(tmp_path / "1-2o.jsonl", [ok("d", "second")]), write(tmp_path / "1-2e.jsonl", [expired("e")]))]
+    parts = [InputPart(first, *a, hashlib.sha256(raw[slice(*a)]).hexdigest()),
+             InputPart(second, *b, hashlib.sha256(raw[slice(*b)]).hexdigest())]
+    out, err = tmp_path / "results" / "output.jsonl", tmp_path / "results" / "errors.jsonl"
+    report = merge_parts(source, parts, out, err)
+    assert out.read_text() == "".join(json.dumps(x) + "\n" for x in (ok("a"), ok("c"), ok("d", "second"), ok("f"),
+                                                                     ok("zz")))  # a stray follows its shard's lines
+    assert err.read_text() == "".join(json.dumps(x) + "\n" for x in (failed("b", 400), expired("e")))
+    assert (report.outputs, report.errors, report.missing, report.strays) == (4, 2, 0, 1)
+
+    write(tmp_path / "in.jsonl", [request(c) for c in "abcdeX"])  # the second shard's bytes changed since
+    with pytest.raises(StalePlanError, match="changed since the batch was made from them"):
+        merge_parts(source, parts, out, err)
+    assert json.loads(out.read_text().splitlines()[2]) == ok("d", "second")  # neither file was replaced
