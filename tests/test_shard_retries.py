@@ -91,6 +91,13 @@ def test_a_failed_shard_alone_is_retried_from_its_own_lines_and_every_attempt_is
     assert again.splitlines()[-2:] == ["  big: results/big/output.jsonl and results/big/errors.jsonl already merged "
                                        "from 3 shards, 4 batches in all", "Downloaded 0 file(s); 7 already there."]
 
+    edited = (repo.root / "data" / "big.jsonl").read_bytes().replace(b'"q-6"', b'"q-6b"')
+    (repo.root / "data" / "big.jsonl").write_bytes(edited)  # big[1]'s bytes are no longer those it was made from
+    (results / "output.jsonl").unlink()
+    changed = cli(repo, env, "download")
+    assert changed.code == 0 and "big: its shards' attempts were not merged: bytes " in changed.out
+    assert "changed since the batch was made from them" in changed.out and not (results / "output.jsonl").exists()
+
 
 def test_expired_shards_each_retry_their_own_requests_and_status_sums_them(sandbox_factory, tmp_path):
     sandbox = sandbox_factory(timing=STEPS, max_requests=LIMIT, expire_after=0.5)
