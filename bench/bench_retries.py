@@ -12,6 +12,8 @@ retry) answered every request it was sent. Measured in this process, best of --r
   retry_candidates     attempt 1's outcome against the input (the selection and its sha256)
   write_retry_input    the selected lines written to a file, checked against that sha256
   merge_attempts       output.jsonl and errors.jsonl of both attempts, in input order
+  merge_parts          the same with the input cut into --shards shards, each with its own two
+                       attempts' result files (a sharded spec's `download`): one shard read at a time
 
 and, in a second pass under tracemalloc, the peak of Python allocations of each step.
 """
@@ -31,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import cleanup, table, verdict, workdir  # noqa: E402
 
 from reconciler.inputs import hash_file  # noqa: E402
-from reconciler.results import classify_results, merge_attempts  # noqa: E402
+from reconciler.results import InputPart, classify_results, merge_attempts, merge_parts  # noqa: E402
 from reconciler.retries import RetryPolicy, retry_candidates, write_retry_input  # noqa: E402
 
 MB = 1024 * 1024
@@ -71,6 +73,29 @@ def generate(root: Path, requests: int, kb: float) -> tuple[Path, list[tuple[Pat
     return source, attempts
 
 
+def split_into_shards(root: Path, source: Path, attempts: list[tuple[Path, Path]], shards: int) -> list[InputPart]:
+    """The input cut into `shards` runs of lines, and each attempt's result files cut to match."""
+    lines = source.read_bytes().splitlines(keepends=True)
+    size = -(-len(lines) // shards)
+    parts, offset = [], 0
+    for index in range(shards):
+        chunk = lines[index * size:(index + 1) * size]
+        ids = {json.loads(line)["custom_id"] for line in chunk}
+        files = []
+        for n, pair in enumerate(attempts, start=1):
+            cut = []
+            for kind, path in zip(("output", "errors"), pair):
+                dest = root / f"shard-{index}-{n}-{kind}.jsonl"
+                dest.write_bytes(b"".join(line for line in path.read_bytes().splitlines(keepends=True)
+                                          if json.loads(line)["custom_id"] in ids))
+                cut.append(dest)
+            files.append(tuple(cut))
+        end = offset + sum(map(len, chunk))
+        parts.append(InputPart(files, offset, end))
+        offset = end
+    return parts
+
+
 def best(func, repeat: int) -> tuple[float, float]:
     runs = []
     for _ in range(repeat):
@@ -93,12 +118,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=50_000, help="requests in the input [50000]")
     parser.add_argument("--kb", type=float, default=1.0, help="KB of text per request and per answer [1]")
+    parser.add_argument("--shards", type=int, default=5, help="shards for merge_parts [5]")
     parser.add_argument("--repeat", type=int, default=3, help="runs of each measurement; the best counts [3]")
     args = parser.parse_args()
 
     root = workdir("retries")
     try:
         source, attempts = generate(root, args.requests, args.kb)
+        parts = split_into_shards(root, source, attempts, args.shards)
         files = [source, *(p for pair in attempts for p in pair)]
         total_mb = sum(p.stat().st_size for p in files) / MB
         print(f"batchplan retry bench: {args.requests:,} requests, {total_mb:.0f} MB of input and results, "
@@ -114,6 +141,8 @@ def main() -> int:
                                   selection.size / MB),
             "merge_attempts (2 attempts)": (lambda: merge_attempts(source, attempts, root / "out.jsonl",
                                                                    root / "err.jsonl"), total_mb),
+            f"merge_parts ({args.shards} shards x 2 attempts)": (
+                lambda: merge_parts(source, parts, root / "out.jsonl", root / "err.jsonl"), total_mb),
         }
         timings = {label: best(func, args.repeat) for label, (func, _) in steps.items()}
         peaks = {label: peak_mb(func) for label, (func, _) in steps.items()}
@@ -132,6 +161,10 @@ def main() -> int:
     worst = max(row[5] for row in rows[1:])
     print(f"  every step within {TARGET_X_PLAIN}x the CPU time of a plain read of its bytes: worst {worst:.1f}x  "
           f"{verdict(worst <= TARGET_X_PLAIN)}")
+    whole, sharded = peaks["merge_attempts (2 attempts)"], peaks[f"merge_parts ({args.shards} shards x 2 attempts)"]
+    print(f"  a sharded merge holds one shard's references at a time: peak {sharded:.1f} MB against {whole:.1f} MB "
+          f"for the file as one part ({whole / max(sharded, 1e-9):.1f}x less)  "
+          f"{verdict(sharded <= 2 * whole / args.shards)}")
     per_request = max(peaks.values()) * MB / args.requests
     print(f"  memory <= {TARGET_BYTES_PER_REQUEST} bytes a request (never a file held whole): "
           f"{per_request:.0f} bytes  {verdict(per_request <= TARGET_BYTES_PER_REQUEST)}")

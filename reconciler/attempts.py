@@ -8,6 +8,7 @@ This module is what the rest of batchplan asks about them:
     latest_entries    the entries with each one's latest attempt as its `batch`: what
                       status, wait, refresh and download follow
     attempts_phrase   what `status` says of a spec's attempts, from their request counts
+                      (shards_attempts_phrase: summed over a sharded spec's shards)
     read_attempts     the plan's results stage, before the pure build_plan: refreshes running
                       retry batches, finds a retry batch whose create answer was lost, and
                       reads the result files of ended attempts (through the ResultsCache, each
@@ -74,16 +75,31 @@ def attempts_phrase(entry: Entry, latest: BatchRecord, policy: RetryPolicy | Non
 
     Counted from the batches' request counts: a retry sends only requests with no result yet,
     so the requests done are the sum of every attempt's completed ones."""
-    records = attempt_records(entry)
-    if not records or not latest.terminal or (policy is None and len(records) == 1):
+    return shards_attempts_phrase([(entry, latest)], policy)
+
+
+def shards_attempts_phrase(shards: list[tuple[Entry, BatchRecord | None]], policy: RetryPolicy | None) -> str | None:
+    """`attempts_phrase` of a spec split into shards (each shard's entry and latest record), summed over
+    its shards, once every shard's latest attempt has ended: "over N attempts" is the most any shard
+    made, and the attempts are "used" once every shard with requests left has made its last."""
+    made, total, done, out_of_attempts = 0, 0, 0, True
+    most = policy.max_attempts if policy is not None else 1  # without a policy, no more are made
+    for entry, latest in shards:
+        records = attempt_records(entry)
+        if not records or latest is None or not latest.terminal:
+            return None
+        records[-1] = latest
+        shard_total = (records[0].request_counts or {}).get("total", 0)
+        shard_done = min(sum((rec.request_counts or {}).get("completed", 0) for rec in records), shard_total)
+        made, total, done = max(made, len(records)), total + shard_total, done + shard_done
+        out_of_attempts &= shard_done == shard_total or len(records) >= most
+    if policy is None and made == 1:
         return None
-    records[-1] = latest
-    total = (records[0].request_counts or {}).get("total", 0)
-    done = sum((rec.request_counts or {}).get("completed", 0) for rec in records)
-    counted = RetrySelection(total=total, succeeded=min(done, total), reasons=Counter(), kept=Counter(), spans=(),
-                             sha256="", size=0)
-    made = len(records)  # a spec whose retry: was removed has used what it made
-    return status_phrase(counted, made, policy or RetryPolicy(max_attempts=min(made, MAX_ATTEMPTS)))
+    counted = RetrySelection(total=total, succeeded=done, reasons=Counter(), kept=Counter(), spans=(), sha256="",
+                             size=0)
+    # a spec whose retry: was removed has used what it made
+    return status_phrase(counted, made, policy or RetryPolicy(max_attempts=min(made, MAX_ATTEMPTS)),
+                         used=out_of_attempts)
 
 
 @dataclass(frozen=True)
@@ -199,7 +215,8 @@ async def _selection(api: Api, want: Desired, records: tuple[BatchRecord, ...], 
     if records[-1].status not in RETRY_ENDS or len(records) >= want.retry.max_attempts or _all_done(records):
         return None
     files = await asyncio.gather(*(_attempt_files(api, rec, cache) for rec in records))
-    return retry_candidates(root / want.input, classify_results(files), want.retry)
+    shard = (want.shard.start, want.shard.end) if want.shard else None  # a shard's retry: its lines only
+    return retry_candidates(root / want.input, classify_results(files), want.retry, shard)
 
 
 def _all_done(records: tuple[BatchRecord, ...]) -> bool:

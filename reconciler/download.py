@@ -10,7 +10,8 @@ latest batch's also to the spec's `output:` / `errors:` paths (relative to the r
 else `<results>/<name>/output.jsonl` and `<results>/<name>/errors.jsonl` (a copy, not a
 link: editing the latest never changes the kept one). A spec split into shards keeps each
 shard's files under `<results>/<name>/<batch id>/` too, and its latest files are merged
-from them, in input order, once every shard has finished (`merge_shards`). Every destination is checked before
+from them, in input order, once every shard has finished (`merge_shards`; every attempt of every shard
+once a shard has retried, `merge_shard_attempts`). Every destination is checked before
 anything is fetched (Project.results_area): symlinks resolved, it must be under the
 results directory and never over a spec, an input, the state, its lock or a cache. Each
 file is streamed to a temp file and renamed into place (api.download_file), and recorded
@@ -37,7 +38,10 @@ from .spec import LoadedSpec, shard_of, spec_of
 from .batch import BatchRecord
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from .api import Api
+    from .results import AttemptFiles, MergeReport
     from .state import State
 
 MANIFEST = ".batchplan-downloads.json"
@@ -171,26 +175,45 @@ def merge_results(name: str, records: list[BatchRecord], source: Path, dests: di
     """Merge every attempt's files (in their own directories) into the name's output and errors files:
     one line per request that succeeded in any attempt, and the latest error of each that never did,
     in the order of `source`, the input (results.merge_attempts)."""
-    from .results import AttemptFiles, merge_attempts
+    from .results import merge_attempts
 
-    files = [AttemptFiles(*(batch_dir(results, name, rec.id) / default if getattr(rec, key) else None
-                            for _, key, default in KINDS)) for rec in records]
-    here = {t.dest for t in report.fetched}
-    if any(path not in here for pair in files for path in pair if path):
+    files = attempt_result_paths(name, records, results)
+    if not _all_here(files, report):
         report.notes.append(f"{name}: its {len(records)} attempts were not merged: not every result file is here")
         return
     # In the manifest under the attempts' batch ids, so that an intact merge of the same attempts is kept
     key = "merged:" + ",".join(rec.id for rec in records)
+    write_merged(name, key, f"from {len(records)} attempts", dests, root, manifest, report,
+                 lambda out, err: merge_attempts(source, files, out, err))
+
+
+def attempt_result_paths(name: str, records: list[BatchRecord], results: Path) -> list[AttemptFiles]:
+    """Where each attempt's output and error files are downloaded (None where the batch has none)."""
+    from .results import AttemptFiles
+
+    return [AttemptFiles(*(batch_dir(results, name, rec.id) / default if getattr(rec, key) else None
+                           for _, key, default in KINDS)) for rec in records]
+
+
+def _all_here(files: list[AttemptFiles], report: Report) -> bool:
+    """Whether every one of the files is on disk intact now (downloaded or already there)."""
+    here = {t.dest for t in report.fetched}
+    return all(path in here for pair in files for path in pair if path)
+
+
+def write_merged(name: str, key: str, origin: str, dests: dict[str, Path], root: Path, manifest: Manifest,
+                 report: Report, merge: Callable[[Path, Path], MergeReport]) -> None:
+    """Write a name's merged output and errors files with `merge(output, errors)`, unless both are still
+    intact from the same batches (`key`, the manifest's file id); `origin` says what they are merged from."""
     targets = [Target(name, kind, key, dests[kind], _rel(dests[kind], root)) for kind, _, _ in KINDS]
-    shown = f"{targets[0].rel} and {targets[1].rel}"
     if all(manifest.intact(target) for target in targets):
-        report.skipped.append(f"{name}: {shown} already merged from {len(records)} attempts")
+        report.skipped.append(f"{name}: {targets[0].rel} and {targets[1].rel} already merged {origin}")
         return
-    merged = merge_attempts(source, files, dests["output"], dests["errors"])
+    merged = merge(dests["output"], dests["errors"])
     for target in targets:
         manifest.add(target, target.dest.stat().st_size)
     report.written.append(f"{name}: wrote {targets[0].rel} ({merged.outputs:,} results) and {targets[1].rel} "
-                          f"({merged.errors:,} without a result), merged from {len(records)} attempts")
+                          f"({merged.errors:,} without a result), merged {origin}")
 
 
 def _missing_files(name: str, rec: BatchRecord) -> list[str]:
@@ -334,16 +357,21 @@ def sharded_specs(records: dict[str, BatchRecord | None], state: State | None) -
 
 
 def merge_shards(spec: str, names: list[str], records: dict[str, BatchRecord | None], state: State,
-                 dests: dict[str, Path], results: Path, root: Path, manifest: Manifest, report: Report) -> None:
+                 dests: dict[str, Path], results: Path, root: Path, manifest: Manifest, report: Report,
+                 earlier: dict[str, list[BatchRecord]] | None = None) -> None:
     """Write a sharded spec's output and errors as one file each, from its shards' own downloaded
     files, in input order (shards.merge_in_input_order), streaming; a merged file still intact
-    from the same shard files is skipped."""
+    from the same shard files is skipped. When a shard has retried (`earlier`: its attempts
+    before its latest), every attempt of every shard is merged (merge_shard_attempts)."""
     recs = [records[n] for n in names]
     if any(rec is None or not rec.terminal for rec in recs):
         done = sum(1 for rec in recs if rec is not None and rec.terminal)
         report.notes.append(f"{spec}: {done} of {len(names)} shards finished; its merged files are written once "
                             f"all have (`batchplan wait {spec}`)")
         return
+    if earlier and any(n in earlier for n in names):
+        attempts = {n: [*earlier.get(n, []), records[n]] for n in names}
+        return merge_shard_attempts(spec, attempts, state, dests, results, root, manifest, report)
     here = {t.dest for t in report.fetched}
     for kind, key, default in KINDS:
         ids = [getattr(rec, key) for rec in recs]
@@ -358,6 +386,36 @@ def merge_shards(spec: str, names: list[str], records: dict[str, BatchRecord | N
         how = _merge(state, names, parts, merged.dest, root)
         manifest.add(merged, merged.dest.stat().st_size)
         report.written.append(f"{spec}: wrote {merged.rel} from {len(names)} shards, {how}")
+
+
+def merge_shard_attempts(spec: str, attempts: dict[str, list[BatchRecord]], state: State, dests: dict[str, Path],
+                         results: Path, root: Path, manifest: Manifest, report: Report) -> None:
+    """A sharded spec some of whose shards retried: every attempt of every shard (each in its batch's
+    own directory) merged into the spec's output and errors files, shard by shard in input order
+    (results.merge_parts), each shard's bytes checked against the sha256 it was made from."""
+    from .results import InputPart, merge_parts
+
+    parts = []
+    for name, records in attempts.items():
+        files, entry = attempt_result_paths(name, records, results), state.entries[name]
+        if not _all_here(files, report):
+            report.notes.append(f"{spec}: its shards' attempts were not merged: not every result file of {name} "
+                                "is here")
+            return
+        parts.append(InputPart(files, entry.shard.start, entry.shard.end, entry.fields.input_sha256)
+                     if entry.shard else InputPart(files))
+    batches = sum(len(records) for records in attempts.values())
+    # In the manifest under every attempt's batch id, shard by shard, so an intact merge of the same attempts is kept
+    key = "shards-merged-" + hashlib.sha256("\n".join(",".join(r.id for r in records)
+                                                      for records in attempts.values()).encode()).hexdigest()[:24]
+    source = root / str(state.entries[next(iter(attempts))].fields.input)
+    try:
+        write_merged(spec, key, f"from {len(attempts)} shards, {batches} batches in all", dests, root, manifest,
+                     report, lambda out, err: merge_parts(source, parts, out, err))
+    except (StalePlanError, OSError) as exc:
+        why = exc if isinstance(exc, StalePlanError) else f"{exc.filename or source}: {exc.strerror or exc}"
+        report.notes.append(f"{spec}: its shards' attempts were not merged: {why}; each batch's files are in its "
+                            "own directory")
 
 
 def _merged_id(file_ids: list[str | None]) -> str:

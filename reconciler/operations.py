@@ -469,17 +469,23 @@ def _latest(entries: dict[str, Entry]) -> dict[str, Entry]:
 
 
 def _attempt_phrases(project: Project, entries: dict[str, Entry], snapshot: Snapshot) -> dict[str, str]:
-    """name -> what its attempts came to, for the specs that retry or have retried (`status`)."""
-    from .attempts import attempts_phrase
-    from .spec import load_specs
+    """name -> what its attempts came to, for the specs (and shards) that retry or have retried (`status`);
+    a sharded spec's name -> its shards' summed."""
+    from .attempts import attempts_phrase, shards_attempts_phrase
+    from .spec import load_specs, shard_of, spec_of
 
     loaded, _ = load_specs(project.specs_dir, project.root)  # status works with a broken spec: its policy is unknown
     policies = {item.spec.name: item.spec.retry_policy(project.retry) for item in loaded}
-    phrases = {}
+    phrases, sharded = {}, {}
     for name, entry in entries.items():
         latest = snapshot.records.get(name)
-        if latest and (phrase := attempts_phrase(entry, latest, policies.get(name))):
+        if latest and (phrase := attempts_phrase(entry, latest, policies.get(spec_of(name)))):
             phrases[name] = phrase
+        if shard_of(name) is not None:
+            sharded.setdefault(spec_of(name), []).append((entry, latest))
+    for spec, shards in sharded.items():
+        if phrase := shards_attempts_phrase(shards, policies.get(spec)):
+            phrases[spec] = phrase
     return phrases
 
 
@@ -615,8 +621,7 @@ def download(project: Project, names: tuple[str, ...], *, batch_id: str | None =
         dests = destinations(specs, list(dict.fromkeys([*own, *map(spec_of, records)])), area)
         wanted, notes = files_to_download(records, {n: dests[n] for n in own}, project.root, project.results_dir,
                                           latest)
-        # every attempt of a retried spec (a shard's retries: only its latest attempt, merged with the shards)
-        earlier = _earlier_attempts(state, {n: r for n, r in records.items() if n in own}) if latest else {}
+        earlier = _earlier_attempts(state, records) if latest else {}  # every attempt of a retried spec or shard
         wanted = every_attempt(wanted, earlier, dests, project.root, project.results_dir)
         if latest:
             notes += notes_on_earlier_files({n: r for n, r in records.items() if n not in earlier}, dests,
@@ -627,10 +632,11 @@ def download(project: Project, names: tuple[str, ...], *, batch_id: str | None =
             restore_latest(restore, manifest, report)
             if todo:
                 session.run(lambda s: _download_from_each(s, todo, found.providers, manifest, report))
-            _merge_attempts(project, state, earlier, records, dests, manifest, report)
+            _merge_attempts(project, state, {n: e for n, e in earlier.items() if n in own}, records, dests,
+                            manifest, report)
             for spec, shards in (sharded_specs(records, state) if latest else {}).items():
                 merge_shards(spec, shards, records, state, dests[spec], project.results_dir, project.root,
-                             manifest, report)
+                             manifest, report, earlier)
         finally:
             manifest.save()
     if join:

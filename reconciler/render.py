@@ -100,9 +100,10 @@ def _detail_lines(change: Change) -> list[str]:
     if change.action is Action.CREATE and change.desired:
         return queued + _create_lines(change.desired)
     if change.action is Action.RETRY and change.retry and change.desired and not change.found:
-        sent = change.retry.selection
-        return [f"input: {sent.requests:,} of the {sent.total:,} lines of {change.desired.input}, as they are there "
-                f"(sha256 {_short_hash(sent.sha256)})"]
+        sent, shard = change.retry.selection, change.desired.shard
+        lines = f" {shard.first_line:,}-{shard.last_line:,}" if shard else ""  # a shard's retry: its lines only
+        return [f"input: {sent.requests:,} of the {sent.total:,} lines{lines} of {change.desired.input}, as they are "
+                f"there (sha256 {_short_hash(sent.sha256)})"]
     return queued
 
 

@@ -11,19 +11,24 @@ per request in the API's shape: `{"id", "custom_id", "response": {"status_code",
     request_lines      the custom_id and byte range of each line of an input file
     merge_attempts     one output file (first success per request) and one error file (latest
                        error of each request still without a result), both in input order
+    merge_parts        the same for a spec split into shards: shard by shard, each shard's
+                       attempts read on their own (InputPart)
     ResultsCache       downloaded result files by file id, each with its sha256 next to it,
                        so that none is downloaded twice
 
 The result files given to one call may be a spec's shards and attempts in any mix: input
 order always comes from the input file, and "latest" means later in the list given. Memory
-is one small entry per request (custom_id -> reference); no file is held whole.
+is one small entry per request (custom_id -> reference) of the files read at once (one
+shard's, in merge_parts); no file is held whole.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -32,7 +37,7 @@ from typing import TYPE_CHECKING, BinaryIO, NamedTuple
 
 import orjson
 
-from .errors import StateError
+from .errors import StalePlanError, StateError
 from .fsutil import atomic_writer
 from .inputs import hash_file
 
@@ -140,23 +145,38 @@ def _classify_line(outcome: Outcome, raw: bytes, ref: LineRef) -> None:
     outcome.add(custom_id, error_class(line), ref)
 
 
-def _numbered_lines(fh: BinaryIO) -> Iterator[tuple[int, int, bytes]]:
-    """(start, stop, line) for each line of a binary file, the newline (if any) included."""
-    offset = 0
+def _numbered_lines(fh: BinaryIO, offset: int = 0) -> Iterator[tuple[int, int, bytes]]:
+    """(start, stop, line) for each line of a binary file from `offset` (where `fh` is), the newline
+    (if any) included."""
     for raw in fh:
         yield offset, offset + len(raw), raw
         offset += len(raw)
 
 
-def request_lines(path: Path) -> Iterator[tuple[str | None, int, int, bytes]]:
+def request_lines(path: Path, start: int = 0, end: int | None = None,
+                  sha256: str | None = None) -> Iterator[tuple[str | None, int, int, bytes]]:
     """(custom_id, start, stop, line) for each non-blank line of an input file, in file order.
 
+    `start`, `end`: only the lines of bytes [start, end) (a shard's, cut at line boundaries);
+    the whole file by default. `sha256`: those bytes are hashed as they are read, and
+    StalePlanError is raised after the last line if they are not that content (the input
+    changed since its batch was made), so a caller writing atomically writes nothing.
     custom_id is None on a line that has none (a validated input has none such).
     """
+    digest = hashlib.sha256() if sha256 else None
     with path.open("rb") as fh:
-        for start, stop, raw in _numbered_lines(fh):
+        fh.seek(start)
+        for first, stop, raw in _numbered_lines(fh, start):
+            if end is not None and first >= end:
+                break
+            if digest is not None:
+                digest.update(raw)
             if raw.strip():
-                yield custom_id_of(raw), start, stop, raw
+                yield custom_id_of(raw), first, stop, raw
+    if digest is not None and digest.hexdigest() != sha256:
+        where = f"bytes {start:,}..{end:,} of {path}" if end is not None else str(path)
+        raise StalePlanError(f"{where} changed since the batch was made from them (sha256 "
+                             f"{digest.hexdigest()[:12]}, expected {sha256[:12]})")
 
 
 # The custom_id of a line that starts with it (a request line), or with an `id` and then it
@@ -192,26 +212,56 @@ class MergeReport:
     strays: int
 
 
+@dataclass(frozen=True)
+class InputPart:
+    """Bytes [start, end) of an input file (a shard's; the whole file when `end` is None) and the
+    result files of every attempt made for them, oldest first. `sha256`: of those bytes, checked
+    as they are read (None: the caller checked the file)."""
+
+    attempts: Sequence[AttemptFiles | tuple[Path | None, Path | None]]
+    start: int = 0
+    end: int | None = None
+    sha256: str | None = None
+
+
 def merge_attempts(input_path: Path, attempts: Sequence[AttemptFiles | tuple[Path | None, Path | None]],
                    out_dest: Path, err_dest: Path) -> MergeReport:
-    """Merge the result files of every attempt (and shard) of one spec, in input order.
+    """Merge the result files of every attempt of one spec, in input order.
 
     `out_dest` gets one line per request that succeeded in any attempt (its first success);
     `err_dest` one line per request that never did (its latest error). Lines are copied byte
     for byte. Both files are written atomically; on any error neither is replaced.
     """
-    outcome = classify_results(attempts)
-    outputs = errors = missing = 0
-    with _ResultReader(outcome.files) as read, atomic_writer(err_dest) as err, atomic_writer(out_dest) as out:
-        for custom_id, _, _, _ in request_lines(input_path):
+    return merge_parts(input_path, [InputPart(attempts)], out_dest, err_dest)
+
+
+def merge_parts(input_path: Path, parts: Sequence[InputPart], out_dest: Path, err_dest: Path) -> MergeReport:
+    """`merge_attempts` for a spec split into shards: each part (a shard and its attempts) in turn,
+    in the given order, its requests in input order. One part's result files are read at a time,
+    so memory is one small entry per request of one part, never of the whole file.
+    StalePlanError (a part's bytes changed) or OSError: neither file is replaced."""
+    counts = Counter()
+    with atomic_writer(err_dest) as err, atomic_writer(out_dest) as out:
+        for part in parts:
+            counts.update(_merge_part(input_path, part, out, err))
+    return MergeReport(outputs=counts["outputs"], errors=counts["errors"], missing=counts["missing"],
+                       strays=counts["strays"])
+
+
+def _merge_part(input_path: Path, part: InputPart, out: BinaryIO, err: BinaryIO) -> Counter[str]:
+    """Write one part's results: its requests' in input order, then its strays."""
+    outcome = classify_results(part.attempts)
+    counts: Counter[str] = Counter()
+    with _ResultReader(outcome.files) as read:
+        for custom_id, _, _, _ in request_lines(input_path, part.start, part.end, part.sha256):
             if (ref := outcome.succeeded.pop(custom_id, None)) is not None:
-                outputs += _write_line(out, read(ref))
+                counts["outputs"] += _write_line(out, read(ref))
             elif (failure := outcome.failed.pop(custom_id, None)) is not None:
-                errors += _write_line(err, read(failure.line))
+                counts["errors"] += _write_line(err, read(failure.line))
             else:
-                missing += 1
-        strays = _write_strays(outcome, read, out, err)
-    return MergeReport(outputs=outputs, errors=errors, missing=missing, strays=strays)
+                counts["missing"] += 1
+        counts["strays"] = _write_strays(outcome, read, out, err)
+    return counts
 
 
 def _write_strays(outcome: Outcome, read: _ResultReader, out: BinaryIO, err: BinaryIO) -> int:

@@ -153,13 +153,17 @@ class RetrySelection:
         return self.total - self.succeeded
 
 
-def retry_candidates(input_path: Path, outcome: Outcome, policy: RetryPolicy) -> RetrySelection:
-    """One streaming pass over the input: which lines to send again (see RetrySelection)."""
+def retry_candidates(input_path: Path, outcome: Outcome, policy: RetryPolicy,
+                     byte_range: tuple[int, int] | None = None) -> RetrySelection:
+    """One streaming pass over the input: which lines to send again (see RetrySelection).
+
+    `byte_range`: a shard's bytes [start, end): only its lines are counted and chosen from
+    (its attempts' result files say nothing of the other shards' requests)."""
     spans: list[tuple[int, int]] = []
     reasons: Counter[str] = Counter()
     kept: Counter[str] = Counter()
     digest, total, succeeded, size = hashlib.sha256(), 0, 0, 0
-    for custom_id, start, stop, raw in request_lines(input_path):
+    for custom_id, start, stop, raw in request_lines(input_path, *(byte_range or (0, None))):
         total += 1
         if custom_id in outcome.succeeded:
             succeeded += 1
@@ -239,10 +243,12 @@ def retry_reason(selection: RetrySelection, attempt: int, policy: RetryPolicy) -
     return text
 
 
-def status_phrase(selection: RetrySelection, attempts: int, policy: RetryPolicy | None) -> str:
-    """What `status` says of a spec's attempts, e.g. "4,988 of 5,000 requests done over 2 attempts"."""
+def status_phrase(selection: RetrySelection, attempts: int, policy: RetryPolicy | None, used: bool = True) -> str:
+    """What `status` says of a spec's attempts, e.g. "4,988 of 5,000 requests done over 2 attempts".
+
+    `used`: False when some requests still have attempts left (a shard that made fewer than another)."""
     most = policy.max_attempts if policy is not None else 1
-    if selection.without_result and attempts >= most:
+    if selection.without_result and attempts >= most and used:
         return (f"{attempts} of {most} attempt{'s' if most != 1 else ''} used; "
                 f"{_requests(selection.without_result)} without a result")
     return f"{selection.succeeded:,} of {_requests(selection.total)} done over {attempts} " \
