@@ -13,7 +13,7 @@ import uuid
 from typing import Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
 from .batch import BatchFields, BatchRecord, BatchStatus
 from .errors import ConfigError
@@ -108,8 +108,11 @@ class Entry(BaseModel):
     intent: Intent | None = None
     history: list[HistoryItem] = Field(default_factory=list)
     prevent_cancel: bool = False
-    retries: Retries | None = None  # follow-up batches of `batch` (a spec's `retry:`); None: none made
-    shard: ShardPart | None = None
+    # `retries` only once a retry was made, `shard` only in a shard's entry: the entries of specs that
+    # fit one batch and never retried stay as they were
+    # follow-up batches of `batch` (a spec's `retry:`); None: none made
+    retries: Retries | None = Field(default=None, exclude_if=lambda value: value is None)
+    shard: ShardPart | None = Field(default=None, exclude_if=lambda value: value is None)
     # A named provider's base_url when the batch was made there: a profile moved since is shown as
     # drift by the plan, not followed (its batch is not on the new server). None for the environment's.
     base_url: str | None = Field(default=None, exclude_if=lambda value: value is None)
@@ -118,16 +121,6 @@ class Entry(BaseModel):
     def provider(self) -> str | None:
         """The named provider this entry's batch (and its retries) are on (None: the environment's)."""
         return self.fields.provider
-
-    @model_serializer(mode="wrap")
-    def _without_empty_parts(self, handler) -> dict:
-        """`shard` only in a shard's entry, `retries` only once a retry was made: the entries of
-        specs that fit one batch and never retried stay as they were."""
-        data = handler(self)
-        for key in ("shard", "retries"):
-            if data.get(key) is None:
-                data.pop(key, None)
-        return data
 
 
 class Upload(BaseModel):
