@@ -14,7 +14,8 @@ import re
 import pytest
 
 from reconciler.sandbox import Timing
-from tests.helpers import Repo, env_for, request_line, run_cli, write_jsonl
+from reconciler.shards import ShardLimits, split_input
+from tests.helpers import ENDPOINT, Repo, env_for, request_line, run_cli, write_jsonl
 from tests.test_reliability import batches_by_name, server_batches, state_ids, uploads_by_name
 
 LIMIT = 4  # requests per batch, on the sandbox and in the spec's shard: block
@@ -214,3 +215,18 @@ def test_download_merges_only_when_every_shard_finished(repo, sandbox_factory):
     out = ok(repo, env, "download").out
     assert "big: 1 of 2 shards finished; its merged files are written once all have (`batchplan wait big`)" in out
     assert not (repo.root / "results" / "big" / "output.jsonl").exists()
+
+
+def test_each_shard_is_estimated_from_its_own_lines_and_counted_once(repo, sandbox, sandbox_env):
+    """A shard's cost is its own requests' (not the whole file's once per shard), and the token
+    cache keeps one entry per shard, under the shard's hash: a second plan counts nothing."""
+    big_spec(repo, 10)
+    actions = json.loads(ok(repo, sandbox_env, "plan", "--json").out)["actions"]
+    assert [(a["name"], a["estimate"]["requests"]) for a in actions] == [("big[0]", 4), ("big[1]", 4),
+                                                                         ("big[2]", 2)]
+    shards = split_input(repo.root / "data" / "big.jsonl", ENDPOINT, ShardLimits(max_requests=LIMIT)).shards
+    tokens = json.loads((repo.root / "state" / "tokens.json").read_text())["entries"]
+    assert sorted(tokens) == sorted(f"{s.sha256} {ENDPOINT}" for s in shards)
+    before = (repo.root / "state" / "tokens.json").stat().st_mtime_ns
+    ok(repo, sandbox_env, "plan")
+    assert (repo.root / "state" / "tokens.json").stat().st_mtime_ns == before
