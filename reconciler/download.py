@@ -38,7 +38,7 @@ from .batch import BatchRecord
 
 if TYPE_CHECKING:
     from .api import Api
-    from .state import State
+    from .state import Entry, State
 
 MANIFEST = ".batchplan-downloads.json"
 KINDS = (("output", "output_file_id", "output.jsonl"), ("errors", "error_file_id", "errors.jsonl"))
@@ -360,6 +360,15 @@ def merge_shards(spec: str, names: list[str], records: dict[str, BatchRecord | N
         report.written.append(f"{spec}: wrote {merged.rel} from {len(names)} shards, {how}")
 
 
+def entry_shard(entry: Entry) -> Shard:
+    """The shard a state entry's current batch was made from: its lines, bytes and sha256."""
+    part = entry.shard
+    assert part is not None
+    return Shard(index=part.index, start=part.start, end=part.end, first_line=part.first_line,
+                 last_line=part.last_line, requests=part.last_line - part.first_line + 1, embedding_inputs=0,
+                 sha256=entry.fields.input_sha256 or "")
+
+
 def _merged_id(file_ids: list[str | None]) -> str:
     """The manifest's file id of a merged file: which shard files, in order, it was made from."""
     return "shards-" + hashlib.sha256("\n".join(f or "-" for f in file_ids).encode()).hexdigest()[:24]
@@ -369,9 +378,7 @@ def _merge(state: State, names: list[str], parts: list[Path | None], dest: Path,
     """Merge in input order when the input still holds each shard's bytes, else in shard order; says which."""
     entries = [state.entries[n] for n in names]
     if all(e.shard and e.fields.input for e in entries):
-        shards = [Shard(index=e.shard.index, start=e.shard.start, end=e.shard.end, first_line=e.shard.first_line,
-                        last_line=e.shard.last_line, requests=e.shard.last_line - e.shard.first_line + 1,
-                        embedding_inputs=0, sha256=e.fields.input_sha256 or "") for e in entries]
+        shards = [entry_shard(e) for e in entries]
         try:
             merge_in_input_order(root / str(entries[0].fields.input), shards, parts, dest)
             return "in input order"

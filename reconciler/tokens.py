@@ -25,16 +25,14 @@ caller passes a default. Embeddings produce no output tokens.
 from __future__ import annotations
 
 import hashlib
-import io
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
 
 import orjson
 import toktok
 from pydantic import BaseModel, ConfigDict
 
-from .inputs import CHUNK, CacheFile, hash_file
+from .inputs import CacheFile, hash_file
 
 TOKENS_PER_MESSAGE = 3
 TOKENS_PER_NAME = 1
@@ -321,15 +319,6 @@ COUNTED_ENDPOINTS = frozenset(READERS)
 
 # --- files ------------------------------------------------------------------------------------
 
-def _open_lines(path: Path, byte_range: tuple[int, int] | None) -> BinaryIO:
-    """The file, or its bytes [start, end) (a shard's) as a file of their own, buffered for lines."""
-    if byte_range is None:
-        return path.open("rb")
-    from .shards import open_range
-
-    return io.BufferedReader(open_range(path, *byte_range), CHUNK)
-
-
 def _count_tallies(path: Path, endpoint: str,
                    byte_range: tuple[int, int] | None = None) -> tuple[str, dict[str, _Tally]]:
     """(sha256, tallies by model) of one file, or of its bytes [start, end), in one streaming read.
@@ -340,7 +329,9 @@ def _count_tallies(path: Path, endpoint: str,
     read = READERS[endpoint]
     tallies: dict[str, _Tally] = {}
     digest = hashlib.sha256()
-    with _open_lines(path, byte_range) as fh:
+    from .shards import open_lines
+
+    with open_lines(path, byte_range) as fh:
         for line in fh:
             digest.update(line)
             try:

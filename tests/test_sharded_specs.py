@@ -230,3 +230,33 @@ def test_each_shard_is_estimated_from_its_own_lines_and_counted_once(repo, sandb
     before = (repo.root / "state" / "tokens.json").stat().st_mtime_ns
     ok(repo, sandbox_env, "plan")
     assert (repo.root / "state" / "tokens.json").stat().st_mtime_ns == before
+
+
+def test_download_join_and_batch_take_the_spec_name(repo, sandbox, sandbox_env):
+    """`download big --join` joins every shard, in input order, into the spec's own joined.jsonl;
+    `download big --batch ID` fetches the shard of big whose batch ID is (a shard's address too)."""
+    big_spec(repo, 10)
+    ok(repo, sandbox_env, "apply", "--auto-approve")
+    ok(repo, sandbox_env, "wait")
+    out = ok(repo, sandbox_env, "download", "big", "--join").out
+    assert "  big: wrote results/big/joined.jsonl (10 requests, from 3 shards, in input order)\n" in out
+    joined = [json.loads(line) for line in (repo.root / "results/big/joined.jsonl").read_text().splitlines()]
+    assert [(j["custom_id"], j["request"]["messages"][0]["content"], j["response"]["status_code"], j["error"])
+            for j in joined] == [(f"q-{i}", f"q-{i}", 200, None) for i in range(10)]
+
+    ids = state_ids(repo)
+    for name in ("big", "big[1]"):
+        out = ok(repo, sandbox_env, "download", name, "--batch", ids["big[1]"], "--join").out
+        assert f"  big[1]: wrote results/big/{ids['big[1]']}/joined.jsonl (4 requests)\n" in out
+        joined = (repo.root / f"results/big/{ids['big[1]']}/joined.jsonl").read_text().splitlines()
+        assert [json.loads(line)["custom_id"] for line in joined] == ["q-4", "q-5", "q-6", "q-7"]
+    path = repo.root / "data" / "big.jsonl"
+    path.write_text(path.read_text().replace('"content": "q-1"', '"content": "q-X"'))  # same size, shard 0 changed
+    before = (repo.root / "results/big/joined.jsonl").read_bytes()
+    out = ok(repo, sandbox_env, "download", "big", "--join").out
+    assert "  big: no joined.jsonl: data/big.jsonl is not the input it was made from (it changed since)\n" in out
+    assert (repo.root / "results/big/joined.jsonl").read_bytes() == before
+    wrong = cli(repo, sandbox_env, "download", "big", "--batch", "batch_0123456789abcdef")
+    assert wrong.code == 1
+    assert wrong.err == ("Error: the server has no batch batch_0123456789abcdef; `batchplan state show big` lists "
+                         "its batches (`batch` and `history`)\n")
