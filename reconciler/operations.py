@@ -710,7 +710,7 @@ def _join_all(project: Project, state: State | None, records: dict[str, BatchRec
         if rec is not None and rec.terminal and name not in joined_whole:
             part, why = _join_part(project, state, name, rec, report)
             dest = batch_dir(project.results_dir, name, rec.id) / JOINED
-            _write_join(project, name, [part] if part else [], why or f"for batch {rec.id}", dest, "", report)
+            _write_join(project, name, [part] if part else [], why, dest, report, of_batch=rec.id)
 
 
 def _join_spec(project: Project, state: State | None, spec: str, names: list[str],
@@ -728,7 +728,7 @@ def _join_spec(project: Project, state: State | None, spec: str, names: list[str
             break
         parts.append(part)
     _write_join(project, spec, parts if len(parts) == len(names) else [], why, project.results_dir / spec / JOINED,
-                f", from {len(names)} shards, in input order", report)
+                report, how=f", from {len(names)} shards, in input order")
 
 
 def _join_part(project: Project, state: State | None, name: str, rec: BatchRecord,
@@ -741,15 +741,17 @@ def _join_part(project: Project, state: State | None, name: str, rec: BatchRecor
     entry = state.entries.get(name) if state else None
     if entry is not None and entry.shard is not None and entry.fields.input:
         if _input_sha(state, entry, rec) != entry.fields.input_sha256:
-            return None, f"{name}: batch {rec.id} was not made from the lines of {entry.fields.input} it holds now"
+            return None, (f"{name}'s batch {rec.id} was not made from the lines of {entry.fields.input} the "
+                          "shard holds now (a retry's, or the state does not say)")
         return JoinPart(project.root / entry.fields.input, entry_shard(entry), files), ""
     source, why = _input_of(project, state, name, rec)
     return (JoinPart(source, None, files), "") if source else (None, why)
 
 
-def _write_join(project: Project, name: str, parts: list[JoinPart], why: str, dest: Path, how: str,
-                report: Report) -> None:
-    """Write `dest` from `parts` and say so; with no parts (or an input that changed), say why not."""
+def _write_join(project: Project, name: str, parts: list[JoinPart], why: str, dest: Path, report: Report, *,
+                how: str = "", of_batch: str = "") -> None:
+    """Write `dest` from `parts` and say so; with no parts (or an input that changed), say why not.
+    `how` ends the line said when written; `of_batch` names the one batch joined, when not a whole spec."""
     from .joined import JOINED, write_joined
 
     try:
@@ -758,7 +760,7 @@ def _write_join(project: Project, name: str, parts: list[JoinPart], why: str, de
         joined, why = None, (f"{os.path.relpath(parts[0].input_path, project.root)} is not the input it was made "
                              "from (it changed since)")
     if joined is None:
-        report.notes.append(f"{name}: no {JOINED}: {why}")
+        report.notes.append(f"{name}: no {JOINED}{f' for batch {of_batch}' if of_batch else ''}: {why}")
         return
     missing = f", {joined.without_result} without a result" if joined.without_result else ""
     report.written.append(f"{name}: wrote {os.path.relpath(dest, project.root)} ({joined.requests} requests"

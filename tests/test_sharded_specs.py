@@ -215,6 +215,9 @@ def test_download_merges_only_when_every_shard_finished(repo, sandbox_factory):
     out = ok(repo, env, "download").out
     assert "big: 1 of 2 shards finished; its merged files are written once all have (`batchplan wait big`)" in out
     assert not (repo.root / "results" / "big" / "output.jsonl").exists()
+    joining = ok(repo, env, "download", "big", "--join").out
+    assert "  big: no joined.jsonl until every shard has finished (`batchplan wait big`)\n" in joining
+    assert not (repo.root / "results" / "big" / "joined.jsonl").exists()
 
 
 def test_each_shard_is_estimated_from_its_own_lines_and_counted_once(repo, sandbox, sandbox_env):
