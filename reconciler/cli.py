@@ -184,10 +184,12 @@ def wait_cmd(project, names, timeout, interval) -> int:
 @names_argument
 @click.option("--batch", "batch_id", metavar="BATCH_ID",
               help="Download this batch of NAME instead of its latest: any batch in its history (a replaced "
-                   "or cancelled one too).")
+                   "or cancelled one too). For a spec split into shards NAME may be the spec's name: the "
+                   "shard whose batch it is.")
 @click.option("--join", is_flag=True,
               help="Also write joined.jsonl next to the results: each input request with its response, by "
-                   "custom_id, in input order.")
+                   "custom_id, in input order. A spec split into shards gets one <results>/NAME/joined.jsonl "
+                   "of every shard, in input order.")
 def download_cmd(project, names, batch_id, join) -> int:
     """Save each finished batch's output and error files (of the NAMEs, default all).
 

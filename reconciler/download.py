@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
     from .api import Api
     from .results import AttemptFiles, MergeReport
-    from .state import State
+    from .state import Entry, State
 
 MANIFEST = ".batchplan-downloads.json"
 KINDS = (("output", "output_file_id", "output.jsonl"), ("errors", "error_file_id", "errors.jsonl"))
@@ -416,6 +416,13 @@ def merge_shard_attempts(spec: str, attempts: dict[str, list[BatchRecord]], stat
         why = exc if isinstance(exc, StalePlanError) else f"{exc.filename or source}: {exc.strerror or exc}"
         report.notes.append(f"{spec}: its shards' attempts were not merged: {why}; each batch's files are in its "
                             "own directory")
+def entry_shard(entry: Entry) -> Shard:
+    """The shard a state entry's current batch was made from: its lines, bytes and sha256."""
+    part = entry.shard
+    assert part is not None
+    return Shard(index=part.index, start=part.start, end=part.end, first_line=part.first_line,
+                 last_line=part.last_line, requests=part.last_line - part.first_line + 1, embedding_inputs=0,
+                 sha256=entry.fields.input_sha256 or "")
 
 
 def _merged_id(file_ids: list[str | None]) -> str:
@@ -427,9 +434,7 @@ def _merge(state: State, names: list[str], parts: list[Path | None], dest: Path,
     """Merge in input order when the input still holds each shard's bytes, else in shard order; says which."""
     entries = [state.entries[n] for n in names]
     if all(e.shard and e.fields.input for e in entries):
-        shards = [Shard(index=e.shard.index, start=e.shard.start, end=e.shard.end, first_line=e.shard.first_line,
-                        last_line=e.shard.last_line, requests=e.shard.last_line - e.shard.first_line + 1,
-                        embedding_inputs=0, sha256=e.fields.input_sha256 or "") for e in entries]
+        shards = [entry_shard(e) for e in entries]
         try:
             merge_in_input_order(root / str(entries[0].fields.input), shards, parts, dest)
             return "in input order"

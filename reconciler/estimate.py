@@ -64,24 +64,29 @@ def estimate_file(tokens: FileTokens, prices: PriceTable) -> tuple[Estimate, ...
 
 
 def estimate_input(path: Path, endpoint: str, cache: TokenCache, prices: PriceTable, *,
-                   sha256: str | None = None, default_max_output: int | None = None) -> tuple[Estimate, ...] | None:
-    """The estimates of one local input file, counted through the cache; None for an endpoint
-    whose requests are not counted (moderations, images, videos). OSError is the caller's."""
+                   sha256: str | None = None, default_max_output: int | None = None,
+                   byte_range: tuple[int, int] | None = None) -> tuple[Estimate, ...] | None:
+    """The estimates of one local input file (or of its bytes [start, end): a shard), counted
+    through the cache; None for an endpoint whose requests are not counted (moderations,
+    images, videos). OSError is the caller's."""
     if endpoint not in COUNTED_ENDPOINTS:
         return None
-    tokens = cache.count(path, endpoint, sha256=sha256, default_max_output=default_max_output)
+    tokens = cache.count(path, endpoint, sha256=sha256, default_max_output=default_max_output,
+                         byte_range=byte_range)
     return estimate_file(tokens, prices)
 
 
 def estimate_desired(want: Desired, root: Path, cache: TokenCache, prices: PriceTable,
                      default_max_output: int | None = None) -> Estimate | None:
-    """The estimate of a batch made from a spec's whole input; None when batchplan cannot count
-    it (an uploaded file named by input_file_id, or an endpoint whose requests it does not count)."""
+    """The estimate of a batch made from a spec's input (a shard's lines only: each shard is
+    counted once, under its own hash); None when batchplan cannot count it (an uploaded file
+    named by input_file_id, or an endpoint whose requests it does not count)."""
     if want.input is None:
         return None
     try:
         found = estimate_input(root / want.input, want.endpoint, cache, prices, sha256=want.input_sha256,
-                               default_max_output=default_max_output)
+                               default_max_output=default_max_output,
+                               byte_range=want.upload_range() if want.shard else None)
     except OSError as exc:  # validated moments ago: it was removed or locked since
         raise InputError(f"{want.input}: cannot read it to count its tokens: {exc.strerror or exc}") from exc
     return combine(found) if found else None

@@ -4,18 +4,22 @@ The Batch API writes results out of input order, successes and failures to two f
 eval script wants one line per request: `joined.jsonl` holds, for each input line,
 `{"custom_id", "request", "response", "error"}`: the request's body, the result line's
 `response` (status_code, request_id, body) and `error`, both null when the batch produced no
-result for it (it expired or was cancelled first). The result lines are held in memory by
-custom_id (a batch has at most 50,000); the input is streamed.
+result for it (it expired or was cancelled first). A spec split into shards is joined part by
+part (`JoinPart`: a shard's lines of the input and its batch's result files) into one file, in
+input order. The result lines of one part are held in memory by custom_id (a batch has at most
+50,000); the input is streamed.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import orjson
 
 from .fsutil import atomic_writer
+from .shards import Shard, open_lines
 
 JOINED = "joined.jsonl"
 
@@ -24,6 +28,21 @@ JOINED = "joined.jsonl"
 class Joined:
     requests: int
     without_result: int
+
+
+@dataclass(frozen=True)
+class JoinPart:
+    """One batch's input lines (the whole file, or a shard's bytes, checked against its sha256
+    as they are read) and that batch's result files (output and errors, those that exist)."""
+
+    input_path: Path
+    shard: Shard | None
+    result_files: list[Path]
+
+    def open_input(self) -> BinaryIO:
+        if self.shard is None:
+            return open_lines(self.input_path)
+        return open_lines(self.input_path, (self.shard.start, self.shard.end), self.shard.sha256 or None)
 
 
 def _results_by_custom_id(files: list[Path]) -> dict[str, dict]:
@@ -37,19 +56,24 @@ def _results_by_custom_id(files: list[Path]) -> dict[str, dict]:
     return answers
 
 
-def write_joined(input_path: Path, result_files: list[Path], dest: Path) -> Joined:
-    """Write `dest` from the input and the batch's result files (output and errors, those that exist)."""
-    answers = _results_by_custom_id(result_files)
+def write_joined(parts: list[JoinPart], dest: Path) -> Joined:
+    """Write `dest` from each part's input lines and results, part after part, atomically.
+
+    A shard whose bytes changed since its batch was made raises StalePlanError and `dest` is
+    left as it was."""
     requests = missing = 0
-    with input_path.open("rb") as src, atomic_writer(dest) as out:
-        for raw in src:
-            if not raw.strip():
-                continue
-            request = orjson.loads(raw)
-            answer = answers.get(request.get("custom_id"), {})
-            requests += 1
-            missing += not answer
-            out.write(orjson.dumps({"custom_id": request.get("custom_id"), "request": request.get("body"),
-                                    "response": answer.get("response"), "error": answer.get("error")},
-                                   option=orjson.OPT_SORT_KEYS) + b"\n")
+    with atomic_writer(dest) as out:
+        for part in parts:
+            answers = _results_by_custom_id(part.result_files)
+            with part.open_input() as src:
+                for raw in src:
+                    if not raw.strip():
+                        continue
+                    request = orjson.loads(raw)
+                    answer = answers.get(request.get("custom_id"), {})
+                    requests += 1
+                    missing += not answer
+                    out.write(orjson.dumps({"custom_id": request.get("custom_id"), "request": request.get("body"),
+                                            "response": answer.get("response"), "error": answer.get("error")},
+                                           option=orjson.OPT_SORT_KEYS) + b"\n")
     return Joined(requests, missing)

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import (BatchplanError, ConfigError, Interrupted, LockError, NotFound, PlanError, StateError,
-                     ValidationFailed)
+from .errors import (BatchplanError, ConfigError, Interrupted, LockError, NotFound, PlanError, StalePlanError,
+                     StateError, ValidationFailed)
 from .session import Session
 
 if TYPE_CHECKING:
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from .desired import Desired
     from .download import Manifest, Report, Target
     from .importer import Imported
+    from .joined import JoinPart
     from .plan import Change, Plan
     from .project import Project
     from .queue import Limits
@@ -547,15 +548,15 @@ def refresh(project: Project) -> Refreshed:
 async def _batch_of(session: Session, provider: str | None, name: str, batch_id: str, entry: Entry | None) -> dict:
     """The batch `batch_id` on `provider`, once it is known to be one of `name`'s: in its entry (current or
     history), or tagged with its name (a batch cancelled with its removed spec has no entry any more)."""
-    from .spec import TAG_NAME
+    from .spec import TAG_NAME, spec_of
 
     try:
         batch = await (await session.client(provider)).retrieve_batch(batch_id)
     except NotFound:
         raise ConfigError(f"the server has no batch {batch_id}; `batchplan state show {name}` lists its "
                           "batches (`batch` and `history`)") from None
-    known = {entry.batch.id if entry.batch else "", *(h.batch_id for h in entry.history)} if entry else set()
-    if batch_id not in known and (batch.get("metadata") or {}).get(TAG_NAME) != name:
+    tag = (batch.get("metadata") or {}).get(TAG_NAME)
+    if batch_id not in _batch_ids(entry) and name not in (tag, spec_of(tag or "")):
         raise ConfigError(f"batch {batch_id} is not a batch of {name}: it is neither in its state entry nor "
                           f"tagged {TAG_NAME}={name}; `batchplan state show {name}` lists its batches")
     return batch
@@ -567,6 +568,24 @@ class _ToDownload:
     state: State | None
     latest: bool                            # whether those are the names' latest batches
     providers: dict[str, str | None]        # name -> the provider that batch is on
+
+
+def _batch_ids(entry: Entry | None) -> set[str]:
+    """The batches an entry knows: its current one and those it replaced (its history)."""
+    if entry is None:
+        return set()
+    return {entry.batch.id if entry.batch else "", *(h.batch_id for h in entry.history)}
+
+
+def _shard_holding(state: State | None, name: str, batch_id: str) -> str:
+    """`download SPEC --batch ID` of a spec split into shards: the shard whose batch ID is (its current
+    or a replaced one); else `name` as given."""
+    from .spec import shard_of, spec_of
+
+    if state is None or name in state.entries:
+        return name
+    return next((address for address, entry in state.entries.items() if spec_of(address) == name
+                 and shard_of(address) is not None and batch_id in _batch_ids(entry)), name)
 
 
 def _batch_provider(entry: Entry | None, batch_id: str, spec_provider: str | None) -> str | None:
@@ -590,14 +609,14 @@ def _download_records(project: Project, session: Session, names: tuple[str, ...]
         snapshot = _snapshot(session, entries)
         return _ToDownload({n: snapshot.records.get(n) for n in entries}, state, True,
                            {n: e.provider for n, e in entries.items()})
-    (name,) = names
+    name = _shard_holding(state, names[0], batch_id)
     entry = state.entries.get(name) if state else None
     provider = _batch_provider(entry, batch_id, spec_providers.get(name))
     session.require([provider])
     batch = session.run(lambda s: _batch_of(s, provider, name, batch_id, entry))
     current = entry is not None and entry.batch is not None and entry.batch.id == batch_id
     if current:
-        select_entries(state, names)
+        select_entries(state, (name,))
     return _ToDownload({name: BatchRecord.from_api(batch)}, state, current, {name: provider})
 
 
@@ -640,7 +659,7 @@ def download(project: Project, names: tuple[str, ...], *, batch_id: str | None =
         finally:
             manifest.save()
     if join:
-        _join_all(project, found.state, records, report)
+        _join_all(project, found.state, records, report, latest)
     return report
 
 
@@ -681,24 +700,83 @@ def _merge_attempts(project: Project, state: State | None, earlier: dict[str, li
                       manifest, report)
 
 
-def _join_all(project: Project, state: State | None, records: dict[str, BatchRecord | None], report: Report) -> None:
-    """joined.jsonl in the directory of each batch whose results are here, from its own input."""
-    from .download import batch_dir
+def _join_all(project: Project, state: State | None, records: dict[str, BatchRecord | None], report: Report,
+              latest: bool) -> None:
+    """joined.jsonl for each finished batch whose results are here, from its own input, in the batch's
+    directory; for a spec split into shards and named whole, one in the spec's directory: every
+    shard's, in input order."""
+    from .download import batch_dir, sharded_specs
+    from .joined import JOINED
+
+    whole = sharded_specs(records, state) if latest else {}
+    for spec, names in whole.items():
+        _join_spec(project, state, spec, names, records, report)
+    joined_whole = {name for names in whole.values() for name in names}
+    for name, rec in records.items():
+        if rec is not None and rec.terminal and name not in joined_whole:
+            part, why = _join_part(project, state, name, rec, report)
+            dest = batch_dir(project.results_dir, name, rec.id) / JOINED
+            _write_join(project, name, [part] if part else [], why, dest, report, of_batch=rec.id)
+
+
+def _join_spec(project: Project, state: State | None, spec: str, names: list[str],
+               records: dict[str, BatchRecord | None], report: Report) -> None:
+    """One joined.jsonl for a sharded spec, once every shard has finished and each one's input is here."""
+    from .joined import JOINED
+
+    if any(records[n] is None or not records[n].terminal for n in names):
+        report.notes.append(f"{spec}: no {JOINED} until every shard has finished (`batchplan wait {spec}`)")
+        return
+    parts, why = [], ""
+    for name in names:
+        part, why = _join_part(project, state, name, records[name], report)
+        if part is None:
+            break
+        parts.append(part)
+    _write_join(project, spec, parts if len(parts) == len(names) else [], why, project.results_dir / spec / JOINED,
+                report, how=f", from {len(names)} shards, in input order")
+
+
+def _join_part(project: Project, state: State | None, name: str, rec: BatchRecord,
+               report: Report) -> tuple[JoinPart | None, str]:
+    """What joins batch `rec` of `name`: its input (a shard's lines of it) and its result files here."""
+    from .download import entry_shard
+    from .joined import JoinPart
+
+    files = [t.dest for t in report.fetched if t.name == name and t.batch_id == rec.id]
+    entry = state.entries.get(name) if state else None
+    if entry is not None and entry.shard is not None and entry.fields.input:
+        if _input_sha(state, entry, rec) != entry.fields.input_sha256:
+            return None, (f"{name}'s batch {rec.id} was not made from the lines of {entry.fields.input} the "
+                          "shard holds now (a retry's, or the state does not say)")
+        return JoinPart(project.root / entry.fields.input, entry_shard(entry), files), ""
+    source, why = _input_of(project, state, name, rec)
+    return (JoinPart(source, None, files), "") if source else (None, why)
+
+
+def _write_join(project: Project, name: str, parts: list[JoinPart], why: str, dest: Path, report: Report, *,
+                how: str = "", of_batch: str = "") -> None:
+    """Write `dest` from `parts` and say so; with no parts (or an input that changed), say why not.
+    `how` ends the line said when written; `of_batch` names the one batch joined, when not a whole spec."""
     from .joined import JOINED, write_joined
 
-    for name, rec in records.items():
-        files = [t.dest for t in report.fetched if t.name == name and rec and t.batch_id == rec.id]
-        if rec is None or not rec.terminal:
-            continue
-        where = batch_dir(project.results_dir, name, rec.id)
-        source, why = _input_of(project, state, name, rec)
-        if source is None:
-            report.notes.append(f"{name}: no {JOINED} for batch {rec.id}: {why}")
-            continue
-        joined = write_joined(source, files, where / JOINED)
-        missing = f", {joined.without_result} without a result" if joined.without_result else ""
-        report.written.append(f"{name}: wrote {os.path.relpath(where / JOINED, project.root)} "
-                              f"({joined.requests} requests{missing})")
+    try:
+        joined = write_joined(parts, dest) if parts else None
+    except (StalePlanError, OSError):  # a shard's lines changed since (checked as they were read), or gone
+        joined, why = None, (f"{os.path.relpath(parts[0].input_path, project.root)} is not the input it was made "
+                             "from (it changed since)")
+    if joined is None:
+        report.notes.append(f"{name}: no {JOINED}{f' for batch {of_batch}' if of_batch else ''}: {why}")
+        return
+    missing = f", {joined.without_result} without a result" if joined.without_result else ""
+    report.written.append(f"{name}: wrote {os.path.relpath(dest, project.root)} ({joined.requests} requests"
+                          f"{missing}{how})")
+
+
+def _input_sha(state: State, entry: Entry, rec: BatchRecord) -> str | None:
+    """The sha256 of the input batch `rec` was made from, as the state knows it (its upload's)."""
+    return next((s for s, up in state.all_uploads() if up.file_id == rec.input_file_id), None) \
+        or (entry.fields.input_sha256 if entry.batch and entry.batch.id == rec.id else None)
 
 
 def _input_of(project: Project, state: State | None, name: str, rec: BatchRecord) -> tuple[Path | None, str]:
@@ -708,8 +786,7 @@ def _input_of(project: Project, state: State | None, name: str, rec: BatchRecord
     entry = state.entries.get(name) if state else None
     if entry is None or not entry.fields.input:
         return None, "its input is not a local file named in the state"
-    sha = next((s for s, up in state.all_uploads() if up.file_id == rec.input_file_id), None) \
-        or (entry.fields.input_sha256 if entry.batch and entry.batch.id == rec.id else None)
+    sha = _input_sha(state, entry, rec)
     path = project.root / entry.fields.input
     if sha is None or not path.is_file() or hash_file(path) != sha:
         return None, (f"{entry.fields.input} is not the input it was made from (it changed since, or the state "

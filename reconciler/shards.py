@@ -399,6 +399,14 @@ def open_verified(path: Path, start: int, end: int, sha256: str,
     return ShardReader(path, start, end, sha256, advance)
 
 
+def open_lines(path: Path, byte_range: tuple[int, int] | None = None, sha256: str | None = None) -> BinaryIO:
+    """The file, or its bytes [start, end) as a file of their own (checked against `sha256` when
+    given: StalePlanError at the end if they changed), buffered so that `for line in fh` is fast."""
+    if byte_range is None:
+        return path.open("rb")
+    return io.BufferedReader(ShardReader(path, *byte_range, sha256), CHUNK)
+
+
 # -- merging results ---------------------------------------------------------------------
 
 def _write_line(out: BinaryIO, data: bytes) -> None:

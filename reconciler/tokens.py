@@ -319,8 +319,9 @@ COUNTED_ENDPOINTS = frozenset(READERS)
 
 # --- files ------------------------------------------------------------------------------------
 
-def _count_tallies(path: Path, endpoint: str) -> tuple[str, dict[str, _Tally]]:
-    """(sha256, tallies by model) of one file, in one streaming read.
+def _count_tallies(path: Path, endpoint: str,
+                   byte_range: tuple[int, int] | None = None) -> tuple[str, dict[str, _Tally]]:
+    """(sha256, tallies by model) of one file, or of its bytes [start, end), in one streaming read.
 
     Lines that are not a request with a JSON object body are skipped: the validator reports
     them, and a file with problems is never sent.
@@ -328,7 +329,9 @@ def _count_tallies(path: Path, endpoint: str) -> tuple[str, dict[str, _Tally]]:
     read = READERS[endpoint]
     tallies: dict[str, _Tally] = {}
     digest = hashlib.sha256()
-    with path.open("rb") as fh:
+    from .shards import open_lines
+
+    with open_lines(path, byte_range) as fh:
         for line in fh:
             digest.update(line)
             try:
@@ -378,18 +381,19 @@ class TokenCache(CacheFile):
         self.counted = 0
 
     def count(self, path: Path, endpoint: str, sha256: str | None = None,
-              default_max_output: int | None = None) -> FileTokens:
-        """The tokens of one file: from the cache when its content is known there, else counted.
+              default_max_output: int | None = None, byte_range: tuple[int, int] | None = None) -> FileTokens:
+        """The tokens of one file, or of its bytes [start, end) (a shard): from the cache when
+        their content is known there, else counted.
 
-        `sha256` is the file's hash when the caller has it (plan does); else it is computed,
-        which costs a small part of a count. What is counted is cached under the hash of what
-        was read, which the result carries.
+        `sha256` is the hash of those bytes when the caller has it (plan does); else the file's
+        is computed, which costs a small part of a count. What is counted is cached under the
+        hash of what was read, which the result carries: a shard's tokens under the shard's hash.
         """
         sha256 = sha256 or hash_file(path)
         tallies = self._cached(f"{sha256} {endpoint}")
         if tallies is None:
             self.counted += 1
-            sha256, counted = _count_tallies(path, endpoint)
+            sha256, counted = _count_tallies(path, endpoint, byte_range)
             tallies = list(counted.values())
             self.entries[f"{sha256} {endpoint}"] = [t.to_json() for t in tallies]
             self.dirty = True

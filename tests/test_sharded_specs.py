@@ -14,7 +14,8 @@ import re
 import pytest
 
 from reconciler.sandbox import Timing
-from tests.helpers import Repo, env_for, request_line, run_cli, write_jsonl
+from reconciler.shards import ShardLimits, split_input
+from tests.helpers import ENDPOINT, Repo, env_for, request_line, run_cli, write_jsonl
 from tests.test_reliability import batches_by_name, server_batches, state_ids, uploads_by_name
 
 LIMIT = 4  # requests per batch, on the sandbox and in the spec's shard: block
@@ -214,3 +215,51 @@ def test_download_merges_only_when_every_shard_finished(repo, sandbox_factory):
     out = ok(repo, env, "download").out
     assert "big: 1 of 2 shards finished; its merged files are written once all have (`batchplan wait big`)" in out
     assert not (repo.root / "results" / "big" / "output.jsonl").exists()
+    joining = ok(repo, env, "download", "big", "--join").out
+    assert "  big: no joined.jsonl until every shard has finished (`batchplan wait big`)\n" in joining
+    assert not (repo.root / "results" / "big" / "joined.jsonl").exists()
+
+
+def test_each_shard_is_estimated_from_its_own_lines_and_counted_once(repo, sandbox, sandbox_env):
+    """A shard's cost is its own requests' (not the whole file's once per shard), and the token
+    cache keeps one entry per shard, under the shard's hash: a second plan counts nothing."""
+    big_spec(repo, 10)
+    actions = json.loads(ok(repo, sandbox_env, "plan", "--json").out)["actions"]
+    assert [(a["name"], a["estimate"]["requests"]) for a in actions] == [("big[0]", 4), ("big[1]", 4),
+                                                                         ("big[2]", 2)]
+    shards = split_input(repo.root / "data" / "big.jsonl", ENDPOINT, ShardLimits(max_requests=LIMIT)).shards
+    tokens = json.loads((repo.root / "state" / "tokens.json").read_text())["entries"]
+    assert sorted(tokens) == sorted(f"{s.sha256} {ENDPOINT}" for s in shards)
+    before = (repo.root / "state" / "tokens.json").stat().st_mtime_ns
+    ok(repo, sandbox_env, "plan")
+    assert (repo.root / "state" / "tokens.json").stat().st_mtime_ns == before
+
+
+def test_download_join_and_batch_take_the_spec_name(repo, sandbox, sandbox_env):
+    """`download big --join` joins every shard, in input order, into the spec's own joined.jsonl;
+    `download big --batch ID` fetches the shard of big whose batch ID is (a shard's address too)."""
+    big_spec(repo, 10)
+    ok(repo, sandbox_env, "apply", "--auto-approve")
+    ok(repo, sandbox_env, "wait")
+    out = ok(repo, sandbox_env, "download", "big", "--join").out
+    assert "  big: wrote results/big/joined.jsonl (10 requests, from 3 shards, in input order)\n" in out
+    joined = [json.loads(line) for line in (repo.root / "results/big/joined.jsonl").read_text().splitlines()]
+    assert [(j["custom_id"], j["request"]["messages"][0]["content"], j["response"]["status_code"], j["error"])
+            for j in joined] == [(f"q-{i}", f"q-{i}", 200, None) for i in range(10)]
+
+    ids = state_ids(repo)
+    for name in ("big", "big[1]"):
+        out = ok(repo, sandbox_env, "download", name, "--batch", ids["big[1]"], "--join").out
+        assert f"  big[1]: wrote results/big/{ids['big[1]']}/joined.jsonl (4 requests)\n" in out
+        joined = (repo.root / f"results/big/{ids['big[1]']}/joined.jsonl").read_text().splitlines()
+        assert [json.loads(line)["custom_id"] for line in joined] == ["q-4", "q-5", "q-6", "q-7"]
+    path = repo.root / "data" / "big.jsonl"
+    path.write_text(path.read_text().replace('"content": "q-1"', '"content": "q-X"'))  # same size, shard 0 changed
+    before = (repo.root / "results/big/joined.jsonl").read_bytes()
+    out = ok(repo, sandbox_env, "download", "big", "--join").out
+    assert "  big: no joined.jsonl: data/big.jsonl is not the input it was made from (it changed since)\n" in out
+    assert (repo.root / "results/big/joined.jsonl").read_bytes() == before
+    wrong = cli(repo, sandbox_env, "download", "big", "--batch", "batch_0123456789abcdef")
+    assert wrong.code == 1
+    assert wrong.err == ("Error: the server has no batch batch_0123456789abcdef; `batchplan state show big` lists "
+                         "its batches (`batch` and `history`)\n")
