@@ -26,6 +26,9 @@ JOINED = "joined.jsonl"
 
 @dataclass(frozen=True)
 class Joined:
+    """What a join wrote: one line per request of the input, `without_result` of them with neither
+    an output nor an error line."""
+
     requests: int
     without_result: int
 
