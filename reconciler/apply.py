@@ -80,8 +80,11 @@ class Applier:
             result = self.ledger.result
             await self._create_all([c for c in creates if c.name not in result.failed], file_ids)
             await self._retry_all([c for c in self.plan.changes if c.action is Action.RETRY])
-            await self._cancel_all([c for c in self.plan.changes if c.action is Action.CANCEL
-                                    and not c.cancels_duplicate or c.cancels_old and c.name in result.done])
+            cancels = [c for c in self.plan.changes if c.action is Action.CANCEL and not c.cancels_duplicate
+                       or c.cancels_old and c.name in result.done]
+            if cancels:
+                self.ledger.record_cancels(cancels)
+            await self._cancel_all(cancels)
             for change in self.plan.changes:
                 if change.action is Action.FORGET:
                     self.ledger.remove(change.name, "forgotten (removed from the state; nothing sent)")

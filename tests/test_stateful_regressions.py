@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.stateful_machine import ApplyMachine
+from tests.test_stateful import ApplyMachine
 
 
 @pytest.fixture
