@@ -542,8 +542,8 @@ def _drift(name: str, record: BatchRecord) -> tuple[str, ...]:
     """What a kept batch that did not complete says: a batch cancelled by hand is a deliberate stop
     of spending, so it is kept (not run again unasked) and said; any other failure is drift."""
     tally = f"; {record.counts_phrase(with_failed=False)}" if record.request_counts else ""
-    if cancelled := record.cancelled_outside(name):
-        return (f"batch {record.id} {cancelled}{tally}",)
+    if cancelled := record.cancelled_outside(name, tally):
+        return (f"batch {record.id} {cancelled}",)
     if not record.failed:
         return ()
     codes = record.error_codes()

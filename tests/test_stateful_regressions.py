@@ -149,3 +149,27 @@ def test_a_forced_replace_on_a_state_restored_to_before_one_cancels_the_untracke
     state.apply_replace(faults=[], kill=None, name="s1")
     state.one_running_batch_per_spec_version()
     state.check_quiet()
+
+
+# Scenario: a spec removed, the apply killed just after it sent the cancel (request 2: its answer
+# dies with it), then the spec put back as it was. The state still named the batch, now
+# cancelling, with the spec's hash: the plan kept it (noop), so the spec never ran again, as a
+# batch cancelled by hand would not. The apply now marks the entry before it cancels
+# (Entry.cancel_sent), and the put-back spec runs again, as after an apply that was not cut off.
+def test_a_removal_killed_after_its_cancel_then_put_back_runs_again(state):
+    state.start(skew=0.0, names={"s0"}, applied=True)
+    state.apply_killed(at=2, edits=[("s0", None, False)], faults=[], how="sent")
+    state.edit_specs([("s0", 0, False)])
+    state.check_quiet()
+
+
+# Scenario: the state's batch cancelled by hand (a deliberate stop of spending). The plan keeps it
+# (noop: not run again unasked) and says so; the quiet check asks that the plan names
+# `apply --replace`, which then runs it again.
+def test_a_batch_cancelled_by_hand_is_kept_said_and_replaced_on_demand(state):
+    state.start(skew=0.0, names={"s1"}, applied=True)
+    state.cancel_by_hand(name="s1")
+    state.check_quiet()
+    state.apply_replace(faults=[], kill=None, name="s1")
+    state.check_quiet()
+    assert not state.cancelled_by_hand & {state.state_entries()["s1"]["batch"]["id"]}
