@@ -276,6 +276,7 @@ class Applier:
             if keeper is None:
                 absent.append(change)
                 continue
+            self.ledger.found_lost(want.name, 1 + len(duplicates))
             cancelled = await asyncio.gather(*(self._send_cancel(want.name, d["id"], provider) for d in duplicates))
             if None not in cancelled:  # else: nothing recorded; the next apply cancels them, then adopts
                 self.adopt(change, keeper, verb="found its lost create on the server:")
@@ -318,7 +319,7 @@ class Applier:
         if status is None:
             return False
         if change.cancels_duplicate:  # a duplicate, or a batch of an earlier version: superseded
-            self.ledger.done(change.name, f"cancelled {change.reason_code.value} {batch_id} ({status})")
+            self.ledger.duplicate_cancelled(change.name, f"cancelled {change.reason_code.value} {batch_id} ({status})")
         elif change.action is Action.CANCEL:
             self.ledger.remove(change.name, f"cancelled {batch_id} ({status})")
         else:

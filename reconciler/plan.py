@@ -344,11 +344,12 @@ def _plan_kept(want: Desired, entry: Entry, record: BatchRecord, remote: RemoteV
 def _running_keeper(want: Desired, entry: Entry, record: BatchRecord,
                     remote: RemoteView) -> tuple[dict | None, list[dict]]:
     """keep_oldest among the spec's running batches (the state's among them) that the entry's history
-    does not hold; none looked for when the state's batch completed (remote._search_inputs)."""
-    if record.status == BatchStatus.COMPLETED:
-        return None, []
+    does not hold. A completed batch of the state's is kept, and every running one is its duplicate:
+    a lost create that landed late (looked for only while the entry has a lost_create)."""
     tagged = tagged_batches(remote.tagged, want.name, want.spec_hash, {h.batch_id for h in entry.history})
     running = [b for b in tagged if b["id"] != record.id and BatchStatus(b["status"]).running]
+    if record.status == BatchStatus.COMPLETED:
+        return (_listed(record), running) if running else (None, [])
     if record.running:
         running.append(remote.batches.get(record.id) or _listed(record))
     return keep_oldest(running)

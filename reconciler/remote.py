@@ -142,8 +142,8 @@ def _search_inputs(desired: list[Desired], state: State | None) -> dict[str, lis
     an entry with an intent (a create whose answer was lost), a spec whose recorded batch is
     not finished (the net: a create that landed late runs beside it), and one whose recorded
     batch ended without completing (a forced replace the state does not know of may run). A
-    spec whose batch completed is not searched: that would walk the account back to its
-    upload on every plan. The inputs of the recorded version and of the intent's are searched
+    spec whose batch completed is not searched (that would walk the account back to its
+    upload on every plan) unless a create of it got no answer and was never found (Entry.lost_create). The inputs of the recorded version and of the intent's are searched
     too: a batch of an earlier version of the spec that runs untracked is cancelled (superseded).
     """
     entries = state.entries if state else {}
@@ -151,7 +151,7 @@ def _search_inputs(desired: list[Desired], state: State | None) -> dict[str, lis
     for want in desired:
         entry = entries.get(want.name)
         if entry is None or entry.batch is None or entry.spec_hash != want.spec_hash or entry.intent \
-                or entry.batch.status != BatchStatus.COMPLETED:
+                or entry.batch.status != BatchStatus.COMPLETED or entry.lost_create:
             search.setdefault(want.name, []).append(want.fields())
             if entry is not None:
                 search[want.name].append(entry.fields)

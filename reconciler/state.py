@@ -115,6 +115,9 @@ class Entry(BaseModel):
     # The id of `batch` when an apply is cancelling it (a removed spec's, a replaced one), written before the
     # cancel is sent: a state cut off after it then knows the cancel was batchplan's, not someone's by hand.
     cancel_sent: str | None = Field(default=None, exclude_if=lambda value: value is None)
+    # A create of this spec got no answer and was never found: it may still land, even after `batch`
+    # completed, so plans go on searching this spec (remote._search_inputs) until a duplicate is cancelled.
+    lost_create: bool = Field(default=False, exclude_if=lambda value: not value)
 
     def cancelled_by_batchplan(self, record: BatchRecord) -> bool:
         """Whether `record` (this entry's batch, as the server has it now) is cancelled, or being

@@ -173,3 +173,17 @@ def test_a_batch_cancelled_by_hand_is_kept_said_and_replaced_on_demand(state):
     state.apply_replace(faults=[], kill=None, name="s1")
     state.check_quiet()
     assert not state.cancelled_by_hand & {state.state_entries()["s1"]["batch"]["id"]}
+
+
+# Scenario: a create held past the settling window (its apply looked twice and made the batch
+# again), and that batch completed before the held create landed. Plans did not search a spec
+# whose batch completed, so the late batch ran beside the state's, tracked by nothing. The entry
+# now keeps `lost_create` (a create that got no answer and was never found), and plans search it
+# until a duplicate is cancelled.
+def test_a_create_that_lands_after_its_spec_completed_is_cancelled(state):
+    state.start(skew=0.0, names={"s0"}, applied=False)
+    state.apply(edits=[], faults=[("create held until released (late)", 1)])
+    state.time_passes(steps=3)
+    state.time_passes(steps=3)
+    state.late_creates_land()
+    state.check_quiet()
