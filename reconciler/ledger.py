@@ -144,9 +144,10 @@ class Ledger:
         entry.spec_hash, entry.fields, entry.prevent_cancel = want.spec_hash, want.fields(), want.prevent_cancel
         entry.batch, entry.intent, entry.shard = BatchRecord.from_api(batch), None, shard_part(want)
         entry.base_url, entry.cancel_sent = want.base_url, None
-        # a lost create never found may land beside this batch, even once it has completed (the net looks)
-        entry.lost_create = self._unfound.get(want.name, 0) > 0 or bool(old and old.id == batch["id"] and
-                                                                       entry.lost_create)
+        # a lost create may land beside this batch, even once it has completed (the net looks for it)
+        entry.lost_create = self._unfound.get(want.name, 0) > 0 or _found_afresh(change) or \
+            bool(old and old.id == batch["id"] and entry.lost_create)
+        entry.lost_create = entry.may_get_late_create(self.state.server_now())
 
     def record_cancels(self, changes: list[Change]) -> None:
         """Mark each entry whose recorded batch is about to be cancelled (a removed spec's, a replaced
@@ -255,3 +256,9 @@ class Ledger:
         earlier = self.result.done.pop(name, None)
         self.result.failed[name] = f"{earlier}, then failed: {error}" if earlier else str(error)
         self.report(name, f"failed: {error}")
+
+
+def _found_afresh(change: Change) -> bool:
+    """A batch found on the server for a spec the state had no batch of (a lost state, `state rm`): a
+    create that the lost record knew had no answer may still land."""
+    return change.action is Action.ADOPT and change.before is None

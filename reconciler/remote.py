@@ -143,15 +143,17 @@ def _search_inputs(desired: list[Desired], state: State | None) -> dict[str, lis
     not finished (the net: a create that landed late runs beside it), and one whose recorded
     batch ended without completing (a forced replace the state does not know of may run). A
     spec whose batch completed is not searched (that would walk the account back to its
-    upload on every plan) unless a create of it got no answer and was never found (Entry.lost_create). The inputs of the recorded version and of the intent's are searched
-    too: a batch of an earlier version of the spec that runs untracked is cancelled (superseded).
+    upload on every plan) unless a lost create may still land beside it (Entry.lost_create).
+    The inputs of the recorded version and of the intent's are searched too: a batch of an
+    earlier version of the spec that runs untracked is cancelled (superseded).
     """
     entries = state.entries if state else {}
+    now = state.server_now() if state else None
     search = {n: [e.intent.fields] for n, e in entries.items() if e.intent is not None}
     for want in desired:
         entry = entries.get(want.name)
         if entry is None or entry.batch is None or entry.spec_hash != want.spec_hash or entry.intent \
-                or entry.batch.status != BatchStatus.COMPLETED or entry.lost_create:
+                or entry.batch.status != BatchStatus.COMPLETED or entry.may_get_late_create(now):
             search.setdefault(want.name, []).append(want.fields())
             if entry is not None:
                 search[want.name].append(entry.fields)
