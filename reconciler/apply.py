@@ -34,7 +34,7 @@ from .desired import Desired
 from .errors import AmbiguousWrite, ApiError, BadAnswer, Interrupted, TransportError
 from .ledger import ApplyResult, Ledger
 from .plan import Action, Change, Plan
-from .remote import find_batches, keep_oldest, tagged_batches
+from .remote import adoptable, find_batches, keep_oldest, tagged_batches
 from .stores.base import Transaction
 from .uploader import Uploader
 
@@ -272,11 +272,11 @@ class Applier:
             skip = {h.batch_id for h in self.ledger.state.entries[want.name].history}
             if change.batch:  # the batch this change replaces (or that is gone) is not its lost create
                 skip.add(change.batch.id)
-            keeper, duplicates = keep_oldest(tagged_batches(found.tagged, want.name, want.spec_hash, skip))
+            # running or completed only: an ended batch of the same spec (a removed spec's, put back) is not it
+            keeper, duplicates = keep_oldest(adoptable(tagged_batches(found.tagged, want.name, want.spec_hash, skip)))
             if keeper is None:
                 absent.append(change)
                 continue
-            self.ledger.found_lost(want.name, 1 + len(duplicates))
             cancelled = await asyncio.gather(*(self._send_cancel(want.name, d["id"], provider) for d in duplicates))
             if None not in cancelled:  # else: nothing recorded; the next apply cancels them, then adopts
                 self.adopt(change, keeper, verb="found its lost create on the server:")
@@ -319,7 +319,7 @@ class Applier:
         if status is None:
             return False
         if change.cancels_duplicate:  # a duplicate, or a batch of an earlier version: superseded
-            self.ledger.duplicate_cancelled(change.name, f"cancelled {change.reason_code.value} {batch_id} ({status})")
+            self.ledger.done(change.name, f"cancelled {change.reason_code.value} {batch_id} ({status})")
         elif change.action is Action.CANCEL:
             self.ledger.remove(change.name, f"cancelled {batch_id} ({status})")
         else:

@@ -52,7 +52,6 @@ class Ledger:
         self._last_save = 0.0
         self._fresh: set[str] = set()  # names whose intent this apply recorded, with none before it
         self._maybe_sent: set[str] = set()  # names with a create whose answer was lost
-        self._unfound: dict[str, int] = {}  # name -> creates that may have been made, less the batches found
         self._held: dict[str, dict] = {}  # replacements recorded once their old batch is cancelled
 
     # -- saving --------------------------------------------------------------------------
@@ -77,8 +76,6 @@ class Ledger:
         earlier = entry.intent if entry.intent and entry.intent.spec_hash == want.spec_hash else None
         if entry.intent is None:
             self._fresh.add(want.name)
-        if earlier:  # an earlier apply's create: it may be in flight still
-            self._unfound[want.name] = self._unfound.get(want.name, 0) + 1
         entry.intent = Intent(spec_hash=want.spec_hash, fields=want.fields(), tags=want.tags(),
                               at=earlier.at if earlier else now)
         return earlier
@@ -91,11 +88,6 @@ class Ledger:
     def maybe_sent(self, name: str) -> None:
         """A create for `name` got no answer: the server may have made it."""
         self._maybe_sent.add(name)
-        self._unfound[name] = self._unfound.get(name, 0) + 1
-
-    def found_lost(self, name: str, batches: int) -> None:
-        """A look for `name`'s lost creates found this many batches of its spec: as many are accounted for."""
-        self._unfound[name] = max(0, self._unfound.get(name, 0) - batches)
 
     def not_sent(self, change: Change) -> None:
         """A create certainly never made: drop the intent this apply recorded for it, so the
@@ -144,10 +136,6 @@ class Ledger:
         entry.spec_hash, entry.fields, entry.prevent_cancel = want.spec_hash, want.fields(), want.prevent_cancel
         entry.batch, entry.intent, entry.shard = BatchRecord.from_api(batch), None, shard_part(want)
         entry.base_url, entry.cancel_sent = want.base_url, None
-        # a lost create may land beside this batch, even once it has completed (the net looks for it)
-        entry.lost_create = self._unfound.get(want.name, 0) > 0 or _found_afresh(change) or \
-            bool(old and old.id == batch["id"] and entry.lost_create)
-        entry.lost_create = entry.may_get_late_create(self.state.server_now())
 
     def record_cancels(self, changes: list[Change]) -> None:
         """Mark each entry whose recorded batch is about to be cancelled (a removed spec's, a replaced
@@ -158,13 +146,6 @@ class Ledger:
             if entry and entry.batch and change.batch and entry.batch.id == change.batch.id:
                 entry.cancel_sent = change.batch.id
         self.save()
-
-    def duplicate_cancelled(self, name: str, text: str) -> None:
-        """A duplicate of `name`'s batch was cancelled: the lost create it waited for (if any) has landed."""
-        entry = self.state.entries.get(name)
-        if entry is not None:
-            entry.lost_create = False
-        self.done(name, text)
 
     def drop_intent(self, name: str) -> None:
         """The plan kept the name's batch, having searched for what its intent may have made (an
@@ -256,9 +237,3 @@ class Ledger:
         earlier = self.result.done.pop(name, None)
         self.result.failed[name] = f"{earlier}, then failed: {error}" if earlier else str(error)
         self.report(name, f"failed: {error}")
-
-
-def _found_afresh(change: Change) -> bool:
-    """A batch found on the server for a spec the state had no batch of (a lost state, `state rm`): a
-    create that the lost record knew had no answer may still land."""
-    return change.action is Action.ADOPT and change.before is None

@@ -345,7 +345,8 @@ def _running_keeper(want: Desired, entry: Entry, record: BatchRecord,
                     remote: RemoteView) -> tuple[dict | None, list[dict]]:
     """keep_oldest among the spec's running batches (the state's among them) that the entry's history
     does not hold. A completed batch of the state's is kept, and every running one is its duplicate:
-    a lost create that landed late (looked for only while the entry has a lost_create)."""
+    a lost create that landed late (remote.LATE_CREATE_WINDOW), or a forced replace the state does not
+    know of (a restored backup)."""
     tagged = tagged_batches(remote.tagged, want.name, want.spec_hash, {h.batch_id for h in entry.history})
     running = [b for b in tagged if b["id"] != record.id and BatchStatus(b["status"]).running]
     if record.status == BatchStatus.COMPLETED:

@@ -23,9 +23,6 @@ __all__ = ["FORMAT_VERSION", "BatchFields", "BatchRecord", "BatchStatus", "Entry
            "Retries", "RetryIntent", "ShardPart", "State", "Upload", "format_verdict", "select_entries"]
 
 FORMAT_VERSION = 1
-# Seconds of the server's clock within which a create is carried out after it was sent, or never: how
-# long a spec whose create got no answer stays searched after its batch was made (Entry.lost_create).
-LATE_CREATE_WINDOW = 86_400
 
 
 class Intent(BaseModel):
@@ -118,16 +115,6 @@ class Entry(BaseModel):
     # The id of `batch` when an apply is cancelling it (a removed spec's, a replaced one), written before the
     # cancel is sent: a state cut off after it then knows the cancel was batchplan's, not someone's by hand.
     cancel_sent: str | None = Field(default=None, exclude_if=lambda value: value is None)
-    # A create of this spec may still land, even after `batch` completed: one got no answer and was never
-    # found, or `batch` was found for an entry with none (a lost state: what it knew of is lost). Plans go
-    # on searching the spec (remote._search_inputs) until a duplicate is cancelled, or LATE_CREATE_WINDOW.
-    lost_create: bool = Field(default=False, exclude_if=lambda value: not value)
-
-    def may_get_late_create(self, server_now: int | None) -> bool:
-        """Whether a lost create may still land beside `batch`: `lost_create`, unless the server's clock
-        (`server_now`, State.server_now) is past LATE_CREATE_WINDOW after `batch` was made."""
-        return self.lost_create and self.batch is not None and \
-            (server_now is None or server_now <= self.batch.created_at + LATE_CREATE_WINDOW)
 
     def cancelled_by_batchplan(self, record: BatchRecord) -> bool:
         """Whether `record` (this entry's batch, as the server has it now) is cancelled, or being
