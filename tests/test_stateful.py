@@ -57,7 +57,7 @@ STEP = 100.0  # seconds of the server's clock per batch step
 SKEWS = (0.0, -1000.0, 1000.0)  # the server's clock against ours: beyond remote.CLOCK_MARGIN (600 s)
 LIVE = ("validating", "in_progress", "finalizing")
 NIGHTLY = os.environ.get("BATCHPLAN_STATEFUL_EXAMPLES")
-EXAMPLES = int(NIGHTLY or 200)  # 200: about 80 s on two busy cores
+EXAMPLES = int(NIGHTLY or 200)  # 200: about 70 s on two cores, 2-3 min with both busy
 STEPS = 16
 
 CREATE, UPLOAD = r"^/v1/batches$", r"^/v1/files$"
