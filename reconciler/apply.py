@@ -34,7 +34,7 @@ from .desired import Desired
 from .errors import AmbiguousWrite, ApiError, BadAnswer, Interrupted, TransportError
 from .ledger import ApplyResult, Ledger
 from .plan import Action, Change, Plan
-from .remote import find_batches, keep_oldest, tagged_batches
+from .remote import adoptable, find_batches, keep_oldest, tagged_batches
 from .stores.base import Transaction
 from .uploader import Uploader
 
@@ -80,8 +80,11 @@ class Applier:
             result = self.ledger.result
             await self._create_all([c for c in creates if c.name not in result.failed], file_ids)
             await self._retry_all([c for c in self.plan.changes if c.action is Action.RETRY])
-            await self._cancel_all([c for c in self.plan.changes if c.action is Action.CANCEL
-                                    and not c.cancels_duplicate or c.cancels_old and c.name in result.done])
+            cancels = [c for c in self.plan.changes if c.action is Action.CANCEL and not c.cancels_duplicate
+                       or c.cancels_old and c.name in result.done]
+            if cancels:
+                self.ledger.record_cancels(cancels)
+            await self._cancel_all(cancels)
             for change in self.plan.changes:
                 if change.action is Action.FORGET:
                     self.ledger.remove(change.name, "forgotten (removed from the state; nothing sent)")
@@ -271,7 +274,8 @@ class Applier:
             skip = {h.batch_id for h in self.ledger.state.entries[want.name].history}
             if change.batch:  # the batch this change replaces (or that is gone) is not its lost create
                 skip.add(change.batch.id)
-            keeper, duplicates = keep_oldest(tagged_batches(found.tagged, want.name, want.spec_hash, skip))
+            # running or completed only: an ended batch of the same spec (a removed spec's, put back) is not it
+            keeper, duplicates = keep_oldest(adoptable(tagged_batches(found.tagged, want.name, want.spec_hash, skip)))
             if keeper is None:
                 absent.append(change)
                 continue

@@ -181,6 +181,15 @@ class BatchRecord(BaseModel):
         """The batch-level error codes, sorted and joined: `invalid_json_line, too_many_tasks`; "" for none."""
         return ", ".join(sorted({e.get("code") or "?" for e in self.errors or []}))
 
+    def cancelled_outside(self, name: str, detail: str = "") -> str | None:
+        """`was cancelled outside batchplan; ...` for a recorded batch cancelled (or being cancelled) by hand;
+        None for any other status. batchplan's own cancels take a batch out of the state (a removed spec,
+        a replaced batch), so a recorded batch in this state was stopped by someone, on purpose: it is
+        said, and not run again unless asked."""
+        done = {BatchStatus.CANCELLING: "is being cancelled", BatchStatus.CANCELLED: "was cancelled"}.get(
+            BatchStatus(self.status))
+        return done and f"{done} outside batchplan{detail}; `batchplan apply --replace {name}` runs it again"
+
     def counts_phrase(self, with_failed: bool = True) -> str:
         """`3/5 requests completed`, with `, 1 failed` when any failed (and `with_failed`)."""
         counts = self.request_counts or {}

@@ -135,7 +135,17 @@ class Ledger:
         # so the next plan's diff shows only what the user changed
         entry.spec_hash, entry.fields, entry.prevent_cancel = want.spec_hash, want.fields(), want.prevent_cancel
         entry.batch, entry.intent, entry.shard = BatchRecord.from_api(batch), None, shard_part(want)
-        entry.base_url = want.base_url
+        entry.base_url, entry.cancel_sent = want.base_url, None
+
+    def record_cancels(self, changes: list[Change]) -> None:
+        """Mark each entry whose recorded batch is about to be cancelled (a removed spec's, a replaced
+        one), in one write before any cancel is sent: a state cut off after a cancel still tells it
+        from one made by hand (Entry.cancel_sent)."""
+        for change in changes:
+            entry = self.state.entries.get(change.name)
+            if entry and entry.batch and change.batch and entry.batch.id == change.batch.id:
+                entry.cancel_sent = change.batch.id
+        self.save()
 
     def drop_intent(self, name: str) -> None:
         """The plan kept the name's batch, having searched for what its intent may have made (an

@@ -281,6 +281,8 @@ def _plan_version(want: Desired, entry: Entry | None, remote: RemoteView, forced
     if record.id in remote.missing:
         return [Change(want.name, Action.CREATE, f"batch {record.id} no longer exists on the server",
                        ReasonCode.BATCH_MISSING, before=entry.fields, after=after, desired=want, batch=record)]
+    if entry.cancelled_by_batchplan(record):  # as after that apply's clean end: the spec has no batch
+        return _plan_new(want, entry, remote)
     resumed = _interrupted_replacement(want, entry, record, remote)
     if not forced and not resumed and entry.spec_hash != want.spec_hash and (update := _plan_update(want, entry,
                                                                                                    record)):
@@ -291,7 +293,8 @@ def _plan_version(want: Desired, entry: Entry | None, remote: RemoteView, forced
 
 
 def _plan_new(want: Desired, entry: Entry | None, remote: RemoteView) -> list[Change]:
-    """A spec with no batch in the state: adopt the one the server has (keep_oldest), else create."""
+    """A spec with no batch in the state (or only one batchplan cancelled): adopt the one the server has
+    (keep_oldest), else create."""
     after = want.fields()
     earlier = {h.batch_id for h in entry.history} if entry else set()
     found, duplicates = keep_oldest(adoptable(tagged_batches(remote.tagged, want.name, want.spec_hash, earlier)))
@@ -302,6 +305,10 @@ def _plan_new(want: Desired, entry: Entry | None, remote: RemoteView) -> list[Ch
     if entry and entry.intent:
         return [Change(want.name, Action.CREATE, "an earlier apply was interrupted before its batch was created",
                        ReasonCode.INTERRUPTED_CREATE, after=after, desired=want)]
+    if entry and entry.batch:  # Entry.cancelled_by_batchplan
+        return [Change(want.name, Action.CREATE, f"batch {entry.batch.id} was cancelled by an apply (its spec was "
+                       "removed or replaced) that was cut off before it recorded so", ReasonCode.NO_BATCH,
+                       before=entry.fields, after=after, desired=want, batch=entry.batch)]
     return [Change(want.name, Action.CREATE, f"no batch for this {'shard' if want.shard else 'spec'} in the "
                    "state or on the server", ReasonCode.NO_BATCH, after=after, desired=want)]
 
@@ -337,11 +344,13 @@ def _plan_kept(want: Desired, entry: Entry, record: BatchRecord, remote: RemoteV
 def _running_keeper(want: Desired, entry: Entry, record: BatchRecord,
                     remote: RemoteView) -> tuple[dict | None, list[dict]]:
     """keep_oldest among the spec's running batches (the state's among them) that the entry's history
-    does not hold; none looked for when the state's batch completed (remote._search_inputs)."""
-    if record.status == BatchStatus.COMPLETED:
-        return None, []
+    does not hold. A completed batch of the state's is kept, and every running one is its duplicate:
+    a lost create that landed late (remote.LATE_CREATE_WINDOW), or a forced replace the state does not
+    know of (a restored backup)."""
     tagged = tagged_batches(remote.tagged, want.name, want.spec_hash, {h.batch_id for h in entry.history})
     running = [b for b in tagged if b["id"] != record.id and BatchStatus(b["status"]).running]
+    if record.status == BatchStatus.COMPLETED:
+        return (_listed(record), running) if running else (None, [])
     if record.running:
         running.append(remote.batches.get(record.id) or _listed(record))
     return keep_oldest(running)
@@ -532,11 +541,15 @@ def _plan_removed(name: str, entry: Entry, remote: RemoteView, why: tuple[str, R
 
 
 def _drift(name: str, record: BatchRecord) -> tuple[str, ...]:
+    """What a kept batch that did not complete says: a batch cancelled by hand is a deliberate stop
+    of spending, so it is kept (not run again unasked) and said; any other failure is drift."""
+    tally = f"; {record.counts_phrase(with_failed=False)}" if record.request_counts else ""
+    if cancelled := record.cancelled_outside(name, tally):
+        return (f"batch {record.id} {cancelled}",)
     if not record.failed:
         return ()
     codes = record.error_codes()
     detail = f" ({codes})" if codes else ""
-    tally = f"; {record.counts_phrase(with_failed=False)}" if record.request_counts else ""
     return (f"batch {record.id} {record.status}{detail}{tally}; "
             f"run `batchplan plan --replace {name}` to make a new one",)
 

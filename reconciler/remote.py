@@ -38,6 +38,11 @@ if TYPE_CHECKING:
     from .state import Entry, State
 
 UPLOAD_NAME = re.compile(r"batchplan-([0-9a-f]{64})\.jsonl$")
+# Seconds of the server's clock within which a create is carried out after it was sent, or never. A
+# create whose answer was lost may land beside a spec's batch until then, even once that batch has
+# completed, and whatever the state knew of it (a lost state, `state rm`, a restored backup): a spec
+# is searched for this long after its batch was made.
+LATE_CREATE_WINDOW = 86_400
 
 
 # -- names and tags: how batchplan's uploads and batches are recognised -------------------
@@ -142,20 +147,29 @@ def _search_inputs(desired: list[Desired], state: State | None) -> dict[str, lis
     an entry with an intent (a create whose answer was lost), a spec whose recorded batch is
     not finished (the net: a create that landed late runs beside it), and one whose recorded
     batch ended without completing (a forced replace the state does not know of may run). A
-    spec whose batch completed is not searched: that would walk the account back to its
-    upload on every plan. The inputs of the recorded version and of the intent's are searched
-    too: a batch of an earlier version of the spec that runs untracked is cancelled (superseded).
+    spec whose batch completed is not searched (that would walk the account back to its
+    upload on every plan) once LATE_CREATE_WINDOW has passed since it was made (before that, a
+    lost create may still land beside it), by the server's clock as the state last saw it.
+    The inputs of the recorded version and of the intent's are searched too: a batch of an
+    earlier version of the spec that runs untracked is cancelled (superseded).
     """
     entries = state.entries if state else {}
+    now = state.server_now() if state else None
     search = {n: [e.intent.fields] for n, e in entries.items() if e.intent is not None}
     for want in desired:
         entry = entries.get(want.name)
         if entry is None or entry.batch is None or entry.spec_hash != want.spec_hash or entry.intent \
-                or entry.batch.status != BatchStatus.COMPLETED:
+                or entry.batch.status != BatchStatus.COMPLETED or _recent(entry.batch, now):
             search.setdefault(want.name, []).append(want.fields())
             if entry is not None:
                 search[want.name].append(entry.fields)
     return search
+
+
+def _recent(batch: BatchRecord, server_now: int | None) -> bool:
+    """Whether a lost create may still land beside `batch`: made less than LATE_CREATE_WINDOW before
+    `server_now` (State.server_now, a server time never later than the server's clock now)."""
+    return server_now is None or server_now <= batch.created_at + LATE_CREATE_WINDOW
 
 
 def _unfinished(entries: dict[str, Entry]) -> list[tuple[str, int]]:

@@ -116,6 +116,15 @@ class Entry(BaseModel):
     # A named provider's base_url when the batch was made there: a profile moved since is shown as
     # drift by the plan, not followed (its batch is not on the new server). None for the environment's.
     base_url: str | None = Field(default=None, exclude_if=lambda value: value is None)
+    # The id of `batch` when an apply is cancelling it (a removed spec's, a replaced one), written before the
+    # cancel is sent: a state cut off after it then knows the cancel was batchplan's, not someone's by hand.
+    cancel_sent: str | None = Field(default=None, exclude_if=lambda value: value is None)
+
+    def cancelled_by_batchplan(self, record: BatchRecord) -> bool:
+        """Whether `record` (this entry's batch, as the server has it now) is cancelled, or being
+        cancelled, by an apply of batchplan's own that was cut off before it recorded so: then the
+        entry has no batch of its spec, as after a clean cancel."""
+        return record.id == self.cancel_sent and record.status in (BatchStatus.CANCELLING, BatchStatus.CANCELLED)
 
     @property
     def provider(self) -> str | None:
@@ -161,6 +170,11 @@ class State(BaseModel):
     def all_uploads(self) -> list[tuple[str, Upload]]:
         """(sha256, upload) of every upload recorded, on any provider."""
         return [*self.uploads.items(), *(item for on in self.provider_uploads.values() for item in on.items())]
+
+    def server_now(self) -> int | None:
+        """The latest server time the state has seen (its newest batch's created_at): never after the
+        server's clock now, and never read from ours."""
+        return max((e.batch.created_at for e in self.entries.values() if e.batch), default=None)
 
     def record_batches(self, records: dict[str, BatchRecord]) -> list[str]:
         """Copy newer records of the batches the entries name (same id only); the names that changed."""

@@ -38,7 +38,7 @@ def status_rows(entries: dict[str, Entry], snapshot: Snapshot, shards: bool = Fa
     one row per shard when `shards`. `entries` are in address order (state.select_entries)."""
     groups: dict[str, list[StatusRow]] = {}
     for name in entries:
-        groups.setdefault(spec_of(name), []).append(_batch_row(name, snapshot))
+        groups.setdefault(spec_of(name), []).append(_batch_row(name, snapshot, entries[name].cancel_sent))
     out = []
     for spec, rows in groups.items():
         if len(rows) == 1 and rows[0].name == spec:
@@ -54,14 +54,16 @@ def with_attempts(rows: list[StatusRow], phrases: dict[str, str]) -> list[Status
             for r in rows]
 
 
-def _batch_row(name: str, snapshot: Snapshot) -> StatusRow:
+def _batch_row(name: str, snapshot: Snapshot, cancel_sent: str | None = None) -> StatusRow:
+    """The row of one address; `cancel_sent`: the batch an apply of batchplan's was cancelling (Entry.cancel_sent)."""
     rec = snapshot.records.get(name)
     if rec is None:
         return StatusRow(name, None, "none", 0, 0, 0, None, None, None,
                          "no batch: an apply was interrupted before creating it; run `batchplan apply`")
     counts = rec.request_counts or {}
     status = "missing" if name in snapshot.missing else rec.status
-    note = "the server has no such batch (404)" if name in snapshot.missing else rec.error_codes()
+    by_hand = rec.cancelled_outside(name) if rec.id != cancel_sent else None
+    note = "the server has no such batch (404)" if name in snapshot.missing else by_hand or rec.error_codes()
     return StatusRow(name, rec.id, status, counts.get("completed", 0), counts.get("failed", 0),
                      counts.get("total", 0), rec.created_at, rec.output_file_id if rec.terminal else None,
                      rec.error_file_id if rec.terminal else None, note)

@@ -365,6 +365,32 @@ def test_a_failed_batch_is_drift_and_replace_makes_a_new_one(repo, sandbox_facto
     assert server.count("POST", "/v1/batches") == 3
 
 
+
+def test_a_batch_cancelled_by_hand_is_kept_and_said_until_replace_runs_it_again(repo, sandbox_factory):
+    server = sandbox_factory(timing=SLOW)
+    env = env_for(server)
+    repo.spec("a")
+    applied(repo, env)
+    old = batch_of(repo, "a")
+    server.emulator.cancel_batch(old)  # on the dashboard: a deliberate stop of spending
+    until(lambda: server.emulator.get_batch(old)["status"] == "cancelled")
+
+    plan = cli(repo, env, "plan", "--detailed-exitcode")
+    assert plan.code == 0  # nothing to do: it is not run again unasked
+    assert plan.out.splitlines()[:2] == [
+        f"    a  noop     batch {old} is cancelled",
+        f"      ! batch {old} was cancelled outside batchplan; 0/0 requests completed; "
+        "`batchplan apply --replace a` runs it again"]
+    status = cli(repo, env, "status", "--json")
+    assert json.loads(status.out)["batches"][0]["note"] == \
+        "was cancelled outside batchplan; `batchplan apply --replace a` runs it again"
+
+    applied(repo, env, "--replace", "a")
+    assert batch_of(repo, "a") != old
+    assert cli(repo, env, "plan", "--detailed-exitcode").code == 0
+    assert server.count("POST", "/v1/batches") == 2
+
+
 # -- import and state -----------------------------------------------------------------------
 
 

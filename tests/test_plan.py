@@ -197,6 +197,31 @@ def test_failed_batch_is_drift_not_a_silent_recreate():
     assert "invalid_json_line" in change.warnings[0] and "--replace a" in change.warnings[0]
 
 
+def test_a_batch_cancelled_by_hand_is_kept_and_said_one_batchplan_cancelled_is_made_again():
+    d = want("a")
+    cancelled = batch("batch_1", "cancelled", d.tags())
+    remote = RemoteView(batches={"batch_1": cancelled}, tagged={"a": [cancelled]})
+    by_hand = build_plan([d], state_with(a=entry_for(d, "batch_1")), remote)
+    assert render_text(by_hand) == (
+        "    a  noop     batch batch_1 is cancelled\n"
+        "      ! batch batch_1 was cancelled outside batchplan; 1/3 requests completed; "
+        "`batchplan apply --replace a` runs it again\n\n"
+        "No changes. 1 batch(es) match their specs.\n")
+    ours = build_plan([d], state_with(a=entry_for(d, "batch_1", cancel_sent="batch_1")), remote)
+    assert [(c.action, c.reason_code.value, c.reason) for c in ours.changes] == [
+        (Action.CREATE, "no_batch", "batch batch_1 was cancelled by an apply (its spec was removed or replaced) "
+                                    "that was cut off before it recorded so")]
+
+
+def test_a_running_batch_beside_a_completed_one_in_the_state_is_its_duplicate():
+    d = want("a")
+    late = batch("batch_2", tags=d.tags(), created_at=1100)
+    plan = build_plan([d], state_with(a=entry_for(d, "batch_1", "completed")),
+                      RemoteView(tagged={"a": [late, batch("batch_1", "completed", d.tags())]}))
+    assert [(c.action, c.reason_code.value, c.batch.id) for c in plan.changes] == [
+        (Action.NOOP, "up_to_date", "batch_1"), (Action.CANCEL, "duplicate", "batch_2")]
+
+
 def test_target_limits_the_plan_and_unknown_names_are_an_error():
     plan = build_plan([want("a"), want("b")], None, RemoteView(), targets=frozenset({"b"}))
     assert actions(plan) == {"b": Action.CREATE}

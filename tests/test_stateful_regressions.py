@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.stateful_machine import ApplyMachine
+from tests.test_stateful import ApplyMachine
 
 
 @pytest.fixture
@@ -148,4 +148,83 @@ def test_a_forced_replace_on_a_state_restored_to_before_one_cancels_the_untracke
     state.restore_backup()
     state.apply_replace(faults=[], kill=None, name="s1")
     state.one_running_batch_per_spec_version()
+    state.check_quiet()
+
+
+# Scenario: a spec removed, the apply killed just after it sent the cancel (request 2: its answer
+# dies with it), then the spec put back as it was. The state still named the batch, now
+# cancelling, with the spec's hash: the plan kept it (noop), so the spec never ran again, as a
+# batch cancelled by hand would not. The apply now marks the entry before it cancels
+# (Entry.cancel_sent), and the put-back spec runs again, as after an apply that was not cut off.
+def test_a_removal_killed_after_its_cancel_then_put_back_runs_again(state):
+    state.start(skew=0.0, names={"s0"}, applied=True)
+    state.apply_killed(at=2, edits=[("s0", None, False)], faults=[], how="sent")
+    state.edit_specs([("s0", 0, False)])
+    state.check_quiet()
+
+
+# Scenario: the state's batch cancelled by hand (a deliberate stop of spending). The plan keeps it
+# (noop: not run again unasked) and says so; the quiet check asks that the plan names
+# `apply --replace`, which then runs it again.
+def test_a_batch_cancelled_by_hand_is_kept_said_and_replaced_on_demand(state):
+    state.start(skew=0.0, names={"s1"}, applied=True)
+    state.cancel_by_hand(name="s1")
+    state.check_quiet()
+    state.apply_replace(faults=[], kill=None, name="s1")
+    state.check_quiet()
+    assert not state.cancelled_by_hand & {state.state_entries()["s1"]["batch"]["id"]}
+
+
+# Scenario: a create held past the settling window (its apply looked twice and made the batch
+# again), and that batch completed before the held create landed. Plans did not search a spec
+# whose batch completed, so the late batch ran beside the state's, tracked by nothing. Plans now
+# search a spec for remote.LATE_CREATE_WINDOW after its batch was made, and cancel a running batch
+# beside a completed one as its duplicate.
+def test_a_create_that_lands_after_its_spec_completed_is_cancelled(state):
+    state.start(skew=0.0, names={"s0"}, applied=False)
+    state.apply(edits=[], faults=[("create held until released (late)", 1)])
+    state.time_passes(steps=3)
+    state.time_passes(steps=3)
+    state.late_creates_land()
+    state.check_quiet()
+
+
+# Scenario: the same late create, with the state lost (or `state rm`) after its batch completed.
+# The rebuilt state adopted the completed batch and knew nothing of the create still held, so
+# no plan searched the spec and the late batch ran untracked (the window needs no record of it).
+@pytest.mark.parametrize("forget", ["lose_state", "state_rm"])
+def test_a_create_that_lands_after_a_lost_state_adopted_its_completed_batch_is_cancelled(state, forget):
+    state.start(skew=0.0, names={"s0"}, applied=False)
+    state.apply(edits=[], faults=[("create held until released (late)", 1)])
+    state.time_passes(steps=3)
+    state.time_passes(steps=3)
+    state.lose_state() if forget == "lose_state" else state.state_rm(name="s0")
+    state.apply(edits=[], faults=[])
+    state.late_creates_land()
+    state.check_quiet()
+
+
+# Scenario: a spec removed (its batch cancelled), put back as it was, and the apply that put it
+# back killed after its intent (request 3, before its create). The next apply settled on the
+# intent and looked for its batch: the look kept the newest of the spec's batches whatever their
+# status, adopted the cancelled one, and the spec never ran again. A look adopts only a running or
+# completed batch (remote.adoptable), as a plan does.
+def test_a_spec_put_back_whose_apply_was_killed_is_not_given_its_cancelled_batch(state):
+    state.start(skew=0.0, names={"s0", "s2"}, applied=True)
+    state.apply_killed(at=6, edits=[("s2", None, False)], faults=[], how="unsent")
+    state.apply_killed(at=3, edits=[("s2", 0, False)], faults=[], how="unsent")
+    state.check_quiet()
+
+
+# Scenario: a forced replace of a spec whose batch had completed, then the state restored to
+# before it. The restored state names the completed batch, and the replacement (same spec) runs
+# untracked: a completed spec was not searched. It is searched for LATE_CREATE_WINDOW, and the
+# running batch beside the completed one the state names is cancelled as its duplicate.
+def test_a_state_restored_to_before_a_forced_replace_of_a_completed_batch_runs_one_batch(state):
+    state.start(skew=0.0, names={"s0"}, applied=True)
+    state.time_passes(steps=3)
+    state.time_passes(steps=3)
+    state.refresh(faults=[], kill=None)
+    state.apply_replace(faults=[], kill=None, name="s0")
+    state.restore_backup()
     state.check_quiet()
