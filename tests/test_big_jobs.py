@@ -165,7 +165,7 @@ def test_apply_creates_what_fits_and_queues_the_rest_until_capacity_frees(repo, 
         assert cli(repo, server, "apply", "--auto-approve").code == 0
         assert creates(server) == made
     clock.shift = 800
-    assert cli(repo, server, "wait").code == 0
+    assert cli(repo, server, "wait", "--interval", "0.05").code == 0
     assert {n: len(ids) for n, ids in batches_by_name(server).items()} == {n: 1 for n in names}
     never_over(server, limit)
 
@@ -187,7 +187,7 @@ def test_a_batch_the_server_refused_for_capacity_is_made_again_and_kept_in_histo
     again = cli(repo, server, "apply", "--auto-approve")
     assert again.code == 0 and creates(server) == 3, again.err
     clock.shift += 200
-    assert cli(repo, server, "wait").code == 0
+    assert cli(repo, server, "wait", "--interval", "0.05").code == 0
     entry = repo.state()["entries"][name]
     assert entry["batch"]["status"] == "completed" and entry["batch"]["id"] != refused
     assert [(h["batch_id"], h["status"]) for h in entry["history"]] == [(refused, "failed")]

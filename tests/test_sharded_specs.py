@@ -64,7 +64,7 @@ def test_a_spec_over_the_limit_is_applied_waited_and_downloaded_as_one(repo, lim
     ok(repo, env, "apply", "--auto-approve")
     assert sorted(batches_by_name(limited)) == ["big[0]", "big[1]", "big[2]"]
     assert len(uploads_by_name(limited)) == 3  # each shard's own bytes, named by its own sha256
-    assert ok(repo, env, "wait").out.endswith("All 3 batch(es) completed.\n")
+    assert ok(repo, env, "wait", "--interval", "0.05").out.endswith("All 3 batch(es) completed.\n")
     download = ok(repo, env, "download").out
     assert "big: wrote results/big/output.jsonl from 3 shards, in input order" in download
     merged = (repo.root / "results" / "big" / "output.jsonl").read_text().splitlines()
@@ -79,7 +79,7 @@ def test_without_the_shard_block_the_limited_sandbox_fails_the_batch(repo, limit
     env = env_for(limited)
     big_spec(repo, 10, max_requests=None)
     ok(repo, env, "apply", "--auto-approve")
-    assert cli(repo, env, "wait").code == 1
+    assert cli(repo, env, "wait", "--interval", "0.05").code == 1
     (batch,) = server_batches(limited)
     assert batch["status"] == "failed" and batch["errors"]["data"][0]["code"] == "too_many_tasks"
 
@@ -110,7 +110,7 @@ def test_a_spec_that_fits_one_batch_keeps_its_plain_name_and_entry(repo, sandbox
 def test_an_append_replaces_only_the_last_shard_and_creates_new_ones(repo, sandbox, sandbox_env):
     big_spec(repo, 6)
     ok(repo, sandbox_env, "apply", "--auto-approve")
-    ok(repo, sandbox_env, "wait")
+    ok(repo, sandbox_env, "wait", "--interval", "0.05")
     big_input(repo, 13)
     assert plan_lines(repo, sandbox_env) == [
         "± big[1]  replace  changed: input_sha256",
@@ -186,7 +186,7 @@ def test_status_shows_a_spec_line_and_with_shards_a_line_per_shard(repo, sandbox
     big_spec(repo, 10)
     repo.spec("small")
     ok(repo, sandbox_env, "apply", "--auto-approve")
-    ok(repo, sandbox_env, "wait")
+    ok(repo, sandbox_env, "wait", "--interval", "0.05")
     ids = {name: batch_id[:14] + "…" for name, batch_id in state_ids(repo).items()}
 
     def table(*args: str) -> list[list[str]]:
@@ -240,7 +240,7 @@ def test_download_join_and_batch_take_the_spec_name(repo, sandbox, sandbox_env):
     `download big --batch ID` fetches the shard of big whose batch ID is (a shard's address too)."""
     big_spec(repo, 10)
     ok(repo, sandbox_env, "apply", "--auto-approve")
-    ok(repo, sandbox_env, "wait")
+    ok(repo, sandbox_env, "wait", "--interval", "0.05")
     out = ok(repo, sandbox_env, "download", "big", "--join").out
     assert "  big: wrote results/big/joined.jsonl (10 requests, from 3 shards, in input order)\n" in out
     joined = [json.loads(line) for line in (repo.root / "results/big/joined.jsonl").read_text().splitlines()]
