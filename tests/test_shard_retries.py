@@ -16,7 +16,8 @@ import pytest
 
 from reconciler.sandbox import Fault, Timing
 from reconciler.sandbox.outcomes import BatchFaults, RequestFault
-from tests.helpers import Repo, env_for, request_line, run_cli, spawn_cli, write_jsonl
+from tests.helpers import Repo, env_for, request_line, spawn_cli, write_jsonl
+from tests.test_retry_flow import apply_and_wait, cli
 from tests.test_reliability import batches_by_name, uploads_by_name, wait_for
 
 STEPS = Timing(validating=0.05, in_progress=0.4, finalizing=0.05)
@@ -32,15 +33,6 @@ def make_repo(root: Path, count: int = 10, retry: dict | None = None) -> Repo:
               retry=retry or {"max_attempts": 3})
     (repo.root / "batchplan.yaml").write_text("timeout: 0.5\nmax_retries: 2\n")
     return repo
-
-
-def cli(repo: Repo, env: dict, *args: str):
-    return run_cli(*args, "-C", str(repo.root), env=env)
-
-
-def apply_and_wait(repo: Repo, env: dict, *plan: str) -> None:
-    assert (done := cli(repo, env, "apply", "--auto-approve", *plan)).code == 0, done.out + done.err
-    cli(repo, env, "wait", "--interval", "0.05")  # exit 1 when a batch expired: that is the point
 
 
 def input_lines(repo: Repo, *ids: int) -> bytes:
