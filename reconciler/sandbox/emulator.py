@@ -12,7 +12,6 @@ a server for a few seconds see one consistent history.
 
 from __future__ import annotations
 
-import heapq
 import math
 import os
 import random
@@ -34,6 +33,7 @@ from reconciler.inputs import MAX_REQUESTS, scan_input
 from reconciler.sandbox import capacity, files, line_errors, results
 from reconciler.sandbox.line_errors import RequestError
 from reconciler.sandbox.outcomes import FAIL_RATE_ANSWER, BatchFaults, RequestFault, plan_failures
+from reconciler.sandbox.world_index import WorldIndex
 from reconciler.spec import ENDPOINTS
 
 UPLOAD_PURPOSES = ("assistants", "batch", "fine-tune", "vision", "user_data", "evals")
@@ -100,6 +100,10 @@ class WorldStore:
     Persisted, the world is `world.json` (rewritten atomically after every change)
     plus `files/<id>` for contents. `world.lock` serialises processes; each
     transaction reloads `world.json` first when another process replaced it.
+
+    `index` (world_index.py) is the emulator's, derived from `data`: None whenever it may
+    no longer match (another world loaded, a transaction that failed part way, or one
+    that did not promise to keep it), and the emulator builds it again.
     """
 
     def __init__(self, root: Path | None):
@@ -114,19 +118,31 @@ class WorldStore:
         self._thread_lock = threading.RLock()
         self._process_lock = FileLock(self.root / "world.lock", thread_local=False) if self.persistent else None
         self._loaded_signature: tuple | None = None
+        self.index: WorldIndex | None = None
 
     @staticmethod
     def _empty() -> dict:
         return {"version": WORLD_VERSION, "seq": 0, "files": {}, "batches": {}}
 
     @contextmanager
-    def transaction(self) -> Iterator[dict]:
-        """Exclusive access to the world; saved on exit if anything changed."""
+    def transaction(self, *, keeps_index: bool = False) -> Iterator[dict]:
+        """Exclusive access to the world; saved on exit if anything changed.
+
+        Only the emulator, which updates `index` with every change it makes, passes
+        `keeps_index=True`; any other change of the world drops the index."""
         with self._thread_lock, (self._process_lock or nullcontext()):
             if self.persistent:
                 self._reload_if_changed()
             before = orjson.dumps(self.data) if self.persistent else b""
-            yield self.data
+            try:
+                yield self.data
+            except EmulatorError:
+                raise  # an API's error answer: the emulator kept the index up to what it changed
+            except BaseException:
+                self.index = None  # a change may have stopped part way
+                raise
+            if not keeps_index:
+                self.index = None
             if self.persistent and orjson.dumps(self.data) != before:
                 self._save()
 
@@ -145,7 +161,7 @@ class WorldStore:
         if data.get("version") != WORLD_VERSION:
             raise StateError(f"{self.world_path} holds a sandbox world of version {data.get('version')}, "
                              f"this batchplan reads version {WORLD_VERSION}; delete {self.root} to start afresh")
-        self.data, self._loaded_signature = data, signature
+        self.data, self._loaded_signature, self.index = data, signature, None
 
     def _save(self) -> None:
         tmp = self.root / f".world.{os.getpid()}.{threading.get_ident()}.tmp"
@@ -213,10 +229,16 @@ class Emulator:
     @contextmanager
     def _world(self) -> Iterator[tuple[dict, float]]:
         """The world, brought up to now: every batch step that fell due has run."""
-        with self.store.transaction() as world:
+        with self.store.transaction(keeps_index=True) as world:
             now = self.clock()
             self._advance(world, now)
             yield world, now
+
+    def _index(self, world: dict) -> WorldIndex:
+        """The world's indexes, built again when the store dropped them (see WorldStore)."""
+        if self.store.index is None:
+            self.store.index = WorldIndex(world, lambda batch: self._next_event(batch)[0])
+        return self.store.index
 
     # --- files ---
 
@@ -260,6 +282,7 @@ class Emulator:
                   "expires_at": expires_at, "filename": filename, "purpose": purpose,
                   "seq": self.store.next_seq()}
         world["files"][file_id] = record
+        self._index(world).add_file(record)
         return record
 
     def list_files(self, purpose: str | None = None, limit: int = 10000, after: str | None = None,
@@ -269,9 +292,8 @@ class Emulator:
             raise bad_request(f"Invalid value: '{order}'. Supported values are: 'asc' and 'desc'.", "order")
         with self._world() as (world, now):
             self._purge_expired_files(world, now)
-            files = [f for f in world["files"].values() if purpose is None or f["purpose"] == purpose]
-            files.sort(key=lambda f: f["seq"], reverse=order == "desc")
-            return _page(files, after, limit, self._file_wire)
+            ids, has_more = self._index(world).file_order(purpose).page(after, limit, newest_first=order == "desc")
+            return _page([world["files"][file_id] for file_id in ids], has_more, self._file_wire)
 
     def get_file(self, file_id: str) -> dict:
         with self._world() as (world, now):
@@ -297,6 +319,7 @@ class Emulator:
         with self._world() as (world, now):
             record = self._live_file(world, file_id, now)
             record["expires_at"] = now
+            self._index(world).expire_at(record)
             return self._file_wire(record)
 
     def _live_file(self, world: dict, file_id: str, now: float) -> dict:
@@ -309,12 +332,13 @@ class Emulator:
         return record
 
     def _purge_expired_files(self, world: dict, now: float) -> None:
-        for record in list(world["files"].values()):
-            if record["expires_at"] is not None and record["expires_at"] <= now:
-                self._remove_file(world, record["id"])
+        for file_id in list(self._index(world).expired_by(now)):
+            record = world["files"].get(file_id)  # an entry outlives a file deleted or expired sooner
+            if record is not None and record["expires_at"] is not None and record["expires_at"] <= now:
+                self._remove_file(world, file_id)
 
     def _remove_file(self, world: dict, file_id: str) -> None:
-        del world["files"][file_id]
+        self._index(world).remove_file(world["files"].pop(file_id))
         self.store.content_path(file_id).unlink(missing_ok=True)
 
     @staticmethod
@@ -331,8 +355,9 @@ class Emulator:
         with self._world() as (world, now):
             self._check_input_file(world, body["input_file_id"], now)
             batch_id = f"batch_{secrets.token_hex(16)}"
-            world["batches"][batch_id] = self._new_batch(batch_id, body, now)
-            return self._batch_wire(world["batches"][batch_id], now)
+            batch = world["batches"][batch_id] = self._new_batch(batch_id, body, now)
+            self._index(world).add_batch(batch, self._next_event(batch)[0])
+            return self._batch_wire(batch, now)
 
     def _check_input_file(self, world: dict, file_id: str, now: float) -> None:
         try:
@@ -361,8 +386,9 @@ class Emulator:
     def list_batches(self, after: str | None = None, limit: int = 20) -> dict:
         _check_limit(limit, 100)
         with self._world() as (world, now):
-            batches = sorted(world["batches"].values(), key=lambda b: b["seq"], reverse=True)
-            return _page(batches, after, limit, lambda b: self._batch_wire(b, now))
+            ids, has_more = self._index(world).batches.page(after, limit)
+            return _page([world["batches"][batch_id] for batch_id in ids], has_more,
+                         lambda b: self._batch_wire(b, now))
 
     def get_batch(self, batch_id: str) -> dict:
         with self._world() as (world, now):
@@ -374,6 +400,7 @@ class Emulator:
             if batch["status"] in ACTIVE:
                 batch["counts"] = self._counts(batch, now)
                 batch["status"], batch["cancelling_at"] = "cancelling", now
+                self._index(world).reschedule(batch, self._next_event(batch)[0])
             elif batch["status"] != "cancelling":  # a repeated cancel is harmless, like the real one
                 raise EmulatorError(409, f"Cannot cancel a batch with status {batch['status']}.")
             return self._batch_wire(batch, now)
@@ -396,16 +423,17 @@ class Emulator:
 
     def _advance(self, world: dict, now: float) -> None:
         """Run every step due by `now`, across all batches in the order they fell due: a step
-        may read the other batches as they were at that moment (capacity.refusal does)."""
-        due = [(self._next_event(b)[0], b["seq"], b["id"]) for b in world["batches"].values()]
-        heap = [item for item in due if item[0] <= now]
-        heapq.heapify(heap)
-        while heap:
-            at, seq, batch_id = heapq.heappop(heap)
+        may read the other batches as they were at that moment (capacity.refusal does).
+        The index's schedule holds each batch's next step; an entry its batch has moved
+        past (a cancel came first) is stale and dropped."""
+        index = self._index(world)
+        for at, _, batch_id in index.due_by(now):
             batch = world["batches"][batch_id]
-            self._next_event(batch)[1](world, batch, at)
-            if (next_at := self._next_event(batch)[0]) <= now:
-                heapq.heappush(heap, (next_at, seq, batch_id))
+            due, step = self._next_event(batch)
+            if due != at or step is None:
+                continue
+            step(world, batch, at)
+            index.reschedule(batch, self._next_event(batch)[0])
 
     def _next_event(self, batch: dict) -> tuple[float, Callable[[dict, dict, float], None] | None]:
         """The batch's next step, or its expiry when the completion window closes first."""
@@ -464,10 +492,14 @@ class Emulator:
             return False
         path = self.store.content_path(batch["input_file_id"])
         batch["enqueued_tokens"] = capacity.batch_tokens(path, batch["endpoint"], batch["model"])
-        refusal = capacity.refusal(world["batches"].values(), batch, batch["enqueued_tokens"], limit)
+        index = self._index(world)
+        refusal = capacity.refusal(index.holding_batches(world, batch["model"]), batch, batch["enqueued_tokens"],
+                                   limit)
         if refusal is not None:
             batch["errors"] = _errors([refusal])
             batch["status"], batch["failed_at"] = "failed", at
+        else:
+            index.hold(batch)  # it goes in_progress: its tokens count from now on
         return refusal is not None
 
     def _processed(self, world: dict, batch: dict, at: float) -> None:
@@ -622,18 +654,11 @@ def _errors(data: list[dict]) -> dict:
     return {"object": "list", "data": data}
 
 
-def _page(items: list[dict], after: str | None, limit: int, render: Callable[[dict], dict]) -> dict:
-    """One page of a newest-first list, cursor-paginated by id.
-
-    An `after` id that is not in the list (deleted since) gives an empty page:
-    the caller learns the cursor is gone instead of getting page one again.
-    """
-    ids = [item["id"] for item in items]
-    start = 0 if after is None else (ids.index(after) + 1 if after in ids else len(ids))
-    page = items[start:start + limit]
+def _page(page: list[dict], has_more: bool, render: Callable[[dict], dict]) -> dict:
+    """One page of a cursor-paginated list (world_index.Ordered.page chose it) in the wire's shape."""
     return {"object": "list", "data": [render(item) for item in page],
             "first_id": page[0]["id"] if page else None, "last_id": page[-1]["id"] if page else None,
-            "has_more": start + limit < len(items)}
+            "has_more": has_more}
 
 
 def _check_limit(limit: int, maximum: int) -> None:
