@@ -36,6 +36,7 @@ from .ledger import ApplyResult, Ledger
 from .plan import Action, Change, Plan
 from .remote import adoptable, find_batches, keep_oldest, tagged_batches
 from .stores.base import Transaction
+from .signals import ignore_signals
 from .uploader import Uploader
 
 __all__ = ["ApplyResult", "Applier", "apply_plan"]
@@ -381,3 +382,5 @@ async def apply_plan(applier: Applier) -> ApplyResult:
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+        if hits:  # interrupted: the command is ending, and a further signal must not cut its report short
+            ignore_signals()

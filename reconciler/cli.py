@@ -20,7 +20,8 @@ from .errors import BatchplanError, Interrupted, PlanError
 from .options import (OFFLINE, STATE_ONLY, Group, Invocation, common_options, global_options, lock_timeout_option,
                       names_argument, plan_options, project_options)
 from .terminal import (colour_on, echo, emit, hint_if_empty, is_terminal, notices, progress_display, renderer,
-                       run_feedback, sigterm_as_ctrl_c)
+                       run_feedback)
+from .signals import ignore_signals, sigterm_as_ctrl_c, signals_kept
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -257,28 +258,40 @@ cli.add_command(sandbox_group)  # cli_sandbox.py: `sandbox serve`
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: runs the CLI and maps every outcome to an exit code."""
     invocation = Invocation()  # one per run: tests call main() many times in one process
-    try:
-        with feedback.use(run_feedback()), notices(), sigterm_as_ctrl_c():
-            code = cli.main(args=argv, prog_name="batchplan", standalone_mode=False, obj=invocation)
-    except click.exceptions.Exit as exc:
-        code = exc.exit_code
-    except click.exceptions.Abort as exc:
+    with signals_kept():
+        try:
+            try:
+                with feedback.use(run_feedback()), notices(), sigterm_as_ctrl_c():
+                    code = cli.main(args=argv, prog_name="batchplan", standalone_mode=False, obj=invocation)
+            except BaseException as exc:
+                ignore_signals()
+                code = _reported(exc, invocation)
+        except KeyboardInterrupt:  # a second Ctrl-C that landed before the report began: the first is reported
+            code = 130
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _reported(exc: BaseException, invocation: Invocation) -> int:
+    """Say how a command ended, as one message (a traceback only with --debug); its exit code."""
+    if isinstance(exc, click.exceptions.Exit):
+        return exc.exit_code
+    if isinstance(exc, click.exceptions.Abort):
         if isinstance(exc.__context__, KeyboardInterrupt):  # click turns Ctrl-C into Abort: it is still 130
             echo("Interrupted.", err=True)
-            code = 130
-        else:
-            echo("Aborted; nothing was changed.", err=True)
-            code = 1
-    except click.ClickException as exc:
+            return 130
+        echo("Aborted; nothing was changed.", err=True)
+        return 1
+    if isinstance(exc, click.ClickException):
         exc.show()
-        code = 1
-    except (Interrupted, KeyboardInterrupt) as exc:
+        return 1
+    if isinstance(exc, (Interrupted, KeyboardInterrupt)):
         echo(f"Error: {exc}" if isinstance(exc, Interrupted) else "Interrupted.", err=True)
-        code = 130
-    except Exception as exc:  # BatchplanError: its message; anything else is a bug: say so plainly
-        if invocation.debug:
-            traceback.print_exc()
-        echo(f"Error: {exc}" if isinstance(exc, BatchplanError) else f"Internal error: {type(exc).__name__}: "
-             f"{exc}. Run again with --debug for the traceback, and please report it.", err=True)
-        code = 1
-    sys.exit(code if isinstance(code, int) else 0)
+        return 130
+    if not isinstance(exc, Exception):  # SystemExit and the like: not an outcome to report
+        raise exc
+    # BatchplanError: its message; anything else is a bug: say so plainly
+    if invocation.debug:
+        traceback.print_exception(exc)
+    echo(f"Error: {exc}" if isinstance(exc, BatchplanError) else f"Internal error: {type(exc).__name__}: "
+         f"{exc}. Run again with --debug for the traceback, and please report it.", err=True)
+    return 1

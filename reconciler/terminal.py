@@ -2,7 +2,7 @@
 
 Colour only on a terminal and never with NO_COLOR; rendered output (`emit`) split between
 standard output and standard error; a live progress display on a terminal and a line per
-change in logs; notes and retries on standard error as they happen; SIGTERM taken as Ctrl-C.
+change in logs; notes and retries on standard error as they happen.
 The commands in cli.py, cli_state.py and cli_sandbox.py print through here and nowhere else.
 """
 
@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import sys
-import threading
 import warnings
 
 import click
@@ -88,17 +86,3 @@ def notices():
                 other(message, category, filename, lineno, file, line)
         warnings.showwarning = show
         yield
-
-
-@contextlib.contextmanager
-def sigterm_as_ctrl_c():
-    """SIGTERM ends any command as Ctrl-C does (exit 130, the state saved), not silently mid-write;
-    apply installs its own handlers for both while it carries a plan out."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)

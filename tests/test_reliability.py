@@ -427,8 +427,9 @@ def wait_for(condition, timeout: float = 20.0, proc=None) -> None:
         time.sleep(0.005)
 
 
-@pytest.mark.parametrize("signals", [[signal.SIGTERM], [signal.SIGINT], [signal.SIGINT, signal.SIGINT]],
-                         ids=["SIGTERM", "SIGINT", "SIGINT-twice"])
+@pytest.mark.parametrize("signals", [[signal.SIGTERM], [signal.SIGINT], [signal.SIGINT, signal.SIGINT],
+                                     [signal.SIGINT] * 10],  # the later ones land while it closes and reports
+                         ids=["SIGTERM", "SIGINT", "SIGINT-twice", "SIGINT-ten-times"])
 def test_a_signal_during_apply_saves_what_was_done_and_the_next_apply_converges(repo, emulator_server_factory,
                                                                                   signals):
     server = emulator_server_factory(latency=0.1)
