@@ -303,14 +303,17 @@ class Applier:
         """POST /batches/{id}/cancel on `provider`: the batch's status after it ("finished" when it had
         already finished); None when it was not sent (stopping) or failed (recorded as `name`'s failure)."""
         if self.stopping.is_set():
+            self.ledger.cancel_not_sent(name, batch_id)
             return None
         try:
             return (await self.apis[provider].cancel_batch(batch_id))["status"]
         except ApiError as exc:
             if exc.status == 409:  # it finished meanwhile; nothing left to cancel
                 return "finished"
+            if 400 <= exc.status < 500 and not isinstance(exc, (AmbiguousWrite, BadAnswer)):
+                self.ledger.cancel_not_sent(name, batch_id)  # refused: the cancel did not happen
             self.ledger.fail(name, exc)
-        except TransportError as exc:
+        except TransportError as exc:  # it may have landed: the mark stays
             self.ledger.fail(name, exc)
         return None
 

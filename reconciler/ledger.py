@@ -147,6 +147,13 @@ class Ledger:
                 entry.cancel_sent = change.batch.id
         self.save()
 
+    def cancel_not_sent(self, name: str, batch_id: str) -> None:
+        """The cancel of `batch_id` was never sent, or the server refused it: it did not happen, so
+        the mark goes (a later cancel of that batch, by hand, is not batchplan's)."""
+        entry = self.state.entries.get(name)
+        if entry is not None and entry.cancel_sent == batch_id:
+            entry.cancel_sent = None
+
     def drop_intent(self, name: str) -> None:
         """The plan kept the name's batch, having searched for what its intent may have made (an
         interrupted apply's create, of this version of the spec or an earlier one) and found nothing

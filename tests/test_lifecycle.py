@@ -391,6 +391,30 @@ def test_a_batch_cancelled_by_hand_is_kept_and_said_until_replace_runs_it_again(
     assert server.count("POST", "/v1/batches") == 2
 
 
+def test_a_cancel_the_server_refused_leaves_no_mark_so_a_later_hand_cancel_is_kept(repo, sandbox_factory):
+    """batchplan marks a batch it is about to cancel (Entry.cancel_sent); a cancel refused with a 4xx did
+    not happen, so the mark goes: the hand cancel that follows is not taken for batchplan's and run again."""
+    from reconciler.sandbox import Fault
+
+    server = sandbox_factory(timing=SLOW)
+    env = env_for(server)
+    spec = repo.spec("a")
+    applied(repo, env)
+    old = batch_of(repo, "a")
+    text = spec.read_text()
+    repo.remove_spec("a")
+    server.add_fault(Fault(action="reject", method="POST", path_regex=r"/cancel$", status=400, times=1))
+    assert cli(repo, env, "apply", "--auto-approve").code == 1  # the cancel was refused
+    assert "cancel_sent" not in repo.state()["entries"]["a"]
+    spec.write_text(text)  # put back as it was
+    server.emulator.cancel_batch(old)  # then stopped by hand
+    until(lambda: server.emulator.get_batch(old)["status"] == "cancelled")
+
+    plan = cli(repo, env, "plan", "--detailed-exitcode")
+    assert plan.code == 0, plan.out + plan.err
+    assert f"! batch {old} was cancelled outside batchplan" in plan.out
+
+
 # -- import and state -----------------------------------------------------------------------
 
 
