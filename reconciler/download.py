@@ -416,6 +416,8 @@ def merge_shard_attempts(spec: str, attempts: dict[str, list[BatchRecord]], stat
         why = exc if isinstance(exc, StalePlanError) else f"{exc.filename or source}: {exc.strerror or exc}"
         report.notes.append(f"{spec}: its shards' attempts were not merged: {why}; each batch's files are in its "
                             "own directory")
+
+
 def entry_shard(entry: Entry) -> Shard:
     """The shard a state entry's current batch was made from: its lines, bytes and sha256."""
     part = entry.shard

@@ -108,9 +108,8 @@ class Entry(BaseModel):
     intent: Intent | None = None
     history: list[HistoryItem] = Field(default_factory=list)
     prevent_cancel: bool = False
-    # `retries` only once a retry was made, `shard` only in a shard's entry: the entries of specs that
-    # fit one batch and never retried stay as they were
-    # follow-up batches of `batch` (a spec's `retry:`); None: none made
+    # Follow-up batches of `batch` (a spec's `retry:`), and the part of the input a shard's entry holds;
+    # each written only when set, so the entries of specs that fit one batch and never retried stay as they were
     retries: Retries | None = Field(default=None, exclude_if=lambda value: value is None)
     shard: ShardPart | None = Field(default=None, exclude_if=lambda value: value is None)
     # A named provider's base_url when the batch was made there: a profile moved since is shown as

@@ -38,7 +38,7 @@ def status_rows(entries: dict[str, Entry], snapshot: Snapshot, shards: bool = Fa
     one row per shard when `shards`. `entries` are in address order (state.select_entries)."""
     groups: dict[str, list[StatusRow]] = {}
     for name in entries:
-        groups.setdefault(spec_of(name), []).append(_batch_row(name, snapshot, entries[name].cancel_sent))
+        groups.setdefault(spec_of(name), []).append(_batch_row(name, snapshot, entries[name]))
     out = []
     for spec, rows in groups.items():
         if len(rows) == 1 and rows[0].name == spec:
@@ -54,15 +54,15 @@ def with_attempts(rows: list[StatusRow], phrases: dict[str, str]) -> list[Status
             for r in rows]
 
 
-def _batch_row(name: str, snapshot: Snapshot, cancel_sent: str | None = None) -> StatusRow:
-    """The row of one address; `cancel_sent`: the batch an apply of batchplan's was cancelling (Entry.cancel_sent)."""
+def _batch_row(name: str, snapshot: Snapshot, entry: Entry) -> StatusRow:
+    """The row of one address, whose state entry is `entry`."""
     rec = snapshot.records.get(name)
     if rec is None:
         return StatusRow(name, None, "none", 0, 0, 0, None, None, None,
                          "no batch: an apply was interrupted before creating it; run `batchplan apply`")
     counts = rec.request_counts or {}
     status = "missing" if name in snapshot.missing else rec.status
-    by_hand = rec.cancelled_outside(name) if rec.id != cancel_sent else None
+    by_hand = None if entry.cancelled_by_batchplan(rec) else rec.cancelled_outside(name)
     note = "the server has no such batch (404)" if name in snapshot.missing else by_hand or rec.error_codes()
     return StatusRow(name, rec.id, status, counts.get("completed", 0), counts.get("failed", 0),
                      counts.get("total", 0), rec.created_at, rec.output_file_id if rec.terminal else None,

@@ -102,6 +102,30 @@ def run_cli(*args: str, env: dict | None = None) -> Result:
     return Result(code, out.getvalue(), err.getvalue())
 
 
+def cli(repo: Repo, env: dict | None, *args: str) -> Result:
+    """`batchplan ARGS -C REPO` in this process, with `env`."""
+    return run_cli(*args, "-C", str(repo.root), env=env)
+
+
+def applied(repo: Repo, env: dict, *args: str) -> Result:
+    """`batchplan apply --auto-approve ARGS`, which must succeed."""
+    result = cli(repo, env, "apply", "--auto-approve", *args)
+    assert result.code == 0, result.err
+    return result
+
+
+def waited(repo: Repo, env: dict, *names: str) -> Result:
+    """`batchplan wait NAMES` polling every 0.05 s, which must see every batch complete within 10 s."""
+    result = cli(repo, env, "wait", "--interval", "0.05", "--timeout", "10", *names)
+    assert result.code == 0, result.out + result.err
+    return result
+
+
+def batch_of(repo: Repo, name: str) -> str:
+    """The id of the batch the state records for `name`."""
+    return repo.state()["entries"][name]["batch"]["id"]
+
+
 def spawn_cli(*args: str, env: dict | None = None, **kw) -> subprocess.Popen:
     """Start batchplan as a separate process (for locks, signals and kills)."""
     full_env = {**os.environ, "NO_COLOR": "1", **(env or {})}

@@ -17,7 +17,7 @@ from reconciler.estimate import Estimate, usd
 from reconciler.plan import RemoteView, build_plan
 from reconciler.prices import PRICES_AS_OF
 from reconciler.render import render_json, render_markdown, render_text
-from tests.helpers import request_line, run_cli, write_jsonl
+from tests.helpers import cli, request_line, write_jsonl
 from tests.test_plan import entry_for, state_with, want
 
 UNPRICED = "model 'acme-llm-7' has no price; add it under prices: in batchplan.yaml"
@@ -169,10 +169,6 @@ def test_amounts_under_a_cent_keep_their_digits(amount, text):
 
 
 # -- plan and apply against the emulator --------------------------------------------------------
-
-
-def cli(repo, env, *args):
-    return run_cli(*args, "-C", str(repo.root), env=env)
 
 
 def config(repo, **settings) -> None:

@@ -15,7 +15,6 @@ import subprocess
 import time
 
 import click
-import pytest
 from rich.console import Console
 
 from reconciler import feedback
@@ -30,28 +29,9 @@ from reconciler.sandbox import Timing
 from reconciler.state import Entry, State
 from reconciler.status import StatusRow
 from reconciler.watch import LineDisplay, eta_phrase
-from tests.helpers import request_line, run_cli, write_jsonl
+from tests.helpers import applied, batch_of, cli, request_line, run_cli, waited, write_jsonl
 
 SLOW = Timing(validating=0.05, in_progress=60.0, finalizing=0.05, cancelling=0.05)
-
-
-def cli(repo, env, *args):
-    return run_cli(*args, "-C", str(repo.root), env=env)
-
-
-def applied(repo, env, *args):
-    result = cli(repo, env, "apply", "--auto-approve", *args)
-    assert result.code == 0, result.err
-    return result
-
-
-def waited(repo, env):
-    result = cli(repo, env, "wait", "--interval", "0.05", "--timeout", "10")
-    assert result.code == 0, result.out + result.err
-
-
-def batch_of(repo, name: str) -> str:
-    return repo.state()["entries"][name]["batch"]["id"]
 
 
 # -- 3. init --------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from reconciler.state import BatchRecord
 from reconciler.stores.file import FileStore
 from reconciler.remote import Snapshot
 from reconciler.watch import ProgressDisplay
-from tests.helpers import ENDPOINT, env_for, request_line, run_cli, write_jsonl
+from tests.helpers import ENDPOINT, applied, batch_of, cli, env_for, request_line, waited, write_jsonl
 
 STEP = Timing(validating=0.3, in_progress=0.2, finalizing=0.1, cancelling=0.05)
 SLOW = Timing(validating=0.05, in_progress=60.0, finalizing=0.05, cancelling=0.05)
@@ -37,26 +37,6 @@ def until(predicate, seconds: float = 5.0):
 
 def in_progress(server, batch_id: str) -> None:
     until(lambda: server.emulator.get_batch(batch_id)["status"] == "in_progress")
-
-
-def cli(repo, env, *args):
-    return run_cli(*args, "-C", str(repo.root), env=env)
-
-
-def applied(repo, env, *args):
-    result = cli(repo, env, "apply", "--auto-approve", *args)
-    assert result.code == 0, result.err
-    return result
-
-
-def batch_of(repo, name: str) -> str:
-    return repo.state()["entries"][name]["batch"]["id"]
-
-
-def wait_all(repo, env, *names):
-    result = cli(repo, env, "wait", "--interval", "0.05", "--timeout", "10", *names)
-    assert result.code == 0, result.out + result.err
-    return result
 
 
 # -- saved plans ----------------------------------------------------------------------------
@@ -106,7 +86,7 @@ def test_wait_returns_0_once_every_batch_completed_and_not_before(repo, sandbox_
     ids = {n: batch_of(repo, n) for n in ("a", "b")}
     assert all(server.emulator.get_batch(i)["status"] != "completed" for i in ids.values())
 
-    result = wait_all(repo, env)
+    result = waited(repo, env)
     assert {n: server.emulator.get_batch(i)["status"] for n, i in ids.items()} == {"a": "completed",
                                                                                   "b": "completed"}
     assert "All 2 batch(es) completed." in result.out
@@ -168,7 +148,7 @@ def test_status_json_lists_each_batch_as_completed(repo, sandbox, sandbox_env):
     repo.spec("a")
     repo.spec("b", input=repo.data("b.jsonl", count=5))
     applied(repo, sandbox_env)
-    wait_all(repo, sandbox_env)
+    waited(repo, sandbox_env)
 
     document = cli(repo, sandbox_env, "status", "--json").json
     assert document["format_version"] == "1"
@@ -220,7 +200,7 @@ def test_download_writes_a_line_for_every_request_then_skips(repo, sandbox_facto
     env = env_for(server)
     repo.spec("a", input=repo.data("a.jsonl", count=20))
     applied(repo, env)
-    wait_all(repo, env)
+    waited(repo, env)
 
     result = cli(repo, env, "download")
     assert result.code == 0, result.err
@@ -243,7 +223,7 @@ def test_download_writes_a_line_for_every_request_then_skips(repo, sandbox_facto
 
     server.emulator.fail_rate = 0.0  # the replacement batch has no error file
     applied(repo, env, "--replace", "a")
-    wait_all(repo, env)
+    waited(repo, env)
     after = cli(repo, env, "download")
     assert "Downloaded 1 file(s); 0 already there." in after.out
     assert "a: results/a/errors.jsonl is from an earlier batch (file-" in after.out
@@ -258,7 +238,7 @@ def test_download_to_the_spec_paths_and_skips_running_batches(repo, sandbox_fact
     early = cli(repo, env, "download")
     assert early.code == 0
     assert f"a: batch {batch_of(repo, 'a')} is " in early.out and "skipped (run `batchplan wait a` first)" in early.out
-    wait_all(repo, env)
+    waited(repo, env)
 
     result = cli(repo, env, "download")
     assert result.code == 0
@@ -272,7 +252,7 @@ def test_download_to_the_spec_paths_and_skips_running_batches(repo, sandbox_fact
 def test_download_says_clearly_when_the_results_expired(repo, sandbox, sandbox_env):
     repo.spec("a")
     applied(repo, sandbox_env)
-    wait_all(repo, sandbox_env)
+    waited(repo, sandbox_env)
     output_id = repo.state()["entries"]["a"]["batch"]["output_file_id"]
     sandbox.emulator.expire_file(output_id)
 
@@ -287,7 +267,7 @@ def test_download_of_a_batch_whose_every_request_failed(repo, sandbox_factory):
     env = env_for(server)
     repo.spec("a")
     applied(repo, env)
-    wait_all(repo, env)
+    waited(repo, env)
 
     result = cli(repo, env, "download")
     assert result.code == 0, result.err
@@ -302,7 +282,7 @@ def test_download_of_a_batch_whose_every_request_failed(repo, sandbox_factory):
 def test_removing_the_spec_of_a_finished_batch_forgets_it_and_sends_no_cancel(repo, sandbox, sandbox_env):
     repo.spec("a")
     applied(repo, sandbox_env)
-    wait_all(repo, sandbox_env)
+    waited(repo, sandbox_env)
     repo.remove_spec("a")
 
     plan = cli(repo, sandbox_env, "plan")
@@ -503,7 +483,7 @@ def test_plan_markdown_for_a_pull_request_as_a_whole_string(repo, sandbox, sandb
     repo.spec("edit", metadata={"team": "research"})
     repo.spec("gone")
     applied(repo, sandbox_env)
-    wait_all(repo, sandbox_env)
+    waited(repo, sandbox_env)
     repo.spec("edit", metadata={"team": "ml"})
     repo.remove_spec("gone")
     write_jsonl(repo.root / "data" / "new.jsonl", [request_line(f"n-{i}") for i in range(2)])

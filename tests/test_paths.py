@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import Repo, run_cli, spawn_cli
+from tests.helpers import Repo, applied, run_cli, spawn_cli, waited
 
 @pytest.fixture
 def server(emulator_server):
@@ -36,10 +36,8 @@ def cli(repo: Repo, env: dict | None, *args: str):
 
 def finished(repo: Repo, env: dict) -> None:
     """Apply every spec and wait until its batch has finished."""
-    applied = cli(repo, env, "apply", "--auto-approve")
-    assert applied.code == 0, applied.err
-    waited = cli(repo, env, "wait", "--interval", "0.05", "--timeout", "10")
-    assert waited.code == 0, waited.out + waited.err
+    applied(repo, env)
+    waited(repo, env)
 
 
 def outside(repo: Repo, name: str = "elsewhere") -> Path:

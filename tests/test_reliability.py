@@ -176,7 +176,7 @@ def test_a_lost_state_is_rebuilt_by_adopting_with_no_write(repo, sandbox, sandbo
 
 def test_a_state_older_than_the_server_adopts_the_replacement_it_missed(repo, sandbox, sandbox_env):
     """A state restored from a backup or an old commit: the replace it lacks already happened."""
-    names = make_repo(repo, 1)
+    make_repo(repo, 1)
     assert apply(repo, sandbox_env).code == 0
     old_state = repo.state_path.read_text()
     repo.spec("s0", metadata={"team": "ml"}, input="../data/s0.jsonl")

@@ -17,7 +17,7 @@ import pytest
 
 from reconciler.sandbox import Fault, Timing
 from reconciler.sandbox.outcomes import BatchFaults, RequestFault
-from tests.helpers import Repo, request_line, run_cli, spawn_cli, write_jsonl
+from tests.helpers import Repo, cli, request_line, run_cli, spawn_cli, write_jsonl
 from tests.test_reliability import batches_by_name, uploads_by_name, wait_for
 
 STEPS = Timing(validating=0.05, in_progress=0.4, finalizing=0.05)
@@ -34,10 +34,6 @@ def make_repo(root: Path, retry: dict | None, count: int = 10, settings: str = "
     repo.spec(NAME, input="../data/eval.jsonl", **({"retry": retry} if retry else {}))
     (repo.root / "batchplan.yaml").write_text("timeout: 0.5\nmax_retries: 2\n" + settings)
     return repo
-
-
-def cli(repo: Repo, env: dict, *args: str):
-    return run_cli(*args, "-C", str(repo.root), env=env)
 
 
 def apply_and_wait(repo: Repo, env: dict, *plan: str) -> None:

@@ -17,7 +17,8 @@ import pytest
 from reconciler.sandbox import Fault, Timing
 from reconciler.sandbox.outcomes import BatchFaults, RequestFault
 from tests.helpers import Repo, env_for, request_line, spawn_cli, write_jsonl
-from tests.test_retry_flow import apply_and_wait, cli
+from tests.helpers import cli
+from tests.test_retry_flow import apply_and_wait
 from tests.test_reliability import batches_by_name, uploads_by_name, wait_for
 
 STEPS = Timing(validating=0.05, in_progress=0.4, finalizing=0.05)

@@ -15,7 +15,7 @@ import pytest
 
 from reconciler.sandbox import Timing
 from reconciler.shards import ShardLimits, split_input
-from tests.helpers import ENDPOINT, Repo, env_for, request_line, run_cli, write_jsonl
+from tests.helpers import ENDPOINT, Repo, cli, env_for, request_line, write_jsonl
 from tests.test_reliability import batches_by_name, server_batches, state_ids, uploads_by_name
 
 LIMIT = 4  # requests per batch, on the sandbox and in the spec's shard: block
@@ -31,10 +31,6 @@ def big_spec(repo: Repo, count: int | None = 10, max_requests: int | None = LIMI
     if max_requests is not None:
         fields["shard"] = {"max_requests": max_requests}
     repo.spec("big", input="../data/big.jsonl", **fields)
-
-
-def cli(repo: Repo, env: dict, *args: str):
-    return run_cli(*args, "-C", str(repo.root), env=env)
 
 
 def ok(repo: Repo, env: dict, *args: str):

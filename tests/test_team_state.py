@@ -13,9 +13,9 @@ from urllib.parse import urlsplit
 import psycopg
 import pytest
 
-from reconciler.sandbox import Fault, Timing
+from reconciler.sandbox import Fault
 from tests.helpers import PgRepo, Repo, run_cli, spawn_cli
-from tests.test_reliability import (FAST_SETTINGS, KEY, apply, assert_converged, batches_by_name, make_repo,
+from tests.test_reliability import (FAST_SETTINGS, KEY, apply, assert_converged, make_repo,
                                     uploads_by_name, wait_for)
 from tests.test_store_postgres import closed_port, query
 
