@@ -15,7 +15,9 @@ input count, and the file-level limits become the splitter's business.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
+import functools
 import hashlib
 import json
 import threading
@@ -23,9 +25,11 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from collections.abc import Callable, Iterator
+from operator import attrgetter
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, Annotated, BinaryIO, Literal, Union
 
+import msgspec
 import orjson
 
 from . import feedback
@@ -89,18 +93,63 @@ class _Scanner:
     def problem(self, code: str, message: str, line: int | None, param: str | None = None) -> None:
         self.report.add(Problem(self.file, message, line, param, code), self.limit)
 
+    def feed_block(self, lines: list[bytes], start: int, stop: int, first: int, clean: bool) -> None:
+        """Check lines `first`.. of the file, which hold its bytes [start, stop) (see _blocks).
+
+        The fast path checks a whole block at once: msgspec decodes each line into the shape
+        `feed` asks for (a line that decodes needs no check of its own), and the checks across
+        lines are done on the block's custom_ids together. A block it cannot pass whole (a bad
+        line, a shard cut among its lines, a new model, a limit reached) is checked line by line
+        by `feed`, which words the problems: the verdict on a line never depends on its block."""
+        if not (clean and self.passes(lines, stop, first)):
+            for n, raw in enumerate(lines, first):
+                end = stop if n == first + len(lines) - 1 else start + len(raw) + 1
+                self.feed(raw, n, start, end)
+                start = end
+
+    def passes(self, lines: list[bytes], stop: int, first: int) -> bool:
+        """Whether every line of a block is a good request and none reaches a limit; if so, take them."""
+        last = first + len(lines) - 1
+        if first <= self.too_many_requests_at <= last:
+            return False
+        try:
+            requests = list(map(self.decoder().decode, lines))
+        except msgspec.DecodeError:  # a ValidationError too
+            return False
+        inputs = sum(len(x) if type(x) is list else 1 for x in map(_INPUT, requests)) if self.embeddings else 0
+        before = self.report.embedding_inputs
+        if self.splitter is not None and not self.splitter.fits(stop, last, inputs) or (
+                before <= self.max_inputs < before + inputs):
+            return False
+        ids = dict(zip(map(_CUSTOM_ID, requests), range(first, last + 1)))
+        if len(ids) != len(lines) or not self.first_line_of.keys().isdisjoint(ids):
+            return False
+        self.first_line_of.update(ids)
+        self.report.embedding_inputs += inputs
+        if self.splitter is not None:
+            self.splitter.take(stop - len(lines[-1]) - 1, inputs)
+        return True
+
+    def decoder(self) -> msgspec.json.Decoder:
+        """The fast path's decoder: a request to this endpoint whose model is the file's first one (or none)."""
+        return _decoder(self.endpoint, self.report.models[0] if self.report.models else None, self.embeddings)
+
     def feed(self, raw: bytes | bytearray | memoryview, n: int, start: int = 0, stop: int = 0) -> None:
         """Check line `n`, which holds bytes [start, stop) of the file (its newline included)."""
         if n == self.too_many_requests_at:
             self.problem("too_many_tasks",
                          f"more than {MAX_REQUESTS:,} requests, the Batch API's limit; split the file", n)
+        if self.splitter is not None and stop - start > self.splitter.max_bytes:
+            return self.place(start, stop, 0, n)  # the splitter names it; never parsed (see _blocks)
         try:
             request = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
-            return self.bad_json(raw, exc, n, start, stop)
+            request = self.decoded(raw)  # valid JSON that orjson cannot hold: see _decoded_request
+            if request is None:
+                self.place(start, stop, 0, n)
+                return self.problem("invalid_json_line", _json_error(raw, exc), n)
         inputs = _embedding_inputs(request) if self.embeddings else 0
-        if self.splitter is not None and self.splitter.place(start, stop, inputs, n):
-            self.first_line_of = {}  # a new shard, a new batch: its custom_ids start afresh
+        self.place(start, stop, inputs, n)
         try:  # a list or a string raises TypeError here
             custom_id, method, url, body = request["custom_id"], request["method"], request["url"], request["body"]
         except (KeyError, TypeError):
@@ -118,14 +167,19 @@ class _Scanner:
         if self.embeddings:
             self.count_inputs(inputs, n)
 
-    def bad_json(self, raw: bytes | bytearray | memoryview, exc: orjson.JSONDecodeError, n: int,
-                 start: int, stop: int) -> None:
-        if self.splitter is not None:
-            if self.splitter.place(start, stop, 0, n):
-                self.first_line_of = {}
-            if stop - start > self.splitter.max_bytes:
-                return  # only a prefix was kept (see _lines); the splitter names the line
-        self.problem("invalid_json_line", _json_error(raw, exc), n)
+    def decoded(self, raw: bytes | bytearray | memoryview) -> dict | None:
+        """A line orjson refused, as msgspec reads it when it takes it (see _decoded_request); else None.
+        Any line the fast path takes, this takes."""
+        try:
+            bytes(raw).decode()  # msgspec checks the syntax of the fields it skips, not their UTF-8
+            return _decoded_request(_decoder(None, None, self.embeddings).decode(raw))
+        except (UnicodeDecodeError, msgspec.DecodeError):
+            return None
+
+    def place(self, start: int, stop: int, inputs: int, n: int) -> None:
+        """Put line `n` in its shard, when the file is split."""
+        if self.splitter is not None and self.splitter.place(start, stop, inputs, n):
+            self.first_line_of = {}  # a new shard, a new batch: its custom_ids start afresh
 
     def bad_shape(self, request: object, n: int) -> None:
         if type(request) is not dict:
@@ -176,6 +230,50 @@ def _embedding_inputs(request: object) -> int:
         return 0
     inputs = body.get("input")
     return len(inputs) if type(inputs) is list else 1
+
+
+_CUSTOM_ID, _INPUT = attrgetter("custom_id"), attrgetter("body.input")
+
+
+@functools.lru_cache(maxsize=64)
+def _decoder(endpoint: str | None, model: str | None, embeddings: bool) -> msgspec.json.Decoder:
+    """msgspec's decoder of a good request line: the four fields, POST to `endpoint`, a non-empty
+    custom_id, a body object whose model is `model` or absent (and for embeddings, whose input is a
+    string, a list or absent). Other fields are skipped, their syntax checked, not their UTF-8.
+    With no endpoint, of any line with the four fields and a body object (`_Scanner.decoded`)."""
+    if endpoint is None:
+        custom_id = method = url = model_type = object
+    else:
+        custom_id, method, url = Annotated[str, msgspec.Meta(min_length=1)], Literal["POST"], Literal[endpoint]
+        model_type = Literal[model] | None if model is not None else None
+    body_fields: list[tuple] = [("model", model_type, None)]
+    if embeddings:
+        body_fields.append(("input", Union[str, list[msgspec.Raw], None], None))
+    body = msgspec.defstruct("Body", body_fields)
+    request = msgspec.defstruct("Request", [("custom_id", custom_id), ("method", method), ("url", url),
+                                            ("body", body)])
+    return msgspec.json.Decoder(request)
+
+
+def _decoded_request(request: msgspec.Struct) -> dict:
+    """A line the fast path's decoder took, as the dict `_Scanner.feed` checks.
+
+    orjson refuses numbers past a float's range (1e400, 400 digits): valid JSON, which the fast
+    path takes (it only checks the syntax of the fields it skips). The line-by-line path takes
+    them the same way, so no verdict depends on the path; `load_line` reads such lines later."""
+    body = {"model": request.body.model}
+    if hasattr(request.body, "input"):
+        body["input"] = request.body.input
+    return {"custom_id": request.custom_id, "method": request.method, "url": request.url, "body": body}
+
+
+def load_line(raw: bytes | bytearray | memoryview) -> object:
+    """One JSON line of an input file validated before: orjson, or the json module for numbers
+    orjson cannot hold (see _decoded_request). Raises ValueError when it is not JSON."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return json.loads(bytes(raw))
 
 
 def _json_error(raw: bytes | bytearray | memoryview, exc: orjson.JSONDecodeError) -> str:
@@ -236,6 +334,54 @@ def _lines(fh: BinaryIO, chunk_size: int, digest: hashlib._Hash | None,
         offset += len(chunk)
     if pending:
         yield pending, pending_start, offset
+
+
+Block = tuple[list[bytes], int, int, bool]
+
+
+def _blocks(fh: BinaryIO, chunk_size: int, digest: hashlib._Hash | None,
+            max_line: int = MAX_BYTES, advance: Callable[[int], None] | None = None) -> Iterator[Block]:
+    """The lines of a binary file in runs: (lines without their newlines, start, stop, clean), the
+    lines holding bytes [start, stop) of the file. Each chunk read is hashed into `digest`.
+
+    A run is the lines that end in one chunk read (`bytes.split` makes them: no Python step per
+    line). `clean`: every line of the run ends with a newline and is UTF-8 (checked chunk by chunk,
+    as msgspec does not check the fields it skips). A line that spans chunks is assembled; of a
+    line over `max_line` bytes only a prefix is kept (it cannot be sent, so it is never parsed) and
+    it comes alone, unclean, as does a last line with no newline.
+    """
+    pending, pending_start, offset = bytearray(), 0, 0
+    utf8, clean_after = codecs.getincrementaldecoder("utf-8")(), 0
+    while chunk := fh.read(chunk_size):
+        if digest is not None:
+            digest.update(chunk)
+        if advance is not None:
+            advance(len(chunk))
+        try:
+            utf8.decode(chunk)
+        except UnicodeDecodeError:  # this run and the next (its first line began here) go line by line
+            utf8, clean_after = codecs.getincrementaldecoder("utf-8")(), offset + len(chunk)
+        lines = chunk.split(b"\n")
+        tail = lines.pop()
+        offset += len(chunk)
+        if lines:
+            head_stop = offset - len(chunk) + len(lines[0]) + 1
+            if len(pending) <= max_line:
+                pending += lines[0]
+            if pending_start + len(pending) + 1 != head_stop:  # too long: only its prefix was kept
+                yield [bytes(pending)], pending_start, head_stop, False
+                del lines[0]
+                pending_start = head_stop
+            else:
+                lines[0] = bytes(pending)
+            if lines:
+                stop = offset - len(tail)
+                yield lines, pending_start, stop, pending_start >= clean_after
+            pending, pending_start = bytearray(), offset - len(tail)
+        if len(pending) <= max_line:
+            pending += tail
+    if pending:
+        yield [bytes(pending)], pending_start, offset, False
 
 
 class _BackgroundHash:
@@ -302,8 +448,9 @@ def scan_input(path: Path, endpoint: str, *, limit: int = MAX_REPORTED, chunk_si
     try:
         with path.open("rb", buffering=0) as fh, feedback.current().transfer(f"check {path.name}", report.size) as done:
             n = stop = 0
-            for n, (raw, start, stop) in enumerate(_lines(fh, chunk_size, digest, max_line, done), start=1):
-                scanner.feed(raw, n, start, stop)
+            for lines, start, stop, clean in _blocks(fh, chunk_size, digest, max_line, done):
+                scanner.feed_block(lines, start, stop, n + 1, clean)
+                n += len(lines)
     except BaseException:
         if background:
             background.cancel()

@@ -19,6 +19,7 @@ from typing import BinaryIO
 import orjson
 
 from .fsutil import atomic_writer
+from .inputs import load_line
 from .shards import Shard, open_lines
 
 JOINED = "joined.jsonl"
@@ -72,7 +73,7 @@ def write_joined(parts: list[JoinPart], dest: Path) -> Joined:
                 for raw in src:
                     if not raw.strip():
                         continue
-                    request = orjson.loads(raw)
+                    request = load_line(raw)
                     answer = answers.get(request.get("custom_id"), {})
                     requests += 1
                     missing += not answer

@@ -28,7 +28,6 @@ import hashlib
 from collections.abc import Callable
 from pathlib import Path
 
-import orjson
 import toktok
 from pydantic import BaseModel, ConfigDict
 
@@ -329,14 +328,15 @@ def _count_tallies(path: Path, endpoint: str,
     read = READERS[endpoint]
     tallies: dict[str, _Tally] = {}
     digest = hashlib.sha256()
+    from .inputs import load_line
     from .shards import open_lines
 
     with open_lines(path, byte_range) as fh:
         for line in fh:
             digest.update(line)
             try:
-                request = orjson.loads(line)
-            except orjson.JSONDecodeError:
+                request = load_line(line)
+            except ValueError:  # orjson's JSONDecodeError too
                 continue
             body = request.get("body") if type(request) is dict else None
             if type(body) is not dict:

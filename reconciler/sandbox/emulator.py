@@ -29,7 +29,7 @@ import orjson
 from filelock import FileLock
 
 from reconciler.errors import ConfigError, StateError
-from reconciler.inputs import MAX_REQUESTS, scan_input
+from reconciler.inputs import MAX_REQUESTS, load_line, scan_input
 from reconciler.sandbox import capacity, files, line_errors, results
 from reconciler.sandbox.line_errors import RequestError
 from reconciler.sandbox.outcomes import FAIL_RATE_ANSWER, BatchFaults, RequestFault, plan_failures
@@ -535,7 +535,7 @@ class Emulator:
         """(custom_id, body) of each line of a batch's (already validated) input file."""
         with self.store.content_path(batch["input_file_id"]).open("rb") as fh:
             for raw in fh:
-                request = orjson.loads(raw)
+                request = load_line(raw)
                 yield request["custom_id"], request["body"]
 
     def _write_results(self, world: dict, batch: dict, at: float, expired: bool) -> None:
