@@ -429,7 +429,7 @@ class _PieceHasher:
     """
 
     THREAD_FROM = 256 * 1024
-    QUEUED = 4
+    QUEUED = 2
 
     def __init__(self, hashing: bool = True):
         self.hashing = hashing
