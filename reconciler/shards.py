@@ -324,15 +324,18 @@ class ShardReader(io.RawIOBase):
     httpx sizes a file part with os.fstat(fileno()) when it can, which would give the whole
     file's size and a Content-Length the body never reaches. So fileno() is refused
     (io.UnsupportedOperation, an OSError), and httpx falls back to seek(0, SEEK_END): the
-    range's size. With `sha256`, the bytes are hashed as they are read, and the read that
-    reaches the end raises StalePlanError if they changed since they were scanned, before
-    returning them: an upload of changed bytes never completes.
+    range's size. With `sha256`, the bytes are hashed as they are handed out (by a second
+    thread for large pieces, see _PieceHasher), and the read that reaches the end raises
+    StalePlanError if they changed since they were scanned, before returning them: an
+    upload of changed bytes never completes. Reading from position 0 again (a retried
+    upload) starts the hash afresh.
     """
 
     def __init__(self, path: Path, start: int, end: int, sha256: str | None = None,
                  advance: Callable[[int], None] | None = None):
         if not 0 <= start <= end:
             raise ValueError(f"not a byte range: [{start}, {end})")
+        self._hasher: _PieceHasher | None = None
         self._file = open(path, "rb", buffering=0)  # noqa: SIM115 (closed by close())
         super().__init__()
         self.path, self.start, self.end, self.sha256 = Path(path), start, end, sha256
@@ -365,38 +368,119 @@ class ShardReader(io.RawIOBase):
             self._restart_hash()  # a retried upload reads it all again
         return self._pos
 
-    def readinto(self, buffer: bytearray | memoryview) -> int:
-        want = min(len(buffer), self.size - self._pos)
+    def read(self, size: int | None = -1) -> bytes:
+        """Up to `size` bytes (all that is left when -1) as a fresh `bytes`: the very object hashed."""
+        if size is None or size < 0:
+            return self.readall()
+        want = min(size, self.size - self._pos)
         if want <= 0:
-            return 0
-        self._file.seek(self.start + self._pos)
-        view = memoryview(buffer).cast("B")[:want]
-        n = self._file.readinto(view)
-        if not n:
-            raise StalePlanError(f"{self.path} ends at byte {self.start + self._pos:,}, before the end of its shard "
-                                 f"at byte {self.end:,}: it changed since it was scanned; run the plan again")
-        if self._pos == self._hashed:
-            self._digest.update(view[:n])
-            self._hashed += n
-            if self._hashed == self.size and self.sha256:
-                self._verify()
-            if self.advance is not None:
-                self.advance(n)
-        self._pos += n
-        return n
+            return b""
+        try:
+            piece = _read_at(self._file, self.start + self._pos, self.start + self._pos + want)
+            if not piece:
+                raise StalePlanError(f"{self.path} ends at byte {self.start + self._pos:,}, before the end of its "
+                                     f"shard at byte {self.end:,}: it changed since it was scanned; run the plan again")
+            if self._pos == self._hashed:
+                self._hand_out(piece)
+        except BaseException:
+            self._hasher.wait()  # no thread outlives a failed read; the hash goes on if reading does
+            raise
+        self._pos += len(piece)
+        return piece
+
+    def readall(self) -> bytes:
+        """The rest of the range, in one read when the system gives it (a join of one piece copies nothing)."""
+        pieces = []
+        while piece := self.read(self.size - self._pos):
+            pieces.append(piece)
+        return b"".join(pieces)
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:
+        """For io.BufferedReader and hashlib.file_digest: a copy of what `read` hands out and hashes."""
+        view = memoryview(buffer).cast("B")
+        piece = self.read(len(view))
+        view[:len(piece)] = piece
+        return len(piece)
 
     def close(self) -> None:
-        self._file.close()
+        if self._hasher is not None:  # None when __init__ failed to open the file
+            self._hasher.wait()
+            self._file.close()
         super().close()
 
+    def _hand_out(self, piece: bytes) -> None:
+        """Hash the next bytes in order; at the end of the range, check them before they go out."""
+        self._hashed += len(piece)
+        done = self._hashed == self.size
+        self._hasher.add(piece, last=done)
+        if done and self.sha256:
+            self._verify()
+        if self.advance is not None:
+            self.advance(len(piece))
+
     def _restart_hash(self) -> None:
-        self._digest, self._hashed = hashlib.sha256(), 0
+        if self._hasher is not None:
+            self._hasher.wait()  # the old hash's thread ends: at most QUEUED pieces to finish
+        self._hasher, self._hashed = _PieceHasher(hashing=bool(self.sha256)), 0
 
     def _verify(self) -> None:
-        got = self._digest.hexdigest()
+        got = self._hasher.hexdigest()
         if got != self.sha256:
             raise StalePlanError(f"{self.path}: bytes {self.start:,}..{self.end:,} changed since they were scanned "
                                  f"(sha256 {got[:12]}, expected {self.sha256[:12]}); run the plan again")
+
+
+class _PieceHasher:
+    """The sha256 of the pieces a ShardReader hands out, in order, hashed by a second thread
+    while the caller sends them (hashlib lets go of the GIL for a large buffer): an upload's
+    socket writes and its hash overlap instead of taking turns on the event loop's thread.
+
+    Each piece is the immutable `bytes` object handed out, so what is hashed is exactly what
+    was sent, never a second read of the file. A piece under THREAD_FROM bytes, or the last
+    of a range when no thread runs yet, is hashed at once on the caller's thread: there a thread
+    costs more than it saves (measured on 300 MB: in 64 KiB pieces it adds 40% to the CPU time
+    to halve the caller's; in 1 MiB pieces, 10% to cut it by three quarters). Once a thread
+    runs, every piece goes to it, to keep their order. At most QUEUED pieces wait, so memory stays bounded
+    when the caller is faster. `wait` lets the thread hash what is queued and ends it (a later
+    large piece starts another, on the same digest); `hexdigest` waits, then answers.
+    Nothing is hashed when `hashing` is off (no sha256 to check).
+    """
+
+    THREAD_FROM = 256 * 1024
+    QUEUED = 2
+
+    def __init__(self, hashing: bool = True):
+        self.hashing = hashing
+        self._digest = hashlib.sha256()
+        self._pieces: queue.Queue[bytes | None] = queue.Queue(self.QUEUED)
+        self._thread: threading.Thread | None = None
+
+    def add(self, piece: bytes, last: bool = False) -> None:
+        if not self.hashing:
+            return
+        if self._thread is None and (last or len(piece) < self.THREAD_FROM):
+            self._digest.update(piece)
+            return
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="upload-sha256", daemon=True)
+            self._thread.start()
+        self._pieces.put(piece)
+
+    def hexdigest(self) -> str:
+        self.wait()
+        return self._digest.hexdigest()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._pieces.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def _run(self) -> None:
+        # The thread holds no reference to its ShardReader, so a reader dropped unclosed is
+        # still collected, and its close() (IOBase's __del__) ends this thread.
+        while (piece := self._pieces.get()) is not None:
+            self._digest.update(piece)
 
 
 def open_range(path: Path, start: int, end: int) -> ShardReader:

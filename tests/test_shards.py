@@ -13,6 +13,7 @@ import json
 import os
 import random
 import tempfile
+import threading
 from pathlib import Path
 
 import httpx
@@ -24,7 +25,8 @@ from pydantic import ValidationError
 from reconciler.errors import StalePlanError, ValidationFailed
 from reconciler.inputs import MAX_BYTES, MAX_EMBEDDING_INPUTS, MAX_REQUESTS, scan_input, split_identity
 from reconciler.shards import (BY_BYTES, BY_INPUTS, BY_REQUESTS, Shard, ShardLimits, Splitter, describe_split,
-                               merge_in_input_order, merge_jsonl, open_range, open_shard, split_input)
+                               merge_in_input_order, merge_jsonl, open_lines, open_range, open_shard,
+                               open_verified, split_input)
 from tests.helpers import ENDPOINT, request_line, write_jsonl
 
 EMBEDDINGS = "/v1/embeddings"
@@ -334,6 +336,115 @@ def test_a_shard_read_again_from_the_start_is_verified_again(tmp_path):
         first = reader.read(7) + reader.read()
         reader.seek(0)
         assert reader.read() == first == path.read_bytes()[shard.start:]
+
+
+# -- the verifying hash on a second thread (shards._PieceHasher) -----------------------------
+
+PIECE = 1 << 20  # api.UPLOAD_PIECE: pieces this large are hashed by a second thread
+
+
+def random_file(tmp_path: Path, size: int) -> tuple[Path, bytes]:
+    path = tmp_path / "in.bin"
+    path.write_bytes(random.Random(size).randbytes(size))
+    return path, path.read_bytes()
+
+
+def hashers() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name == "upload-sha256"]
+
+
+def read_in(reader, piece: int) -> list[bytes]:
+    return list(iter(lambda: reader.read(piece), b""))
+
+
+def test_a_change_in_an_early_piece_is_caught_by_the_read_of_the_last_one(tmp_path):
+    path, data = random_file(tmp_path, 3 * PIECE + 1000)
+    start, end = 100, len(data) - 100
+    sha = hashlib.sha256(data[start:end]).hexdigest()
+    path.write_bytes(data[:200] + b"Y" + data[201:])  # same size, one byte of the first piece changed
+    threads = threading.active_count()
+    with open_verified(path, start, end, sha) as reader:
+        assert len(reader.read(PIECE)) == PIECE and hashers() == ["upload-sha256"]
+        reader.read(PIECE), reader.read(PIECE)
+        with pytest.raises(StalePlanError, match=r"bytes 100\.\.3,146,628 changed since they were scanned"):
+            reader.read(PIECE)  # the last bytes are never handed out
+        assert threading.active_count() == threads  # no thread outlives the failed read
+        assert reader.tell() == 3 * PIECE
+
+
+@pytest.mark.parametrize("piece, size", [(1, 3000), (7, 20_000), (PIECE, 3 * PIECE + 5), (None, 3 * PIECE),
+                                         ("range", 3 * PIECE), ("range+1", 3 * PIECE), (256 * 1024 - 1, PIECE)])
+def test_a_range_read_in_any_piece_size_is_handed_out_whole_and_checked_at_its_end(tmp_path, piece, size):
+    path, data = random_file(tmp_path, size + 20)
+    start, end = 10, size + 10
+    piece = {"range": size, "range+1": size + 1}.get(piece, piece)
+    sha = hashlib.sha256(data[start:end]).hexdigest()
+    threads = threading.active_count()
+    with open_verified(path, start, end, sha) as reader:
+        pieces = [reader.read()] if piece is None else read_in(reader, piece)
+        assert b"".join(pieces) == data[start:end] and reader.read(1) == b""
+        assert threading.active_count() == threads  # the hash is finished when the range is
+    path.write_bytes(data[:end - 1] + b"Y" + data[end:])  # the last byte of the range changed
+    with open_verified(path, start, end, sha) as reader, pytest.raises(StalePlanError, match="changed since"):
+        read_in(reader, piece or size)
+    assert threading.active_count() == threads
+
+
+def test_small_and_large_pieces_mixed_are_hashed_in_order(tmp_path):
+    path, data = random_file(tmp_path, 2 * PIECE)
+    sha = hashlib.sha256(data).hexdigest()
+    with open_verified(path, 0, len(data), sha) as reader:
+        sizes = [7, 1000, PIECE, 3, 400_000, 11, 1]  # inline, then the thread, which then takes them all
+        got = [reader.read(n) for n in sizes] + [reader.read()]
+    assert b"".join(got) == data
+
+
+def test_seek_to_the_start_mid_way_restarts_the_hash_and_ends_the_old_thread(tmp_path):
+    path, data = random_file(tmp_path, 3 * PIECE)
+    sha = hashlib.sha256(data).hexdigest()
+    threads = threading.active_count()
+    with open_verified(path, 0, len(data), sha) as reader:
+        reader.read(PIECE), reader.read(PIECE // 2)
+        assert hashers() == ["upload-sha256"]
+        assert reader.seek(0) == 0 and threading.active_count() == threads
+        assert b"".join(read_in(reader, PIECE)) == data  # a fresh hash: no error at the end
+        path.write_bytes(b"Y" + data[1:])
+        reader.seek(0)
+        reader.read(PIECE)
+        with pytest.raises(StalePlanError, match="changed since they were scanned"):
+            read_in(reader, PIECE)
+    assert threading.active_count() == threads
+
+
+def test_no_hashing_thread_is_left_after_a_close_mid_way_or_a_file_cut_short(tmp_path):
+    path, data = random_file(tmp_path, 3 * PIECE)
+    sha = hashlib.sha256(data).hexdigest()
+    threads = threading.active_count()
+    reader = open_verified(path, 0, len(data), sha)
+    reader.read(PIECE)
+    assert threading.active_count() == threads + 1
+    reader.close()
+    assert threading.active_count() == threads
+    with open_verified(path, 0, len(data), sha) as reader:
+        reader.read(PIECE)
+        path.write_bytes(data[:2 * PIECE])
+        reader.read(PIECE)
+        with pytest.raises(StalePlanError, match="before the end of its shard"):
+            reader.read(PIECE)
+        assert threading.active_count() == threads
+
+
+def test_lines_of_a_large_range_read_through_a_buffer_are_verified(tmp_path):
+    data = jsonl(chat_lines(600, pad=10_000))
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(data)
+    start, end = data.index(b"\n") + 1, len(data)
+    sha = hashlib.sha256(data[start:end]).hexdigest()
+    with open_lines(path, (start, end), sha) as fh:
+        assert b"".join(fh) == data[start:end]
+    path.write_bytes(data[:start + 5] + b"Y" + data[start + 6:])
+    with open_lines(path, (start, end), sha) as fh, pytest.raises(StalePlanError, match="changed since"):
+        list(fh)
 
 
 # -- merging results -----------------------------------------------------------------------

@@ -4,8 +4,10 @@ that is not the planned one (one mechanism for whole files and shards: shards.Sh
 from __future__ import annotations
 
 import hashlib
+import threading
 
 from reconciler import operations
+from reconciler.api import SMALL_UPLOAD
 from reconciler.operations import PlanRequest
 from reconciler.project import Project
 from tests.helpers import run_cli
@@ -70,3 +72,29 @@ def test_an_upload_of_another_size_under_the_planned_name_is_never_reused(repo, 
     assert emulator_server.count("POST", "/v1/files") == 1  # uploaded again, at its own size
     batch = emulator_server.emulator.list_batches()["data"][0]
     assert emulator_server.emulator.get_file(batch["input_file_id"])["bytes"] == data.stat().st_size
+
+
+def test_a_streamed_upload_edited_in_its_first_piece_is_refused_at_its_last_and_leaves_no_thread(
+        repo, emulator_server, api_env, monkeypatch):
+    """Over SMALL_UPLOAD bytes the body streams in 1 MiB pieces hashed by a second thread; an edit of the
+    first piece is still caught before the last piece is sent, and the hashing thread ends either way."""
+    for key, value in api_env.items():
+        monkeypatch.setenv(key, value)
+    repo.spec("a", input=repo.data("a.jsonl", count=400, content_pad="x" * 10_000))
+    data = repo.root / "data" / "a.jsonl"
+    assert data.stat().st_size > 3 * SMALL_UPLOAD
+
+    def edit_the_input(plan) -> None:
+        data.write_text(data.read_text().replace('"a-0"', '"b-0"', 1))  # same size
+
+    applied = operations.apply(Project.open(chdir=str(repo.root)), PlanRequest(), planfile=None,
+                               review=edit_the_input, report=lambda name, text: None)
+    (why,) = applied.result.failed.values()
+    assert why.startswith("data/a.jsonl changed since the plan was made") and "nothing of it was uploaded" in why
+    assert emulator_server.emulator.list_files()["data"] == []
+    assert not [t for t in threading.enumerate() if t.name == "upload-sha256"]
+
+    again = run_cli("apply", "--auto-approve", "-C", str(repo.root), env=api_env)
+    assert again.code == 0, again.out + again.err
+    (file,) = emulator_server.emulator.list_files()["data"]
+    assert file["bytes"] == data.stat().st_size
