@@ -15,9 +15,7 @@ input count, and the file-level limits become the splitter's business.
 
 from __future__ import annotations
 
-import codecs
 import dataclasses
-import functools
 import hashlib
 import json
 import threading
@@ -25,15 +23,15 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from collections.abc import Callable, Iterator
-from operator import attrgetter
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, BinaryIO, Literal, Union
+from typing import TYPE_CHECKING, BinaryIO
 
 import msgspec
 import orjson
 
 from . import feedback
 from .errors import Notice, Problem
+from .lineblocks import Block, blocks_of, decoder, lines_of
 
 if TYPE_CHECKING:
     from .shards import Shard, Splitter
@@ -93,46 +91,40 @@ class _Scanner:
     def problem(self, code: str, message: str, line: int | None, param: str | None = None) -> None:
         self.report.add(Problem(self.file, message, line, param, code), self.limit)
 
-    def feed_block(self, lines: list[bytes], start: int, stop: int, first: int, clean: bool) -> None:
-        """Check lines `first`.. of the file, which hold its bytes [start, stop) (see _blocks).
+    def take(self, block: Block, first: int, path: Path) -> None:
+        """Check a block of lines, `first`.. of the file (see lineblocks).
 
-        The fast path checks a whole block at once: msgspec decodes each line into the shape
+        The fast path takes a whole block at once: msgspec decoded each line into the shape
         `feed` asks for (a line that decodes needs no check of its own), and the checks across
-        lines are done on the block's custom_ids together. A block it cannot pass whole (a bad
+        lines are done on the block's custom_ids together. A block it cannot take whole (a bad
         line, a shard cut among its lines, a new model, a limit reached) is checked line by line
         by `feed`, which words the problems: the verdict on a line never depends on its block."""
-        if not (clean and self.passes(lines, stop, first)):
-            for n, raw in enumerate(lines, first):
-                end = stop if n == first + len(lines) - 1 else start + len(raw) + 1
-                self.feed(raw, n, start, end)
-                start = end
+        if block.ids is not None and self.accepts(block, first):
+            return
+        start, lines = block.start, lines_of(path, block)
+        for n, raw in enumerate(lines, first):
+            stop = block.stop if n == first + len(lines) - 1 else start + len(raw) + 1
+            self.feed(raw, n, start, stop)
+            start = stop
 
-    def passes(self, lines: list[bytes], stop: int, first: int) -> bool:
-        """Whether every line of a block is a good request and none reaches a limit; if so, take them."""
-        last = first + len(lines) - 1
-        if first <= self.too_many_requests_at <= last:
+    def accepts(self, block: Block, first: int) -> bool:
+        """Whether a decoded block's lines break no rule across lines and reach no limit; if so, take them."""
+        last = first + block.count - 1
+        model = set(self.report.models[:1])
+        if first <= self.too_many_requests_at <= last or not block.models <= model:
             return False
-        try:
-            requests = list(map(self.decoder().decode, lines))
-        except msgspec.DecodeError:  # a ValidationError too
-            return False
-        inputs = sum(len(x) if type(x) is list else 1 for x in map(_INPUT, requests)) if self.embeddings else 0
         before = self.report.embedding_inputs
-        if self.splitter is not None and not self.splitter.fits(stop, last, inputs) or (
-                before <= self.max_inputs < before + inputs):
+        if self.splitter is not None and not self.splitter.fits(block.stop, last, block.inputs) or (
+                before <= self.max_inputs < before + block.inputs):
             return False
-        ids = dict(zip(map(_CUSTOM_ID, requests), range(first, last + 1)))
-        if len(ids) != len(lines) or not self.first_line_of.keys().isdisjoint(ids):
+        ids = dict(zip(block.ids, range(first, last + 1)))
+        if len(ids) != block.count or not self.first_line_of.keys().isdisjoint(ids):
             return False
         self.first_line_of.update(ids)
-        self.report.embedding_inputs += inputs
+        self.report.embedding_inputs += block.inputs
         if self.splitter is not None:
-            self.splitter.take(stop - len(lines[-1]) - 1, inputs)
+            self.splitter.take(block.last_start, block.inputs)
         return True
-
-    def decoder(self) -> msgspec.json.Decoder:
-        """The fast path's decoder: a request to this endpoint whose model is the file's first one (or none)."""
-        return _decoder(self.endpoint, self.report.models[0] if self.report.models else None, self.embeddings)
 
     def feed(self, raw: bytes | bytearray | memoryview, n: int, start: int = 0, stop: int = 0) -> None:
         """Check line `n`, which holds bytes [start, stop) of the file (its newline included)."""
@@ -172,7 +164,7 @@ class _Scanner:
         Any line the fast path takes, this takes."""
         try:
             bytes(raw).decode()  # msgspec checks the syntax of the fields it skips, not their UTF-8
-            return _decoded_request(_decoder(None, None, self.embeddings).decode(raw))
+            return _decoded_request(decoder(None, self.embeddings).decode(raw))
         except (UnicodeDecodeError, msgspec.DecodeError):
             return None
 
@@ -230,29 +222,6 @@ def _embedding_inputs(request: object) -> int:
         return 0
     inputs = body.get("input")
     return len(inputs) if type(inputs) is list else 1
-
-
-_CUSTOM_ID, _INPUT = attrgetter("custom_id"), attrgetter("body.input")
-
-
-@functools.lru_cache(maxsize=64)
-def _decoder(endpoint: str | None, model: str | None, embeddings: bool) -> msgspec.json.Decoder:
-    """msgspec's decoder of a good request line: the four fields, POST to `endpoint`, a non-empty
-    custom_id, a body object whose model is `model` or absent (and for embeddings, whose input is a
-    string, a list or absent). Other fields are skipped, their syntax checked, not their UTF-8.
-    With no endpoint, of any line with the four fields and a body object (`_Scanner.decoded`)."""
-    if endpoint is None:
-        custom_id = method = url = model_type = object
-    else:
-        custom_id, method, url = Annotated[str, msgspec.Meta(min_length=1)], Literal["POST"], Literal[endpoint]
-        model_type = Literal[model] | None if model is not None else None
-    body_fields: list[tuple] = [("model", model_type, None)]
-    if embeddings:
-        body_fields.append(("input", Union[str, list[msgspec.Raw], None], None))
-    body = msgspec.defstruct("Body", body_fields)
-    request = msgspec.defstruct("Request", [("custom_id", custom_id), ("method", method), ("url", url),
-                                            ("body", body)])
-    return msgspec.json.Decoder(request)
 
 
 def _decoded_request(request: msgspec.Struct) -> dict:
@@ -336,54 +305,6 @@ def _lines(fh: BinaryIO, chunk_size: int, digest: hashlib._Hash | None,
         yield pending, pending_start, offset
 
 
-Block = tuple[list[bytes], int, int, bool]
-
-
-def _blocks(fh: BinaryIO, chunk_size: int, digest: hashlib._Hash | None,
-            max_line: int = MAX_BYTES, advance: Callable[[int], None] | None = None) -> Iterator[Block]:
-    """The lines of a binary file in runs: (lines without their newlines, start, stop, clean), the
-    lines holding bytes [start, stop) of the file. Each chunk read is hashed into `digest`.
-
-    A run is the lines that end in one chunk read (`bytes.split` makes them: no Python step per
-    line). `clean`: every line of the run ends with a newline and is UTF-8 (checked chunk by chunk,
-    as msgspec does not check the fields it skips). A line that spans chunks is assembled; of a
-    line over `max_line` bytes only a prefix is kept (it cannot be sent, so it is never parsed) and
-    it comes alone, unclean, as does a last line with no newline.
-    """
-    pending, pending_start, offset = bytearray(), 0, 0
-    utf8, clean_after = codecs.getincrementaldecoder("utf-8")(), 0
-    while chunk := fh.read(chunk_size):
-        if digest is not None:
-            digest.update(chunk)
-        if advance is not None:
-            advance(len(chunk))
-        try:
-            utf8.decode(chunk)
-        except UnicodeDecodeError:  # this run and the next (its first line began here) go line by line
-            utf8, clean_after = codecs.getincrementaldecoder("utf-8")(), offset + len(chunk)
-        lines = chunk.split(b"\n")
-        tail = lines.pop()
-        offset += len(chunk)
-        if lines:
-            head_stop = offset - len(chunk) + len(lines[0]) + 1
-            if len(pending) <= max_line:
-                pending += lines[0]
-            if pending_start + len(pending) + 1 != head_stop:  # too long: only its prefix was kept
-                yield [bytes(pending)], pending_start, head_stop, False
-                del lines[0]
-                pending_start = head_stop
-            else:
-                lines[0] = bytes(pending)
-            if lines:
-                stop = offset - len(tail)
-                yield lines, pending_start, stop, pending_start >= clean_after
-            pending, pending_start = bytearray(), offset - len(tail)
-        if len(pending) <= max_line:
-            pending += tail
-    if pending:
-        yield [bytes(pending)], pending_start, offset, False
-
-
 class _BackgroundHash:
     """The sha256 of a file, computed by a second thread while the caller checks its lines.
 
@@ -446,11 +367,12 @@ def scan_input(path: Path, endpoint: str, *, limit: int = MAX_REPORTED, chunk_si
     digest = None if large else hashlib.sha256()
     max_line = MAX_BYTES if splitter is None else splitter.begin(path, scanner.problem, hash_all=large)
     try:
-        with path.open("rb", buffering=0) as fh, feedback.current().transfer(f"check {path.name}", report.size) as done:
+        with feedback.current().transfer(f"check {path.name}", report.size) as done:
             n = stop = 0
-            for lines, start, stop, clean in _blocks(fh, chunk_size, digest, max_line, done):
-                scanner.feed_block(lines, start, stop, n + 1, clean)
-                n += len(lines)
+            for block in blocks_of(path, endpoint, chunk_size=chunk_size, digest=digest, max_line=max_line,
+                                   advance=done, parallel=splitter is not None):
+                scanner.take(block, n + 1, path)
+                n, stop = n + block.count, block.stop
     except BaseException:
         if background:
             background.cancel()
