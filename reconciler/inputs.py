@@ -466,7 +466,7 @@ class HashCache(CacheFile):
     second edit in the same mtime tick would otherwise go unseen.
     """
 
-    VERSION = 3  # 3: every file is scanned with a Splitter; its shards are kept
+    VERSION = 4  # 3: every file is scanned with a Splitter; its shards are kept. 4: with their xxh3
     RACY_SECONDS = 2.0
     SAVES = "re-reading inputs"
     FIELDS = (("size", int), ("mtime_ns", int), ("endpoint", str), ("sha256", str), ("requests", int),

@@ -7,6 +7,12 @@ byte range of the input file (a shard's, or the whole file) streamed straight fr
 and hashed as httpx reads it; when it is not the content the plan hashed (the file was
 edited in between), the upload's body is never completed: a file on the server named
 after one hash must never hold another content.
+
+The sha256 is the content address. The check as it streams uses the shard's xxh3_128
+when the scan gave it one (computed from the very bytes it hashed with sha256; an
+accidental edit between scan and upload slips through with odds of 2^-128), which spares
+each upload a second sha256 on cores the server needs; a whole file, a retry's input and
+a shard from a plan file written before xxh3 are checked with sha256 itself.
 """
 
 from __future__ import annotations
@@ -30,7 +36,8 @@ UPLOAD_ROUNDS = 3
 
 class VerifiedSource:
     """An input's planned bytes as api.upload_file opens them (`.open("rb")`, once per attempt):
-    the byte range of a shard, or a whole file, hashed as httpx streams it (shards.ShardReader).
+    the byte range of a shard, or a whole file, hashed as httpx streams it (shards.ShardReader):
+    with the shard's xxh3_128 when it has one (an integrity check, not the address), else sha256.
 
     The read that reaches the end raises StalePlanError, before it returns the last bytes,
     when they are not the content the plan hashed: the upload's body is never complete, so
@@ -49,7 +56,8 @@ class VerifiedSource:
     def open(self, mode: str = "rb") -> ShardReader:
         self.close()
         start, end = self.want.upload_range()
-        self.reader = open_verified(self.path, start, end, str(self.want.input_sha256), self.advance)
+        quick = self.want.shard.xxh3 if self.want.shard else ""  # a retry's input and a whole file have none
+        self.reader = open_verified(self.path, start, end, str(self.want.input_sha256), self.advance, xxh3=quick)
         return self.reader
 
     def close(self) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from reconciler.inputs import HashCache
 from tests.helpers import Repo, applied, run_cli, spawn_cli, waited
 
 @pytest.fixture
@@ -280,7 +281,7 @@ def test_batchplan_yaml_that_is_a_directory_is_one_clear_message(repo):
 @pytest.mark.parametrize("damage", [
     pytest.param(b"{not json", id="syntax"),
     pytest.param(b"[1, 2, 3]", id="list"),
-    pytest.param(b'{"version": 3, "entries": {"data/a.jsonl": 7}}', id="entry"),  # 3: HashCache.VERSION
+    pytest.param(b'{"version": %d, "entries": {"data/a.jsonl": 7}}' % HashCache.VERSION, id="entry"),
     pytest.param(b"[" * 100_000 + b"]" * 100_000, id="deep"),
     pytest.param(b"\xff\xfe", id="binary"),
 ])

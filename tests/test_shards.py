@@ -7,6 +7,7 @@ shard's hash, the byte-range reader through a real upload to the sandbox, and th
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -18,12 +19,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from reconciler.errors import StalePlanError, ValidationFailed
-from reconciler.inputs import MAX_BYTES, MAX_EMBEDDING_INPUTS, MAX_REQUESTS, scan_input, split_identity
+from reconciler.inputs import MAX_BYTES, MAX_EMBEDDING_INPUTS, MAX_REQUESTS, HashCache, scan_input, split_identity
 from reconciler.shards import (BY_BYTES, BY_INPUTS, BY_REQUESTS, Shard, ShardLimits, Splitter, describe_split,
                                merge_in_input_order, merge_jsonl, open_lines, open_range, open_shard,
                                open_verified, split_input)
@@ -59,13 +61,16 @@ def lines_of(shards: list[Shard]) -> list[tuple[int, int]]:
 
 
 def assert_tiles(shards: list[Shard], data: bytes) -> None:
-    """Shards cover the file end to end, in order, each hashed over exactly its bytes."""
+    """Shards cover the file end to end, in order, each hashed over exactly its bytes (and, when the
+    file is split, given the xxh3_128 of those bytes that its upload is checked by)."""
     assert shards[0].start == 0 and shards[-1].end == len(data)
     for before, after in zip(shards, shards[1:]):
         assert before.end == after.start and before.last_line + 1 == after.first_line
     for shard in shards:
         assert shard.sha256 == hashlib.sha256(data[shard.start:shard.end]).hexdigest()
         assert data[shard.start:shard.end].count(b"\n") == shard.requests
+        if len(shards) > 1:  # a file that is one shard is uploaded whole, checked by its sha256
+            assert shard.xxh3 == xxhash.xxh3_128(data[shard.start:shard.end]).hexdigest()
 
 
 # -- boundaries at each limit --------------------------------------------------------------
@@ -227,6 +232,7 @@ def test_a_large_file_that_is_one_shard_is_hashed_once_by_the_shard_hasher(tmp_p
     path.write_bytes(data)
     report = split_input(path, ENDPOINT)
     assert [s.sha256 for s in report.shards] == [report.sha256] == [hashlib.sha256(data).hexdigest()]
+    assert [s.xxh3 for s in report.shards] == [xxhash.xxh3_128(data).hexdigest()]
 
 
 def test_a_file_that_is_one_shard_has_the_files_own_hash(tmp_path):
@@ -445,6 +451,82 @@ def test_lines_of_a_large_range_read_through_a_buffer_are_verified(tmp_path):
     path.write_bytes(data[:start + 5] + b"Y" + data[start + 6:])
     with open_lines(path, (start, end), sha) as fh, pytest.raises(StalePlanError, match="changed since"):
         list(fh)
+
+
+# -- a shard's xxh3_128: the upload's check of the bytes the scan hashed ---------------------------
+
+def big_shard(tmp_path: Path) -> tuple[Path, bytes, Shard]:
+    """A file of 3 shards; its middle one (over 3 MiB, so sha256 would run on a second thread)."""
+    data = jsonl(chat_lines(30, pad=300_000))
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(data)
+    shard = split_input(path, ENDPOINT, ShardLimits(max_requests=12)).shards[1]
+    assert shard.size > 3 * PIECE and shard.xxh3 == xxhash.xxh3_128(data[shard.start:shard.end]).hexdigest()
+    return path, data, shard
+
+
+def test_a_shard_is_checked_by_its_xxh3_inline_and_a_change_is_refused_before_its_last_bytes(tmp_path):
+    path, data, shard = big_shard(tmp_path)
+    with open_shard(path, shard) as reader:
+        assert b"".join(read_in(reader, PIECE)) == data[shard.start:shard.end]
+        assert hashers() == []  # no sha256, no thread
+    path.write_bytes(data[:shard.start + 5] + b"Y" + data[shard.start + 6:])  # same size, its first piece
+    threads = threading.active_count()
+    with open_shard(path, shard) as reader:
+        handed_out = [reader.read(PIECE) for _ in range(shard.size // PIECE)]
+        assert hashers() == [] and reader.tell() == sum(map(len, handed_out)) < shard.size
+        expected = rf"changed since they were scanned \(xxh3_128 [0-9a-f]{{12}}, expected {shard.xxh3[:12]}\)"
+        with pytest.raises(StalePlanError, match=expected):
+            reader.read(PIECE)  # the last bytes are never handed out
+        assert reader.tell() == sum(map(len, handed_out)) and threading.active_count() == threads
+
+
+def test_a_shard_without_xxh3_as_saved_before_it_is_checked_by_its_sha256(tmp_path):
+    path, data, shard = big_shard(tmp_path)
+    older = Shard(**{k: v for k, v in dataclasses.asdict(shard).items() if k != "xxh3"})  # a plan file's, before
+    assert older.xxh3 == ""
+    with open_shard(path, older) as reader:
+        assert b"".join(read_in(reader, PIECE)) == data[shard.start:shard.end]
+    path.write_bytes(data[:shard.end - 2] + b"Y" + data[shard.end - 1:])
+    with open_shard(path, older) as reader:
+        reader.read(PIECE)
+        assert hashers() == ["upload-sha256"]
+        with pytest.raises(StalePlanError, match=rf"\(sha256 [0-9a-f]{{12}}, expected {shard.sha256[:12]}\)"):
+            read_in(reader, PIECE)
+
+
+def settled_input(tmp_path: Path) -> Path:
+    """A split input last modified long ago: HashCache keeps its entry (see HashCache.RACY_SECONDS)."""
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(jsonl(chat_lines(10)))
+    os.utime(path, (1_000_000_000, 1_000_000_000))
+    return path
+
+
+def test_a_cache_entry_keeps_each_shards_xxh3(tmp_path):
+    path, cache_file = settled_input(tmp_path), tmp_path / "cache.json"
+    cache = HashCache(cache_file)
+    scanned = cache.scan(path, ENDPOINT, (4, MAX_BYTES))
+    cache.save()
+    saved = json.loads(cache_file.read_text())
+    assert saved["version"] == HashCache.VERSION
+    assert [s["xxh3"] for s in saved["entries"][str(path)]["shards"]] == [s.xxh3 for s in scanned.shards]
+    assert_tiles(scanned.shards, path.read_bytes())
+    again = HashCache(cache_file)
+    assert str(path) in again.entries and again.scan(path, ENDPOINT, (4, MAX_BYTES)).shards == scanned.shards
+    assert not again.dirty  # found in the cache, not scanned again
+
+
+def test_a_cache_of_the_previous_version_whose_shards_have_no_xxh3_is_scanned_again(tmp_path):
+    path, cache_file = settled_input(tmp_path), tmp_path / "cache.json"
+    cache = HashCache(cache_file)
+    scanned = cache.scan(path, ENDPOINT, (4, MAX_BYTES))
+    entry = cache.entries[str(path)]
+    older = {**entry, "shards": [{k: v for k, v in s.items() if k != "xxh3"} for s in entry["shards"]]}
+    cache_file.write_text(json.dumps({"version": 3, "entries": {str(path): older}}))
+    again = HashCache(cache_file)
+    assert again.entries == {}  # another version: rebuilt without a word
+    assert again.scan(path, ENDPOINT, (4, MAX_BYTES)).shards == scanned.shards and again.dirty
 
 
 # -- merging results -----------------------------------------------------------------------

@@ -4,12 +4,19 @@ that is not the planned one (one mechanism for whole files and shards: shards.Sh
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
+
+import pytest
+import xxhash
 
 from reconciler import operations
 from reconciler.api import SMALL_UPLOAD
+from reconciler.desired import Desired
+from reconciler.errors import StalePlanError
 from reconciler.operations import PlanRequest
 from reconciler.project import Project
+from reconciler.uploader import VerifiedSource
 from tests.helpers import run_cli
 
 
@@ -98,3 +105,88 @@ def test_a_streamed_upload_edited_in_its_first_piece_is_refused_at_its_last_and_
     assert again.code == 0, again.out + again.err
     (file,) = emulator_server.emulator.list_files()["data"]
     assert file["bytes"] == data.stat().st_size
+
+
+# -- a shard's bytes checked by the xxh3_128 the scan gave it (sha256 stays the address) ----------
+
+def sharded_spec(repo) -> None:
+    """`big`, 10 requests in shards of 4: big[0] lines 1-4, big[1] lines 5-8, big[2] lines 9-10."""
+    repo.spec("big", input=repo.data("big.jsonl", count=10), shard={"max_requests": 4})
+
+
+def read_all(source: VerifiedSource) -> bytes:
+    with source.open("rb") as reader:
+        return b"".join(iter(lambda: reader.read(7), b""))
+
+
+def test_a_shard_edited_after_the_plan_is_refused_by_its_xxh3_and_the_other_shards_upload(repo, emulator_server,
+                                                                                        api_env, monkeypatch):
+    for key, value in api_env.items():
+        monkeypatch.setenv(key, value)
+    sharded_spec(repo)
+    data = repo.root / "data" / "big.jsonl"
+    content = data.read_bytes()
+    seen: dict[str, Desired] = {}
+
+    def edit_one_shard(plan) -> None:  # big[1]'s bytes, same size
+        seen.update((c.name, c.desired) for c in plan.changes)
+        data.write_text(data.read_text().replace('"big-5"', '"big-Y"'))
+
+    applied = operations.apply(Project.open(chdir=str(repo.root)), PlanRequest(), planfile=None,
+                               review=edit_one_shard, report=lambda name, text: None)
+    assert list(applied.result.failed) == ["big[1]"]
+    assert applied.result.failed["big[1]"].startswith("data/big.jsonl lines 5-8 changed since the plan was made")
+    uploaded = sorted(f["filename"] for f in emulator_server.emulator.list_files()["data"] if f["purpose"] == "batch")
+    assert uploaded == sorted(f"big.batchplan-{seen[n].input_sha256}.jsonl" for n in ("big[0]", "big[2]"))
+
+    shard = seen["big[1]"].shard
+    assert shard.xxh3 == xxhash.xxh3_128(content[shard.start:shard.end]).hexdigest()
+    source = VerifiedSource(data, seen["big[1]"], lambda n: None)
+    with pytest.raises(StalePlanError, match=rf"\(xxh3_128 [0-9a-f]{{12}}, expected {shard.xxh3[:12]}\)"):
+        read_all(source)
+    assert source.reader.tell() < shard.size  # its last bytes were never handed out
+    assert read_all(VerifiedSource(data, seen["big[0]"], lambda n: None)) == data.read_bytes()[:shard.start]
+
+
+def test_a_plan_file_of_the_previous_format_applies_and_checks_its_shards_by_sha256(repo, emulator_server, api_env,
+                                                                                  monkeypatch):
+    """A plan file written before Shard.xxh3 (no `xxh3` in its shards) still applies; an edit made after
+    its inputs were checked is still refused, by the sha256 each shard's upload falls back to."""
+    for key, value in api_env.items():
+        monkeypatch.setenv(key, value)
+    sharded_spec(repo)
+    data = repo.root / "data" / "big.jsonl"
+    planfile = repo.root / "tfplan"
+    assert run_cli("plan", "--out", str(planfile), "-C", str(repo.root), env=api_env).code == 0
+    document = json.loads(planfile.read_text())
+    shards = [c["desired"]["shard"] for c in document["changes"]]
+    content = data.read_bytes()
+    assert [s["xxh3"] for s in shards] == [xxhash.xxh3_128(content[s["start"]:s["end"]]).hexdigest() for s in shards]
+    for shard in shards:
+        del shard["xxh3"]
+    planfile.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
+    seen: dict[str, Desired] = {}
+
+    def edit_after_the_check(plan) -> None:
+        seen.update((c.name, c.desired) for c in plan.changes)
+        data.write_text(data.read_text().replace('"big-9"', '"big-Z"'))  # big[2], same size
+
+    applied = operations.apply(Project.open(chdir=str(repo.root)), PlanRequest(), planfile=planfile,
+                               review=edit_after_the_check, report=lambda name, text: None)
+    assert [d.shard.xxh3 for d in seen.values()] == ["", "", ""]
+    assert list(applied.result.failed) == ["big[2]"]
+    assert "changed since the plan was made" in applied.result.failed["big[2]"]
+    with pytest.raises(StalePlanError, match=r"\(sha256 [0-9a-f]{12}, expected "):
+        read_all(VerifiedSource(data, seen["big[2]"], lambda n: None))
+
+    data.write_bytes(content)
+    assert run_cli("plan", "--out", str(planfile), "-C", str(repo.root), env=api_env).code == 0
+    document = json.loads(planfile.read_text())
+    for change in document["changes"]:
+        if change["desired"]:
+            del change["desired"]["shard"]["xxh3"]
+    planfile.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
+    again = run_cli("apply", str(planfile), "-C", str(repo.root), env=api_env)
+    assert again.code == 0, again.out + again.err
+    inputs = [f for f in emulator_server.emulator.list_files()["data"] if f["purpose"] == "batch"]
+    assert sorted(f["bytes"] for f in inputs) == sorted(s["end"] - s["start"] for s in shards)
