@@ -31,7 +31,7 @@ import orjson
 
 from . import feedback
 from .errors import Notice, Problem
-from .lineblocks import Block, blocks_of, decoder, lines_of
+from .lineblocks import Block, blocks_of, decoder
 
 if TYPE_CHECKING:
     from .shards import Shard, Splitter
@@ -91,7 +91,7 @@ class _Scanner:
     def problem(self, code: str, message: str, line: int | None, param: str | None = None) -> None:
         self.report.add(Problem(self.file, message, line, param, code), self.limit)
 
-    def take(self, block: Block, first: int, path: Path) -> None:
+    def take(self, block: Block, first: int) -> None:
         """Check a block of lines, `first`.. of the file (see lineblocks).
 
         The fast path takes a whole block at once: msgspec decoded each line into the shape
@@ -101,9 +101,9 @@ class _Scanner:
         by `feed`, which words the problems: the verdict on a line never depends on its block."""
         if block.ids is not None and self.accepts(block, first):
             return
-        start, lines = block.start, lines_of(path, block)
-        for n, raw in enumerate(lines, first):
-            stop = block.stop if n == first + len(lines) - 1 else start + len(raw) + 1
+        start = block.start
+        for n, raw in enumerate(block.lines, first):
+            stop = block.stop if n == first + block.count - 1 else start + len(raw) + 1
             self.feed(raw, n, start, stop)
             start = stop
 
@@ -370,8 +370,8 @@ def scan_input(path: Path, endpoint: str, *, limit: int = MAX_REPORTED, chunk_si
         with feedback.current().transfer(f"check {path.name}", report.size) as done:
             n = stop = 0
             for block in blocks_of(path, endpoint, chunk_size=chunk_size, digest=digest, max_line=max_line,
-                                   advance=done, parallel=splitter is not None):
-                scanner.take(block, n + 1, path)
+                                   advance=done):
+                scanner.take(block, n + 1)
                 n, stop = n + block.count, block.stop
     except BaseException:
         if background:

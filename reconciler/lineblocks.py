@@ -4,12 +4,12 @@ inputs.scan_input checks a file a block at a time (its fast path). `read_blocks`
 into the runs of lines that end in one read (`bytes.split` makes the lines: no Python step per
 line), and `decode` turns every line of a run into the shape the checks ask for with msgspec,
 keeping only what the checks across lines need: the custom_ids, the models, the embedding
-inputs. A block whose lines do not all decode keeps its lines for the line-by-line checks.
+inputs. Each block keeps its lines, for the line-by-line checks of a block the fast path cannot take.
 
-A large file is decoded by several processes at once (`blocks_of`): its first part in this
-process, each other part in a worker process that sends its blocks back. The caller takes the
-blocks in file order and makes every decision across lines itself (duplicates, shard cuts,
-models, limits): the workers only decode.
+Every decision across lines (duplicates, shard cuts, models, limits) is the caller's. Decoding
+parts of a large file in worker processes was measured (bench/README.md) and dropped: on two
+cores the scan's hasher and the workers share them, and the hasher can only hash a part once
+the caller has folded it, so the scan took as long as in one process.
 """
 
 from __future__ import annotations
@@ -17,10 +17,6 @@ from __future__ import annotations
 import codecs
 import functools
 import hashlib
-import os
-import pickle
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from operator import attrgetter
@@ -29,24 +25,20 @@ from typing import Annotated, BinaryIO, Literal, Union
 
 import msgspec
 
-PARALLEL_FROM = 64 * 2**20  # a smaller file is decoded in this process alone: a worker's start-up costs ~0.2 s
-MAX_WORKERS = 3
-
-
 @dataclass
 class Block:
     """Lines of a file that hold its bytes [start, stop); the last one starts at `last_start`.
 
     `clean`: every line ends with a newline and is UTF-8 (msgspec checks the syntax of the
     fields it skips, not their UTF-8). After `decode`, `ids` holds each line's custom_id when
-    every line decoded (then a worker drops `lines`: `lines_of` reads them again if needed).
+    every line decoded.
     """
 
     start: int
     stop: int
     last_start: int
     clean: bool
-    lines: list[bytes] | None
+    lines: list[bytes]
     count: int = 0
     ids: list[str] | None = None
     models: set[str] = field(default_factory=set)
@@ -54,18 +46,17 @@ class Block:
 
 
 def read_blocks(fh: BinaryIO, chunk_size: int, digest: hashlib._Hash | None = None,
-                max_line: int = 2**62, start: int = 0, end: int | None = None) -> Iterator[Block]:
-    """The lines of bytes [start, end) of a binary file (`start` at a line's start) in runs, the runs
-    that end in one read; each chunk read is hashed into `digest`.
+                max_line: int = 2**62) -> Iterator[Block]:
+    """The lines of a binary file in runs, the runs that end in one read; each chunk read is hashed
+    into `digest`.
 
     A line that spans reads is assembled. A line over `max_line` bytes cannot be sent and is
     never parsed, so none of it is kept: it comes alone, as b"", unclean, as does a last line with
     no newline.
     """
-    fh.seek(start)
-    pending, pending_start, pending_size, offset = bytearray(), start, 0, start
+    pending, pending_start, pending_size, offset = bytearray(), 0, 0, 0
     utf8, clean_after = codecs.getincrementaldecoder("utf-8")(), 0
-    while chunk := fh.read(chunk_size if end is None else min(chunk_size, end - offset)):
+    while chunk := fh.read(chunk_size):
         if digest is not None:
             digest.update(chunk)
         try:
@@ -135,110 +126,12 @@ def decode(block: Block, endpoint: str, embeddings: bool) -> None:
     block.ids = list(map(_CUSTOM_ID, requests))
 
 
-def lines_of(path: Path, block: Block) -> list[bytes]:
-    """A block's lines: kept, or read again (a worker drops the lines of a block that decoded)."""
-    if block.lines is not None:
-        return block.lines
-    with path.open("rb") as fh:
-        fh.seek(block.start)
-        data = fh.read(block.stop - block.start)
-    return data.split(b"\n")[:-1]
-
-
 def blocks_of(path: Path, endpoint: str, *, chunk_size: int, digest: hashlib._Hash | None, max_line: int,
-              advance: Callable[[int], None], parallel: bool) -> Iterator[Block]:
-    """The decoded blocks of a file in file order, `advance`d as each is handed out; with `parallel`
-    and a large file (hashed by the caller, not into `digest`), decoded by worker processes too
-    (see the module doc)."""
+              advance: Callable[[int], None]) -> Iterator[Block]:
+    """The decoded blocks of a file in file order, `advance`d as each is handed out."""
     embeddings = endpoint == "/v1/embeddings"
-    size = path.stat().st_size
-    wanted = parallel and digest is None and size >= PARALLEL_FROM
-    workers = min(os.cpu_count() or 1, MAX_WORKERS + 1) - 1 if wanted else 0
-    ranges = _ranges(path, size, workers + 1)
-    with _Workers(path, ranges[1:], endpoint, embeddings, chunk_size, max_line) as others:
-        with path.open("rb", buffering=0) as fh:
-            for block in read_blocks(fh, chunk_size, digest, max_line, *ranges[0]):
-                decode(block, endpoint, embeddings)
-                advance(block.stop - block.start)
-                yield block
-        for blocks in others.results():
-            for block in blocks:
-                advance(block.stop - block.start)
-                yield block
-
-
-def _ranges(path: Path, size: int, parts: int) -> list[tuple[int, int]]:
-    """`parts` consecutive byte ranges of about equal size, each starting at a line's start. The first
-    is a little larger: the workers that take the others start later."""
-    if parts == 1:
-        return [(0, size)]
-    cuts = [0]
-    with path.open("rb") as fh:
-        for i in range(1, parts):
-            at = max(cuts[-1], size * (10 * i + 2) // (10 * parts + 2))
-            fh.seek(at)
-            while (piece := fh.read(1 << 16)) and b"\n" not in piece:
-                at += len(piece)
-            cuts.append(min(size, at + piece.find(b"\n") + 1) if piece else size)
-    cuts.append(size)
-    return list(zip(cuts, cuts[1:]))
-
-
-class _Workers:
-    """One worker process per range, each decoding its range's blocks and sending them back at once
-    when done (`python -m reconciler.lineblocks`, `_main`: a plain process, not multiprocessing's,
-    which would import the caller's main script again). Each runs in a session of its own, so
-    the terminal's Ctrl-C reaches the command alone, which ends them when it stops."""
-
-    def __init__(self, path: Path, ranges: list[tuple[int, int]], endpoint: str, embeddings: bool,
-                 chunk_size: int, max_line: int):
-        self.started: list[subprocess.Popen] = []
-        for start, end in ranges:
-            args = [str(path), str(start), str(end), endpoint, str(int(embeddings)), str(chunk_size), str(max_line)]
-            self.started.append(subprocess.Popen([sys.executable, "-m", __name__, *args], stdin=subprocess.DEVNULL,
-                                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                                 start_new_session=True))
-
-    def results(self) -> Iterator[list[Block]]:
-        for process in self.started:
-            try:
-                kind, value = pickle.load(process.stdout)
-            except (EOFError, pickle.UnpicklingError):
-                raise OSError(f"a process decoding the file ended without an answer (exit code {process.wait()})") \
-                    from None
-            if kind == "error":
-                raise OSError(value)
-            yield value
-
-    def __enter__(self) -> _Workers:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for process in self.started:
-            if process.poll() is None:
-                process.kill()
-            process.stdout.close()
-            process.wait()
-
-
-def _main(path: str, start: str, end: str, endpoint: str, embeddings: str, chunk_size: str, max_line: str) -> None:
-    """A worker's work (see _Workers): the decoded blocks of bytes [start, end) of `path`, lines dropped
-    where they decoded, written to stdout as one pickle; or why it could not read them."""
-    try:
-        blocks = []
-        with open(path, "rb", buffering=0) as fh:
-            for block in read_blocks(fh, int(chunk_size), None, int(max_line), int(start), int(end)):
-                decode(block, endpoint, embeddings == "1")
-                if block.ids is not None:
-                    block.lines = None
-                blocks.append(block)
-        answer: tuple = ("blocks", blocks)
-    except OSError as exc:
-        answer = ("error", str(exc))
-    pickle.dump(answer, sys.stdout.buffer, protocol=pickle.HIGHEST_PROTOCOL)
-
-
-if __name__ == "__main__":
-    from reconciler.lineblocks import _main as work  # pickles reconciler.lineblocks.Block, not __main__.Block
-
-    work(*sys.argv[1:])
+    with path.open("rb", buffering=0) as fh:
+        for block in read_blocks(fh, chunk_size, digest, max_line):
+            decode(block, endpoint, embeddings)
+            advance(block.stop - block.start)
+            yield block

@@ -12,12 +12,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reconciler import lineblocks
-from reconciler.inputs import InputReport, _BackgroundHash, _Scanner, scan_input
+from reconciler.inputs import InputReport, _Scanner, scan_input
 from reconciler.shards import ShardLimits, Splitter
 from tests.helpers import applied, batch_of, cli, waited
 
@@ -84,28 +82,6 @@ def test_a_file_gets_the_same_report_whatever_its_lines_grouping(tmp_path_factor
     for chunk_size in (5, 100, 1 << 20):
         report = scan_input(path, endpoint, chunk_size=chunk_size, splitter=limits and Splitter(limits))
         assert verdict(report) == expected, chunk_size
-
-
-@pytest.fixture
-def every_file_is_large(monkeypatch):
-    """Every file is "large" (hashed by the splitter's thread) and decoded by two worker processes too."""
-    monkeypatch.setattr(lineblocks, "PARALLEL_FROM", 0)
-    monkeypatch.setattr(lineblocks, "MAX_WORKERS", 2)
-    monkeypatch.setattr(_BackgroundHash, "PIECE", 0)
-
-
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(data=files, endpoint=st.sampled_from([CHAT, EMBED]),
-       limits=st.builds(ShardLimits, max_requests=st.integers(1, 9), max_bytes=st.integers(150, 3000)))
-def test_a_file_decoded_by_worker_processes_gets_the_same_report(tmp_path_factory, every_file_is_large, data,
-                                                                endpoint, limits):
-    """A large file is decoded by worker processes too (lineblocks.blocks_of), in parts cut at lines."""
-    data = data.replace(CHAT.encode(), endpoint.encode()) + b"\n"
-    path = tmp_path_factory.mktemp("paths") / "in.jsonl"
-    path.write_bytes(data)
-    expected = verdict(line_by_line(data, endpoint, Splitter(limits), path))
-    report = scan_input(path, endpoint, chunk_size=100, splitter=Splitter(limits))
-    assert verdict(report) == expected
 
 
 def test_numbers_past_a_floats_range_are_valid_json_on_both_paths(tmp_path):
