@@ -20,6 +20,8 @@ work alone, without interpreter start-up and imports. Measured, in one run:
                          against `batchplan sandbox serve` in its own process on 127.0.0.1;
                          twice: counting every shard's tokens (issue 11), then with them
                          counted before (state/tokens.json kept): the issue's target
+  perfect pipeline       the scan and an apply whose scan is cached (uploads + creates only) run at
+                         once: the bound of an apply that uploads while it scans, on this machine
 
 Timings are the best of --repeat runs (the merges and the apply run once).
 """
@@ -31,11 +33,13 @@ import json
 import os
 import random
 import shutil
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Server, batchplan, cleanup, run, table, verdict, workdir  # noqa: E402
+from _common import CHILD_ENV, Server, batchplan, cleanup, run, table, verdict, workdir  # noqa: E402
 from bench_inputs import ENDPOINT, MB, generate  # noqa: E402
 
 PLAIN_READ = """
@@ -167,9 +171,7 @@ def measure_apply(repo: Path, plain: float, what: str) -> tuple[list, dict]:
 
     The apply starts from an empty state and no input hash cache: it validates, splits and uploads."""
     mb = (repo / "data" / "big.jsonl").stat().st_size / MB
-    for path in (repo / "state").glob("*"):
-        if path.name != "tokens.json":
-            path.unlink()
+    _clear_state(repo, keep=("tokens.json",))
     with Server() as server:
         applied = run(batchplan("apply", "--auto-approve"), cwd=repo, env=server.env())
         posts = {path: sum(1 for r in server.requests() if r["method"] == "POST" and r["path"] == path)
@@ -191,6 +193,34 @@ def measure_applies(repo: Path, plain: float) -> tuple[list[list], dict]:
     return [counting, counted], applied
 
 
+def measure_overlap(repo: Path, plain: float) -> tuple[list, float]:
+    """A row for the bound of a perfectly pipelined apply on this machine: the scan (split_input, in
+    its own process) and an apply whose scan is cached (its 20 uploads and creates only) run at the
+    same time against a fresh sandbox. Optimistic: the uploads wait for no shard to be scanned, and
+    the apply's start-up overlaps the scan."""
+    path = repo / "data" / "big.jsonl"
+    _clear_state(repo, keep=("tokens.json",))
+    with Server() as server:
+        run(batchplan("plan"), cwd=repo, env=server.env())  # fills state/cache.json: the apply scans nothing
+    _clear_state(repo, keep=("tokens.json", "cache.json"))
+    with Server() as server:
+        started = time.perf_counter()
+        scan = subprocess.Popen([sys.executable, "-c", SPLIT, str(path), ENDPOINT], stdout=subprocess.DEVNULL,
+                                env={**os.environ, **CHILD_ENV})
+        run(batchplan("apply", "--auto-approve"), cwd=repo, env=server.env())
+        scan.wait()
+        both = time.perf_counter() - started
+    mb = path.stat().st_size / MB
+    return ["the scan and a scan-cached apply at once (a perfect pipeline's bound)", both, mb / both, both / plain,
+            both, "-"], both / plain
+
+
+def _clear_state(repo: Path, keep: tuple[str, ...]) -> None:
+    for path in (repo / "state").glob("*"):
+        if path.name not in keep:
+            path.unlink()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=1_000_000, help="requests in the input [1000000]")
@@ -210,6 +240,8 @@ def main() -> int:
               f"{os.cpu_count()} CPUs\n", flush=True)
         rows, split = measure_split(path, args.repeat)
         apply_rows, applied = measure_applies(repo, rows[0][1])
+        overlap_row, overlap = measure_overlap(repo, rows[0][1])
+        apply_rows.append(overlap_row)
         merge_rows, merge_rss = measure_merges(root, path, split["shards"], args.requests)
     finally:
         cleanup(root)
@@ -224,6 +256,7 @@ def main() -> int:
           f"{verdict(applied['ratio'] <= 3)}")
     print(f"    the same, process to process (the plain read's interpreter start-up counted too): "
           f"{applied['seconds'] / split['plain_process']:.2f}x")
+    print(f"    a perfect pipeline's bound here (scan and uploads at once): {overlap:.2f}x")
     if split["sha256sum"]:
         print(f"    the same, against `sha256sum`: {applied['seconds'] / split['sha256sum']:.2f}x")
     print(f"  apply peak RSS <= 150 MB: {applied['rss']:.0f} MB  {verdict(applied['rss'] <= 150)}")
