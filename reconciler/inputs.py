@@ -2,15 +2,16 @@
 
 The Batch API only finds a bad input after upload (the batch goes `failed`), so we
 find the same mistakes here, line by line, before anything is sent. One streaming
-read checks every line while a second thread hashes the file; nothing holds the
-whole file in memory.
+read checks every line (a block of lines at a time, see lineblocks.py) while a second
+thread hashes the file; nothing holds the whole file in memory.
 
 The sandbox emulator reuses `scan_input` to decide whether a batch fails its
 `validating` step, so the problem codes are the API's own error codes.
 
 Given a `Splitter` (reconciler/shards.py), the same pass also cuts a file over the
 API's limits into shards: the scanner hands it each line's byte range and embedding
-input count, and the file-level limits become the splitter's business.
+input count (or a whole block's, when no cut can fall in it), and the file-level limits
+become the splitter's business.
 """
 
 from __future__ import annotations
@@ -69,10 +70,11 @@ class InputReport:
 
 
 class _Scanner:
-    """Checks one request line at a time; keeps only what cross-line checks need.
+    """Checks request lines, a block at a time (`take`) or one at a time (`feed`); keeps only
+    what cross-line checks need.
 
-    `feed` is the hot path (tens of thousands of lines): it only tests, and hands
-    anything wrong to a helper that words the problem.
+    `accepts` is the hot path (a million lines in a thousand blocks): it only tests whole
+    blocks. `feed` tests one line, and hands anything wrong to a helper that words the problem.
     """
 
     def __init__(self, file: str, endpoint: str, report: InputReport, limit: int, splitter: Splitter | None = None):
@@ -132,7 +134,7 @@ class _Scanner:
             self.problem("too_many_tasks",
                          f"more than {MAX_REQUESTS:,} requests, the Batch API's limit; split the file", n)
         if self.splitter is not None and stop - start > self.splitter.max_bytes:
-            return self.place(start, stop, 0, n)  # the splitter names it; never parsed (see _blocks)
+            return self.place(start, stop, 0, n)  # the splitter names it; never parsed (see read_blocks)
         try:
             request = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
@@ -225,7 +227,7 @@ def _embedding_inputs(request: object) -> int:
 
 
 def _decoded_request(request: msgspec.Struct) -> dict:
-    """A line the fast path's decoder took, as the dict `_Scanner.feed` checks.
+    """A line msgspec took (`lineblocks.decoder(None, ...)`), as the dict `_Scanner.feed` checks.
 
     orjson refuses numbers past a float's range (1e400, 400 digits): valid JSON, which the fast
     path takes (it only checks the syntax of the fields it skips). The line-by-line path takes
