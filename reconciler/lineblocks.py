@@ -38,7 +38,7 @@ class Block:
     stop: int
     last_start: int
     clean: bool
-    lines: list[bytes]
+    lines: list[bytes | bytearray]
     count: int = 0
     ids: list[str] | None = None
     models: set[str] = field(default_factory=set)
@@ -73,8 +73,9 @@ def read_blocks(fh: BinaryIO, chunk_size: int, digest: hashlib._Hash | None = No
                 yield Block(pending_start, head_stop, pending_start, False, [b""], 1)
                 del lines[0]
                 pending_start = head_stop
-            else:
-                lines[0] = bytes(pending + lines[0]) if pending else lines[0]
+            elif pending:
+                pending += lines[0]
+                lines[0] = pending  # a bytearray: a line of 150 MB is not copied once more
             if lines:
                 stop = offset - len(tail)
                 yield Block(pending_start, stop, stop - len(lines[-1]) - 1, pending_start >= clean_after,
