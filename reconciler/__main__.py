@@ -1,4 +1,4 @@
 from .cli import main
 
-if __name__ == "__main__":  # not when multiprocessing's spawn imports it as __mp_main__ (inputs.py)
+if __name__ == "__main__":  # importing the module runs nothing (a tool that imports __main__)
     main()

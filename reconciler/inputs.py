@@ -23,9 +23,8 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass, field
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING
 
 import msgspec
 import orjson
@@ -103,11 +102,8 @@ class _Scanner:
         by `feed`, which words the problems: the verdict on a line never depends on its block."""
         if block.ids is not None and self.accepts(block, first):
             return
-        start = block.start
-        for n, raw in enumerate(block.lines, first):
-            stop = block.stop if n == first + block.count - 1 else start + len(raw) + 1
+        for n, (raw, start, stop) in enumerate(block.spans(), first):
             self.feed(raw, n, start, stop)
-            start = stop
 
     def accepts(self, block: Block, first: int) -> bool:
         """Whether a decoded block's lines break no rule across lines and reach no limit; if so, take them."""
@@ -266,45 +262,6 @@ def _json_type(value: object) -> str:
 def _short(value: object) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
-
-
-Line = tuple[bytes | bytearray | memoryview, int, int]
-
-
-def _lines(fh: BinaryIO, chunk_size: int, digest: hashlib._Hash | None,
-           max_line: int = MAX_BYTES, advance: Callable[[int], None] | None = None) -> Iterator[Line]:
-    """Every line of a binary file as (text without its newline, start, stop): it holds bytes
-    [start, stop) of the file, newline included. Each chunk read is hashed into `digest`.
-
-    Reads `chunk_size` bytes at a time and hands out memoryview slices of the chunk, so a line
-    costs no copy; only a line that spans chunks is assembled (in a bytearray), and of a line
-    over `max_line` bytes only a prefix is kept: it cannot be sent, so it is never parsed.
-    """
-    pending, pending_start, offset = bytearray(), 0, 0
-    while chunk := fh.read(chunk_size):
-        if digest is not None:
-            digest.update(chunk)
-        if advance is not None:
-            advance(len(chunk))
-        view = memoryview(chunk)
-        start, end = 0, chunk.find(b"\n")
-        if pending and end != -1:
-            if len(pending) <= max_line:
-                pending += view[:end]
-            yield pending, pending_start, offset + end + 1
-            pending = bytearray()
-            start, end = end + 1, chunk.find(b"\n", end + 1)
-        while end != -1:
-            yield view[start:end], offset + start, offset + end + 1
-            start = end + 1
-            end = chunk.find(b"\n", start)
-        if not pending:
-            pending_start = offset + start
-        if len(pending) <= max_line:
-            pending += view[start:]
-        offset += len(chunk)
-    if pending:
-        yield pending, pending_start, offset
 
 
 class _BackgroundHash:

@@ -25,6 +25,7 @@ from typing import Annotated, BinaryIO, Literal, Union
 
 import msgspec
 
+
 @dataclass
 class Block:
     """Lines of a file that hold its bytes [start, stop); the last one starts at `last_start`.
@@ -39,10 +40,22 @@ class Block:
     last_start: int
     clean: bool
     lines: list[bytes | bytearray]
-    count: int = 0
     ids: list[str] | None = None
     models: set[str] = field(default_factory=set)
     inputs: int = 0  # embedding inputs, when decoded for /v1/embeddings
+
+    @property
+    def count(self) -> int:
+        return len(self.lines)
+
+    def spans(self) -> Iterator[tuple[bytes | bytearray, int, int]]:
+        """Each line as (its bytes without the newline, start, stop): it holds bytes [start, stop) of
+        the file, its newline included."""
+        start, last = self.start, len(self.lines) - 1
+        for i, raw in enumerate(self.lines):
+            stop = self.stop if i == last else start + len(raw) + 1
+            yield raw, start, stop
+            start = stop
 
 
 def read_blocks(fh: BinaryIO, chunk_size: int, digest: hashlib._Hash | None = None,
@@ -70,7 +83,7 @@ def read_blocks(fh: BinaryIO, chunk_size: int, digest: hashlib._Hash | None = No
             head_stop = chunk_start + len(lines[0]) + 1
             pending_size += len(lines[0]) + 1
             if pending_size > max_line:
-                yield Block(pending_start, head_stop, pending_start, False, [b""], 1)
+                yield Block(pending_start, head_stop, pending_start, False, [b""])
                 del lines[0]
                 pending_start = head_stop
             elif pending:
@@ -78,15 +91,21 @@ def read_blocks(fh: BinaryIO, chunk_size: int, digest: hashlib._Hash | None = No
                 lines[0] = pending  # a bytearray: a line of 150 MB is not copied once more
             if lines:
                 stop = offset - len(tail)
-                yield Block(pending_start, stop, stop - len(lines[-1]) - 1, pending_start >= clean_after,
-                            lines, len(lines))
+                yield Block(pending_start, stop, stop - len(lines[-1]) - 1, pending_start >= clean_after, lines)
             pending, pending_start, pending_size = bytearray(), offset - len(tail), 0
         pending_size += len(tail)
         if pending_size <= max_line:
             pending += tail
     if pending_size:
         kept = bytes(pending) if pending_size <= max_line else b""
-        yield Block(pending_start, offset, pending_start, False, [kept], 1)
+        yield Block(pending_start, offset, pending_start, False, [kept])
+
+
+def read_lines(fh: BinaryIO, chunk_size: int) -> Iterator[tuple[bytes | bytearray, int, int]]:
+    """Every line of a binary file as (its bytes without the newline, start, stop), read as
+    `read_blocks` reads it (shards.py merges results with it)."""
+    for block in read_blocks(fh, chunk_size):
+        yield from block.spans()
 
 
 _CUSTOM_ID, _MODEL, _INPUT = attrgetter("custom_id"), attrgetter("body.model"), attrgetter("body.input")

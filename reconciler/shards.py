@@ -35,8 +35,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import StalePlanError, ValidationFailed
 from .fsutil import atomic_writer
-from .inputs import (CHUNK, MAX_BYTES, MAX_EMBEDDING_INPUTS, MAX_REQUESTS, InputReport, _lines,
-                     scan_input)
+from .inputs import CHUNK, MAX_BYTES, MAX_EMBEDDING_INPUTS, MAX_REQUESTS, InputReport, scan_input
+from .lineblocks import read_lines
 from .results import custom_id_of
 
 MB = 2**20
@@ -605,7 +605,7 @@ def _merge_shard(input_path: Path, shard: Shard, results: Path, out: BinaryIO) -
     written = 0
     with results.open("rb", buffering=0) as fh:
         with ShardReader(input_path, shard.start, shard.end, shard.sha256 or None) as requests:
-            for raw, _, _ in _lines(requests, CHUNK, None):
+            for raw, _, _ in read_lines(requests, CHUNK):
                 place = where.pop(custom_id_of(raw), None)
                 if place is not None:
                     _write_line(out, _read_at(fh, *place))
@@ -621,7 +621,7 @@ def _index_results(results: Path) -> tuple[dict[str, tuple[int, int]], list[tupl
     where: dict[str, tuple[int, int]] = {}
     strays: list[tuple[int, int]] = []
     with results.open("rb", buffering=0) as fh:
-        for raw, start, stop in _lines(fh, CHUNK, None):
+        for raw, start, stop in read_lines(fh, CHUNK):
             custom_id = custom_id_of(raw)
             if custom_id is None or custom_id in where:
                 strays.append((start, stop))

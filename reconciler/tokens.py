@@ -31,7 +31,7 @@ from pathlib import Path
 import toktok
 from pydantic import BaseModel, ConfigDict
 
-from .inputs import CacheFile, hash_file
+from .inputs import CacheFile, hash_file, load_line
 
 TOKENS_PER_MESSAGE = 3
 TOKENS_PER_NAME = 1
@@ -328,7 +328,6 @@ def _count_tallies(path: Path, endpoint: str,
     read = READERS[endpoint]
     tallies: dict[str, _Tally] = {}
     digest = hashlib.sha256()
-    from .inputs import load_line
     from .shards import open_lines
 
     with open_lines(path, byte_range) as fh:
