@@ -13,6 +13,7 @@ import json
 import time
 
 import httpx
+import pytest
 from rich.console import Console
 
 from reconciler.prices import PRICES_AS_OF
@@ -33,6 +34,13 @@ def until(predicate, seconds: float = 5.0):
     while not predicate():
         assert time.monotonic() < deadline, "timed out waiting"
         time.sleep(0.01)
+
+
+@pytest.fixture
+def slow_sandbox(sandbox_factory):
+    """A sandbox whose batches stay in_progress for a minute (SLOW), and the env pointing at it."""
+    server = sandbox_factory(timing=SLOW)
+    return server, env_for(server)
 
 
 def in_progress(server, batch_id: str) -> None:
@@ -123,9 +131,8 @@ def test_wait_exits_1_naming_a_batch_that_expired(repo, sandbox_factory):
     assert repo.state()["entries"]["b"]["batch"]["status"] == "expired"
 
 
-def test_wait_exits_1_when_the_timeout_passes(repo, sandbox_factory):
-    server = sandbox_factory(timing=SLOW)
-    env = env_for(server)
+def test_wait_exits_1_when_the_timeout_passes(repo, slow_sandbox):
+    server, env = slow_sandbox
     repo.spec("a")
     applied(repo, env)
 
@@ -164,9 +171,8 @@ def test_status_json_lists_each_batch_as_completed(repo, sandbox, sandbox_env):
     assert wide.splitlines()[2].split()[:2] == ["a", batch_of(repo, "a")]
 
 
-def test_status_asks_the_server_but_writes_nothing(repo, sandbox_factory):
-    server = sandbox_factory(timing=SLOW)
-    env = env_for(server)
+def test_status_asks_the_server_but_writes_nothing(repo, slow_sandbox):
+    server, env = slow_sandbox
     repo.spec("a")
     applied(repo, env)
     in_progress(server, batch_of(repo, "a"))
@@ -292,9 +298,8 @@ def test_removing_the_spec_of_a_finished_batch_forgets_it_and_sends_no_cancel(re
     assert sandbox.count("POST", "/v1/batches/") == 0  # no /cancel
 
 
-def test_removing_the_spec_of_a_running_batch_cancels_it(repo, sandbox_factory):
-    server = sandbox_factory(timing=SLOW)
-    env = env_for(server)
+def test_removing_the_spec_of_a_running_batch_cancels_it(repo, slow_sandbox):
+    server, env = slow_sandbox
     repo.spec("a")
     applied(repo, env)
     batch_id = batch_of(repo, "a")
@@ -309,9 +314,8 @@ def test_removing_the_spec_of_a_running_batch_cancels_it(repo, sandbox_factory):
     assert "a" not in repo.state()["entries"]
 
 
-def test_prevent_cancel_turns_that_plan_into_an_error(repo, sandbox_factory):
-    server = sandbox_factory(timing=SLOW)
-    env = env_for(server)
+def test_prevent_cancel_turns_that_plan_into_an_error(repo, slow_sandbox):
+    server, env = slow_sandbox
     repo.spec("a", lifecycle={"prevent_cancel": True})
     applied(repo, env)
     repo.remove_spec("a")
@@ -324,9 +328,8 @@ def test_prevent_cancel_turns_that_plan_into_an_error(repo, sandbox_factory):
     assert server.count("POST", "/v1/batches/") == 0
 
 
-def test_a_failed_batch_is_drift_and_replace_makes_a_new_one(repo, sandbox_factory):
-    server = sandbox_factory(timing=SLOW)
-    env = env_for(server)
+def test_a_failed_batch_is_drift_and_replace_makes_a_new_one(repo, slow_sandbox):
+    server, env = slow_sandbox
     repo.spec("a")
     repo.spec("b")
     applied(repo, env)
@@ -345,10 +348,8 @@ def test_a_failed_batch_is_drift_and_replace_makes_a_new_one(repo, sandbox_facto
     assert server.count("POST", "/v1/batches") == 3
 
 
-
-def test_a_batch_cancelled_by_hand_is_kept_and_said_until_replace_runs_it_again(repo, sandbox_factory):
-    server = sandbox_factory(timing=SLOW)
-    env = env_for(server)
+def test_a_batch_cancelled_by_hand_is_kept_and_said_until_replace_runs_it_again(repo, slow_sandbox):
+    server, env = slow_sandbox
     repo.spec("a")
     applied(repo, env)
     old = batch_of(repo, "a")
@@ -371,13 +372,12 @@ def test_a_batch_cancelled_by_hand_is_kept_and_said_until_replace_runs_it_again(
     assert server.count("POST", "/v1/batches") == 2
 
 
-def test_a_cancel_the_server_refused_leaves_no_mark_so_a_later_hand_cancel_is_kept(repo, sandbox_factory):
+def test_a_cancel_the_server_refused_leaves_no_mark_so_a_later_hand_cancel_is_kept(repo, slow_sandbox):
     """batchplan marks a batch it is about to cancel (Entry.cancel_sent); a cancel refused with a 4xx did
     not happen, so the mark goes: the hand cancel that follows is not taken for batchplan's and run again."""
     from reconciler.sandbox import Fault
 
-    server = sandbox_factory(timing=SLOW)
-    env = env_for(server)
+    server, env = slow_sandbox
     spec = repo.spec("a")
     applied(repo, env)
     old = batch_of(repo, "a")
